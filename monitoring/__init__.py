@@ -1,0 +1,1 @@
+"""Metric definitions, exposition and `splitexit top` (the monitoring issue)."""

@@ -1,0 +1,147 @@
+"""Edge and server artifacts: what goes to the camera board and what goes to the server pool.
+
+    DIR/edge.pt     head + exit + preprocessing statistics + threshold + model id
+    DIR/server.pt   tail + the same model id
+
+Both are plain dicts of tensors, strings and numbers, so `torch.load(weights_only=True)` reads
+them (no pickled code crosses from the training box to a device). Sparse junctions are
+stored as ELL tables: |W| values plus |W| int16 indices, never a dense matrix. The model id
+hashes the layout and every weight of head and tail, so a server can refuse features from a
+head it was not trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, from_dict
+from pipeline.errors import ArtifactError, UserError
+from pipeline.model import Head, SplitModel, Tail
+
+__all__ = ["EDGE_FILE", "SERVER_FILE", "compute_model_id", "save_artifacts", "EdgeArtifact",
+           "ServerArtifact", "load_edge", "load_server", "load_model", "set_threshold"]
+
+EDGE_FILE, SERVER_FILE = "edge.pt", "server.pt"
+FORMAT = 1
+MODEL_ID_BYTES = 8  # 16 hex characters; collisions among a fleet's models are not a concern
+
+
+def compute_model_id(model: SplitModel, cfg: Config) -> str:
+    h = hashlib.sha256(json.dumps(cfg.to_dict()["model"], sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[: 2 * MODEL_ID_BYTES]
+
+
+def _atomic_save(obj: dict, path: Path) -> int:
+    """Write via a temporary file so a reader never sees half an artifact."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: float,
+                   classes: list[str]) -> dict:
+    """Write edge.pt and server.pt; return their sizes in bytes and the model id."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_id = compute_model_id(model, cfg)
+    common = {"format": FORMAT, "model_id": model_id, "config": cfg.to_dict()}
+    edge = dict(common, kind="edge", state_dict=model.head.state_dict(),
+                threshold=float(threshold), score=cfg.calibrate.score, classes=list(classes))
+    server = dict(common, kind="server", state_dict=model.tail.state_dict())
+    return {"model_id": model_id,
+            "edge_bytes": _atomic_save(edge, out_dir / EDGE_FILE),
+            "server_bytes": _atomic_save(server, out_dir / SERVER_FILE)}
+
+
+def _read(path: Path, kind: str) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / (EDGE_FILE if kind == "edge" else SERVER_FILE)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact; create it with `splitexit train`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt zip or pickle
+        raise ArtifactError(f"{path}: not a readable splitexit artifact "
+                            f"({type(e).__name__}); re-create it with `splitexit train`") from None
+    if not isinstance(blob, dict) or blob.get("kind") != kind:
+        found = blob.get("kind") if isinstance(blob, dict) else type(blob).__name__
+        raise ArtifactError(f"{path}: expected a {kind} artifact, found {found!r}")
+    if blob.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: artifact format {blob.get('format')!r}, this splitexit "
+                            f"reads format {FORMAT}; re-create it with `splitexit train`")
+    blob["path"] = path
+    return blob
+
+
+def _build(blob: dict, module_cls):
+    try:
+        cfg = from_dict(blob["config"], origin=str(blob["path"]))
+        module = module_cls(cfg.model)
+        module.load_state_dict(blob["state_dict"])
+    except (UserError, KeyError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{blob['path']}: weights do not match the stored layout "
+                            f"({first})") from None
+    return cfg, module.eval()
+
+
+@dataclass
+class EdgeArtifact:
+    head: Head
+    config: Config
+    model_id: str
+    threshold: float
+    score: str
+    classes: list[str]
+    path: Path
+
+
+@dataclass
+class ServerArtifact:
+    tail: Tail
+    config: Config
+    model_id: str
+    path: Path
+
+
+def load_edge(path: str | Path) -> EdgeArtifact:
+    blob = _read(Path(path), "edge")
+    cfg, head = _build(blob, Head)
+    return EdgeArtifact(head, cfg, blob["model_id"], float(blob["threshold"]), blob["score"],
+                        list(blob["classes"]), blob["path"])
+
+
+def load_server(path: str | Path) -> ServerArtifact:
+    blob = _read(Path(path), "server")
+    cfg, tail = _build(blob, Tail)
+    return ServerArtifact(tail, cfg, blob["model_id"], blob["path"])
+
+
+def load_model(out_dir: str | Path) -> tuple[SplitModel, EdgeArtifact, ServerArtifact]:
+    """Reassemble the whole model from a directory, checking that the halves belong together."""
+    edge, server = load_edge(out_dir), load_server(out_dir)
+    if edge.model_id != server.model_id:
+        raise ArtifactError(f"{edge.path} (model {edge.model_id}) and {server.path} (model "
+                            f"{server.model_id}) come from different trainings")
+    model = SplitModel(edge.config.model)
+    model.head, model.tail = edge.head, server.tail
+    return model.eval(), edge, server
+
+
+def set_threshold(out_dir: str | Path, threshold: float, score: str) -> None:
+    """Rewrite the edge artifact's threshold (the model id does not change: weights don't)."""
+    blob = _read(Path(out_dir), "edge")
+    path = blob.pop("path")
+    blob["threshold"], blob["score"] = float(threshold), score
+    blob["config"]["calibrate"]["score"] = score
+    _atomic_save(blob, path)

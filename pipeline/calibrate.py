@@ -1,0 +1,116 @@
+"""Choose the exit's confidence threshold on validation data.
+
+A frame is answered on the edge when its exit score >= threshold, else offloaded. Sorting
+frames by score, offloading the k least confident gives accuracy
+    acc(k) = (final-correct among the k offloaded + exit-correct among the rest) / N,
+so one pass of cumulative sums sweeps every threshold. Scores all lie in [0, 1]; a threshold
+above 1 offloads everything.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import CalibrationConfig
+
+__all__ = ["exit_scores", "Sweep", "sweep", "choose_threshold", "split_accuracy",
+           "write_csv", "write_plot"]
+
+OFFLOAD_ALL = 1.5  # above every score
+
+
+def exit_scores(exit_logits: torch.Tensor, score: str) -> np.ndarray:
+    """Confidence of the exit classifier in [0, 1], higher = more sure."""
+    p = torch.softmax(exit_logits.double(), dim=1)
+    if score == "max_softmax":
+        s = p.max(dim=1).values
+    elif score == "margin":
+        top2 = p.topk(2, dim=1).values
+        s = top2[:, 0] - top2[:, 1]
+    elif score == "entropy":
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+        s = 1.0 - entropy / math.log(p.shape[1])
+    else:
+        raise ValueError(f"unknown score {score!r}")
+    return s.numpy()
+
+
+@dataclass
+class Sweep:
+    thresholds: np.ndarray  # ascending, last = OFFLOAD_ALL
+    offload: np.ndarray     # fraction offloaded at each threshold
+    accuracy: np.ndarray    # split+exit accuracy at each threshold
+    exit_accuracy: float
+    full_accuracy: float
+
+
+def sweep(scores: np.ndarray, exit_correct: np.ndarray, final_correct: np.ndarray) -> Sweep:
+    n = len(scores)
+    order = np.argsort(scores, kind="stable")
+    s = scores[order]
+    final_cum = np.concatenate([[0], np.cumsum(final_correct[order])])
+    exit_cum = np.concatenate([[0], np.cumsum(exit_correct[order])])
+    thresholds = np.concatenate([np.unique(s), [OFFLOAD_ALL]])
+    k = np.searchsorted(s, thresholds, side="left")  # frames with score < threshold
+    accuracy = (final_cum[k] + exit_cum[-1] - exit_cum[k]) / n
+    return Sweep(thresholds, k / n, accuracy, float(exit_correct.mean()),
+                 float(final_correct.mean()))
+
+
+def choose_threshold(result: Sweep, cfg: CalibrationConfig) -> float:
+    """Apply the policy: hit a target offload ratio, or offload least within an accuracy drop."""
+    if cfg.policy == "offload":
+        i = int(np.argmin(np.abs(result.offload - cfg.target_offload)))
+    else:
+        floor = result.full_accuracy - cfg.max_drop / 100.0
+        i = int(np.flatnonzero(result.accuracy >= floor - 1e-12)[0])  # the last always passes
+    return float(result.thresholds[i])
+
+
+def split_accuracy(scores, exit_correct, final_correct, threshold: float) -> tuple[float, float]:
+    """(accuracy, offload ratio) of split+exit at one threshold."""
+    offload = scores < threshold
+    correct = np.where(offload, final_correct, exit_correct)
+    return float(correct.mean()), float(offload.mean())
+
+
+def write_csv(path: Path, result: Sweep, max_rows: int = 501) -> None:
+    """The sweep, thinned to at most max_rows evenly spaced points (always keeping the ends)."""
+    idx = np.unique(np.linspace(0, len(result.thresholds) - 1, max_rows).round().astype(int))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["threshold", "offload_ratio", "accuracy"])
+        for i in idx:
+            w.writerow([f"{result.thresholds[i]:.6f}", f"{result.offload[i]:.6f}",
+                        f"{result.accuracy[i]:.6f}"])
+
+
+def write_plot(path: Path, result: Sweep, chosen: float, title: str) -> bool:
+    """Accuracy vs offload ratio as PNG; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(result.offload, result.accuracy * 100, label="split + exit")
+    ax.axhline(result.full_accuracy * 100, ls="--", c="gray", label="full model")
+    ax.axhline(result.exit_accuracy * 100, ls=":", c="gray", label="exit only")
+    i = int(np.searchsorted(result.thresholds, chosen))
+    ax.plot([result.offload[i]], [result.accuracy[i] * 100], "o", c="red",
+            label=f"chosen threshold {chosen:.3f}")
+    ax.set_xlabel("offload ratio (validation)")
+    ax.set_ylabel("accuracy % (validation)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,185 @@
+"""Model, training and calibration settings, loaded from TOML into dataclasses.
+
+A TOML file has the sections [model], [train], [calibrate] and [data]; every key is a field
+below, every field has a default except the layer layout. Unknown keys and wrong types are
+errors (a typo must not silently train the wrong model). Command-line overrides use the same
+names: `--set train.epochs=5`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+__all__ = ["ModelConfig", "TrainConfig", "CalibrationConfig", "DataConfig", "Config",
+           "load_config", "apply_overrides", "CONFIG_DIR", "resolve_config_path"]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+SCORES = ("max_softmax", "margin", "entropy")
+POLICIES = ("offload", "max_drop")
+
+
+@dataclass
+class ModelConfig:
+    widths: list[int]          # neurons per layer: [padded input, hidden..., classes]
+    fan_out: list[int]         # per junction; equal to the next width means dense
+    name: str = "model"
+    input_size: int = 784      # pixels per frame (28x28 grayscale)
+    input_pad: int = 0         # zero-pad the input to this width (paper: 800); 0 = no padding
+    split: int = 1             # junctions on the edge; the exit and the uplink read layer `split`
+    exit_fan_out: int = 0      # exit classifier fan-out; 0 = dense
+    seed: int = 0              # connectivity seed (patterns are drawn once, stored in the file)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 3e-3           # AdamW peak, cosine-decayed per step to 0
+    weight_decay: float = 1e-4  # decoupled L2 (AdamW)
+    exit_weight: float = 1.0   # loss = exit_weight * CE(exit) + CE(final)
+    label_smoothing: float = 0.0
+    val_size: int = 5000       # held out from train for calibration; test stays untouched
+    seed: int = 0              # weights, shuffling, validation split
+
+
+@dataclass
+class CalibrationConfig:
+    score: str = "max_softmax"  # exit confidence: max_softmax | margin | entropy
+    policy: str = "offload"    # offload: hit target_offload; max_drop: lose <= max_drop points
+    target_offload: float = 0.3  # fraction of frames sent to the server
+    max_drop: float = 0.5      # accuracy points below the full model, on validation
+
+
+@dataclass
+class DataConfig:
+    dir: str = FASHION_MNIST_DIR  # folder with the four IDX(.gz) files
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    calibrate: CalibrationConfig = field(default_factory=CalibrationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        m, t, c = self.model, self.train, self.calibrate
+        if len(m.widths) < 3 or len(m.fan_out) != len(m.widths) - 1:
+            raise ConfigError(f"model.widths needs at least 3 layers and model.fan_out one entry "
+                              f"per junction ({len(m.widths) - 1}), got {len(m.fan_out)}")
+        expected_in = m.input_pad or m.input_size
+        if m.input_pad and m.input_pad < m.input_size:
+            raise ConfigError(f"model.input_pad = {m.input_pad} is smaller than "
+                              f"model.input_size = {m.input_size}; use 0 for no padding")
+        if m.widths[0] != expected_in:
+            raise ConfigError(f"model.widths[0] = {m.widths[0]} must equal the (padded) input "
+                              f"width {expected_in}; set input_pad = {m.widths[0]} to pad")
+        if not 1 <= m.split <= len(m.fan_out) - 1:
+            raise ConfigError(f"model.split = {m.split} must leave at least one junction on each "
+                              f"side: choose 1..{len(m.fan_out) - 1}")
+        for name, value in (("epochs", t.epochs), ("batch_size", t.batch_size)):
+            if value < 1:
+                raise ConfigError(f"train.{name} = {value} must be at least 1")
+        if t.lr <= 0 or t.weight_decay < 0 or t.exit_weight < 0 or t.val_size < 1:
+            raise ConfigError("train.lr must be > 0, weight_decay and exit_weight >= 0, "
+                              "val_size >= 1")
+        if c.score not in SCORES:
+            raise ConfigError(f"calibrate.score = {c.score!r}: choose one of {', '.join(SCORES)}")
+        if c.policy not in POLICIES:
+            raise ConfigError(f"calibrate.policy = {c.policy!r}: choose one of "
+                              f"{', '.join(POLICIES)}")
+        if not 0.0 <= c.target_offload <= 1.0:
+            raise ConfigError(f"calibrate.target_offload = {c.target_offload} must be in [0, 1]")
+        if not 0.0 <= c.max_drop <= 100.0:
+            raise ConfigError(f"calibrate.max_drop = {c.max_drop} must be in [0, 100] points")
+        return self
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "calibrate": CalibrationConfig,
+            "data": DataConfig}
+
+
+def _check_type(where: str, value, annotation):
+    hints = {"int": int, "float": float, "str": str, "list[int]": list}
+    expected = hints[annotation]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{where} = {value!r} must be of type {annotation}")
+    if annotation == "list[int]" and not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{where} = {value!r} must be a list of integers")
+    return value
+
+
+def from_dict(raw: dict, origin: str = "config") -> Config:
+    """Build a validated Config from nested dicts (a parsed TOML file or an artifact's copy)."""
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown section [{sorted(unknown)[0]}]; "
+                          f"known: {', '.join(SECTIONS)}")
+    if "model" not in raw:
+        raise ConfigError(f"{origin}: missing [model] section with widths and fan_out")
+    parts = {}
+    for section, cls in SECTIONS.items():
+        values = dict(raw.get(section, {}))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in fields:
+                raise ConfigError(f"{origin}: unknown key {key!r} in [{section}]; "
+                                  f"known: {', '.join(fields)}")
+            values[key] = _check_type(f"{section}.{key}", values[key], fields[key].type)
+        try:
+            parts[section] = cls(**values)
+        except TypeError:
+            missing = [n for n, f in fields.items() if n not in values
+                       and f.default is dataclasses.MISSING]
+            raise ConfigError(f"{origin}: [{section}] needs {', '.join(missing)}") from None
+    return Config(**parts).validate()
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """Accept a path, or the bare name of a shipped config ('paper-sparse')."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(f"no config file {name_or_path!r}; give a path or one of: {names}")
+
+
+def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    apply_overrides(raw, overrides)
+    return from_dict(raw, origin=str(path))
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
+    """Apply `section.key=value` strings (value in TOML syntax) to a raw config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set {item!r}: write section.key=value, e.g. train.epochs=5")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()  # a bare word is a string: calibrate.policy=max_drop
+        raw.setdefault(section, {})[name] = parsed
+    return raw

@@ -1,0 +1,110 @@
+"""Fashion-MNIST (or any MNIST-format set) from standard IDX files, gzipped or not.
+
+Debian's `dataset-fashion-mnist` puts the four files in /usr/share/datasets/fashion-mnist.
+The validation split is held out from train with a seed; test is only read for evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError
+
+__all__ = ["Split", "Dataset", "read_idx", "write_idx", "load_dataset", "FASHION_CLASSES"]
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+         "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+              0x0E: ">f8"}
+INSTALL_HINT = "install them with `apt-get install dataset-fashion-mnist` or pass --data DIR"
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, H*W) uint8
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    train: Split
+    val: Split
+    test: Split
+    image_shape: tuple[int, int]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse one IDX file (magic 0 0 dtype ndim, big-endian dims, then the data)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path}: truncated or padded IDX file ({len(raw)} bytes, header "
+                        f"says {expected})")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as IDX (gzipped if the name ends in .gz); used for test data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        d.to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"no {stem}[.gz] in {folder}: {INSTALL_HINT}")
+
+
+def load_dataset(folder: str | Path, val_size: int = 5000, seed: int = 0) -> Dataset:
+    """Load the four IDX files; hold out `val_size` random training frames for validation."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist: {INSTALL_HINT}")
+    arrays = {key: read_idx(_find(folder, stem)) for key, stem in FILES.items()}
+    for part in ("train", "test"):
+        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{folder}: {part} images {images.shape} and labels "
+                            f"{labels.shape} do not match (want (N, H, W) and (N,))")
+    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    if not 0 < val_size < len(train_labels):
+        raise DataError(f"validation size {val_size} must be between 1 and "
+                        f"{len(train_labels) - 1} (the training set has {len(train_labels)})")
+    order = np.random.default_rng(seed).permutation(len(train_labels))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    image_shape = tuple(train_images.shape[1:])
+
+    def split(images, labels, idx=None):
+        if idx is not None:
+            images, labels = images[idx], labels[idx]
+        return Split(images.reshape(len(images), -1).copy(), labels.astype(np.int64))
+
+    return Dataset(train=split(train_images, train_labels, train_idx),
+                   val=split(train_images, train_labels, val_idx),
+                   test=split(arrays["test_images"], arrays["test_labels"]),
+                   image_shape=image_shape)

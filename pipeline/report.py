@@ -1,0 +1,37 @@
+"""Human-readable training report, printed by `splitexit train` and `splitexit calibrate`."""
+
+from __future__ import annotations
+
+__all__ = ["format_report"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def format_report(m: dict) -> str:
+    s, c = m["structure"], m["calibration"]
+    lines = [f"model {m['model']}  id {m['model_id']}", "",
+             "| side | junction | in->out | fan-out | density | stored weights | MACs/frame |",
+             "|---|---|---|---|---|---|---|"]
+    for side in ("head", "tail"):
+        for r in s[side]:
+            lines.append(f"| {'edge' if side == 'head' else 'server'} | {r['junction']} | "
+                         f"{r['n_in']}->{r['n_out']} | {r['fan_out']} | {r['density']:.3f} | "
+                         f"{r['weights']} | {r['macs']} |")
+    lines += ["",
+              f"edge:   {s['edge_params']} parameters, {s['edge_macs']} MACs/frame, "
+              f"artifact {m['artifact_bytes']['edge']} bytes",
+              f"server: {s['server_params']} parameters, {s['server_macs']} MACs/frame, "
+              f"artifact {m['artifact_bytes']['server']} bytes",
+              f"training: {m['train_seconds_per_epoch']:.2f} s/epoch "
+              f"({m['train_threads']} threads)", "",
+              f"threshold {c['threshold']:.4f} on {c['score']} ({c['policy']}, "
+              f"chosen on validation)",
+              "| split | exit only | full model | split+exit | offload ratio |",
+              "|---|---|---|---|---|"]
+    for part in ("validation", "test"):
+        r = c[part]
+        lines.append(f"| {part} | {_pct(r['exit_only'])} | {_pct(r['full'])} | "
+                     f"{_pct(r['split_exit'])} | {_pct(r['offload_ratio'])} |")
+    return "\n".join(lines)

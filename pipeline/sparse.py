@@ -1,0 +1,277 @@
+"""Predefined-sparse linear layers stored as ELL tables.
+
+A junction N_in -> N_out with fan-out d_out (every input feeds exactly d_out outputs) and
+fan-in d_in (every output reads exactly d_in inputs) has |W| = N_in*d_out = N_out*d_in real
+edges. Fixed fan-in means the weights fit a dense [N_out, d_in] value table plus an
+[N_out, d_in] index table (ELLPACK), so storage, multiply-adds and gradients scale with |W|,
+never with N_in*N_out. Fixed fan-out means the transposed pattern is also fixed-width, which
+is what makes the backward pass to the input as cheap as the forward.
+
+Kernels, chosen per shape and batch from what benchmarks/sparse_layer.py measures
+(`SparseLinear.kernel_for`): `embedding_bag` (one fused gather-multiply-sum) for large
+batches, an index_select gather for small ones, and a dense matrix expanded from the ELL
+table where a junction is so small that per-op overhead is all there is. ('csr', CSR
+`torch.sparse.mm`, stays selectable for the benchmark's comparison.)
+Backward of the ELL kernels: grad-input through the transposed pattern, grad-values with
+`torch.sparse.sampled_addmm`, which computes grad_y^T @ x only at real edges.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SparsityError", "fan_in_for", "draw_connectivity", "SparseLinear", "make_junction"]
+
+# Kernel choice, from benchmarks/sparse_layer.py on 2 cores (see the README's table):
+# - at or above this batch, embedding_bag (one fused gather-multiply-sum) beats CSR spmm
+#   and the gather, which materializes (B, N_out, d_in);
+EMBEDDING_BAG_MIN_BATCH = 32
+# - a junction this small is all per-op overhead (~1.5 µs an op): expanding the ELL table
+#   into a dense matrix and calling one GEMM beats every sparse path, training included;
+DENSE_ALWAYS_MAX_ELEMENTS = 4096
+# - at inference with small batches, a dense copy cached from the ELL table (128 KB for the
+#   paper's 800->40) is one GEMM against four gather ops; the file on disk stays ELL.
+DENSE_CACHE_MAX_ELEMENTS = 65536
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class SparsityError(ValueError):
+    """A junction's degrees are impossible; the message names nearby valid choices."""
+
+
+def _valid_fan_outs(n_in: int, n_out: int) -> list[int]:
+    return [f for f in range(1, n_out + 1) if (n_in * f) % n_out == 0]
+
+
+def fan_in_for(n_in: int, n_out: int, fan_out: int, input_layer: bool = True) -> int:
+    """Return the exact fan-in d_in = N_in*d_out/N_out, or raise SparsityError saying why not.
+
+    The fix offered for an indivisible pair is zero-padding when N_in is the network input,
+    and a wider previous layer otherwise.
+    """
+    if n_in < 1 or n_out < 1:
+        raise SparsityError(f"junction {n_in}->{n_out}: layer widths must be positive")
+    if not 1 <= fan_out <= n_out:
+        raise SparsityError(
+            f"junction {n_in}->{n_out}: fan-out {fan_out} must be between 1 and {n_out} "
+            f"(each input feeds distinct outputs; {n_out} means dense)"
+        )
+    if (n_in * fan_out) % n_out == 0:
+        return n_in * fan_out // n_out
+    valid = _valid_fan_outs(n_in, n_out)
+    below = [f for f in valid if f < fan_out][-2:]
+    above = [f for f in valid if f > fan_out][:2]
+    pad = next(p for p in range(n_in + 1, n_in + n_out + 1) if (p * fan_out) % n_out == 0)
+    widen = (f"pad the input to {pad} (input_pad = {pad})" if input_layer
+             else f"make the layer before it {pad} wide")
+    raise SparsityError(
+        f"junction {n_in}->{n_out} cannot have fan-out {fan_out}: {n_in}*{fan_out} is not "
+        f"divisible by {n_out}; valid fan-outs nearby are {', '.join(map(str, below + above))}"
+        f", or {widen} to keep fan-out {fan_out}"
+    )
+
+
+def draw_connectivity(n_in: int, n_out: int, fan_out: int, seed: int) -> np.ndarray:
+    """Draw a random pattern with exact degrees; returns indices [n_out, d_in], rows sorted.
+
+    Start from a pattern that is valid by construction -- a random permutation of the inputs
+    tiled d_out times and cut into n_out windows of d_in; a window no longer than n_in over a
+    periodic sequence never repeats an input -- then mix it with degree-preserving edge swaps
+    (a Markov chain whose states are exactly the valid patterns). Pure function of the seed.
+    """
+    d_in = fan_in_for(n_in, n_out, fan_out)
+    rng = np.random.default_rng(seed)
+    rows = np.tile(rng.permutation(n_in), fan_out).reshape(n_out, d_in)
+    rows = rows[rng.permutation(n_out)]
+    if 1 < d_in < n_in and n_out > 1:
+        _mix(rows, rng, n_swaps=2 * n_out * d_in)
+    rows.sort(axis=1)
+    return rows
+
+
+def _mix(rows: np.ndarray, rng: np.random.Generator, n_swaps: int) -> None:
+    """Swap endpoints of random edge pairs in place when the swap keeps rows duplicate-free."""
+    n_out, d_in = rows.shape
+    members = [set(r.tolist()) for r in rows]
+    table = rows.tolist()
+    a_rows = rng.integers(0, n_out, n_swaps).tolist()
+    b_rows = rng.integers(0, n_out, n_swaps).tolist()
+    a_cols = rng.integers(0, d_in, n_swaps).tolist()
+    b_cols = rng.integers(0, d_in, n_swaps).tolist()
+    for a, b, p, q in zip(a_rows, b_rows, a_cols, b_cols):
+        i, j = table[a][p], table[b][q]
+        if a == b or i == j or j in members[a] or i in members[b]:
+            continue
+        table[a][p], table[b][q] = j, i
+        members[a].remove(i)
+        members[a].add(j)
+        members[b].remove(j)
+        members[b].add(i)
+    rows[:] = np.asarray(table, dtype=rows.dtype)
+
+
+class _Plan:
+    """Index tensors derived from the ELL table, built once per pattern (not stored on disk)."""
+
+    def __init__(self, indices: torch.Tensor, n_in: int):
+        n_out, d_in = indices.shape
+        edges = n_out * d_in
+        fan_out = edges // n_in
+        self.col = indices.reshape(-1).long()  # input of each edge, row-major ELL order
+        self.bags = self.col.view(n_out, d_in)
+        self.crow = torch.arange(0, edges + 1, d_in, dtype=torch.long)
+        # Transposed pattern: edges sorted by input; exactly fan_out per input.
+        self.order = torch.argsort(self.col, stable=True)
+        row_of_edge = torch.arange(n_out).repeat_interleave(d_in)
+        self.t_col = row_of_edge[self.order]
+        self.t_bags = self.t_col.view(n_in, fan_out)
+        self.t_crow = torch.arange(0, edges + 1, fan_out, dtype=torch.long)
+        self.shape = (n_out, n_in)
+
+    def matmul(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y[b, o] = sum_k values[o, k] * x[b, col[o, k]]  (B, N_out)."""
+        return _ell_mm(self.crow, self.col, self.bags, values.reshape(-1), x, self.shape)
+
+    def matmul_t(self, values: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """gx[b, i] = sum over edges (o, i) of values[o, k] * g[b, o]  (B, N_in)."""
+        t_values = values.reshape(-1)[self.order]
+        shape = (self.shape[1], self.shape[0])
+        return _ell_mm(self.t_crow, self.t_col, self.t_bags, t_values, g, shape)
+
+    def grad_values(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """gv[o, k] = sum_b g[b, o] * x[b, col[o, k]], computed only at real edges."""
+        n_out, d_in = self.bags.shape
+        if g.shape[0] == 1:
+            return (g[0].unsqueeze(1) * x[0][self.bags]).contiguous()
+        pattern = torch.sparse_csr_tensor(
+            self.crow, self.col, torch.zeros(self.col.numel(), dtype=g.dtype), self.shape,
+            check_invariants=False)
+        sampled = torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x.contiguous(), beta=0.0)
+        return sampled.values().view(n_out, d_in)
+
+
+def _ell_mm(crow, col, bags, flat_values, x, shape) -> torch.Tensor:
+    n_rows, n_cols = shape
+    if x.shape[0] >= EMBEDDING_BAG_MIN_BATCH:
+        # Bags are output rows: gather x columns, weight them, sum -- one fused kernel.
+        xt = x.t().contiguous()  # (N_cols, B)
+        out = F.embedding_bag(bags, xt, per_sample_weights=flat_values.view_as(bags), mode="sum")
+        return out.t()  # (B, N_rows)
+    w = torch.sparse_csr_tensor(crow, col, flat_values, (n_rows, n_cols), check_invariants=False)
+    return torch.sparse.mm(w, x.t()).t()  # (B, N_rows)
+
+
+class _EllFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, plan):
+        ctx.save_for_backward(x, values)
+        ctx.plan = plan
+        return plan.matmul(values, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, values = ctx.saved_tensors
+        plan = ctx.plan
+        g = g.contiguous()
+        gx = plan.matmul_t(values, g) if ctx.needs_input_grad[0] else None
+        gv = plan.grad_values(g, x) if ctx.needs_input_grad[1] else None
+        return gx, gv, None
+
+
+class SparseLinear(nn.Module):
+    """y = W x + b with W predefined-sparse; state_dict holds |W| values + |W| indices.
+
+    `weight` is the ELL value table [N_out, d_in]; `indices` the ELL index table (int16 when
+    N_in fits, so an edge costs 6 bytes on disk instead of a dense row's N_in*4).
+    """
+
+    def __init__(self, in_features: int, out_features: int, fan_out: int, seed: int = 0):
+        super().__init__()
+        d_in = fan_in_for(in_features, out_features, fan_out)
+        self.in_features, self.out_features, self.fan_out, self.fan_in = (
+            in_features, out_features, fan_out, d_in)
+        index_dtype = torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+        pattern = draw_connectivity(in_features, out_features, fan_out, seed)
+        self.register_buffer("indices", torch.from_numpy(pattern).to(index_dtype))
+        self.weight = nn.Parameter(torch.empty(out_features, d_in))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self._plan: _Plan | None = None
+        self._dense_cache: tuple[int, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # He-normal on the *real* fan-in: a dense-fan-in init (what the reference does)
+        # starts the first sparse layer with ~1/20 of the variance it needs.
+        nn.init.normal_(self.weight, std=math.sqrt(2.0 / self.fan_in))
+        nn.init.zeros_(self.bias)
+
+    @property
+    def plan(self) -> _Plan:
+        if self._plan is None:
+            with torch.inference_mode(False):  # the plan must serve training calls too
+                self._plan = _Plan(self.indices, self.in_features)
+        return self._plan
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._plan = None  # indices may have changed
+        self._dense_cache = None
+
+    def kernel_for(self, batch: int, training: bool) -> str:
+        """Which kernel runs a batch: 'dense', 'gather', 'csr' or 'bag' (see constants)."""
+        elements = self.in_features * self.out_features
+        if elements <= DENSE_ALWAYS_MAX_ELEMENTS:
+            return "dense"
+        if batch >= EMBEDDING_BAG_MIN_BATCH:
+            return "bag"
+        if not training and elements <= DENSE_CACHE_MAX_ELEMENTS:
+            return "dense"
+        return "gather"  # materializes (B, N_out, d_in): only for small batches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = torch.is_grad_enabled()
+        kernel = self.kernel_for(x.shape[0], training)
+        if kernel == "dense":
+            w = self.dense_weight(differentiable=True) if training else self._cached_dense()
+            return F.linear(x, w, self.bias)
+        if kernel == "gather":
+            gathered = x.index_select(1, self.plan.col).view(-1, *self.weight.shape)
+            return torch.linalg.vecdot(gathered, self.weight) + self.bias
+        return _EllFunction.apply(x, self.weight, self.plan) + self.bias
+
+    def _cached_dense(self) -> torch.Tensor:
+        version = self.weight._version
+        if self._dense_cache is None or self._dense_cache[0] != version:
+            self._dense_cache = (version, self.dense_weight())
+        return self._dense_cache[1]
+
+    def dense_weight(self, differentiable: bool = False) -> torch.Tensor:
+        """The equivalent dense [N_out, N_in] matrix; gradients reach only real edges."""
+        values = self.weight if differentiable else self.weight.detach()
+        w = torch.zeros(self.out_features, self.in_features, dtype=values.dtype)
+        return w.scatter(1, self.indices.long(), values)
+
+    @property
+    def edges(self) -> int:
+        return self.out_features * self.fan_in
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}->{self.out_features}, fan_out={self.fan_out}, "
+                f"fan_in={self.fan_in}, density={self.fan_in / self.in_features:.3f}")
+
+
+def make_junction(in_features: int, out_features: int, fan_out: int, seed: int) -> nn.Module:
+    """A dense nn.Linear when fan-out is the full width, else a SparseLinear."""
+    if fan_out == out_features:
+        layer = nn.Linear(in_features, out_features)
+        nn.init.normal_(layer.weight, std=math.sqrt(2.0 / in_features))
+        nn.init.zeros_(layer.bias)
+        return layer
+    return SparseLinear(in_features, out_features, fan_out, seed)

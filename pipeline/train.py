@@ -1,0 +1,162 @@
+"""Train a split model, calibrate its exit, write the artifacts and report.
+
+Reads top to bottom: load data -> build model -> joint training of exit and final classifier
+(AdamW, cosine decay per step) -> predictions on validation and test -> threshold from the
+calibration policy on validation -> artifacts, sweep CSV/PNG, metrics JSON, printed report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import calibrate as cal
+from pipeline.artifacts import compute_model_id, load_model, save_artifacts, set_threshold
+from pipeline.config import Config
+from pipeline.data import FASHION_CLASSES, Dataset, Split, load_dataset
+from pipeline.errors import ArtifactError
+from pipeline.model import SplitModel, describe
+
+__all__ = ["fit", "predict", "run", "calibrate_dir", "METRICS_FILE"]
+
+METRICS_FILE, SWEEP_CSV, SWEEP_PNG = "metrics.json", "calibration.csv", "calibration.png"
+EVAL_BATCH = 4096
+
+
+def _pixels(split: Split) -> torch.Tensor:
+    return torch.from_numpy(split.images).float().div_(255.0)  # (N, H*W) in [0, 1]
+
+
+def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, list[float]]:
+    """Joint training: loss = exit_weight * CE(exit) + CE(final). Returns model, s/epoch."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = SplitModel(cfg.model)
+    x, y = _pixels(data.train), torch.from_numpy(data.train.labels)
+    with torch.no_grad():
+        model.head.pixel_mean.fill_(x.mean())
+        model.head.pixel_std.fill_(x.std())
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = math.ceil(len(y) / t.batch_size)
+    total = t.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    gen = torch.Generator().manual_seed(t.seed)
+    epoch_seconds = []
+    bar = tqdm(total=total, disable=not progress, unit="step", leave=False,
+               desc=f"train {cfg.model.name}")
+    for epoch in range(t.epochs):
+        model.train()
+        start = time.perf_counter()
+        order = torch.randperm(len(y), generator=gen)
+        running = 0.0
+        for i in range(steps_per_epoch):
+            idx = order[i * t.batch_size:(i + 1) * t.batch_size]
+            exit_logits, final_logits = model(x[idx])
+            loss = (t.exit_weight * F.cross_entropy(exit_logits, y[idx],
+                                                    label_smoothing=t.label_smoothing)
+                    + F.cross_entropy(final_logits, y[idx], label_smoothing=t.label_smoothing))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item()
+            bar.update()
+        epoch_seconds.append(time.perf_counter() - start)
+        bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{running / steps_per_epoch:.3f}")
+    bar.close()
+    return model.eval(), epoch_seconds
+
+
+@torch.inference_mode()
+def predict(model: SplitModel, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exit logits, final logits) for every frame of a split."""
+    x = _pixels(split)
+    outs = [model(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def _evaluate(model: SplitModel, split: Split, score: str):
+    exit_logits, final_logits = predict(model, split)
+    labels = torch.from_numpy(split.labels)
+    return (cal.exit_scores(exit_logits, score),
+            (exit_logits.argmax(1) == labels).numpy(),
+            (final_logits.argmax(1) == labels).numpy())
+
+
+def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> dict:
+    """Choose the threshold on validation, write the sweep, measure the choice on test."""
+    c = cfg.calibrate
+    val_scores, val_exit, val_final = _evaluate(model, data.val, c.score)
+    result = cal.sweep(val_scores, val_exit, val_final)
+    threshold = cal.choose_threshold(result, c)
+    cal.write_csv(out_dir / SWEEP_CSV, result)
+    plotted = cal.write_plot(out_dir / SWEEP_PNG, result, threshold,
+                             f"{cfg.model.name}: exit threshold sweep ({c.score})")
+    val_acc, val_offload = cal.split_accuracy(val_scores, val_exit, val_final, threshold)
+    test_scores, test_exit, test_final = _evaluate(model, data.test, c.score)
+    test_acc, test_offload = cal.split_accuracy(test_scores, test_exit, test_final, threshold)
+    policy = (f"offload {c.target_offload:.0%}" if c.policy == "offload"
+              else f"max drop {c.max_drop} points")
+    return {
+        "threshold": threshold, "score": c.score, "policy": policy,
+        "sweep_csv": SWEEP_CSV, "sweep_png": SWEEP_PNG if plotted else None,
+        "validation": {"exit_only": result.exit_accuracy, "full": result.full_accuracy,
+                       "split_exit": val_acc, "offload_ratio": val_offload},
+        "test": {"exit_only": float(test_exit.mean()), "full": float(test_final.mean()),
+                 "split_exit": test_acc, "offload_ratio": test_offload},
+    }
+
+
+def _structure(model: SplitModel) -> dict:
+    head, tail = describe(model.head), describe(model.tail)
+    return {"head": head, "tail": tail,
+            "edge_params": sum(r["params"] for r in head),
+            "server_params": sum(r["params"] for r in tail),
+            "edge_macs": sum(r["macs"] for r in head),
+            "server_macs": sum(r["macs"] for r in tail)}
+
+
+def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
+    """The whole `splitexit train`: returns (and writes) the metrics dict."""
+    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    print(f"I: {cfg.model.name}: {len(data.train)} train / {len(data.val)} validation / "
+          f"{len(data.test)} test frames from {cfg.data.dir}")
+    model, epoch_seconds = fit(cfg, data, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calibration = _calibrate(model, cfg, data, out_dir)
+    sizes = save_artifacts(out_dir, model, cfg, calibration["threshold"],
+                           FASHION_CLASSES[:cfg.model.widths[-1]])
+    metrics = {"model": cfg.model.name, "model_id": sizes["model_id"],
+               "config": cfg.to_dict(), "structure": _structure(model),
+               "artifact_bytes": {"edge": sizes["edge_bytes"], "server": sizes["server_bytes"]},
+               "train_seconds_per_epoch": float(np.mean(epoch_seconds)),
+               "train_threads": torch.get_num_threads(),
+               "calibration": calibration}
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def calibrate_dir(out_dir: Path, cfg: Config, data_dir: str | None = None) -> dict:
+    """Re-run calibration of a trained directory with a new policy; rewrites edge.pt."""
+    model, edge, _ = load_model(out_dir)
+    if data_dir:
+        cfg.data.dir = data_dir
+    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    if compute_model_id(model, edge.config) != edge.model_id:
+        raise ArtifactError(f"{edge.path}: stored model id {edge.model_id} does not match its "
+                            f"weights; re-create the directory with `splitexit train`")
+    calibration = _calibrate(model, cfg, data, out_dir)
+    set_threshold(out_dir, calibration["threshold"], cfg.calibrate.score)
+    metrics_path = out_dir / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics["calibration"] = calibration
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

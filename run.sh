@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set-up and entry points on a fresh Debian machine, as root. Installs what it needs
+# (idempotent: a second run installs nothing), then runs one job:
+#   ./run.sh demo [ARGS]   the main job: train + calibrate the recommended default on
+#                          Fashion-MNIST, write runs/default/ and print the report
+#   ./run.sh test          the test suite (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+setup() {
+    if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+        echo "I: installing Debian's dataset-fashion-mnist" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    fi
+    if ! python3 -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
+            2>/dev/null; then
+        echo "I: installing torch 2.13.0 (CPU)" >&2
+        python3 -m pip install -q torch==2.13.0
+    fi
+    if ! python3 -c 'import pipeline, pytest, hypothesis, matplotlib' 2>/dev/null \
+            || ! command -v splitexit >/dev/null; then
+        echo "I: installing splitexit (editable, with the dev extra)" >&2
+        python3 -m pip install -q -e '.[dev]'
+    fi
+}
+
+job="${1:-}"
+shift || true
+case "$job" in
+    demo) setup; exec splitexit train default "$@" ;;
+    test) setup; exec python3 -m pytest -q "$@" ;;
+    *) echo "usage: ./run.sh demo|test [ARGS]" >&2; exit 2 ;;
+esac

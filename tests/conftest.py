@@ -1,0 +1,62 @@
+"""Shared fixtures: small generated IDX data sets and a tiny config, so the default suite
+neither needs the Debian package nor minutes of training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data import write_idx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_CONFIG = """
+[model]
+name = "tiny"
+input_size = 784
+input_pad = 800
+widths = [800, 40, 20, 10]
+fan_out = [2, 10, 10]
+split = 1
+seed = 0
+
+[train]
+epochs = 2
+batch_size = 64
+val_size = 100
+seed = 0
+
+[calibrate]
+policy = "offload"
+target_offload = 0.3
+"""
+
+
+def make_idx_dataset(folder: Path, n_train: int = 2000, n_test: int = 300, seed: int = 0,
+                     gz: bool = True) -> Path:
+    """Ten classes, each a random 28x28 prototype plus noise: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(10, 28, 28))
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n)
+        noise = rng.normal(0, 50, size=(n, 28, 28))
+        images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+        write_idx(folder / f"{part}-images-idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{part}-labels-idx1-ubyte{suffix}", labels.astype(np.uint8))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory) -> Path:
+    return make_idx_dataset(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture
+def tiny_config_path(tmp_path, idx_dir) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_CONFIG + f'\n[data]\ndir = "{idx_dir}"\n')
+    return path

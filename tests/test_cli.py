@@ -1,0 +1,46 @@
+"""The console script end to end, as a user runs it (a real subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from tests.conftest import ROOT
+
+
+def splitexit(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=300)
+
+
+def test_train_then_recalibrate_a_tiny_config(tiny_config_path, tmp_path):
+    out = tmp_path / "run"
+    r = splitexit("train", str(tiny_config_path), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "split+exit" in r.stdout and "MACs/frame" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["structure"]["edge_macs"] == 1600 + 400  # 800->40 fan-out 2, exit 40->10
+    model_id = metrics["model_id"]
+
+    r = splitexit("calibrate", str(out), "--target-offload", "0.5")
+    assert r.returncode == 0, r.stderr
+    recal = json.loads((out / "metrics.json").read_text())["calibration"]
+    assert abs(recal["validation"]["offload_ratio"] - 0.5) <= 0.01
+    edge = torch.load(out / "edge.pt", weights_only=True)
+    assert edge["threshold"] == recal["threshold"] and edge["model_id"] == model_id
+
+
+def one_line_failure(r):
+    assert r.returncode == 2
+    assert r.stderr.startswith("splitexit: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_user_errors_are_one_line(tmp_path, tiny_config_path):
+    one_line_failure(splitexit("train", "no-such-config"))
+    one_line_failure(splitexit("train", str(tiny_config_path), "--set", "train.epoch=2"))
+    one_line_failure(splitexit("train", str(tiny_config_path), "--data", str(tmp_path)))
+    one_line_failure(splitexit("train", "paper-sparse", "--set", "model.widths=[800, 30, 40, 10]"))
+    (tmp_path / "edge.pt").write_bytes(b"\x00" * 10)
+    one_line_failure(splitexit("calibrate", str(tmp_path)))

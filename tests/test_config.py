@@ -1,0 +1,77 @@
+import pytest
+
+from pipeline.config import CONFIG_DIR, from_dict, load_config
+from pipeline.errors import ConfigError
+from pipeline.model import SplitModel
+
+MODEL = {"widths": [800, 40, 40, 10], "fan_out": [2, 9, 10], "input_pad": 800}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.toml")
+                                        if p.stem != "prometheus"))
+def test_shipped_configs_load_and_build(name):
+    cfg = load_config(name)
+    SplitModel(cfg.model)
+
+
+def one_line_error(raw, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        from_dict(raw)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_is_named():
+    one_line_error({"model": MODEL, "train": {"epoch": 3}}, "unknown key 'epoch' in \\[train\\]")
+
+
+def test_unknown_section_is_named():
+    one_line_error({"model": MODEL, "trian": {}}, "unknown section \\[trian\\]")
+
+
+def test_wrong_type_is_named():
+    one_line_error({"model": MODEL, "train": {"lr": "fast"}}, "train.lr = 'fast' must be")
+    one_line_error({"model": dict(MODEL, widths=[800, 40.5, 10])}, "list of integers")
+
+
+def test_missing_layout():
+    one_line_error({"model": {"widths": [800, 40, 10]}}, "needs fan_out")
+
+
+def test_split_must_leave_a_tail():
+    one_line_error({"model": dict(MODEL, split=3)}, "split = 3 must leave")
+
+
+def test_first_width_must_match_padded_input():
+    one_line_error({"model": dict(MODEL, input_pad=0)}, "set input_pad = 800")
+
+
+def test_impossible_fan_out_in_a_config_names_the_junction():
+    cfg = from_dict({"model": dict(MODEL, fan_out=[7, 4, 10], widths=[800, 30, 40, 10])})
+    with pytest.raises(ConfigError, match="layer1: junction 800->30 cannot have fan-out 7.*"
+                                          "pad the input to"):
+        SplitModel(cfg.model)
+    cfg = from_dict({"model": dict(MODEL, fan_out=[2, 7, 10], widths=[800, 40, 30, 10])})
+    with pytest.raises(ConfigError, match="layer2: .*make the layer before it 60 wide"):
+        SplitModel(cfg.model)
+
+
+def test_overrides_and_bare_words(tmp_path):
+    cfg = load_config("paper-sparse", ["train.epochs=3", "calibrate.policy=max_drop",
+                                        "model.fan_out=[2, 9, 10]"])
+    assert cfg.train.epochs == 3 and cfg.calibrate.policy == "max_drop"
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("paper-sparse", ["epochs=3"])
+    with pytest.raises(ConfigError, match="calibrate.policy = 'sometimes'"):
+        load_config("paper-sparse", ["calibrate.policy=sometimes"])
+
+
+def test_missing_file_lists_shipped_configs():
+    with pytest.raises(ConfigError, match="paper-sparse"):
+        load_config("no-such-config")
+
+
+def test_invalid_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nwidths = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(str(bad))

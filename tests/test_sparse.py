@@ -1,0 +1,152 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.sparse import SparseLinear, SparsityError, draw_connectivity, fan_in_for
+
+KERNELS = ("dense", "gather", "csr", "bag")
+
+
+def random_valid_shapes(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shapes = []
+    while len(shapes) < count:
+        n_in, n_out = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+        valid = [f for f in range(1, n_out + 1) if (n_in * f) % n_out == 0]
+        shapes.append((n_in, n_out, int(rng.choice(valid)), int(rng.integers(0, 1 << 30))))
+    return shapes
+
+
+@pytest.mark.parametrize("n_in,n_out,fan_out,seed", random_valid_shapes(200))
+def test_degrees_are_exact_and_edges_distinct(n_in, n_out, fan_out, seed):
+    rows = draw_connectivity(n_in, n_out, fan_out, seed)
+    d_in = n_in * fan_out // n_out
+    assert rows.shape == (n_out, d_in)
+    assert np.all(np.bincount(rows.ravel(), minlength=n_in) == fan_out)  # out-degree
+    assert all(len(np.unique(r)) == d_in for r in rows)  # in-degree, no duplicate edges
+    assert rows.min() >= 0 and rows.max() < n_in
+
+
+def test_pattern_is_a_pure_function_of_the_seed():
+    a = draw_connectivity(800, 40, 2, seed=7)
+    assert np.array_equal(a, draw_connectivity(800, 40, 2, seed=7))
+    assert not np.array_equal(a, draw_connectivity(800, 40, 2, seed=8))
+
+
+def test_pattern_is_mixed_not_banded():
+    # Different outputs must not all read the same contiguous band of a permutation.
+    rows = draw_connectivity(800, 40, 2, seed=0)
+    overlaps = [len(np.intersect1d(rows[i], rows[j])) for i in range(40) for j in range(i)]
+    assert max(overlaps) < 10  # 20 random inputs of 800 each: ~0.5 expected in common
+
+
+@pytest.mark.parametrize("n_in,n_out,fan_out", [(784, 40, 2), (800, 30, 2), (10, 4, 3)])
+def test_impossible_fan_out_names_valid_ones_and_padding(n_in, n_out, fan_out):
+    with pytest.raises(SparsityError) as e:
+        fan_in_for(n_in, n_out, fan_out)
+    msg = str(e.value)
+    assert "\n" not in msg and "valid fan-outs nearby" in msg and "pad the input" in msg
+    pad = int(msg.split("pad the input to ")[1].split()[0])
+    fan_in_for(pad, n_out, fan_out)  # the suggested padding works
+    suggested = [int(f) for f in msg.split("nearby are ")[1].split(",")[:-1] if f.strip()]
+    for f in suggested:
+        fan_in_for(n_in, n_out, f)  # every suggested fan-out works
+
+
+def test_paper_padding_message():
+    with pytest.raises(SparsityError, match="pad the input to 800"):
+        fan_in_for(784, 40, 2)
+
+
+@pytest.mark.parametrize("fan_out", [0, 41, -1])
+def test_fan_out_out_of_range(fan_out):
+    with pytest.raises(SparsityError, match="between 1 and 40"):
+        fan_in_for(800, 40, fan_out)
+
+
+def masked_dense_reference(layer: SparseLinear, x: torch.Tensor, g: torch.Tensor):
+    """Float64 masked dense: y = x (W*M)^T + b, grads wrt x and the real-edge values."""
+    w = layer.dense_weight().double().requires_grad_(True)
+    mask = torch.zeros_like(w).scatter(1, layer.indices.long(), 1.0)
+    x = x.detach().clone().requires_grad_(True)
+    y = x @ (w * mask).t() + layer.bias.detach().double()
+    y.backward(g)
+    return y.detach(), x.grad, w.grad.gather(1, layer.indices.long())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("n_in,n_out,fan_out", [(800, 40, 2), (40, 40, 9), (300, 500, 25)])
+def test_forward_and_gradients_match_masked_dense(kernel, batch, n_in, n_out, fan_out):
+    torch.manual_seed(0)
+    layer = SparseLinear(n_in, n_out, fan_out, seed=3).double()
+    layer.kernel_for = lambda batch, training: kernel
+    x = torch.randn(batch, n_in, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref, gx_ref, gv_ref = masked_dense_reference(layer, x, g)
+    torch.testing.assert_close(y.detach(), y_ref)
+    torch.testing.assert_close(x.grad, gx_ref)
+    torch.testing.assert_close(layer.weight.grad, gv_ref)
+    torch.testing.assert_close(layer.bias.grad, g.sum(0))
+    with torch.inference_mode():  # the inference paths (cached dense, gather) agree too
+        torch.testing.assert_close(layer(x.detach()), y_ref)
+
+
+def test_automatic_kernel_choice_is_correct_at_every_batch():
+    torch.manual_seed(0)
+    layer = SparseLinear(2048, 512, 25, seed=1)
+    for batch in (1, 31, 32, 100):
+        x = torch.randn(batch, 2048)
+        expected = x @ layer.dense_weight().t() + layer.bias.detach()
+        torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_dense_copy_follows_weight_updates():
+    layer = SparseLinear(800, 40, 2)
+    x = torch.randn(1, 800)
+    with torch.no_grad():
+        before = layer(x) - layer.bias
+        layer.weight.mul_(2.0)  # an optimizer step changes values in place
+        torch.testing.assert_close(layer(x) - layer.bias, 2 * before)
+
+
+def test_state_dict_holds_edges_not_the_dense_matrix():
+    layer = SparseLinear(2048, 2048, 102)
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "indices", "bias"}
+    edges = 2048 * 102
+    assert sd["weight"].numel() == edges and sd["indices"].numel() == edges
+    assert sd["indices"].dtype == torch.int16  # 2 bytes an index while N_in fits
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    assert buf.tell() < 1.02 * (edges * (4 + 2) + 2048 * 4) + 4096  # ∝ |W|, tiny overhead
+    assert buf.tell() < 0.1 * 2048 * 2048 * 4  # vs a dense float32 matrix
+
+
+def test_stored_bytes_grow_linearly_with_edges():
+    sizes = []
+    for fan_out in (4, 8, 16):
+        buf = io.BytesIO()
+        torch.save(SparseLinear(1024, 1024, fan_out).state_dict(), buf)
+        sizes.append(buf.tell())
+    step1, step2 = sizes[1] - sizes[0], sizes[2] - sizes[1]
+    assert step1 == pytest.approx(1024 * 4 * 6, rel=0.02)  # 4 more edges per input, 6 B each
+    assert step2 == pytest.approx(2 * step1, rel=0.02)
+
+
+def test_gradients_exist_only_for_real_edges():
+    layer = SparseLinear(800, 40, 2)
+    layer(torch.randn(256, 800)).sum().backward()
+    assert layer.weight.grad.shape == (40, 40)  # [N_out, d_in], no dense gradient anywhere
+
+
+def test_loading_a_state_dict_replaces_the_pattern():
+    a, b = SparseLinear(800, 40, 2, seed=1), SparseLinear(800, 40, 2, seed=2)
+    x = torch.randn(3, 800)
+    b(x)  # builds b's kernel plan for its own pattern
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(x), a(x))

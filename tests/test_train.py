@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.artifacts import load_edge, load_model, load_server, save_artifacts
+from pipeline.config import load_config
+from pipeline.data import load_dataset
+from pipeline.errors import ArtifactError
+from pipeline.model import SplitModel, describe
+from pipeline.train import fit, predict, run
+
+
+def test_training_is_reproducible_with_a_seed(tiny_config_path):
+    cfg = load_config(str(tiny_config_path))
+    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    a, _ = fit(cfg, data, progress=False)
+    b, _ = fit(cfg, data, progress=False)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    cfg.train.seed = 1
+    c, _ = fit(cfg, data, progress=False)
+    assert not torch.equal(a.head.layers[0].weight, c.head.layers[0].weight)
+
+
+def test_run_writes_loadable_artifacts_that_reassemble_the_model(tiny_config_path, tmp_path):
+    cfg = load_config(str(tiny_config_path), ["train.epochs=5"])
+    metrics = run(cfg, tmp_path, progress=False)
+    # plain weights_only loading: no pickled code in either file
+    for name in ("edge.pt", "server.pt"):
+        blob = torch.load(tmp_path / name, weights_only=True)
+        assert blob["model_id"] == metrics["model_id"]
+    edge, server = load_edge(tmp_path), load_server(tmp_path)
+    assert edge.threshold == metrics["calibration"]["threshold"]
+    assert "tail" not in str(list(torch.load(tmp_path / "edge.pt", weights_only=True)
+                                  ["state_dict"]))
+    # head on the edge + tail on the server == the whole model
+    model, _, _ = load_model(tmp_path)
+    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    exit_logits, final_logits = predict(model, data.test)
+    pixels = torch.from_numpy(data.test.images).float() / 255
+    with torch.inference_mode():
+        e, features = edge.head(pixels)
+        torch.testing.assert_close(e, exit_logits)
+        torch.testing.assert_close(server.tail(features), final_logits)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["calibration"]["test"]["full"] > 0.8  # learnable synthetic data
+    t = saved["calibration"]["test"]
+    assert 0.0 <= t["offload_ratio"] <= 1.0
+    assert (tmp_path / "calibration.csv").is_file() and (tmp_path / "calibration.png").is_file()
+
+
+def test_paper_sparse_head_is_4x_smaller_and_cheaper_than_dense_twin(tmp_path):
+    """Storage and MACs do not depend on training: compare freshly built artifacts."""
+    sizes, macs = {}, {}
+    for name in ("paper-sparse", "paper-dense"):
+        cfg = load_config(name)
+        model = SplitModel(cfg.model)
+        sizes[name] = save_artifacts(tmp_path / name, model, cfg, 0.5, ["c"] * 10)["edge_bytes"]
+        macs[name] = sum(r["macs"] for r in describe(model.head))
+    assert sizes["paper-dense"] >= 4 * sizes["paper-sparse"]
+    assert macs["paper-dense"] >= 4 * macs["paper-sparse"]
+    assert macs == {"paper-sparse": 1600 + 400, "paper-dense": 32000 + 400}
+
+
+def test_mismatched_and_corrupt_artifacts_are_one_line_errors(tiny_config_path, tmp_path):
+    cfg = load_config(str(tiny_config_path))
+    a, b = SplitModel(cfg.model), SplitModel(cfg.model)
+    torch.nn.init.zeros_(b.tail.layers[0].bias)
+    save_artifacts(tmp_path / "a", a, cfg, 0.5, ["c"] * 10)
+    save_artifacts(tmp_path / "b", b, cfg, 0.5, ["c"] * 10)
+    (tmp_path / "a" / "server.pt").write_bytes((tmp_path / "b" / "server.pt").read_bytes())
+    with pytest.raises(ArtifactError, match="different trainings"):
+        load_model(tmp_path / "a")
+    (tmp_path / "b" / "edge.pt").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="not a readable splitexit artifact"):
+        load_edge(tmp_path / "b")
+    with pytest.raises(ArtifactError, match="expected a edge artifact, found 'server'"):
+        load_edge(tmp_path / "a" / "server.pt")
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        load_server(tmp_path / "missing")
