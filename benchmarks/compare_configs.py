@@ -22,7 +22,7 @@ SHIPPED = ["paper-sparse", "paper-dense", "paper-tiny", "default"]
 CANDIDATES = [
     ("sparse 800-100-40-10, fo 2/8/10", "paper-sparse",
      ["model.widths=[800, 100, 40, 10]", "model.fan_out=[2, 8, 10]"]),
-    ("sparse head 800-200, dense tail 200-100-10", "default",
+    ("sparse head 800-200 + sparse exit fo 5, dense tail 200-100-10", "default",
      ["model.widths=[800, 200, 100, 10]", "model.fan_out=[2, 100, 10]"]),
     ("sparse head 800-400 + dense exit, dense tail", "default",
      ["model.exit_fan_out=0"]),

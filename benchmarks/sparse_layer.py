@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from pipeline.config import load_config
+from pipeline.model import Head
 from pipeline.sparse import SparseLinear
 
 # (name, N_in, N_out, fan_out): the paper's three junctions and a large 5%-dense one.
@@ -80,16 +82,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--quick", action="store_true", help="shorter timing runs (noisier)")
+    ap.add_argument("--only", choices=["layers", "heads"], help="run one of the two tables")
     args = ap.parse_args()
     min_run_time = 0.05 if args.quick else 0.3
     torch.manual_seed(0)
 
     print(f"torch {torch.__version__}; medians; speedup = nn.Linear time / this time")
-    header = (f"| shape | thr | batch | impl | fwd µs | fwd speedup | step µs | step speedup "
-              f"| ideal 1/ρ |")
+    header = ("| shape | thr | batch | impl | fwd µs | fwd speedup | step µs | step speedup "
+              "| ideal 1/ρ |")
     print(header)
     print("|---" * 9 + "|")
-    for name, n_in, n_out, fan_out in SHAPES:
+    shapes = [] if args.only == "heads" else SHAPES
+    for name, n_in, n_out, fan_out in shapes:
         layer = SparseLinear(n_in, n_out, fan_out, seed=0)
         dense = nn.Linear(n_in, n_out)
         masked = MaskedDense(layer)
@@ -108,6 +112,37 @@ def main() -> None:
                             f, s = measure(module, batch, n_in, threads, min_run_time)
                     print(f"| {name} | {threads} | {batch} | {impl} | {f * 1e6:.1f} | "
                           f"{base_f / f:.2f}x | {s * 1e6:.1f} | {base_s / s:.2f}x | {ideal:.1f}x |")
+    if args.only != "layers":
+        compare_heads(args.threads, min_run_time)
+
+
+def compare_heads(threads_list, min_run_time) -> None:
+    """The edge's whole job per frame: preprocess + first junction + exit, sparse vs dense."""
+    heads = {name: Head(load_config(name).model).eval() for name in
+             ("paper-dense", "paper-sparse", "default")}
+    print("\n| head | thr | batch | fwd µs | fwd speedup vs paper-dense | step µs | "
+          "step speedup |")
+    print("|---" * 7 + "|")
+    for threads in threads_list:
+        for batch in BATCHES:
+            base = None
+            for name, head in heads.items():
+                f, s = measure(HeadOutputs(head), batch, 784, threads, min_run_time)
+                base = base or (f, s)
+                print(f"| {name} | {threads} | {batch} | {f * 1e6:.1f} | {base[0] / f:.2f}x | "
+                      f"{s * 1e6:.1f} | {base[1] / s:.2f}x |")
+
+
+class HeadOutputs(nn.Module):
+    """A head's (exit logits, features) summed into one tensor, so a step can backprop."""
+
+    def __init__(self, head: Head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        exit_logits, features = self.head(x)
+        return exit_logits.sum() + features.sum()
 
 
 if __name__ == "__main__":

@@ -230,6 +230,10 @@ class SparseLinear(nn.Module):
         if elements <= DENSE_ALWAYS_MAX_ELEMENTS:
             return "dense"
         if batch >= EMBEDDING_BAG_MIN_BATCH:
+            # embedding_bag needs x feature-major; with 2+ threads that transpose costs more
+            # than a multi-threaded GEMM of a junction this small (2x, measured at 800->40).
+            if elements <= DENSE_CACHE_MAX_ELEMENTS and torch.get_num_threads() > 1:
+                return "dense"
             return "bag"
         if not training and elements <= DENSE_CACHE_MAX_ELEMENTS:
             return "dense"
