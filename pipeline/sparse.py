@@ -243,18 +243,17 @@ class SparseLinear(nn.Module):
         training = torch.is_grad_enabled()
         kernel = self.kernel_for(x.shape[0], training)
         if kernel == "dense":
-            w = self.dense_weight(differentiable=True) if training else self._cached_dense()
-            return F.linear(x, w, self.bias)
+            if training:
+                return F.linear(x, self.dense_weight(differentiable=True), self.bias)
+            weight = self.weight
+            cache = self._dense_cache  # rebuilt when an in-place update bumps the version
+            if cache is None or cache[0] != weight._version:
+                cache = self._dense_cache = (weight._version, self.dense_weight())
+            return F.linear(x, cache[1], self.bias)
         if kernel == "gather":
             gathered = x.index_select(1, self.plan.col).view(-1, *self.weight.shape)
             return torch.linalg.vecdot(gathered, self.weight) + self.bias
         return _EllFunction.apply(x, self.weight, self.plan) + self.bias
-
-    def _cached_dense(self) -> torch.Tensor:
-        version = self.weight._version
-        if self._dense_cache is None or self._dense_cache[0] != version:
-            self._dense_cache = (version, self.dense_weight())
-        return self._dense_cache[1]
 
     def dense_weight(self, differentiable: bool = False) -> torch.Tensor:
         """The equivalent dense [N_out, N_in] matrix; gradients reach only real edges."""
