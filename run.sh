@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set-up and entry points on a fresh Debian machine, as root. Installs what it needs
 # (idempotent: a second run installs nothing), then runs one job:
-#   ./run.sh demo [ARGS]   the main job: train + calibrate the recommended default on
-#                          Fashion-MNIST, write runs/default/ and print the report
+#   ./run.sh demo [ARGS]   the main job, `splitexit up`: train the recommended default on
+#                          Fashion-MNIST if runs/default/ is missing, then run broker,
+#                          workers and edge producers replaying the test set; print the report
 #   ./run.sh test          the test suite (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,7 +19,7 @@ setup() {
         echo "I: installing torch 2.13.0 (CPU)" >&2
         python3 -m pip install -q torch==2.13.0
     fi
-    if ! python3 -c 'import pipeline, pytest, hypothesis, matplotlib' 2>/dev/null \
+    if ! python3 -c 'import pipeline, pytest, hypothesis, matplotlib, cv2' 2>/dev/null \
             || ! command -v splitexit >/dev/null; then
         echo "I: installing splitexit (editable, with the dev extra)" >&2
         python3 -m pip install -q -e '.[dev]'
@@ -28,7 +29,7 @@ setup() {
 job="${1:-}"
 shift || true
 case "$job" in
-    demo) setup; exec splitexit train default "$@" ;;
+    demo) setup; exec splitexit up "$@" ;;
     test) setup; exec python3 -m pytest -q "$@" ;;
     *) echo "usage: ./run.sh demo|test [ARGS]" >&2; exit 2 ;;
 esac

@@ -60,6 +60,117 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"\nI: new threshold {metrics['calibration']['threshold']:.4f} written to {out}/edge.pt")
 
 
+def _cmd_broker(args: argparse.Namespace) -> None:
+    from pipeline.broker import BrokerConfig, run_broker
+
+    run_broker(BrokerConfig(args.frontend, args.backend, args.max_queue))
+
+
+def _worker_config(args: argparse.Namespace, backend: str):
+    from workers.tail_worker import WorkerConfig
+
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
+    return WorkerConfig(backend, args.max_batch, args.max_wait_ms, threads=args.threads)
+
+
+def _cmd_workers(args: argparse.Namespace) -> None:
+    from pipeline.artifacts import load_server
+    from pipeline.broker import BrokerConfig, run_broker
+    from workers.pool import ProcessGroup
+    from workers.tail_worker import run_worker
+
+    if args.n < 1:
+        raise UserError("-n must be at least 1")
+    load_server(args.artifacts)  # a bad artifact is one error here, not N in the children
+    backend = args.join or args.backend
+    cfg = _worker_config(args, backend)
+    group = ProcessGroup()
+    try:
+        if not args.join:
+            group.start("broker", run_broker, BrokerConfig(args.frontend, args.backend,
+                                                           args.max_queue))
+        workers = [group.start(f"worker-{i}", run_worker, args.artifacts, cfg)
+                   for i in range(args.n)]
+        print(f"I: {args.n} workers on {backend}" + ("" if args.join else
+              f"; edges connect to {args.frontend}") + "; Ctrl-C stops", file=sys.stderr)
+        group.wait(workers)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        group.stop()
+
+
+def _cmd_edge(args: argparse.Namespace) -> None:
+    from pipeline.artifacts import load_edge
+    from pipeline.edge import EdgeConfig, run_producer
+    from workers.pool import ProcessGroup, check_exits
+
+    if args.n < 1:
+        raise UserError("-n must be at least 1")
+    load_edge(args.artifacts)
+    results = Path(args.results) if args.results else None
+    if results:
+        results.mkdir(parents=True, exist_ok=True)
+    group = ProcessGroup()
+    try:
+        procs = []
+        for i in range(args.n):
+            cfg = EdgeConfig(args.broker, args.deadline_ms, args.dtype, args.codec,
+                             args.producer_id + i,
+                             str(results / f"edge-{args.producer_id + i}.jsonl") if results
+                             else None).validate()
+            procs.append(group.start(f"edge-{i}", run_producer, args.artifacts, cfg,
+                                     args.source, args.fps, args.limit, args.data,
+                                     (i, args.n) if args.shard else None))
+        group.wait(procs)
+        check_exits(procs)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        group.stop()
+
+
+def _cmd_up(args: argparse.Namespace) -> None:
+    from pipeline.up import UpConfig, format_run_report, up
+
+    if args.workers < 1 or args.producers < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--workers, --producers and --limit must be at least 1")
+    cfg = UpConfig(args.artifacts, args.workers, args.producers, args.fps, args.limit,
+                   args.deadline_ms, args.dtype, args.codec, args.max_batch, args.max_wait_ms,
+                   args.frontend, args.backend, args.data, args.run_dir)
+    report = up(cfg)
+    print(format_run_report(report))
+    print(f"\nI: per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "
+          f"{cfg.run_dir}/report.json")
+
+
+def _add_broker_addresses(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frontend", default="tcp://127.0.0.1:5555", help="edges connect here")
+    p.add_argument("--backend", default="tcp://127.0.0.1:5556", help="workers connect here")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="queued requests before edges are told BUSY (default: %(default)s)")
+
+
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=64, help="frames per tail call")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="longest wait for a batch to fill (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+
+
+def _add_edge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deadline-ms", type=float, default=100.0,
+                   help="server answer deadline; then the local exit answers (default: "
+                        "%(default)s)")
+    p.add_argument("--dtype", default="int8", help="float32 | float16 | int8 (default)")
+    p.add_argument("--codec", default="lz4", help="lz4 (default) | none")
+    p.add_argument("--fps", type=float, help="frames per second per producer (default: as "
+                   "fast as possible)")
+    p.add_argument("--limit", type=int, help="stop after this many frames")
+    p.add_argument("--data", help="IDX folder for dataset replay (default: Debian's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="splitexit", description="Split computing with early exit "
                                  "on predefined-sparse networks.")
@@ -87,6 +198,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="folder with the IDX files (default: the training's)")
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c.set_defaults(func=_cmd_calibrate)
+
+    b = sub.add_parser("broker", help="run the broker (edges on one port, workers on another)")
+    _add_broker_addresses(b)
+    b.set_defaults(func=_cmd_broker)
+
+    w = sub.add_parser("workers", help="start a broker and N tail workers, or join a broker")
+    w.add_argument("-n", type=int, default=2, help="workers (default: %(default)s)")
+    w.add_argument("--artifacts", default=DEFAULT_OUT, help="(default: %(default)s)")
+    w.add_argument("--join", metavar="tcp://HOST:PORT",
+                   help="add the workers to this broker's backend instead of starting one")
+    _add_broker_addresses(w)
+    _add_worker_options(w)
+    w.set_defaults(func=_cmd_workers)
+
+    e = sub.add_parser("edge", help="start M edge producers on a source")
+    e.add_argument("-n", type=int, default=1, help="producers (default: %(default)s)")
+    e.add_argument("--source", default="dataset", help="camera index, video file or URL, "
+                   "image folder, or dataset (default: %(default)s)")
+    e.add_argument("--shard", action="store_true",
+                   help="producers split the source's frames instead of each taking all")
+    e.add_argument("--artifacts", default=DEFAULT_OUT, help="(default: %(default)s)")
+    e.add_argument("--broker", default="tcp://127.0.0.1:5555", help="the broker's frontend")
+    e.add_argument("--producer-id", type=int, default=0, help="id of the first producer")
+    e.add_argument("--results", metavar="DIR", help="write edge-<id>.jsonl per producer here")
+    _add_edge_options(e)
+    e.set_defaults(func=_cmd_edge)
+
+    u = sub.add_parser("up", help="the whole system on this machine, replaying Fashion-MNIST")
+    u.add_argument("--artifacts", default=DEFAULT_OUT,
+                   help="(default: %(default)s; trained first if missing)")
+    u.add_argument("--workers", type=int, default=2)
+    u.add_argument("--producers", type=int, default=2)
+    u.add_argument("--run-dir", default="runs/up", help="results and report (default: "
+                   "%(default)s)")
+    u.add_argument("--frontend", default="tcp://127.0.0.1:5555")
+    u.add_argument("--backend", default="tcp://127.0.0.1:5556")
+    _add_worker_options(u)
+    _add_edge_options(u)
+    u.set_defaults(func=_cmd_up, fps=1000.0)
     return ap
 
 

@@ -1,6 +1,6 @@
 """User-facing errors: each becomes one line on stderr and exit status 2, never a traceback."""
 
-__all__ = ["UserError", "ConfigError", "DataError", "ArtifactError"]
+__all__ = ["UserError", "ConfigError", "DataError", "ArtifactError", "SourceError"]
 
 
 class UserError(Exception):
@@ -17,3 +17,7 @@ class DataError(UserError):
 
 class ArtifactError(UserError):
     """A model artifact is missing, corrupt or does not match its partner."""
+
+
+class SourceError(UserError):
+    """A frame source (camera, video, stream, image folder, replay) cannot be opened or read."""

@@ -44,3 +44,29 @@ def test_user_errors_are_one_line(tmp_path, tiny_config_path):
     one_line_failure(splitexit("train", "paper-sparse", "--set", "model.widths=[800, 30, 40, 10]"))
     (tmp_path / "edge.pt").write_bytes(b"\x00" * 10)
     one_line_failure(splitexit("calibrate", str(tmp_path)))
+
+
+def test_runtime_commands_reject_bad_input_in_one_line(tmp_path, tiny_config_path):
+    out = tmp_path / "run"
+    assert splitexit("train", str(tiny_config_path), "--out", str(out), "--quiet").returncode == 0
+    one_line_failure(splitexit("workers", "--artifacts", str(tmp_path / "nowhere")))
+    one_line_failure(splitexit("edge", "--artifacts", str(out), "--dtype", "int4"))
+    one_line_failure(splitexit("edge", "--artifacts", str(out), "--source",
+                               str(tmp_path / "missing.avi"), "--broker", "tcp://127.0.0.1:9"))
+    one_line_failure(splitexit("up", "--artifacts", str(out), "--workers", "0"))
+
+
+def test_up_runs_the_whole_system_and_reports(tmp_path, tiny_config_path, idx_dir):
+    from tests.test_runtime import free_port
+
+    art = tmp_path / "art"
+    assert splitexit("train", str(tiny_config_path), "--out", str(art), "--quiet").returncode == 0
+    r = splitexit("up", "--artifacts", str(art), "--data", str(idx_dir), "--limit", "200",
+                  "--fps", "0", "--run-dir", str(tmp_path / "up"), "--deadline-ms", "2000",
+                  "--frontend", f"tcp://127.0.0.1:{free_port()}",
+                  "--backend", f"tcp://127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "up" / "report.json").read_text())
+    assert report["frames"] == report["unique_frames"] == 200
+    assert report["paths"].get("fallback", 0) == 0 and report["paths"]["offload"] > 0
+    assert "p99 ms" in r.stdout and "uplink per offloaded frame" in r.stdout

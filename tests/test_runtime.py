@@ -1,0 +1,157 @@
+"""The offload runtime end to end: real processes (broker, workers, edges) over tcp on
+loopback, artifacts trained on generated data."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.artifacts import load_model
+from pipeline.broker import BrokerConfig, run_broker
+from pipeline.config import load_config
+from pipeline.data import load_dataset
+from pipeline.edge import EdgeConfig, run_producer
+from pipeline.train import run
+from workers.pool import ProcessGroup
+from workers.tail_worker import WorkerConfig, run_worker
+
+FRAMES = 300  # the generated test split
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, idx_dir) -> Path:
+    """A tiny trained model whose exit offloads about half the frames."""
+    out = tmp_path_factory.mktemp("art")
+    cfg = load_config("paper-sparse", ["train.epochs=2", "train.val_size=200",
+                                       "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
+    run(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture
+def system(tmp_path):
+    """Start/stop helper: a broker and workers on fresh ports; stops everything at the end."""
+    group = ProcessGroup()
+
+    class System:
+        frontend = f"tcp://127.0.0.1:{free_port()}"
+        backend = f"tcp://127.0.0.1:{free_port()}"
+
+        def broker(self, **kw):
+            return group.start("broker", run_broker, BrokerConfig(self.frontend, self.backend,
+                                                                  **kw))
+
+        def workers(self, artifacts, n, **kw):
+            procs = [group.start(f"w{i}", run_worker, str(artifacts),
+                                 WorkerConfig(self.backend, **kw), f"w{i}") for i in range(n)]
+            time.sleep(2.0)  # spawn + torch import + READY
+            return procs
+
+        def edge(self, artifacts, source="dataset", results=None, data_dir=None, **kw):
+            results = results or tmp_path / f"edge-{time.monotonic_ns()}.jsonl"
+            proc = group.start("edge", run_producer, str(artifacts),
+                               EdgeConfig(self.frontend, results=str(results), **kw),
+                               source, None, None, data_dir)
+            group.wait([proc], poll_s=0.05)
+            assert proc.exitcode == 0
+            return [json.loads(line) for line in Path(results).read_text().splitlines()]
+
+    yield System()
+    group.stop()
+
+
+def test_every_frame_gets_one_answer_and_two_workers_share_the_load(system, artifacts,
+                                                                     idx_dir):
+    system.broker()
+    system.workers(artifacts, 2)
+    outcomes = system.edge(artifacts, data_dir=str(idx_dir), dtype="float32", codec="none",
+                           deadline_ms=2000)
+    frames = [o["frame"] for o in outcomes]
+    assert sorted(frames) == list(range(FRAMES))  # exactly one final answer per frame
+    paths = Counter(o["path"] for o in outcomes)
+    assert paths["fallback"] == 0 and paths["offload"] > 50 and paths["exit"] > 50
+    workers = Counter(o["worker"] for o in outcomes if o["path"] == "offload")
+    assert set(workers) == {"w0", "w1"} and min(workers.values()) > 10
+
+    # Offloaded answers equal the in-process head + tail for the same frame.
+    model, edge, _ = load_model(artifacts)
+    data = load_dataset(idx_dir, val_size=200)
+    with torch.inference_mode():
+        exit_logits, final_logits = model(torch.from_numpy(data.test.images).float() / 255)
+    for o in outcomes:
+        expected = final_logits if o["path"] == "offload" else exit_logits
+        assert o["cls"] == int(expected[o["frame"]].argmax()), o
+        assert o["label"] == int(data.test.labels[o["frame"]])
+
+
+def test_int8_features_on_the_wire_cost_little_accuracy(system, artifacts, idx_dir):
+    system.broker()
+    system.workers(artifacts, 1)
+    outcomes = system.edge(artifacts, data_dir=str(idx_dir), dtype="int8", deadline_ms=2000)
+    offloaded = [o for o in outcomes if o["path"] == "offload"]
+    assert len(outcomes) == FRAMES and offloaded
+    assert all(o["uplink_bytes"] <= 40 + 60 for o in offloaded)  # 40 int8 values + header
+    model, _, _ = load_model(artifacts)
+    data = load_dataset(idx_dir, val_size=200)
+    with torch.inference_mode():
+        _, final_logits = model(torch.from_numpy(data.test.images).float() / 255)
+    agree = np.mean([o["cls"] == int(final_logits[o["frame"]].argmax()) for o in offloaded])
+    assert agree >= 0.95
+
+
+def test_a_worker_refuses_another_models_features(system, artifacts, idx_dir, tmp_path):
+    other = tmp_path / "other"
+    cfg = load_config("paper-sparse", ["train.epochs=1", "train.val_size=200", "train.seed=5",
+                                       "calibrate.target_offload=1.0", f"data.dir='{idx_dir}'"])
+    run(cfg, other, progress=False)
+    system.broker()
+    system.workers(artifacts, 1)
+    outcomes = system.edge(other, data_dir=str(idx_dir), deadline_ms=2000)
+    assert len(outcomes) == FRAMES
+    assert all(o["path"] == "fallback" and o["reason"] == "wrong_model" for o in outcomes)
+
+
+def test_a_full_queue_answers_busy_at_once(system, artifacts, idx_dir):
+    system.broker(max_queue=4, queue_timeout_s=60.0)  # no workers: nothing drains the queue
+    outcomes = system.edge(artifacts, data_dir=str(idx_dir), deadline_ms=3000)
+    reasons = Counter(o["reason"] for o in outcomes if o["path"] == "fallback")
+    offloaded = sum(o["path"] != "exit" for o in outcomes)
+    assert len(outcomes) == FRAMES
+    assert reasons["busy"] == offloaded - 4 and reasons["deadline"] == 4  # queue held 4
+    busy_ms = [o["latency_ms"] for o in outcomes if o["reason"] == "busy"]
+    deadline_ms = [o["latency_ms"] for o in outcomes if o["reason"] == "deadline"]
+    assert max(busy_ms) < 1000 <= 2900 <= min(deadline_ms)  # BUSY at once, not at the deadline
+
+
+def test_no_broker_means_local_answers_after_the_deadline(system, artifacts, idx_dir):
+    outcomes = system.edge(artifacts, data_dir=str(idx_dir), deadline_ms=50)
+    assert len(outcomes) == FRAMES
+    assert {o["reason"] for o in outcomes if o["path"] == "fallback"} == {"deadline"}
+
+
+def test_a_video_file_is_a_source(system, artifacts, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    system.broker()
+    system.workers(artifacts, 1)
+    outcomes = system.edge(artifacts, source=str(video), deadline_ms=2000)
+    assert sorted(o["frame"] for o in outcomes) == list(range(12))
+    assert all(o["label"] is None and o["source"] == str(video) for o in outcomes)
