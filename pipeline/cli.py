@@ -119,7 +119,7 @@ def _cmd_edge(args: argparse.Namespace) -> None:
             cfg = EdgeConfig(args.broker, args.deadline_ms, args.dtype, args.codec,
                              args.producer_id + i,
                              str(results / f"edge-{args.producer_id + i}.jsonl") if results
-                             else None).validate()
+                             else None, max_pack=args.max_pack).validate()
             procs.append(group.start(f"edge-{i}", run_producer, args.artifacts, cfg,
                                      args.source, args.fps, args.limit, args.data,
                                      (i, args.n) if args.shard else None))
@@ -138,7 +138,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
         raise UserError("--workers, --producers and --limit must be at least 1")
     cfg = UpConfig(args.artifacts, args.workers, args.producers, args.fps, args.limit,
                    args.deadline_ms, args.dtype, args.codec, args.max_batch, args.max_wait_ms,
-                   args.frontend, args.backend, args.data, args.run_dir)
+                   args.frontend, args.backend, args.data, args.run_dir, args.max_pack)
     report = up(cfg)
     print(format_run_report(report))
     print(f"\nI: per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "
@@ -165,6 +165,8 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
                         "%(default)s)")
     p.add_argument("--dtype", default="int8", help="float32 | float16 | int8 (default)")
     p.add_argument("--codec", default="lz4", help="lz4 (default) | none")
+    p.add_argument("--max-pack", type=int, default=64,
+                   help="frames per request when several are waiting (default: %(default)s)")
     p.add_argument("--fps", type=float, help="frames per second per producer (default: as "
                    "fast as possible)")
     p.add_argument("--limit", type=int, help="stop after this many frames")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -37,7 +38,8 @@ __all__ = ["EdgeConfig", "Outcome", "EdgeProducer", "run_producer", "DTYPES", "C
 
 DTYPES = {"float32": DType.FLOAT32, "float16": DType.FLOAT16, "int8": DType.INT8}
 CODECS = {"lz4": Codec.LZ4, "none": Codec.NONE}
-CAPTURE_QUEUE_FRAMES = 8        # frames between the capture thread and the head
+CAPTURE_QUEUE_FRAMES = 256      # frames between the capture thread and the head (files, replay)
+LIVE_QUEUE_FRAMES = 2           # ... for cameras and streams: stale frames are dropped upstream
 REFUSAL_REASON = {Refusal.BUSY: "busy", Refusal.WRONG_MODEL: "wrong_model",
                   Refusal.BAD_REQUEST: "bad_request", Refusal.NO_WORKER: "no_worker"}
 
@@ -51,6 +53,7 @@ class EdgeConfig:
     producer_id: int = 0
     results: str | None = None             # append one JSON line per frame here
     send_queue: int = 1000                 # requests ZeroMQ may hold while the link is down
+    max_pack: int = 64                     # frames per request when several are waiting
 
     def validate(self) -> "EdgeConfig":
         if self.dtype not in DTYPES:
@@ -59,6 +62,9 @@ class EdgeConfig:
             raise ConfigError(f"--codec {self.codec!r}: choose one of {', '.join(CODECS)}")
         if self.deadline_ms <= 0:
             raise ConfigError(f"--deadline-ms {self.deadline_ms} must be positive")
+        if not 1 <= self.max_pack <= wire.MAX_FRAMES_PER_REQUEST:
+            raise ConfigError(f"--max-pack {self.max_pack} must be in "
+                              f"1..{wire.MAX_FRAMES_PER_REQUEST}")
         return self
 
 
@@ -72,6 +78,7 @@ class Outcome:
     confidence: float
     label: int | None
     reason: str | None           # why a fallback happened
+    capture_ts: float            # wall clock at capture (time.time())
     head_ms: float
     latency_ms: float            # capture -> final answer
     uplink_bytes: int = 0        # bytes this frame's request put on the wire
@@ -83,12 +90,13 @@ class Outcome:
 
 @dataclass
 class Pending:
-    frame: object
-    exit_cls: int
-    exit_conf: float
+    """One request in flight: the frames it packs and their local exit answers."""
+    frames: list
+    exit_cls: list[int]
+    exit_conf: list[float]
     head_ms: float
     deadline: float              # monotonic
-    uplink_bytes: int
+    uplink_bytes: int            # the whole message; each frame is charged its share
 
 
 @dataclass
@@ -139,28 +147,30 @@ class EdgeProducer:
         if self.results:
             self.results.write(json.dumps(outcome.__dict__) + "\n")
 
-    def _local(self, p: Pending, path: str, reason: str | None) -> Outcome:
-        f = p.frame
-        return Outcome(f.frame_id, f.source, path, p.exit_cls, p.exit_conf, f.label, reason,
-                       p.head_ms, (time.time() - f.capture_ts) * 1000, p.uplink_bytes)
-
     def fallback(self, msg_id: int, reason: str) -> None:
         p = self.pending.pop(msg_id, None)
-        if p is not None:
-            self.finalize(self._local(p, "fallback", reason))
+        if p is None:
+            return
+        now, share = time.time(), p.uplink_bytes // len(p.frames)
+        for f, cls, conf in zip(p.frames, p.exit_cls, p.exit_conf):
+            self.finalize(Outcome(f.frame_id, f.source, "fallback", cls, conf, f.label, reason,
+                                  f.capture_ts, p.head_ms, (now - f.capture_ts) * 1000, share))
 
     # -- coroutines -----------------------------------------------------------------------------
 
     async def run(self, source) -> Summary:
-        queue: asyncio.Queue = asyncio.Queue(CAPTURE_QUEUE_FRAMES)
+        # A live source keeps only its newest frame itself; a deep queue here would undo that.
+        frames: queue.Queue = queue.Queue(LIVE_QUEUE_FRAMES if getattr(source, "live", False)
+                                          else CAPTURE_QUEUE_FRAMES)
+        arrived = asyncio.Event()
         loop = asyncio.get_running_loop()
-        capture = threading.Thread(target=self._capture, args=(source, queue, loop), daemon=True,
-                                   name="capture")
+        capture = threading.Thread(target=self._capture, args=(source, frames, arrived, loop),
+                                   daemon=True, name="capture")
         capture.start()
         receiver = asyncio.create_task(self._receive())
         expirer = asyncio.create_task(self._expire())
         try:
-            await self._process(queue)
+            await self._process(frames, arrived)
             while self.pending:  # last answers, bounded by their deadlines
                 await asyncio.sleep(0.005)
         finally:
@@ -172,44 +182,79 @@ class EdgeProducer:
             self.sock.close()
         return self.summary
 
-    def _capture(self, source, queue: asyncio.Queue, loop) -> None:
-        """Thread: read frames and hand them to the loop; blocks only on the queue."""
+    def _capture(self, source, frames: queue.Queue, arrived: asyncio.Event, loop) -> None:
+        """Thread: read frames and hand them over; blocks only when the head falls behind."""
         try:
             for frame in source.frames():
-                asyncio.run_coroutine_threadsafe(queue.put(frame), loop).result()
+                frames.put(frame)
+                loop.call_soon_threadsafe(arrived.set)
         finally:
-            asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+            frames.put(None)
+            loop.call_soon_threadsafe(arrived.set)
 
-    async def _process(self, queue: asyncio.Queue) -> None:
+    async def _next_frames(self, frames: queue.Queue, arrived: asyncio.Event) -> list:
+        """Every frame waiting now (up to max_pack), or wait for one; None ends the source."""
+        while True:
+            arrived.clear()
+            batch = []
+            while len(batch) < self.cfg.max_pack:
+                try:
+                    batch.append(frames.get_nowait())
+                except queue.Empty:
+                    break
+            if batch:
+                return batch
+            await arrived.wait()
+
+    async def _process(self, frames: queue.Queue, arrived: asyncio.Event) -> None:
         deadline_s = self.cfg.deadline_ms / 1000
-        while (frame := await queue.get()) is not None:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                x = torch.from_numpy(frame.pixels).view(1, -1)
-                exit_logits, features = self.head(x)
-            score = float(exit_scores(exit_logits, self.score)[0])
-            exit_cls = int(exit_logits.argmax(1))
-            head_ms = (time.perf_counter() - start) * 1000
-            if score >= self.threshold:
-                self.finalize(Outcome(frame.frame_id, frame.source, "exit", exit_cls, score,
-                                            frame.label, None, head_ms,
-                                            (time.time() - frame.capture_ts) * 1000))
-                continue
-            msg_id, self.next_msg_id = self.next_msg_id, self.next_msg_id + 1
-            request = wire.encode_request(msg_id, self.cfg.producer_id, self.model_tag,
-                                          int(frame.capture_ts * 1e6), [frame.frame_id],
-                                          features.numpy(), self.dtype, self.codec)
-            sent = wire.wire_bytes(request)
-            self.pending[msg_id] = Pending(frame, exit_cls, score, head_ms,
-                                           time.monotonic() + deadline_s, sent)
-            try:
-                await self.sock.send_multipart(request, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                self.pending[msg_id].uplink_bytes = 0
-                self.fallback(msg_id, "unreachable")
-                continue
-            self.summary.uplink_bytes += sent
-            self.summary.feature_bytes += features.numel() * 4
+        while True:
+            batch = await self._next_frames(frames, arrived)
+            done = batch[-1] is None
+            batch = [f for f in batch if f is not None]
+            if batch:
+                await self._handle(batch, deadline_s)
+            if done:
+                return
+
+    async def _handle(self, batch: list, deadline_s: float) -> None:
+        """Head + exit on the frames that are waiting; answer or pack the unsure into one
+        request (packing adds no wait: only frames already here go together)."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            x = torch.from_numpy(np.stack([f.pixels for f in batch]))  # (B, 784)
+            exit_logits, features = self.head(x)
+        scores = exit_scores(exit_logits, self.score)
+        exit_cls = exit_logits.argmax(1).tolist()
+        head_ms = (time.perf_counter() - start) * 1000 / len(batch)
+        now, unsure = time.time(), []
+        for i, f in enumerate(batch):
+            if scores[i] >= self.threshold:
+                self.finalize(Outcome(f.frame_id, f.source, "exit", exit_cls[i],
+                                      float(scores[i]), f.label, None, f.capture_ts, head_ms,
+                                      (now - f.capture_ts) * 1000))
+            else:
+                unsure.append(i)
+        if not unsure:
+            return
+        msg_id, self.next_msg_id = self.next_msg_id, self.next_msg_id + 1
+        offloaded = [batch[i] for i in unsure]
+        request = wire.encode_request(msg_id, self.cfg.producer_id, self.model_tag,
+                                      int(offloaded[0].capture_ts * 1e6),
+                                      [f.frame_id for f in offloaded],
+                                      features[unsure].numpy(), self.dtype, self.codec)
+        sent = wire.wire_bytes(request)
+        self.pending[msg_id] = Pending(offloaded, [exit_cls[i] for i in unsure],
+                                       [float(scores[i]) for i in unsure], head_ms,
+                                       time.monotonic() + deadline_s, sent)
+        try:
+            await self.sock.send_multipart(request, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.pending[msg_id].uplink_bytes = 0
+            self.fallback(msg_id, "unreachable")
+            return
+        self.summary.uplink_bytes += sent
+        self.summary.feature_bytes += features[unsure].numel() * 4
 
     async def _receive(self) -> None:
         while True:
@@ -227,13 +272,17 @@ class EdgeProducer:
             if isinstance(answer, wire.Error):
                 self.fallback(answer.msg_id, REFUSAL_REASON[answer.reason])
                 continue
+            if len(answer.classes) != len(self.pending[answer.msg_id].frames):
+                self.summary.bad_answers += 1  # a reply for other frames: the deadline decides
+                continue
             p = self.pending.pop(answer.msg_id)
-            f = p.frame
-            self.finalize(Outcome(
-                f.frame_id, f.source, "offload", int(answer.classes[0]),
-                float(answer.confidences[0]), f.label, None, p.head_ms,
-                (time.time() - f.capture_ts) * 1000, p.uplink_bytes, answer.worker_id,
-                answer.queue_us, answer.tail_us, answer.batch))
+            now, share = time.time(), p.uplink_bytes // len(p.frames)
+            for f, cls, conf in zip(p.frames, answer.classes.tolist(),
+                                    answer.confidences.tolist()):
+                self.finalize(Outcome(f.frame_id, f.source, "offload", cls, conf, f.label, None,
+                                      f.capture_ts, p.head_ms, (now - f.capture_ts) * 1000,
+                                      share, answer.worker_id, answer.queue_us,
+                                      answer.tail_us, answer.batch))
 
     async def _expire(self) -> None:
         step = min(0.01, self.cfg.deadline_ms / 4000)
@@ -249,6 +298,7 @@ class Shard:
 
     def __init__(self, source, index: int, count: int):
         self.source, self.index, self.count = source, index, count
+        self.live = source.live
 
     def frames(self):
         return (f for f in self.source.frames() if f.frame_id % self.count == self.index)

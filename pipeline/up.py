@@ -46,6 +46,7 @@ class UpConfig:
     backend: str = "tcp://127.0.0.1:5556"
     data_dir: str | None = None
     run_dir: str = "runs/up"
+    max_pack: int = 64
 
 
 def _ensure_artifacts(cfg: UpConfig) -> None:
@@ -99,7 +100,7 @@ def up(cfg: UpConfig) -> dict:
         time.sleep(WORKER_START_S)
         producers = [group.start(f"edge-{i}", run_producer, cfg.artifacts,
                                  EdgeConfig(cfg.frontend, cfg.deadline_ms, cfg.dtype, cfg.codec,
-                                            i, str(results[i])),
+                                            i, str(results[i]), max_pack=cfg.max_pack).validate(),
                                  "dataset", cfg.fps or None, cfg.limit, cfg.data_dir,
                                  (i, cfg.producers)) for i in range(cfg.producers)]
         tail = ResultTail(results)

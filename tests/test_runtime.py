@@ -126,7 +126,7 @@ def test_a_worker_refuses_another_models_features(system, artifacts, idx_dir, tm
 
 def test_a_full_queue_answers_busy_at_once(system, artifacts, idx_dir):
     system.broker(max_queue=4, queue_timeout_s=60.0)  # no workers: nothing drains the queue
-    outcomes = system.edge(artifacts, data_dir=str(idx_dir), deadline_ms=3000)
+    outcomes = system.edge(artifacts, data_dir=str(idx_dir), deadline_ms=3000, max_pack=1)
     reasons = Counter(o["reason"] for o in outcomes if o["path"] == "fallback")
     offloaded = sum(o["path"] != "exit" for o in outcomes)
     assert len(outcomes) == FRAMES
@@ -155,3 +155,24 @@ def test_a_video_file_is_a_source(system, artifacts, tmp_path):
     outcomes = system.edge(artifacts, source=str(video), deadline_ms=2000)
     assert sorted(o["frame"] for o in outcomes) == list(range(12))
     assert all(o["label"] is None and o["source"] == str(video) for o in outcomes)
+
+
+def test_sigterm_drains_a_worker_and_the_other_takes_over(system, artifacts, idx_dir, tmp_path):
+    system.broker()
+    w0, w1 = system.workers(artifacts, 2)
+    results = tmp_path / "drain.jsonl"
+    group = ProcessGroup()
+    edge = group.start("edge", run_producer, str(artifacts),
+                       EdgeConfig(system.frontend, 5000.0, results=str(results)), "dataset",
+                       300.0, None, str(idx_dir))  # 300 frames over ~1 s
+    time.sleep(0.4)
+    w0.terminate()  # SIGTERM: drain
+    group.wait([edge], poll_s=0.05)
+    w0.join(5)
+    assert w0.exitcode == 0 and w1.is_alive()
+    outcomes = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(o["frame"] for o in outcomes) == list(range(FRAMES))
+    assert not [o for o in outcomes if o["path"] == "fallback"]
+    late = [o for o in outcomes if o["path"] == "offload" and o["capture_ts"] >
+            outcomes[0]["capture_ts"] + 0.9]
+    assert late and {o["worker"] for o in late} == {"w1"}

@@ -1,0 +1,150 @@
+"""The offload runtime against the same model in one process; bytes and accuracy on the wire.
+
+Three tables, all on the Fashion-MNIST test set and a trained artifact directory:
+1. throughput: frames/s at 100 % offload through edge -> broker -> workers (real processes,
+   loopback tcp) vs head + tail called frame by frame in one process;
+2. offload-hop latency at a low rate (batch of one, no batching wait): what the network
+   hop adds to a frame over answering locally;
+3. uplink bytes per offloaded frame for float32/float16/int8, lz4 or not, and the accuracy
+   each costs (all frames offloaded), next to the raw frame and its deflate size.
+
+    python benchmarks/offload.py                       # uses runs/default (trained if missing)
+    python benchmarks/offload.py --frames 5000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import wire
+from pipeline.artifacts import load_model, set_threshold
+from pipeline.broker import BrokerConfig, run_broker
+from pipeline.calibrate import OFFLOAD_ALL
+from pipeline.config import FASHION_MNIST_DIR
+from pipeline.data import load_dataset
+from pipeline.edge import CODECS, DTYPES, EdgeConfig, run_producer
+from workers.pool import ProcessGroup
+from workers.tail_worker import WorkerConfig, run_worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_process(model, pixels: torch.Tensor) -> float:
+    """Frames/s of head + tail, one frame at a time, as an edge with a local tail would."""
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for i in range(len(pixels)):
+            _, features = model.head(pixels[i:i + 1])
+            model.tail(features)
+        return len(pixels) / (time.perf_counter() - start)
+
+
+def pipeline_run(art: Path, frames: int, workers: int, fps: float | None, max_wait_ms: float,
+                 data_dir: str, tmp: Path) -> list[dict]:
+    group = ProcessGroup()
+    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    results = tmp / f"run-{time.monotonic_ns()}.jsonl"
+    try:
+        group.start("broker", run_broker, BrokerConfig(front, back))
+        for i in range(workers):
+            group.start(f"w{i}", run_worker, str(art), WorkerConfig(back, 64, max_wait_ms),
+                        f"w{i}")
+        time.sleep(2.0)
+        edge = group.start("edge", run_producer, str(art),
+                           EdgeConfig(front, 5000.0, results=str(results)), "dataset", fps,
+                           frames, data_dir)
+        group.wait([edge], poll_s=0.05)
+    finally:
+        group.stop()
+    return [json.loads(line) for line in results.read_text().splitlines()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="runs/default")
+    ap.add_argument("--data", default=FASHION_MNIST_DIR)
+    ap.add_argument("--frames", type=int, default=5000)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--latency-fps", type=float, default=200.0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    tmp = Path(tempfile.mkdtemp(prefix="offload-bench-"))
+    art = tmp / "all-offload"
+    shutil.copytree(args.artifacts, art)
+    set_threshold(art, OFFLOAD_ALL, "max_softmax")  # every frame goes to the server
+    model, _, _ = load_model(art)
+    data = load_dataset(args.data, val_size=5000)
+    pixels = torch.from_numpy(data.test.images[:args.frames]).float() / 255
+    labels = data.test.labels[:args.frames]
+
+    local_fps = in_process(model, pixels)
+    outcomes = pipeline_run(art, args.frames, args.workers, None, 2.0, args.data, tmp)
+    span = (max(o["capture_ts"] + o["latency_ms"] / 1000 for o in outcomes)
+            - min(o["capture_ts"] for o in outcomes))
+    piped_fps = len(outcomes) / span
+    print(f"\n1. throughput, {args.frames} frames, 100 % offload, {args.workers} worker(s), "
+          f"1 producer, torch 1 thread per process")
+    print("| path | frames/s | ratio |\n|---|---|---|")
+    print(f"| head + tail in one process, frame by frame | {local_fps:.0f} | 1.00 |")
+    print(f"| edge -> broker -> worker (loopback tcp) | {piped_fps:.0f} | "
+          f"{piped_fps / local_fps:.2f} |")
+    paths = {o["path"] for o in outcomes}
+    print(f"(paths seen: {sorted(paths)}; answers {len(outcomes)} for {args.frames} frames)")
+
+    slow = pipeline_run(art, min(args.frames, 1000), 1, args.latency_fps, 0.0, args.data, tmp)
+    hop = [o["latency_ms"] - o["head_ms"] for o in slow if o["path"] == "offload"]
+    local = [o["head_ms"] for o in slow]
+    q = np.percentile(hop, [50, 99])
+    print(f"\n2. offload hop at {args.latency_fps:.0f} frames/s, batch of one (max_wait 0)")
+    print("| | p50 ms | p99 ms |\n|---|---|---|")
+    print(f"| head + exit on the edge | {np.percentile(local, 50):.3f} | "
+          f"{np.percentile(local, 99):.3f} |")
+    print(f"| added by the offload (capture -> server answer, minus head) | {q[0]:.3f} | "
+          f"{q[1]:.3f} |")
+
+    with torch.inference_mode():
+        _, features = model.head(pixels)
+        reference = model.tail(features).argmax(1).numpy()
+    raw_frame = 784
+    deflate = np.mean([len(zlib.compress(img.tobytes(), 6)) for img in
+                       data.test.images[:args.frames]])
+    print(f"\n3. uplink bytes per offloaded frame (one frame a message, ZeroMQ framing "
+          f"included) and accuracy with every frame offloaded; raw frame {raw_frame} B, "
+          f"deflate {deflate:.0f} B")
+    print("| dtype | codec | bytes on the wire | payload | accuracy % | agrees with float32 |")
+    print("|---|---|---|---|---|---|")
+    for dname, dtype in DTYPES.items():
+        for cname, codec in CODECS.items():
+            sizes, preds, payloads = [], [], []
+            for i in range(args.frames):
+                msg = wire.encode_request(i, 0, b"\0" * 8, 0, [i], features[i:i + 1].numpy(),
+                                          dtype, codec)
+                sizes.append(wire.wire_bytes(msg))
+                payloads.append(len(msg[1]))
+                r = wire.decode_request(msg)
+                with torch.inference_mode():
+                    preds.append(int(model.tail(torch.from_numpy(r.features)).argmax()))
+            preds = np.array(preds)
+            print(f"| {dname} | {cname} | {np.mean(sizes):.1f} | {np.mean(payloads):.1f} | "
+                  f"{100 * np.mean(preds == labels):.2f} | "
+                  f"{100 * np.mean(preds == reference):.2f}% |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
