@@ -20,7 +20,6 @@ dropped by the ROUTER.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import signal
 import sys
 import time
@@ -295,7 +294,3 @@ def run_broker(cfg: BrokerConfig) -> None:
               f"{s.expired} expired, {s.redelivered} redelivered, bad {dict(s.bad)}",
               file=sys.stderr, flush=True)
 
-
-def config_from(**overrides) -> BrokerConfig:
-    return dataclasses.replace(BrokerConfig(), **{k: v for k, v in overrides.items()
-                                                  if v is not None})

@@ -110,7 +110,6 @@ class Summary:
     feature_bytes: int = 0
     correct: int = 0
     labelled: int = 0
-    latency_ms: dict = field(default_factory=lambda: {"exit": [], "offload": [], "fallback": []})
 
 
 class EdgeProducer:
@@ -143,7 +142,6 @@ class EdgeProducer:
         if outcome.label is not None:
             s.labelled += 1
             s.correct += int(outcome.cls == outcome.label)
-        s.latency_ms[outcome.path].append(outcome.latency_ms)
         if self.results:
             self.results.write(json.dumps(outcome.__dict__) + "\n")
 
@@ -329,10 +327,6 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
         source.close()
     print_summary(summary)
     return summary
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def print_summary(s: Summary, file=sys.stderr) -> None:
