@@ -54,6 +54,7 @@ class EdgeConfig:
     results: str | None = None             # append one JSON line per frame here
     send_queue: int = 1000                 # requests ZeroMQ may hold while the link is down
     max_pack: int = 64                     # frames per request when several are waiting
+    threads: int = 1                       # torch threads: more spin and starve the loop
 
     def validate(self) -> "EdgeConfig":
         if self.dtype not in DTYPES:
@@ -316,6 +317,8 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
                          data_dir=data_dir)
     if shard:
         source = Shard(source, *shard)
+
+    torch.set_num_threads(cfg.threads)
 
     async def main():
         producer = EdgeProducer(artifact_dir, cfg)
