@@ -9,10 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 setup() {
-    if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
-        echo "I: installing Debian's dataset-fashion-mnist" >&2
+    # Fashion-MNIST for the main job; Prometheus (and promtool) for the monitoring tests.
+    if ! dpkg -s dataset-fashion-mnist prometheus >/dev/null 2>&1; then
+        echo "I: installing Debian's dataset-fashion-mnist and prometheus" >&2
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
+            prometheus >/dev/null
     fi
     if ! python3 -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
             2>/dev/null; then

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from monitoring import metrics as m
 from pipeline import wire
 from pipeline.wire import Kind, Refusal, WireError
 
@@ -129,7 +130,7 @@ class WorkerTable:
 
 @dataclass
 class Stats:
-    """Counters for the status line and, later, the metrics module."""
+    """This process's counts for its exit line; the exported ones are in monitoring.metrics."""
     requests: int = 0
     replies: int = 0
     busy: int = 0
@@ -149,6 +150,8 @@ class Broker:
         self.queue: collections.deque = collections.deque()  # (edge, msg_id, frames, t)
         self.stats = Stats()
         self.running = True
+        self.m_dispatched, self.m_busy, self.m_expired = (
+            m.BROKER_REQUESTS.labels(status) for status in ("dispatched", "busy", "expired"))
 
     def _router(self, address: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -178,6 +181,9 @@ class Broker:
             lost = self.table.purge(now)    # workers that went silent
             if lost:
                 self._redeliver(lost, now)
+            m.BROKER_QUEUE_DEPTH.set(len(self.queue))  # once a pass, not once a message
+            m.BROKER_WORKERS.set(self.table.live)
+            m.BROKER_FREE_CREDIT.set(self.table.free_credit)
             if now >= heartbeat_at:
                 for identity in self.table.workers:
                     self.backend.send_multipart([identity] + wire.HEARTBEAT)
@@ -192,6 +198,10 @@ class Broker:
                 return
             handle(frames, now)
 
+    def _bad(self, component: str, reason: str) -> None:
+        self.stats.bad[f"{component}_{reason}"] += 1
+        m.BAD_MESSAGES.labels(f"broker_{component}", reason).inc()
+
     def _on_backend(self, frames: list, now: float) -> None:
         identity = frames[0]
         if len(frames) == 3:  # [worker, edge, answer]
@@ -199,7 +209,7 @@ class Broker:
             try:
                 kind, msg_id = wire.peek(answer)
             except WireError as e:
-                self.stats.bad[f"worker_{e.reason}"] += 1
+                self._bad("backend", e.reason)
                 return
             self.table.seen(identity, now)
             if not self.table.complete(identity, (edge, msg_id)):
@@ -208,12 +218,12 @@ class Broker:
             self.frontend.send_multipart([edge, answer])
             return
         if len(frames) != 2:
-            self.stats.bad["worker_malformed"] += 1
+            self._bad("backend", "malformed")
             return
         try:
             control = wire.decode_control(frames[1:])
         except WireError as e:
-            self.stats.bad[f"worker_{e.reason}"] += 1
+            self._bad("backend", e.reason)
             return
         if isinstance(control, wire.Ready):
             self._redeliver(self.table.ready(identity, control.credit, now), now)
@@ -227,21 +237,22 @@ class Broker:
     def _on_frontend(self, frames: list, now: float) -> None:
         edge = frames[0]
         if len(frames) != 3:
-            self.stats.bad["edge_malformed"] += 1
+            self._bad("frontend", "malformed")
             return
         try:
             kind, msg_id = wire.peek(frames[1])
         except WireError as e:
-            self.stats.bad[f"edge_{e.reason}"] += 1
+            self._bad("frontend", e.reason)
             return
         if kind != Kind.REQUEST:
-            self.stats.bad["edge_kind"] += 1
+            self._bad("frontend", "kind")
             self.frontend.send_multipart([edge] + wire.encode_error(
                 msg_id, Refusal.BAD_REQUEST, "edges send requests only"))
             return
         self.stats.requests += 1
         if len(self.queue) >= self.cfg.max_queue:
             self.stats.busy += 1
+            self.m_busy.inc()
             self.frontend.send_multipart([edge] + wire.encode_error(
                 msg_id, Refusal.BUSY, f"broker queue full ({self.cfg.max_queue})"))
             return
@@ -253,6 +264,7 @@ class Broker:
             if now - enqueued_at > self.cfg.queue_timeout_s:
                 self.queue.popleft()
                 self.stats.expired += 1
+                self.m_expired.inc()
                 self.frontend.send_multipart([edge] + wire.encode_error(
                     msg_id, Refusal.NO_WORKER, "no worker free in time"))
                 continue
@@ -260,6 +272,7 @@ class Broker:
             if worker is None:
                 return
             self.queue.popleft()
+            self.m_dispatched.inc()
             self.table.dispatch(worker, (edge, msg_id), frames)
             self.backend.send_multipart([worker.identity, edge] + frames)
 
@@ -268,6 +281,7 @@ class Broker:
         for (edge, msg_id), frames in reversed(lost):
             self.queue.appendleft((edge, msg_id, frames, now))
         self.stats.redelivered += len(lost)
+        m.BROKER_REDELIVERIES.inc(len(lost))
 
     def close(self) -> None:
         self.frontend.close()

@@ -60,9 +60,23 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"\nI: new threshold {metrics['calibration']['threshold']:.4f} written to {out}/edge.pt")
 
 
+def _serve_metrics(args: argparse.Namespace, launcher: bool) -> None:
+    """Serve /metrics if asked; a launcher first switches its children to multiprocess mode
+    (before any of them imports prometheus-client)."""
+    from monitoring.exposition import serve, use_multiprocess_dir
+
+    if args.metrics_port:
+        if launcher:
+            use_multiprocess_dir(Path(args.metrics_dir))
+        serve(args.metrics_port, args.metrics_addr)
+        print(f"I: metrics on http://{args.metrics_addr}:{args.metrics_port}/metrics",
+              file=sys.stderr)
+
+
 def _cmd_broker(args: argparse.Namespace) -> None:
     from pipeline.broker import BrokerConfig, run_broker
 
+    _serve_metrics(args, launcher=False)
     run_broker(BrokerConfig(args.frontend, args.backend, args.max_queue))
 
 
@@ -85,6 +99,7 @@ def _cmd_workers(args: argparse.Namespace) -> None:
     load_server(args.artifacts)  # a bad artifact is one error here, not N in the children
     backend = args.join or args.backend
     cfg = _worker_config(args, backend)
+    _serve_metrics(args, launcher=True)
     group = ProcessGroup()
     try:
         if not args.join:
@@ -112,17 +127,16 @@ def _cmd_edge(args: argparse.Namespace) -> None:
     results = Path(args.results) if args.results else None
     if results:
         results.mkdir(parents=True, exist_ok=True)
+    configs = [EdgeConfig(args.broker, args.deadline_ms, args.dtype, args.codec,
+                          args.producer_id + i,
+                          str(results / f"edge-{args.producer_id + i}.jsonl") if results
+                          else None, max_pack=args.max_pack).validate() for i in range(args.n)]
+    _serve_metrics(args, launcher=True)
     group = ProcessGroup()
     try:
-        procs = []
-        for i in range(args.n):
-            cfg = EdgeConfig(args.broker, args.deadline_ms, args.dtype, args.codec,
-                             args.producer_id + i,
-                             str(results / f"edge-{args.producer_id + i}.jsonl") if results
-                             else None, max_pack=args.max_pack).validate()
-            procs.append(group.start(f"edge-{i}", run_producer, args.artifacts, cfg,
-                                     args.source, args.fps, args.limit, args.data,
-                                     (i, args.n) if args.shard else None))
+        procs = [group.start(f"edge-{i}", run_producer, args.artifacts, cfg, args.source,
+                             args.fps, args.limit, args.data, (i, args.n) if args.shard else None)
+                 for i, cfg in enumerate(configs)]
         group.wait(procs)
         check_exits(procs)
     except KeyboardInterrupt:
@@ -138,11 +152,34 @@ def _cmd_up(args: argparse.Namespace) -> None:
         raise UserError("--workers, --producers and --limit must be at least 1")
     cfg = UpConfig(args.artifacts, args.workers, args.producers, args.fps, args.limit,
                    args.deadline_ms, args.dtype, args.codec, args.max_batch, args.max_wait_ms,
-                   args.frontend, args.backend, args.data, args.run_dir, args.max_pack)
+                   args.frontend, args.backend, args.data, args.run_dir, args.max_pack,
+                   args.metrics_port, args.metrics_addr, args.hold)
     report = up(cfg)
     print(format_run_report(report))
     print(f"\nI: per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "
           f"{cfg.run_dir}/report.json")
+
+
+def _cmd_top(args: argparse.Namespace) -> None:
+    from monitoring.top import run_top
+
+    if args.interval <= 0 or (args.count is not None and args.count < 1):
+        raise UserError("--interval must be positive and --count at least 1")
+    endpoints = [e if "://" in e else f"http://{e}/metrics" for e in args.endpoints]
+    try:
+        run_top(endpoints, args.interval, args.count)
+    except KeyboardInterrupt:
+        pass
+
+
+def _add_metrics_options(p: argparse.ArgumentParser, port: int, launcher: bool) -> None:
+    p.add_argument("--metrics-port", type=int, default=port,
+                   help="serve Prometheus /metrics here, 0 for none (default: %(default)s)")
+    p.add_argument("--metrics-addr", default="127.0.0.1",
+                   help="address to serve metrics on (default: %(default)s, loopback only)")
+    if launcher:
+        p.add_argument("--metrics-dir", default=f"runs/metrics-{port}",
+                       help="per-process metric files, wiped at start (default: %(default)s)")
 
 
 def _add_broker_addresses(p: argparse.ArgumentParser) -> None:
@@ -203,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("broker", help="run the broker (edges on one port, workers on another)")
     _add_broker_addresses(b)
+    _add_metrics_options(b, 9101, launcher=False)
     b.set_defaults(func=_cmd_broker)
 
     w = sub.add_parser("workers", help="start a broker and N tail workers, or join a broker")
@@ -212,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the workers to this broker's backend instead of starting one")
     _add_broker_addresses(w)
     _add_worker_options(w)
+    _add_metrics_options(w, 9102, launcher=True)
     w.set_defaults(func=_cmd_workers)
 
     e = sub.add_parser("edge", help="start M edge producers on a source")
@@ -225,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--producer-id", type=int, default=0, help="id of the first producer")
     e.add_argument("--results", metavar="DIR", help="write edge-<id>.jsonl per producer here")
     _add_edge_options(e)
+    _add_metrics_options(e, 9103, launcher=True)
     e.set_defaults(func=_cmd_edge)
 
     u = sub.add_parser("up", help="the whole system on this machine, replaying Fashion-MNIST")
@@ -236,9 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s)")
     u.add_argument("--frontend", default="tcp://127.0.0.1:5555")
     u.add_argument("--backend", default="tcp://127.0.0.1:5556")
+    u.add_argument("--hold", type=float, default=0.0, metavar="S",
+                   help="keep serving metrics S seconds after the replay, for scrapers")
     _add_worker_options(u)
     _add_edge_options(u)
+    _add_metrics_options(u, 9100, launcher=False)  # up keeps its metric files in --run-dir
     u.set_defaults(func=_cmd_up, fps=1000.0)
+
+    t = sub.add_parser("top", help="live summary from /metrics endpoints")
+    t.add_argument("endpoints", nargs="*", default=["127.0.0.1:9100"],
+                   help="HOST:PORT or URLs (default: a running `up`, 127.0.0.1:9100)")
+    t.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    t.add_argument("--count", type=int, help="refreshes before exiting (default: until Ctrl-C)")
+    t.set_defaults(func=_cmd_top)
     return ap
 
 

@@ -28,6 +28,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from monitoring import metrics as m
 from pipeline import wire
 from pipeline.artifacts import load_edge
 from pipeline.calibrate import exit_scores
@@ -42,6 +43,9 @@ CAPTURE_QUEUE_FRAMES = 256      # frames between the capture thread and the head
 LIVE_QUEUE_FRAMES = 2           # ... for cameras and streams: stale frames are dropped upstream
 REFUSAL_REASON = {Refusal.BUSY: "busy", Refusal.WRONG_MODEL: "wrong_model",
                   Refusal.BAD_REQUEST: "bad_request", Refusal.NO_WORKER: "no_worker"}
+PATHS = ("exit", "offload", "fallback")
+FALLBACK_REASONS = (*REFUSAL_REASON.values(), "deadline", "unreachable")
+REQUEST_STATUSES = ("answered", "refused", "deadline", "unreachable")
 
 
 @dataclass
@@ -108,9 +112,14 @@ class Summary:
     duplicates: int = 0
     bad_answers: int = 0
     uplink_bytes: int = 0
-    feature_bytes: int = 0
     correct: int = 0
     labelled: int = 0
+
+
+def _shares(p: Pending) -> list[int]:
+    """Split a message's bytes over its frames so that the shares sum to the message."""
+    n = len(p.frames)
+    return [p.uplink_bytes // n + (i < p.uplink_bytes % n) for i in range(n)]
 
 
 class EdgeProducer:
@@ -130,7 +139,16 @@ class EdgeProducer:
         self.next_msg_id = 1
         self.summary = Summary()
         self.results = open(cfg.results, "a") if cfg.results else None
-        self.capture_done = False
+        producer = str(cfg.producer_id)  # metric children bound once: no lookups per frame
+        self.m_frames = {p: m.EDGE_FRAMES.labels(producer, p) for p in PATHS}
+        self.m_latency = {p: m.EDGE_LATENCY.labels(producer, p) for p in PATHS}
+        self.m_head = m.EDGE_HEAD.labels(producer)
+        self.m_fallbacks = {r: m.EDGE_FALLBACKS.labels(producer, r) for r in FALLBACK_REASONS}
+        self.m_requests = {r: m.EDGE_REQUESTS.labels(producer, r) for r in REQUEST_STATUSES}
+        self.m_uplink = m.EDGE_UPLINK_BYTES.labels(producer)
+        self.m_feature = m.EDGE_FEATURE_BYTES.labels(producer)
+        self.m_payload = m.EDGE_PAYLOAD_BYTES.labels(producer)
+        self.m_duplicates = m.EDGE_DUPLICATES.labels(producer)
 
     # -- the one place a frame is finished ----------------------------------------------------
 
@@ -138,8 +156,11 @@ class EdgeProducer:
         s = self.summary
         s.frames += 1
         s.paths[outcome.path] += 1
+        self.m_frames[outcome.path].inc()
+        self.m_latency[outcome.path].observe(outcome.latency_ms / 1000)
         if outcome.reason:
             s.fallback_reasons[outcome.reason] += 1
+            self.m_fallbacks[outcome.reason].inc()
         if outcome.label is not None:
             s.labelled += 1
             s.correct += int(outcome.cls == outcome.label)
@@ -150,8 +171,10 @@ class EdgeProducer:
         p = self.pending.pop(msg_id, None)
         if p is None:
             return
-        now, share = time.time(), p.uplink_bytes // len(p.frames)
-        for f, cls, conf in zip(p.frames, p.exit_cls, p.exit_conf):
+        status = reason if reason in ("deadline", "unreachable") else "refused"
+        self.m_requests[status].inc()
+        now = time.time()
+        for f, cls, conf, share in zip(p.frames, p.exit_cls, p.exit_conf, _shares(p)):
             self.finalize(Outcome(f.frame_id, f.source, "fallback", cls, conf, f.label, reason,
                                   f.capture_ts, p.head_ms, (now - f.capture_ts) * 1000, share))
 
@@ -226,6 +249,8 @@ class EdgeProducer:
         scores = exit_scores(exit_logits, self.score)
         exit_cls = exit_logits.argmax(1).tolist()
         head_ms = (time.perf_counter() - start) * 1000 / len(batch)
+        for _ in batch:
+            self.m_head.observe(head_ms / 1000)
         now, unsure = time.time(), []
         for i, f in enumerate(batch):
             if scores[i] >= self.threshold:
@@ -253,7 +278,9 @@ class EdgeProducer:
             self.fallback(msg_id, "unreachable")
             return
         self.summary.uplink_bytes += sent
-        self.summary.feature_bytes += features[unsure].numel() * 4
+        self.m_uplink.inc(sent)
+        self.m_feature.inc(len(unsure) * features.shape[1] * wire.ITEMSIZE[self.dtype])
+        self.m_payload.inc(len(request[1]))
 
     async def _receive(self) -> None:
         while True:
@@ -262,11 +289,13 @@ class EdgeProducer:
             frames = await self.sock.recv_multipart()
             try:
                 answer = wire.decode_answer(frames)
-            except WireError:
+            except WireError as e:
                 self.summary.bad_answers += 1
+                m.BAD_MESSAGES.labels("edge", e.reason).inc()
                 continue
             if answer.msg_id not in self.pending:
                 self.summary.duplicates += 1  # late, or a second answer after a redelivery
+                self.m_duplicates.inc()
                 continue
             if isinstance(answer, wire.Error):
                 self.fallback(answer.msg_id, REFUSAL_REASON[answer.reason])
@@ -275,9 +304,10 @@ class EdgeProducer:
                 self.summary.bad_answers += 1  # a reply for other frames: the deadline decides
                 continue
             p = self.pending.pop(answer.msg_id)
-            now, share = time.time(), p.uplink_bytes // len(p.frames)
-            for f, cls, conf in zip(p.frames, answer.classes.tolist(),
-                                    answer.confidences.tolist()):
+            self.m_requests["answered"].inc()
+            now = time.time()
+            for f, cls, conf, share in zip(p.frames, answer.classes.tolist(),
+                                           answer.confidences.tolist(), _shares(p)):
                 self.finalize(Outcome(f.frame_id, f.source, "offload", cls, conf, f.label, None,
                                       f.capture_ts, p.head_ms, (now - f.capture_ts) * 1000,
                                       share, answer.worker_id, answer.queue_us,

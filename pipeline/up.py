@@ -20,6 +20,8 @@ import numpy as np
 from pipeline.artifacts import EDGE_FILE, SERVER_FILE
 from pipeline.broker import BrokerConfig, run_broker
 from pipeline.edge import EdgeConfig, run_producer
+from monitoring.exposition import mark_dead, serve, use_multiprocess_dir
+from monitoring.metrics import PROMQL
 from workers.pool import ProcessGroup, check_exits
 from workers.tail_worker import WorkerConfig, run_worker
 
@@ -47,6 +49,9 @@ class UpConfig:
     data_dir: str | None = None
     run_dir: str = "runs/up"
     max_pack: int = 64
+    metrics_port: int = 9100      # the one /metrics for every process; 0 = none
+    metrics_addr: str = "127.0.0.1"
+    hold_s: float = 0.0           # keep serving metrics this long after the replay
 
 
 def _ensure_artifacts(cfg: UpConfig) -> None:
@@ -90,6 +95,14 @@ def up(cfg: UpConfig) -> dict:
     results = [run_dir / f"edge-{i}.jsonl" for i in range(cfg.producers)]
     for path in results:
         path.unlink(missing_ok=True)
+    if cfg.metrics_port:
+        use_multiprocess_dir(run_dir / "metrics")  # before any child imports the client
+        serve(cfg.metrics_port, cfg.metrics_addr)
+        print(f"I: metrics for every process on http://{cfg.metrics_addr}:{cfg.metrics_port}"
+              f"/metrics (configs/prometheus.yml scrapes it); in Prometheus:\n"
+              f"   offload ratio:  {PROMQL['offload_ratio']}\n"
+              f"   uplink bytes/s: {PROMQL['uplink_bytes_per_second']}", file=sys.stderr,
+              flush=True)
     group = ProcessGroup()
     started = time.monotonic()
     try:
@@ -123,6 +136,12 @@ def up(cfg: UpConfig) -> dict:
         group.wait(producers, on_tick=status)
         status(final=True)
         check_exits(producers)
+        for p in producers:
+            mark_dead(p.pid)
+        if cfg.hold_s > 0 and cfg.metrics_port:
+            print(f"I: replay done; metrics stay up {cfg.hold_s:.0f} s (Ctrl-C ends)",
+                  file=sys.stderr, flush=True)
+            time.sleep(cfg.hold_s)
     finally:
         group.stop()
     report = read_results(results, Path(cfg.artifacts), time.monotonic() - started)

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 
+from monitoring.exposition import mark_dead
 from pipeline.errors import UserError
 
 __all__ = ["ProcessGroup", "guarded", "check_exits", "USER_ERROR_EXIT"]
@@ -71,6 +72,7 @@ class ProcessGroup:
             if p.is_alive():
                 p.kill()
                 p.join()
+            mark_dead(p.pid)  # its live gauges leave the merged /metrics
 
     def wait(self, procs: list, poll_s: float = 0.2, on_tick=None) -> None:
         """Block until every process in `procs` has exited, calling on_tick between polls."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import zmq
 
+from monitoring import metrics as m
 from pipeline import wire
 from pipeline.artifacts import load_server
 from pipeline.broker import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
@@ -78,6 +79,10 @@ class TailWorker:
         self.refused: dict[str, int] = {}
         self.batches = 0
         self.frames = 0
+        w = self.worker_id  # metric children bound once
+        self.m_ok = m.WORKER_REQUESTS.labels(w, "ok")
+        self.m_frames, self.m_tail = m.WORKER_FRAMES.labels(w), m.WORKER_TAIL.labels(w)
+        self.m_batch, self.m_queue = m.WORKER_BATCH.labels(w), m.WORKER_QUEUE.labels(w)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -185,7 +190,11 @@ class TailWorker:
         self.sock.send_multipart([edge] + wire.encode_error(msg_id, reason, detail))
 
     def _count(self, reason: str) -> None:
+        """A refused or dropped request; `reason` is a WireError reason or wrong_model."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
+        m.WORKER_REQUESTS.labels(self.worker_id, reason).inc()
+        if reason != "wrong_model":
+            m.BAD_MESSAGES.labels("worker", reason).inc()
 
     def _run_batch(self) -> None:
         """Run the tail once over up to max_batch frames; reply to each request."""
@@ -205,8 +214,13 @@ class TailWorker:
         tail_us = int((end - start) * 1e6)
         classes, confidence = classes.numpy(), confidence.numpy()
         row = 0
+        self.m_tail.observe(end - start)
+        self.m_batch.observe(frames)
+        self.m_frames.inc(frames)
         for edge, request, arrival in taken:
             n = len(request.frame_ids)
+            self.m_ok.inc()
+            self.m_queue.observe(start - arrival)
             self.sock.send_multipart([edge] + wire.encode_reply(
                 request.msg_id, self.worker_id, classes[row:row + n], confidence[row:row + n],
                 int((start - arrival) * 1e6), tail_us, frames))

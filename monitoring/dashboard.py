@@ -1,0 +1,59 @@
+"""The Grafana dashboard, built from the PromQL in monitoring.metrics so the two never drift.
+
+    python -m monitoring.dashboard > configs/grafana-dashboard.json
+
+(tests/test_monitoring.py checks the committed file is what this prints, and runs every
+expression in it against a real Prometheus.)
+"""
+
+from __future__ import annotations
+
+import json
+
+from monitoring.metrics import PROMQL
+
+__all__ = ["PANELS", "dashboard", "expressions"]
+
+# (title, unit, [(legend, expression)])
+PANELS = [
+    ("Offload ratio", "percentunit", [("offloaded", PROMQL["offload_ratio"])]),
+    ("Frames per second", "fps", [("frames", PROMQL["frames_per_second"]),
+                                  ("{{reason}} fallbacks", PROMQL["fallbacks_per_second"])]),
+    ("Uplink bandwidth", "Bps", [("bytes/s", PROMQL["uplink_bytes_per_second"])]),
+    ("Uplink bytes per offloaded frame", "bytes",
+     [("bytes/frame", PROMQL["uplink_bytes_per_offloaded_frame"])]),
+    ("Latency p99 by path", "s", [("{{path}}", PROMQL["latency_p99_seconds"]),
+                                  ("{{path}} p50", PROMQL["latency_p99_seconds"]
+                                   .replace("0.99", "0.5", 1))]),
+    ("Broker queue depth", "short", [("queued", PROMQL["queue_depth"])]),
+    ("Live workers", "short", [("workers", PROMQL["workers"])]),
+    ("Compression ratio", "short", [("features / payload", PROMQL["compression_ratio"])]),
+]
+
+
+def dashboard() -> dict:
+    panels = []
+    for i, (title, unit, targets) in enumerate(PANELS):
+        panels.append({
+            "id": i + 1, "type": "timeseries", "title": title,
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"refId": chr(65 + j), "expr": expr, "legendFormat": legend}
+                        for j, (legend, expr) in enumerate(targets)],
+        })
+    return {
+        "title": "splitexit", "uid": "splitexit", "schemaVersion": 39, "version": 1,
+        "time": {"from": "now-15m", "to": "now"}, "refresh": "5s",
+        "templating": {"list": [{"name": "datasource", "type": "datasource",
+                                 "query": "prometheus"}]},
+        "panels": panels,
+    }
+
+
+def expressions() -> list[str]:
+    return [expr for _, _, targets in PANELS for _, expr in targets]
+
+
+if __name__ == "__main__":
+    print(json.dumps(dashboard(), indent=2))

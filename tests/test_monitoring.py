@@ -1,0 +1,200 @@
+"""Metrics: exposition after a real run matches what the run did, `top` reads it, and a real
+Prometheus server computes the same offload ratio and bytes as the run's JSONL results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitoring.dashboard import dashboard, expressions
+from monitoring.metrics import PROMQL
+from monitoring.top import scrape, summarize
+from tests.conftest import ROOT
+from tests.test_runtime import free_port
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory, idx_dir):
+    from pipeline.config import load_config
+    from pipeline.train import run
+
+    out = tmp_path_factory.mktemp("art")
+    run(load_config("paper-sparse", ["train.epochs=2", "train.val_size=200",
+                                     "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"]),
+        out, progress=False)
+    return out
+
+
+class UpRun:
+    """`splitexit up` in a subprocess that keeps serving metrics after its replay."""
+
+    def __init__(self, artifacts, idx_dir, run_dir: Path, hold_s: float = 60.0,
+                 fps: float = 400.0, port: int | None = None):
+        self.port = port or free_port()
+        self.run_dir = run_dir
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "up", "--artifacts", str(artifacts),
+             "--data", str(idx_dir), "--fps", str(fps), "--run-dir", str(run_dir),
+             "--metrics-port", str(self.port), "--hold", str(hold_s), "--deadline-ms", "2000",
+             "--frontend", f"tcp://127.0.0.1:{free_port()}",
+             "--backend", f"tcp://127.0.0.1:{free_port()}"],
+            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
+
+    def wait_for_replay(self, timeout_s: float = 120) -> None:
+        end = time.monotonic() + timeout_s
+        for line in self.proc.stderr:
+            if "replay done" in line:
+                return
+            assert time.monotonic() < end, "up did not finish its replay"
+        raise AssertionError(f"up exited early: {self.proc.wait()}")
+
+    def outcomes(self) -> list[dict]:
+        return [json.loads(line) for path in sorted(self.run_dir.glob("edge-*.jsonl"))
+                for line in path.read_text().splitlines()]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def samples(url: str) -> dict:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = Counter()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] += s.value
+    return out
+
+
+def total(values: dict, name: str, **match) -> float:
+    return sum(v for (n, labels), v in values.items()
+               if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
+
+
+def test_dashboard_file_is_the_generated_one():
+    committed = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
+    assert committed == dashboard()
+    assert PROMQL["offload_ratio"] in expressions()
+
+
+def test_exposition_after_a_run_matches_the_results(tiny_artifacts, idx_dir, tmp_path):
+    run = UpRun(tiny_artifacts, idx_dir, tmp_path / "up")
+    try:
+        run.wait_for_replay()
+        values = samples(run.url)
+        top = summarize(scrape([run.url]), scrape([run.url]))
+    finally:
+        run.stop()
+    outcomes = run.outcomes()
+    paths = Counter(o["path"] for o in outcomes)
+    assert len(outcomes) == 300
+    for path in ("exit", "offload", "fallback"):
+        assert total(values, "splitexit_edge_frames_total", path=path) == paths[path]
+    assert total(values, "splitexit_edge_frames_total") == 300  # exit + offload + fallback
+    assert total(values, "splitexit_edge_uplink_bytes_total") == sum(
+        o["uplink_bytes"] for o in outcomes)
+    offloaded = paths["offload"] + paths["fallback"]
+    assert total(values, "splitexit_edge_latency_seconds_count", path="offload") == \
+        paths["offload"]
+    assert total(values, "splitexit_worker_frames_total") == paths["offload"]
+    assert total(values, "splitexit_broker_requests_total", status="dispatched") == \
+        total(values, "splitexit_edge_requests_total", status="answered")
+    assert offloaded > 0 and total(values, "splitexit_broker_workers") == 2
+    assert top["up"] == {run.url: True} and top["frames_total"] == 300
+
+
+def test_metric_names_pass_promtool(tiny_artifacts, idx_dir, tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; ./run.sh installs it)")
+    run = UpRun(tiny_artifacts, idx_dir, tmp_path / "up")
+    try:
+        run.wait_for_replay()
+        text = urllib.request.urlopen(run.url, timeout=5).read()
+    finally:
+        run.stop()
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+    assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+
+
+def prometheus_query(base: str, expr: str) -> dict:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    return json.loads(urllib.request.urlopen(url, timeout=5).read())
+
+
+def wait_ready(base: str, timeout_s: float = 30) -> None:
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            if urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < end, "Prometheus did not become ready"
+        time.sleep(0.2)
+
+
+def test_a_real_prometheus_agrees_with_the_results(tiny_artifacts, idx_dir, tmp_path):
+    if not Path(PROMETHEUS).exists():
+        pytest.skip("prometheus not installed (Debian package prometheus; ./run.sh installs it)")
+    metrics_port, prom_port = free_port(), free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"global:\n  scrape_interval: 500ms\nscrape_configs:\n"
+                      f"  - job_name: up\n    static_configs:\n"
+                      f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+    prom = subprocess.Popen([PROMETHEUS, f"--config.file={config}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{prom_port}"
+    wait_ready(base)
+    # 300 frames over ~5 s: Prometheus (scraping every 0.5 s) sees the counters rise
+    run = UpRun(tiny_artifacts, idx_dir, tmp_path / "up", hold_s=60, fps=30, port=metrics_port)
+    try:
+        run.wait_for_replay()
+        outcomes = run.outcomes()
+        paths = Counter(o["path"] for o in outcomes)
+        expected_ratio = (paths["offload"] + paths["fallback"]) / len(outcomes)
+        expected_bytes = sum(o["uplink_bytes"] for o in outcomes)
+        ratio_expr = ('sum(splitexit_edge_frames_total{path!="exit"}) '
+                      '/ sum(splitexit_edge_frames_total)')
+        deadline = time.monotonic() + 30
+        while True:  # until Prometheus has scraped the final counts
+            r = prometheus_query(base, "sum(splitexit_edge_frames_total)")
+            if r["status"] == "success" and r["data"]["result"] and \
+                    float(r["data"]["result"][0]["value"][1]) == len(outcomes):
+                break
+            assert time.monotonic() < deadline, f"Prometheus never saw the final counts: {r}"
+            time.sleep(0.5)
+        time.sleep(1.5)  # a few more scrapes, so rate() windows have points after the end
+        ratio = float(prometheus_query(base, ratio_expr)["data"]["result"][0]["value"][1])
+        sent = float(prometheus_query(base, "sum(splitexit_edge_uplink_bytes_total)")
+                     ["data"]["result"][0]["value"][1])
+        assert ratio == pytest.approx(expected_ratio, abs=1e-12)
+        assert sent == expected_bytes
+        for expr in expressions():  # every dashboard query is valid PromQL on these names
+            r = prometheus_query(base, expr)
+            assert r["status"] == "success", (expr, r)
+        shipped = prometheus_query(base, PROMQL["offload_ratio"])["data"]["result"]
+        assert shipped and 0 < float(shipped[0]["value"][1]) <= 1
+    finally:
+        prom.terminate()
+        prom.wait(10)
+        run.stop()
