@@ -198,3 +198,16 @@ def test_a_real_prometheus_agrees_with_the_results(tiny_artifacts, idx_dir, tmp_
         prom.terminate()
         prom.wait(10)
         run.stop()
+
+
+def test_top_shows_a_dead_endpoint_as_down_and_keeps_going():
+    from monitoring.top import format_table
+
+    dead = f"http://127.0.0.1:{free_port()}/metrics"
+    summary = summarize(scrape([dead]), scrape([dead]))
+    assert summary["up"] == {dead: False} and summary["frames_per_s"] == 0
+    assert f"{dead} DOWN" in format_table(summary)
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "top", dead, "--count", "1",
+                        "--interval", "0.1"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 0 and "DOWN" in r.stdout
