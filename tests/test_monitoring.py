@@ -211,3 +211,13 @@ def test_top_shows_a_dead_endpoint_as_down_and_keeps_going():
                         "--interval", "0.1"], capture_output=True, text=True, cwd=ROOT,
                        timeout=60)
     assert r.returncode == 0 and "DOWN" in r.stdout
+
+
+def test_histogram_quantile_interpolates_like_promql():
+    from monitoring.top import _quantile
+
+    buckets = {"0.1": 50.0, "0.2": 100.0, "+Inf": 100.0}  # cumulative counts
+    assert _quantile(0.5, buckets) == pytest.approx(0.1)
+    assert _quantile(0.75, buckets) == pytest.approx(0.15)
+    assert _quantile(0.25, buckets) == pytest.approx(0.05)
+    assert _quantile(0.5, {"+Inf": 0.0}) is None
