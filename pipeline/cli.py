@@ -91,7 +91,7 @@ def _worker_config(args: argparse.Namespace, backend: str):
 def _cmd_workers(args: argparse.Namespace) -> None:
     from pipeline.artifacts import load_server
     from pipeline.broker import BrokerConfig, run_broker
-    from workers.pool import ProcessGroup
+    from workers.pool import ProcessGroup, stop_on_sigterm
     from workers.tail_worker import run_worker
 
     if args.n < 1:
@@ -100,6 +100,7 @@ def _cmd_workers(args: argparse.Namespace) -> None:
     backend = args.join or args.backend
     cfg = _worker_config(args, backend)
     _serve_metrics(args, launcher=True)
+    stop_on_sigterm()
     group = ProcessGroup()
     try:
         if not args.join:
@@ -119,7 +120,7 @@ def _cmd_workers(args: argparse.Namespace) -> None:
 def _cmd_edge(args: argparse.Namespace) -> None:
     from pipeline.artifacts import load_edge
     from pipeline.edge import EdgeConfig, run_producer
-    from workers.pool import ProcessGroup, check_exits
+    from workers.pool import ProcessGroup, check_exits, stop_on_sigterm
 
     if args.n < 1:
         raise UserError("-n must be at least 1")
@@ -132,6 +133,7 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                           str(results / f"edge-{args.producer_id + i}.jsonl") if results
                           else None, max_pack=args.max_pack).validate() for i in range(args.n)]
     _serve_metrics(args, launcher=True)
+    stop_on_sigterm()
     group = ProcessGroup()
     try:
         procs = [group.start(f"edge-{i}", run_producer, args.artifacts, cfg, args.source,

@@ -15,7 +15,7 @@ import time
 from monitoring.exposition import mark_dead
 from pipeline.errors import UserError
 
-__all__ = ["ProcessGroup", "guarded", "check_exits", "USER_ERROR_EXIT"]
+__all__ = ["ProcessGroup", "guarded", "check_exits", "USER_ERROR_EXIT", "stop_on_sigterm"]
 
 USER_ERROR_EXIT = 2
 
@@ -31,6 +31,13 @@ def guarded(target, *args) -> None:
         sys.exit(USER_ERROR_EXIT)
     except KeyboardInterrupt:
         pass
+
+
+def stop_on_sigterm() -> None:
+    """A launcher treats SIGTERM like Ctrl-C: its children drain and it exits cleanly."""
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def check_exits(procs: list) -> None:

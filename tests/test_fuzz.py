@@ -1,0 +1,167 @@
+"""Hostile input on every socket: 100k malformed messages at the broker (frontend and
+backend) and straight at a worker. The processes stay up, every bad message is counted with
+a reason or answered, and real traffic is served afterwards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+import lz4.block
+import msgpack
+import numpy as np
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline import wire
+from pipeline.artifacts import load_edge
+from tests.conftest import ROOT
+from tests.test_runtime import artifacts, free_port  # noqa: F401 (fixture)
+
+BROKER_MESSAGES = 60_000
+WORKER_MESSAGES = 40_000
+
+
+def hostile_messages(n: int, tag: bytes, width: int, seed: int = 0):
+    """A seeded mix of every kind of bad input, built around one valid request."""
+    rng = np.random.default_rng(seed)
+    good = wire.encode_request(1, 1, tag, 0, [0], np.ones((1, width), np.float32),
+                               wire.DType.FLOAT32, wire.Codec.NONE)
+    header = msgpack.unpackb(good[0])
+
+    def patched(i, value, payload=None):
+        h = list(header)
+        h[i] = value
+        return [msgpack.packb(h), good[1] if payload is None else payload]
+
+    bomb = lz4.block.compress(bytes(8_000_000), store_size=False)
+    makers = [
+        lambda: [rng.bytes(int(rng.integers(0, 64)))
+                 for _ in range(int(rng.integers(1, 5)))],                    # random frames
+        lambda: patched(0, int(rng.integers(2, 9))),                          # wrong version
+        lambda: [good[0][:int(rng.integers(1, len(good[0])))], good[1]],      # truncated header
+        lambda: [good[0], good[1][:int(rng.integers(0, len(good[1])))]],      # truncated payload
+        lambda: patched(7, 60_000, bytes(100)),                               # oversized shape
+        lambda: patched(9, 1, bomb[:int(rng.integers(100, 5000))]),           # lz4 bomb/garbage
+        lambda: [good[0], np.full(width, np.nan, np.float32).tobytes()],      # NaN features
+        lambda: [good[0], np.full(width, np.inf, np.float32).tobytes()],      # Inf features
+        lambda: patched(7, width + 1, bytes(4 * (width + 1))),                # wrong shape
+        lambda: patched(8, int(rng.integers(3, 200))),                        # unknown dtype
+        lambda: patched(4, rng.bytes(8)),                                     # unknown model id
+        lambda: [msgpack.packb([1, int(rng.integers(2, 7)), 1])],             # wrong kind
+        lambda: [msgpack.packb({"version": 1}), good[1]],                     # a map, not array
+    ]
+    for i in range(n):
+        yield makers[i % len(makers)]()
+
+
+def scrape(port: int) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid")))
+            out[key] = out.get(key, 0) + s.value
+    return out
+
+
+def total(values, name, **match):
+    return sum(v for (n, labels), v in values.items()
+               if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
+
+
+def cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_100k_hostile_messages_are_counted_and_nothing_dies(artifacts, tmp_path):
+    edge = load_edge(artifacts)
+    tag, width = wire.model_tag(edge.model_id), 40
+    front, back = free_port(), free_port()
+    broker_metrics, worker_metrics = free_port(), free_port()
+    broker = cli("broker", "--frontend", f"tcp://127.0.0.1:{front}",
+                 "--backend", f"tcp://127.0.0.1:{back}", "--metrics-port", str(broker_metrics),
+                 "--max-queue", "100000")
+    workers = cli("workers", "-n", "1", "--artifacts", str(artifacts), "--join",
+                  f"tcp://127.0.0.1:{back}", "--metrics-port", str(worker_metrics),
+                  "--metrics-dir", str(tmp_path / "wm"))
+    ctx = zmq.Context()
+    try:
+        time.sleep(3.0)
+        # 1. through the broker's frontend, as an edge would
+        attacker = ctx.socket(zmq.DEALER)
+        attacker.linger = 0
+        attacker.connect(f"tcp://127.0.0.1:{front}")
+        for frames in hostile_messages(BROKER_MESSAGES, tag, width):
+            attacker.send_multipart(frames)
+        # ... and garbage control messages at its backend, as a rogue worker would
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.linger = 0
+        rogue.connect(f"tcp://127.0.0.1:{back}")
+        rogue_bad = 0  # heartbeats and disconnects from a stranger are legal, the rest not
+        for frames in hostile_messages(2000, tag, width, seed=1):
+            rogue.send_multipart(frames[:1])
+            try:
+                wire.decode_control(frames[:1])
+            except wire.WireError:
+                rogue_bad += 1
+        # 2. straight at a worker, from a fake broker it connects to
+        fake_port = free_port()
+        fake_broker = ctx.socket(zmq.ROUTER)
+        fake_broker.linger = 0
+        fake_broker.router_mandatory = 1  # block instead of silently dropping at the HWM
+        fake_broker.sndtimeo = 30_000
+        fake_broker.rcvhwm = 0            # never make the worker wait to send its refusals
+        fake_broker.bind(f"tcp://127.0.0.1:{fake_port}")
+        target = cli("workers", "-n", "1", "--artifacts", str(artifacts), "--join",
+                     f"tcp://127.0.0.1:{fake_port}", "--metrics-port", "0")
+        assert fake_broker.poll(30_000), "worker never announced itself"
+        identity = fake_broker.recv_multipart()[0]
+        valid = wire.encode_request(99, 1, tag, 0, [0], np.ones((1, width), np.float32))
+        hostile = list(hostile_messages(WORKER_MESSAGES, tag, width, seed=2)) + [valid]
+        answer, refusals = None, 0
+        deadline = time.monotonic() + 120
+        for start in range(0, len(hostile), 500):  # a real broker reads while it sends
+            for frames in hostile[start:start + 500]:
+                fake_broker.send_multipart([identity, b"edge"] + frames if len(frames) == 2
+                                           else [identity] + frames)
+            while fake_broker.poll(0 if start + 500 < len(hostile) else 2000):
+                frames = fake_broker.recv_multipart()
+                if len(frames) != 3:
+                    continue  # READY again after a DISCONNECT-kind message, or a heartbeat
+                reply = wire.decode_answer(frames[2:])
+                if isinstance(reply, wire.Reply) and reply.msg_id == 99:
+                    answer = reply
+                elif isinstance(reply, wire.Error):
+                    refusals += 1
+            assert time.monotonic() < deadline
+        assert answer is not None, f"no answer to the valid request ({refusals} refusals)"
+        assert answer.classes.shape == (1,)
+        assert target.poll() is None, "the fuzzed worker died"
+        target.terminate()
+        assert target.wait(15) == 0
+
+        # the broker and its worker are still up and serve a real edge
+        time.sleep(2.0)
+        assert broker.poll() is None and workers.poll() is None
+        b, w = scrape(broker_metrics), scrape(worker_metrics)
+        bad_broker = total(b, "splitexit_bad_messages_total")
+        bad_worker = total(w, "splitexit_bad_messages_total")
+        wrong_model = total(w, "splitexit_worker_requests_total", status="wrong_model")
+        busy = total(b, "splitexit_broker_requests_total", status="busy")
+        accounted = bad_broker - total(b, "splitexit_bad_messages_total",
+                                       component="broker_backend") + bad_worker + wrong_model
+        assert busy == 0
+        assert accounted == BROKER_MESSAGES
+        assert total(b, "splitexit_bad_messages_total", component="broker_backend") == rogue_bad
+        reasons = {dict(k[1])["reason"] for k in {**b, **w} if k[0] ==
+                   "splitexit_bad_messages_total"}
+        assert {"malformed", "version", "shape", "nonfinite", "size"} <= reasons
+    finally:
+        for p in (broker, workers):
+            p.terminate()
+            p.wait(15)
+        ctx.destroy(linger=0)
