@@ -338,13 +338,13 @@ class Shard:
 
 def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | None = None,
                  limit: int | None = None, data_dir: str | None = None,
-                 shard: tuple[int, int] | None = None) -> Summary:
+                 shard: tuple[int, int] | None = None, loop: bool = False) -> Summary:
     """Process entry point for one producer: open the source, run it to its end."""
     from pipeline.sources import open_source
 
     count = shard[1] if shard else 1
     source = open_source(spec, fps=fps * count if fps else None, limit=limit,
-                         data_dir=data_dir)
+                         data_dir=data_dir, loop=loop)
     if shard:
         source = Shard(source, *shard)
 

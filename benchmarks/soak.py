@@ -1,0 +1,100 @@
+"""Soak: stream for minutes at a steady rate; memory must stay flat and no frame be lost.
+
+Starts a broker, 2 tail workers and 2 edge producers (real processes, loopback tcp) that
+loop over the Fashion-MNIST test set at a fixed rate, and reports the resident memory of
+every process after a warm-up and at the end, frames sent vs final answers, and fallbacks
+with their reasons.
+
+    python benchmarks/soak.py                        # 10 minutes at 2 x 200 frames/s
+    python benchmarks/soak.py --minutes 1 --fps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from pipeline.broker import BrokerConfig, run_broker
+from pipeline.config import FASHION_MNIST_DIR
+from pipeline.edge import EdgeConfig, run_producer
+from workers.pool import ProcessGroup
+from workers.tail_worker import WorkerConfig, run_worker
+
+WARMUP_S = 20.0
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="runs/default")
+    ap.add_argument("--data", default=FASHION_MNIST_DIR)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--fps", type=float, default=200.0, help="per producer")
+    ap.add_argument("--producers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="soak-"))
+    front, back = "tcp://127.0.0.1:5655", "tcp://127.0.0.1:5656"
+    frames_each = int(args.fps * args.minutes * 60)
+    group = ProcessGroup()
+    try:
+        procs = {"broker": group.start("broker", run_broker, BrokerConfig(front, back))}
+        for i in range(args.workers):
+            procs[f"worker-{i}"] = group.start(f"worker-{i}", run_worker, args.artifacts,
+                                               WorkerConfig(back), f"worker-{i}")
+        time.sleep(2.0)
+        edges = []
+        for i in range(args.producers):
+            cfg = EdgeConfig(front, 100.0, producer_id=i, results=str(tmp / f"edge-{i}.jsonl"))
+            edges.append(group.start(f"edge-{i}", run_producer, args.artifacts, cfg, "dataset",
+                                     args.fps, frames_each, args.data, None, True))
+            procs[f"edge-{i}"] = edges[-1]
+        time.sleep(WARMUP_S)
+        start_rss = {name: rss_mib(p.pid) for name, p in procs.items()}
+        end_rss = dict(start_rss)
+        started = time.monotonic()
+        while any(e.is_alive() for e in edges):
+            for name, p in procs.items():  # the last reading before each process ends
+                value = rss_mib(p.pid)
+                if value is not None and (not name.startswith("edge") or p.is_alive()):
+                    end_rss[name] = value
+            time.sleep(5.0)
+            print(f"I: {time.monotonic() - started:.0f} s", flush=True)
+    finally:
+        group.stop()
+
+    outcomes = [json.loads(line) for path in sorted(tmp.glob("edge-*.jsonl"))
+                for line in path.read_text().splitlines()]
+    sent = frames_each * args.producers
+    unique = len({(o["source"], o["frame"], p) for p, path in enumerate(sorted(
+        tmp.glob("edge-*.jsonl"))) for o in map(json.loads, path.read_text().splitlines())})
+    paths = Counter(o["path"] for o in outcomes)
+    reasons = Counter(o["reason"] for o in outcomes if o["reason"])
+    print(f"\nsoak: {args.minutes:g} min at {args.producers} x {args.fps:g} frames/s, "
+          f"{args.workers} workers; RSS after {WARMUP_S:.0f} s warm-up and at the end")
+    print("| process | RSS start MiB | RSS end MiB | change |\n|---|---|---|---|")
+    for name in procs:
+        a, b = start_rss[name], end_rss[name]
+        change = f"{100 * (b - a) / a:+.1f}%" if a and b else "—"
+        print(f"| {name} | {a:.1f} | {b:.1f} | {change} |")
+    print(f"\nframes sent {sent}, final answers {len(outcomes)}, unique {unique}, "
+          f"lost {sent - unique}")
+    print(f"paths {dict(paths)}; fallbacks by reason {dict(reasons) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
