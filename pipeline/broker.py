@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import zmq
 
 from monitoring import metrics as m
+from pipeline.errors import UserError
 from pipeline import wire
+from pipeline.security import PLAINTEXT_LOOPBACK, Security
 from pipeline.wire import Kind, Refusal, WireError
 
 __all__ = ["BrokerConfig", "WorkerTable", "Broker", "run_broker"]
@@ -45,6 +47,7 @@ class BrokerConfig:
     queue_timeout_s: float = 2.0             # queued longer than this: NO_WORKER
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    security: Security = PLAINTEXT_LOOPBACK
 
 
 @dataclass
@@ -143,9 +146,12 @@ class Stats:
 class Broker:
     def __init__(self, cfg: BrokerConfig, ctx: zmq.Context | None = None):
         self.cfg = cfg
+        cfg.security.check([cfg.frontend, cfg.backend], "broker")
         self.ctx = ctx or zmq.Context.instance()
-        self.frontend = self._router(cfg.frontend)
-        self.backend = self._router(cfg.backend)
+        self.frontend, self.backend = self._router(), self._router()
+        self.auth = cfg.security.server_sockets(self.ctx, [self.frontend, self.backend])
+        self._bind(self.frontend, cfg.frontend)
+        self._bind(self.backend, cfg.backend)
         self.table = WorkerTable(cfg.heartbeat_interval_s * cfg.heartbeat_liveness)
         self.queue: collections.deque = collections.deque()  # (edge, msg_id, frames, t)
         self.stats = Stats()
@@ -153,16 +159,19 @@ class Broker:
         self.m_dispatched, self.m_busy, self.m_expired = (
             m.BROKER_REQUESTS.labels(status) for status in ("dispatched", "busy", "expired"))
 
-    def _router(self, address: str) -> zmq.Socket:
+    def _router(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.sndhwm = sock.rcvhwm = 100_000  # ROUTER drops at HWM; keep it far above max_queue
+        return sock
+
+    def _bind(self, sock: zmq.Socket, address: str) -> None:
         try:
             sock.bind(address)
         except zmq.ZMQError as e:
-            sock.close()
-            raise OSError(f"cannot bind {address}: {e.strerror}") from None
-        return sock
+            self.close()
+            raise UserError(f"cannot bind {address}: {e.strerror}; is another broker "
+                            f"running there?") from None
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -286,6 +295,8 @@ class Broker:
     def close(self) -> None:
         self.frontend.close()
         self.backend.close()
+        if self.auth is not None:
+            self.auth.stop()
 
 
 def run_broker(cfg: BrokerConfig) -> None:

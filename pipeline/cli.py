@@ -73,11 +73,29 @@ def _serve_metrics(args: argparse.Namespace, launcher: bool) -> None:
               file=sys.stderr)
 
 
+def _security(args: argparse.Namespace, broker: bool):
+    from pipeline.security import Security
+
+    if broker:
+        return Security(secret=args.broker_secret if hasattr(args, "broker_secret")
+                        else args.curve_secret, allow=args.allow, insecure=args.insecure)
+    return Security(secret=args.curve_secret, server=args.curve_server, insecure=args.insecure)
+
+
+def _cmd_keys(args: argparse.Namespace) -> None:
+    from pipeline.security import create_keys
+
+    public, secret = create_keys(args.dir, args.name)
+    print(f"I: wrote {public} (public: give it to the broker's --allow folder, or to clients "
+          f"as --curve-server) and {secret} (secret: keep it on this host)")
+
+
 def _cmd_broker(args: argparse.Namespace) -> None:
     from pipeline.broker import BrokerConfig, run_broker
 
+    security = _security(args, broker=True).check([args.frontend, args.backend], "broker")
     _serve_metrics(args, launcher=False)
-    run_broker(BrokerConfig(args.frontend, args.backend, args.max_queue))
+    run_broker(BrokerConfig(args.frontend, args.backend, args.max_queue, security=security))
 
 
 def _worker_config(args: argparse.Namespace, backend: str):
@@ -85,7 +103,9 @@ def _worker_config(args: argparse.Namespace, backend: str):
 
     if args.max_batch < 1 or args.max_wait_ms < 0:
         raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
-    return WorkerConfig(backend, args.max_batch, args.max_wait_ms, threads=args.threads)
+    security = _security(args, broker=False).check([backend], "worker")
+    return WorkerConfig(backend, args.max_batch, args.max_wait_ms, threads=args.threads,
+                        security=security)
 
 
 def _cmd_workers(args: argparse.Namespace) -> None:
@@ -99,13 +119,15 @@ def _cmd_workers(args: argparse.Namespace) -> None:
     load_server(args.artifacts)  # a bad artifact is one error here, not N in the children
     backend = args.join or args.backend
     cfg = _worker_config(args, backend)
+    broker_security = None if args.join else _security(args, broker=True).check(
+        [args.frontend, args.backend], "broker")
     _serve_metrics(args, launcher=True)
     stop_on_sigterm()
     group = ProcessGroup()
     try:
         if not args.join:
-            group.start("broker", run_broker, BrokerConfig(args.frontend, args.backend,
-                                                           args.max_queue))
+            group.start("broker", run_broker, BrokerConfig(
+                args.frontend, args.backend, args.max_queue, security=broker_security))
         workers = [group.start(f"worker-{i}", run_worker, args.artifacts, cfg)
                    for i in range(args.n)]
         print(f"I: {args.n} workers on {backend}" + ("" if args.join else
@@ -131,7 +153,9 @@ def _cmd_edge(args: argparse.Namespace) -> None:
     configs = [EdgeConfig(args.broker, args.deadline_ms, args.dtype, args.codec,
                           args.producer_id + i,
                           str(results / f"edge-{args.producer_id + i}.jsonl") if results
-                          else None, max_pack=args.max_pack).validate() for i in range(args.n)]
+                          else None, max_pack=args.max_pack,
+                          security=_security(args, broker=False)).validate()
+               for i in range(args.n)]
     _serve_metrics(args, launcher=True)
     stop_on_sigterm()
     group = ProcessGroup()
@@ -182,6 +206,20 @@ def _add_metrics_options(p: argparse.ArgumentParser, port: int, launcher: bool) 
     if launcher:
         p.add_argument("--metrics-dir", default=f"runs/metrics-{port}",
                        help="per-process metric files, wiped at start (default: %(default)s)")
+
+
+def _add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool) -> None:
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext instead of CURVE; only allowed on loopback addresses")
+    if client:
+        p.add_argument("--curve-secret", metavar="NAME.key_secret",
+                       help="this side's CURVE key pair (splitexit keys)")
+        p.add_argument("--curve-server", metavar="NAME.key", help="the broker's public key")
+    if broker:
+        p.add_argument("--broker-secret" if client else "--curve-secret",
+                       metavar="NAME.key_secret", help="the broker's CURVE key pair")
+        p.add_argument("--allow", metavar="DIR",
+                       help="folder of client public keys (*.key) allowed to connect")
 
 
 def _add_broker_addresses(p: argparse.ArgumentParser) -> None:
@@ -243,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("broker", help="run the broker (edges on one port, workers on another)")
     _add_broker_addresses(b)
     _add_metrics_options(b, 9101, launcher=False)
+    _add_security_options(b, client=False, broker=True)
     b.set_defaults(func=_cmd_broker)
 
     w = sub.add_parser("workers", help="start a broker and N tail workers, or join a broker")
@@ -253,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker_addresses(w)
     _add_worker_options(w)
     _add_metrics_options(w, 9102, launcher=True)
+    _add_security_options(w, client=True, broker=True)
     w.set_defaults(func=_cmd_workers)
 
     e = sub.add_parser("edge", help="start M edge producers on a source")
@@ -267,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--results", metavar="DIR", help="write edge-<id>.jsonl per producer here")
     _add_edge_options(e)
     _add_metrics_options(e, 9103, launcher=True)
+    _add_security_options(e, client=True, broker=False)
     e.set_defaults(func=_cmd_edge)
 
     u = sub.add_parser("up", help="the whole system on this machine, replaying Fashion-MNIST")
@@ -284,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edge_options(u)
     _add_metrics_options(u, 9100, launcher=False)  # up keeps its metric files in --run-dir
     u.set_defaults(func=_cmd_up, fps=1000.0)
+
+    k = sub.add_parser("keys", help="make a CURVE key pair for a broker, worker or edge")
+    k.add_argument("dir", help="folder to write NAME.key and NAME.key_secret into")
+    k.add_argument("--name", required=True, help="e.g. broker, worker1, camera-7")
+    k.set_defaults(func=_cmd_keys)
 
     t = sub.add_parser("top", help="live summary from /metrics endpoints")
     t.add_argument("endpoints", nargs="*", default=["127.0.0.1:9100"],

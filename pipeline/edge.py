@@ -33,6 +33,7 @@ from pipeline import wire
 from pipeline.artifacts import load_edge
 from pipeline.calibrate import exit_scores
 from pipeline.errors import ConfigError
+from pipeline.security import HANDSHAKE_FAILED, HANDSHAKE_HINT, PLAINTEXT_LOOPBACK, Security
 from pipeline.wire import Codec, DType, Refusal, WireError
 
 __all__ = ["EdgeConfig", "Outcome", "EdgeProducer", "run_producer", "DTYPES", "CODECS"]
@@ -59,6 +60,7 @@ class EdgeConfig:
     send_queue: int = 1000                 # requests ZeroMQ may hold while the link is down
     max_pack: int = 64                     # frames per request when several are waiting
     threads: int = 1                       # torch threads: more spin and starve the loop
+    security: Security = PLAINTEXT_LOOPBACK
 
     def validate(self) -> "EdgeConfig":
         if self.dtype not in DTYPES:
@@ -67,6 +69,7 @@ class EdgeConfig:
             raise ConfigError(f"--codec {self.codec!r}: choose one of {', '.join(CODECS)}")
         if self.deadline_ms <= 0:
             raise ConfigError(f"--deadline-ms {self.deadline_ms} must be positive")
+        self.security.check([self.broker], "edge")
         if not 1 <= self.max_pack <= wire.MAX_FRAMES_PER_REQUEST:
             raise ConfigError(f"--max-pack {self.max_pack} must be in "
                               f"1..{wire.MAX_FRAMES_PER_REQUEST}")
@@ -134,6 +137,9 @@ class EdgeProducer:
         self.sock.linger = 0
         self.sock.sndhwm = cfg.send_queue
         self.sock.identity = f"edge-{cfg.producer_id}-{os.getpid()}".encode()
+        cfg.security.client_socket(self.sock)
+        self.monitor = self.sock.get_monitor_socket(HANDSHAKE_FAILED) if cfg.security.curve \
+            else None
         self.sock.connect(cfg.broker)
         self.pending: dict[int, Pending] = {}
         self.next_msg_id = 1
@@ -191,14 +197,18 @@ class EdgeProducer:
         capture.start()
         receiver = asyncio.create_task(self._receive())
         expirer = asyncio.create_task(self._expire())
+        watcher = asyncio.create_task(self._watch_handshake())
         try:
             await self._process(frames, arrived)
             while self.pending:  # last answers, bounded by their deadlines
                 await asyncio.sleep(0.005)
         finally:
-            receiver.cancel()
-            expirer.cancel()
-            await asyncio.gather(receiver, expirer, return_exceptions=True)
+            for task in (receiver, expirer, watcher):
+                task.cancel()
+            await asyncio.gather(receiver, expirer, watcher, return_exceptions=True)
+            if self.monitor is not None:
+                self.sock.disable_monitor()
+                self.monitor.close()
             if self.results:
                 self.results.close()
             self.sock.close()
@@ -312,6 +322,13 @@ class EdgeProducer:
                                       f.capture_ts, p.head_ms, (now - f.capture_ts) * 1000,
                                       share, answer.worker_id, answer.queue_us,
                                       answer.tail_us, answer.batch))
+
+    async def _watch_handshake(self) -> None:
+        """A rejected key looks like a silent broker (libzmq #2227): say it once."""
+        if self.monitor is None:
+            return
+        await self.monitor.recv_multipart()
+        print(f"E: edge {self.cfg.producer_id}: {HANDSHAKE_HINT}", file=sys.stderr, flush=True)
 
     async def _expire(self) -> None:
         step = min(0.01, self.cfg.deadline_ms / 4000)

@@ -54,8 +54,12 @@ def test_runtime_commands_reject_bad_input_in_one_line(tmp_path, tiny_config_pat
     assert splitexit("train", str(tiny_config_path), "--out", str(out), "--quiet").returncode == 0
     one_line_failure(splitexit("workers", "--artifacts", str(tmp_path / "nowhere")))
     one_line_failure(splitexit("edge", "--artifacts", str(out), "--dtype", "int4"))
-    one_line_failure(splitexit("edge", "--artifacts", str(out), "--source",
-                               str(tmp_path / "missing.avi"), "--broker", "tcp://127.0.0.1:9"))
+    one_line_failure(splitexit("edge", "--artifacts", str(out), "--source", str(tmp_path /
+                               "missing.avi"), "--broker", "tcp://127.0.0.1:9", "--insecure"))
+    one_line_failure(splitexit("edge", "--artifacts", str(out)))  # no keys, no --insecure
+    one_line_failure(splitexit("broker", "--insecure", "--frontend", "tcp://0.0.0.0:5555"))
+    one_line_failure(splitexit("broker", "--curve-secret", str(tmp_path / "none.key_secret"),
+                               "--allow", str(tmp_path)))
     one_line_failure(splitexit("up", "--artifacts", str(out), "--workers", "0"))
 
 

@@ -82,10 +82,10 @@ def test_100k_hostile_messages_are_counted_and_nothing_dies(artifacts, tmp_path)
     tag, width = wire.model_tag(edge.model_id), 40
     front, back = free_port(), free_port()
     broker_metrics, worker_metrics = free_port(), free_port()
-    broker = cli("broker", "--frontend", f"tcp://127.0.0.1:{front}",
+    broker = cli("broker", "--insecure", "--frontend", f"tcp://127.0.0.1:{front}",
                  "--backend", f"tcp://127.0.0.1:{back}", "--metrics-port", str(broker_metrics),
                  "--max-queue", "100000")
-    workers = cli("workers", "-n", "1", "--artifacts", str(artifacts), "--join",
+    workers = cli("workers", "-n", "1", "--insecure", "--artifacts", str(artifacts), "--join",
                   f"tcp://127.0.0.1:{back}", "--metrics-port", str(worker_metrics),
                   "--metrics-dir", str(tmp_path / "wm"))
     ctx = zmq.Context()
@@ -116,7 +116,7 @@ def test_100k_hostile_messages_are_counted_and_nothing_dies(artifacts, tmp_path)
         fake_broker.sndtimeo = 30_000
         fake_broker.rcvhwm = 0            # never make the worker wait to send its refusals
         fake_broker.bind(f"tcp://127.0.0.1:{fake_port}")
-        target = cli("workers", "-n", "1", "--artifacts", str(artifacts), "--join",
+        target = cli("workers", "-n", "1", "--insecure", "--artifacts", str(artifacts), "--join",
                      f"tcp://127.0.0.1:{fake_port}", "--metrics-port", "0")
         assert fake_broker.poll(30_000), "worker never announced itself"
         identity = fake_broker.recv_multipart()[0]

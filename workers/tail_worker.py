@@ -30,6 +30,7 @@ from monitoring import metrics as m
 from pipeline import wire
 from pipeline.artifacts import load_server
 from pipeline.broker import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from pipeline.security import PLAINTEXT_LOOPBACK, Security, watch_handshake
 from pipeline.wire import Kind, Refusal, WireError
 
 __all__ = ["WorkerConfig", "TailWorker", "batch_due", "run_worker"]
@@ -48,6 +49,7 @@ class WorkerConfig:
     threads: int = 1                       # torch threads per worker process
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    security: Security = PLAINTEXT_LOOPBACK
 
 
 def batch_due(frames: int, oldest_arrival: float | None, max_batch: int, max_wait_s: float,
@@ -62,6 +64,7 @@ class TailWorker:
     def __init__(self, artifact_dir: str, cfg: WorkerConfig, worker_id: str | None = None,
                  ctx: zmq.Context | None = None):
         self.cfg = cfg
+        cfg.security.check([cfg.broker], "worker")
         server = load_server(artifact_dir)
         self.tail = server.tail.eval()
         self.model_id = server.model_id
@@ -72,6 +75,7 @@ class TailWorker:
         self.credit = cfg.credit or 2 * cfg.max_batch
         self.ctx = ctx or zmq.Context.instance()
         self.sock: zmq.Socket | None = None
+        self.watching = False
         self.pending: list = []          # (edge, Request, arrival)
         self.pending_frames = 0
         self.running = True
@@ -92,6 +96,10 @@ class TailWorker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.identity = self.worker_id.encode()
+        self.cfg.security.client_socket(self.sock)
+        if self.cfg.security.curve and not self.watching:
+            watch_handshake(self.sock, f"worker {self.worker_id}")
+            self.watching = True
         self.sock.connect(self.cfg.broker)
         self.sock.send_multipart(wire.encode_ready(self.worker_id, self.model_tag, self.credit))
 
