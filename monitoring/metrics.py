@@ -23,7 +23,7 @@ __all__ = [
     "EDGE_PAYLOAD_BYTES", "EDGE_REQUESTS", "EDGE_LATENCY", "EDGE_HEAD", "EDGE_DUPLICATES",
     "WORKER_REQUESTS", "WORKER_FRAMES", "WORKER_TAIL", "WORKER_BATCH", "WORKER_QUEUE",
     "BROKER_REQUESTS", "BROKER_QUEUE_DEPTH", "BROKER_WORKERS", "BROKER_FREE_CREDIT",
-    "BROKER_REDELIVERIES", "BAD_MESSAGES", "LATENCY_BUCKETS_S", "PROMQL",
+    "BROKER_REDELIVERIES", "BROKER_DROPS", "BAD_MESSAGES", "LATENCY_BUCKETS_S", "PROMQL",
 ]
 
 # From 0.1 ms (a local exit) to 2.5 s (far past any deadline), ~2x apart.
@@ -78,6 +78,9 @@ BROKER_QUEUE_DEPTH = Gauge("splitexit_broker_queue_depth", "Requests waiting for
 BROKER_WORKERS = Gauge("splitexit_broker_workers", "Live workers", multiprocess_mode="livesum")
 BROKER_FREE_CREDIT = Gauge("splitexit_broker_free_credit",
                            "Requests the live workers can still take", multiprocess_mode="livesum")
+BROKER_DROPS = Counter("splitexit_broker_dropped_messages",
+                       "Messages the broker could not deliver: peer gone or not reading",
+                       ["reason"])
 BROKER_REDELIVERIES = Counter("splitexit_broker_redeliveries",
                               "Requests sent again after their worker went silent")
 

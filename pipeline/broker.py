@@ -162,8 +162,26 @@ class Broker:
     def _router(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
-        sock.sndhwm = sock.rcvhwm = 100_000  # ROUTER drops at HWM; keep it far above max_queue
+        sock.sndhwm = sock.rcvhwm = 100_000  # far above max_queue
+        sock.router_mandatory = 1  # a full or vanished peer raises (counted), never a silent drop
         return sock
+
+    def _to_edge(self, frames: list) -> None:
+        """Answer an edge; if it is gone or not reading, count the drop: its deadline decides."""
+        try:
+            self.frontend.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            m.BROKER_DROPS.labels("edge_gone" if e.errno == zmq.EHOSTUNREACH
+                                  else "edge_full").inc()
+
+    def _to_worker(self, identity: bytes, frames: list) -> bool:
+        try:
+            self.backend.send_multipart([identity] + frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            m.BROKER_DROPS.labels("worker_gone" if e.errno == zmq.EHOSTUNREACH
+                                  else "worker_full").inc()
+            return False
 
     def _bind(self, sock: zmq.Socket, address: str) -> None:
         try:
@@ -194,8 +212,8 @@ class Broker:
             m.BROKER_WORKERS.set(self.table.live)
             m.BROKER_FREE_CREDIT.set(self.table.free_credit)
             if now >= heartbeat_at:
-                for identity in self.table.workers:
-                    self.backend.send_multipart([identity] + wire.HEARTBEAT)
+                for identity in list(self.table.workers):
+                    self._to_worker(identity, wire.HEARTBEAT)
                 heartbeat_at = now + self.cfg.heartbeat_interval_s
 
     def _drain(self, sock: zmq.Socket, handle, now: float, limit: int = 1000) -> None:
@@ -224,7 +242,7 @@ class Broker:
             if not self.table.complete(identity, (edge, msg_id)):
                 self.stats.late_replies += 1  # forwarded anyway: the edge drops duplicates
             self.stats.replies += 1
-            self.frontend.send_multipart([edge, answer])
+            self._to_edge([edge, answer])
             return
         if len(frames) != 2:
             self._bad("backend", "malformed")
@@ -239,7 +257,7 @@ class Broker:
         elif control == Kind.HEARTBEAT:
             if not self.table.seen(identity, now):
                 # A worker we declared dead (or never met): it must announce itself again.
-                self.backend.send_multipart([identity] + wire.DISCONNECT)
+                self._to_worker(identity, wire.DISCONNECT)
         elif control == Kind.DISCONNECT:
             self.table.drain(identity)
 
@@ -255,14 +273,14 @@ class Broker:
             return
         if kind != Kind.REQUEST:
             self._bad("frontend", "kind")
-            self.frontend.send_multipart([edge] + wire.encode_error(
+            self._to_edge([edge] + wire.encode_error(
                 msg_id, Refusal.BAD_REQUEST, "edges send requests only"))
             return
         self.stats.requests += 1
         if len(self.queue) >= self.cfg.max_queue:
             self.stats.busy += 1
             self.m_busy.inc()
-            self.frontend.send_multipart([edge] + wire.encode_error(
+            self._to_edge([edge] + wire.encode_error(
                 msg_id, Refusal.BUSY, f"broker queue full ({self.cfg.max_queue})"))
             return
         self.queue.append((edge, msg_id, frames[1:], now))
@@ -274,7 +292,7 @@ class Broker:
                 self.queue.popleft()
                 self.stats.expired += 1
                 self.m_expired.inc()
-                self.frontend.send_multipart([edge] + wire.encode_error(
+                self._to_edge([edge] + wire.encode_error(
                     msg_id, Refusal.NO_WORKER, "no worker free in time"))
                 continue
             worker = self.table.pick()
@@ -283,7 +301,9 @@ class Broker:
             self.queue.popleft()
             self.m_dispatched.inc()
             self.table.dispatch(worker, (edge, msg_id), frames)
-            self.backend.send_multipart([worker.identity, edge] + frames)
+            if not self._to_worker(worker.identity, [edge] + frames):
+                # the worker vanished between heartbeats: its work goes elsewhere now
+                self._redeliver(self.table.remove(worker.identity), now)
 
     def _redeliver(self, lost: list, now: float) -> None:
         """Requests a dead worker held go first in line, keeping their order."""
