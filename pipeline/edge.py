@@ -144,7 +144,10 @@ class EdgeProducer:
         self.pending: dict[int, Pending] = {}
         self.next_msg_id = 1
         self.summary = Summary()
-        self.results = open(cfg.results, "a") if cfg.results else None
+        try:
+            self.results = open(cfg.results, "a") if cfg.results else None
+        except OSError as e:
+            raise ConfigError(f"cannot write results to {cfg.results}: {e.strerror}") from None
         producer = str(cfg.producer_id)  # metric children bound once: no lookups per frame
         self.m_frames = {p: m.EDGE_FRAMES.labels(producer, p) for p in PATHS}
         self.m_latency = {p: m.EDGE_LATENCY.labels(producer, p) for p in PATHS}

@@ -80,6 +80,17 @@ def outcomes(results):
             for line in path.read_text().splitlines()]
 
 
+def report(name: str, done: list, edge_stderr: str) -> None:
+    """The figures the fault issue asks for (visible with pytest -s)."""
+    line = [x for x in edge_stderr.splitlines() if x.startswith("I: edge:")][-1]
+    duplicates = int(line.split("duplicates ")[1].split(",")[0])
+    print(f"\n{name}: frames sent {FRAMES}, final answers {len(done)}, unique "
+          f"{len({o['frame'] for o in done})}, offloaded "
+          f"{sum(o['path'] == 'offload' for o in done)}, fallbacks "
+          f"{dict(Counter(o['reason'] for o in done if o['reason']))}, duplicates discarded "
+          f"{duplicates}")
+
+
 def test_cut_link_then_restored(hosts, artifacts, keys, idx_dir, tmp_path):
     edge_ns, server_ns, edge_if = hosts
     server = start_server(server_ns, artifacts, keys)
@@ -97,6 +108,7 @@ def test_cut_link_then_restored(hosts, artifacts, keys, idx_dir, tmp_path):
         server.terminate()
         server.wait(15)
     done = outcomes(tmp_path)
+    report("link down 1 s mid-stream", done, err)
     assert sorted(o["frame"] for o in done) == list(range(FRAMES))
     paths = Counter(o["path"] for o in done)
     assert paths["fallback"] > 0 and paths["offload"] > 0
@@ -125,6 +137,7 @@ def test_a_slow_link_turns_into_deadline_fallbacks(hosts, artifacts, keys, idx_d
         server.terminate()
         server.wait(15)
     done = outcomes(tmp_path)
+    report("uplink throttled to 8 kbit/s", done, err)
     assert sorted(o["frame"] for o in done) == list(range(FRAMES))
     reasons = Counter(o["reason"] for o in done if o["path"] == "fallback")
     assert reasons["deadline"] > 20, reasons

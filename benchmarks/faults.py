@@ -1,0 +1,104 @@
+"""Faults, measured: for each, frames sent, final answers, fallbacks and duplicates discarded.
+
+Real processes on loopback: a broker, 2 tail workers; the edge producer runs in this process
+(so its duplicate count is read directly) while a timer injects the fault mid-stream.
+(The cut and throttled links between network namespaces are in tests/test_netns.py; run it
+with `pytest -s tests/test_netns.py` to see the same figures.)
+
+    python benchmarks/faults.py                 # runs/default, 2000 frames at 200 frames/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from pipeline.broker import BrokerConfig, run_broker
+from pipeline.config import FASHION_MNIST_DIR
+from pipeline.edge import EdgeConfig, run_producer
+from workers.pool import ProcessGroup
+from workers.tail_worker import WorkerConfig, run_worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scenario(name, fault, args, tmp: Path, max_wait_ms: float = 2.0) -> dict:
+    group = ProcessGroup()
+    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    procs = {"broker": group.start("broker", run_broker, BrokerConfig(front, back))}
+    for i in range(2):
+        procs[f"w{i}"] = group.start(f"w{i}", run_worker, args.artifacts,
+                                     WorkerConfig(back, 64, max_wait_ms), f"w{i}")
+    time.sleep(2.5)
+    results = tmp / f"{''.join(c if c.isalnum() else '-' for c in name)}.jsonl"
+    cfg = EdgeConfig(front, args.deadline_ms, results=str(results), max_pack=1)
+    timer = threading.Timer(args.fault_at_s, fault, (group, procs, front, back))
+    try:
+        timer.start()
+        summary = run_producer(args.artifacts, cfg, "dataset", args.fps, args.frames,
+                               args.data)
+    finally:
+        timer.cancel()
+        group.stop()
+    outcomes = [json.loads(line) for line in results.read_text().splitlines()]
+    return {"fault": name, "sent": args.frames, "answers": len(outcomes),
+            "unique": len({o["frame"] for o in outcomes}),
+            "fallbacks": dict(Counter(o["reason"] for o in outcomes if o["reason"])),
+            "offloaded": sum(o["path"] == "offload" for o in outcomes),
+            "duplicates": summary.duplicates}
+
+
+def kill_worker(group, procs, front, back):
+    os.kill(procs["w0"].pid, signal.SIGKILL)
+
+
+def stall_worker(group, procs, front, back, stuck_s: float = 3.0):
+    os.kill(procs["w0"].pid, signal.SIGSTOP)
+    time.sleep(stuck_s)   # past the heartbeat liveness: the broker gives its work to w1
+    os.kill(procs["w0"].pid, signal.SIGCONT)  # ... and it answers late
+
+
+def restart_broker(group, procs, front, back, outage_s: float = 1.0):
+    os.kill(procs["broker"].pid, signal.SIGKILL)
+    time.sleep(outage_s)
+    group.start("broker-2", run_broker, BrokerConfig(front, back))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="runs/default")
+    ap.add_argument("--data", default=FASHION_MNIST_DIR)
+    ap.add_argument("--frames", type=int, default=2000)
+    ap.add_argument("--fps", type=float, default=200.0)
+    ap.add_argument("--deadline-ms", type=float, default=500.0)
+    ap.add_argument("--fault-at-s", type=float, default=4.0)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="faults-"))
+    rows = [scenario("none", lambda *a: None, args, tmp),
+            scenario("worker SIGKILL", kill_worker, args, tmp, max_wait_ms=50.0),
+            scenario("worker stuck 3 s (SIGSTOP/SIGCONT)", stall_worker, args, tmp,
+                     max_wait_ms=50.0),
+            scenario("broker SIGKILL, restarted after 1 s", restart_broker, args, tmp)]
+    print(f"\n{args.frames} frames at {args.fps:g} frames/s, deadline {args.deadline_ms:g} "
+          f"ms, fault at {args.fault_at_s:g} s")
+    print("| fault | frames sent | final answers | unique | offloaded | fallbacks by reason "
+          "| duplicates discarded |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['fault']} | {r['sent']} | {r['answers']} | {r['unique']} | "
+              f"{r['offloaded']} | {r['fallbacks'] or 'none'} | {r['duplicates']} |")
+
+
+if __name__ == "__main__":
+    main()
