@@ -3,6 +3,10 @@ neither needs the Debian package nor minutes of training."""
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +64,39 @@ def tiny_config_path(tmp_path, idx_dir) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_CONFIG + f'\n[data]\ndir = "{idx_dir}"\n')
     return path
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, idx_dir) -> Path:
+    """A tiny model trained on the generated data; its exit offloads about half the frames."""
+    from pipeline.config import load_config
+    from pipeline.train import run
+
+    out = tmp_path_factory.mktemp("art")
+    cfg = load_config("paper-sparse", ["train.epochs=2", "train.val_size=200",
+                                       "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
+    run(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> Path:
+    """broker, worker, edge and a stranger's CURVE key pairs made by `splitexit keys`;
+    allow/ lists the worker and the edge."""
+    folder = tmp_path_factory.mktemp("keys")
+    for name in ("broker", "worker", "edge", "stranger"):
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "keys", str(folder),
+                            "--name", name], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    allow = folder / "allow"
+    allow.mkdir()
+    for name in ("worker", "edge"):
+        shutil.copy(folder / f"{name}.key", allow)
+    return folder

@@ -64,7 +64,7 @@ def test_runtime_commands_reject_bad_input_in_one_line(tmp_path, tiny_config_pat
 
 
 def test_up_runs_the_whole_system_and_reports(tmp_path, tiny_config_path, idx_dir):
-    from tests.test_runtime import free_port
+    from tests.conftest import free_port
 
     art = tmp_path / "art"
     assert splitexit("train", str(tiny_config_path), "--out", str(art), "--quiet").returncode == 0

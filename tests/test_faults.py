@@ -11,7 +11,8 @@ from collections import Counter
 
 from pipeline.broker import BrokerConfig, run_broker
 from pipeline.edge import EdgeConfig, run_producer
-from tests.test_runtime import FRAMES, artifacts, free_port  # noqa: F401 (fixture)
+from tests.conftest import free_port
+from tests.test_runtime import FRAMES
 from workers.pool import ProcessGroup
 from workers.tail_worker import WorkerConfig, run_worker
 
@@ -28,19 +29,25 @@ def read(results):
     return [json.loads(line) for line in results.read_text().splitlines()]
 
 
+def start_pool(group, art):
+    """A broker and workers w0, w1 that batch slowly (200 ms), so w0 holds requests in
+    flight when the fault hits it. Returns (frontend, w0)."""
+    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    group.start("broker", run_broker, BrokerConfig(front, back))
+    w0 = group.start("w0", run_worker, str(art), WorkerConfig(back, 64, 200.0), "w0")
+    group.start("w1", run_worker, str(art), WorkerConfig(back, 64, 200.0), "w1")
+    time.sleep(2.0)
+    return front, w0
+
+
 def assert_one_answer_each(outcomes):
     assert sorted(o["frame"] for o in outcomes) == list(range(FRAMES))
 
 
 def test_a_killed_workers_requests_are_redelivered(artifacts, idx_dir, tmp_path):
     group = ProcessGroup()
-    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     try:
-        group.start("broker", run_broker, BrokerConfig(front, back))
-        # a long batching wait keeps requests in flight on the worker we kill
-        w0 = group.start("w0", run_worker, str(artifacts), WorkerConfig(back, 64, 200.0), "w0")
-        group.start("w1", run_worker, str(artifacts), WorkerConfig(back, 64, 200.0), "w1")
-        time.sleep(2.0)
+        front, w0 = start_pool(group, artifacts)
         edge = start_stream(group, artifacts, front, tmp_path / "r.jsonl", idx_dir)
         time.sleep(1.5)
         os.kill(w0.pid, signal.SIGKILL)
@@ -59,12 +66,8 @@ def test_a_killed_workers_requests_are_redelivered(artifacts, idx_dir, tmp_path)
 def test_a_stuck_worker_is_dropped_and_its_late_answers_discarded(artifacts, idx_dir, tmp_path,
                                                                  capfd):
     group = ProcessGroup()
-    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     try:
-        group.start("broker", run_broker, BrokerConfig(front, back))
-        w0 = group.start("w0", run_worker, str(artifacts), WorkerConfig(back, 64, 200.0), "w0")
-        group.start("w1", run_worker, str(artifacts), WorkerConfig(back, 64, 200.0), "w1")
-        time.sleep(2.0)
+        front, w0 = start_pool(group, artifacts)
         results = tmp_path / "r.jsonl"
         edge = start_stream(group, artifacts, front, results, idx_dir, fps=40.0)  # ~7.5 s
         time.sleep(2.5)

@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import wire
 from pipeline.artifacts import load_edge
-from tests.conftest import ROOT
-from tests.test_runtime import artifacts, free_port  # noqa: F401 (fixture)
+from tests.conftest import ROOT, free_port
 
 BROKER_MESSAGES = 60_000
 WORKER_MESSAGES = 40_000

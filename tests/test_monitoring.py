@@ -20,22 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitoring.dashboard import dashboard, expressions
 from monitoring.metrics import PROMQL
 from monitoring.top import scrape, summarize
-from tests.conftest import ROOT
-from tests.test_runtime import free_port
+from tests.conftest import ROOT, free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-
-
-@pytest.fixture(scope="module")
-def tiny_artifacts(tmp_path_factory, idx_dir):
-    from pipeline.config import load_config
-    from pipeline.train import run
-
-    out = tmp_path_factory.mktemp("art")
-    run(load_config("paper-sparse", ["train.epochs=2", "train.val_size=200",
-                                     "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"]),
-        out, progress=False)
-    return out
 
 
 class UpRun:
@@ -94,8 +81,8 @@ def test_dashboard_file_is_the_generated_one():
     assert PROMQL["offload_ratio"] in expressions()
 
 
-def test_exposition_after_a_run_matches_the_results(tiny_artifacts, idx_dir, tmp_path):
-    run = UpRun(tiny_artifacts, idx_dir, tmp_path / "up")
+def test_exposition_after_a_run_matches_the_results(artifacts, idx_dir, tmp_path):
+    run = UpRun(artifacts, idx_dir, tmp_path / "up")
     try:
         run.wait_for_replay()
         values = samples(run.url)
@@ -120,11 +107,11 @@ def test_exposition_after_a_run_matches_the_results(tiny_artifacts, idx_dir, tmp
     assert top["up"] == {run.url: True} and top["frames_total"] == 300
 
 
-def test_metric_names_pass_promtool(tiny_artifacts, idx_dir, tmp_path):
+def test_metric_names_pass_promtool(artifacts, idx_dir, tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus; ./run.sh installs it)")
-    run = UpRun(tiny_artifacts, idx_dir, tmp_path / "up")
+    run = UpRun(artifacts, idx_dir, tmp_path / "up")
     try:
         run.wait_for_replay()
         text = urllib.request.urlopen(run.url, timeout=5).read()
@@ -151,7 +138,7 @@ def wait_ready(base: str, timeout_s: float = 30) -> None:
         time.sleep(0.2)
 
 
-def test_a_real_prometheus_agrees_with_the_results(tiny_artifacts, idx_dir, tmp_path):
+def test_a_real_prometheus_agrees_with_the_results(artifacts, idx_dir, tmp_path):
     if not Path(PROMETHEUS).exists():
         pytest.skip("prometheus not installed (Debian package prometheus; ./run.sh installs it)")
     metrics_port, prom_port = free_port(), free_port()
@@ -166,7 +153,7 @@ def test_a_real_prometheus_agrees_with_the_results(tiny_artifacts, idx_dir, tmp_
     base = f"http://127.0.0.1:{prom_port}"
     wait_ready(base)
     # 300 frames over ~5 s: Prometheus (scraping every 0.5 s) sees the counters rise
-    run = UpRun(tiny_artifacts, idx_dir, tmp_path / "up", hold_s=60, fps=30, port=metrics_port)
+    run = UpRun(artifacts, idx_dir, tmp_path / "up", hold_s=60, fps=30, port=metrics_port)
     try:
         run.wait_for_replay()
         outcomes = run.outcomes()

@@ -19,8 +19,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_runtime import FRAMES, artifacts  # noqa: F401 (fixture)
-from tests.test_security import keys  # noqa: F401 (fixture)
+from tests.test_runtime import FRAMES
 
 EDGE_IP, SERVER_IP = "10.231.0.1", "10.231.0.2"
 

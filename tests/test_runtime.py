@@ -4,7 +4,6 @@ loopback, artifacts trained on generated data."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,26 +18,11 @@ from pipeline.config import load_config
 from pipeline.data import load_dataset
 from pipeline.edge import EdgeConfig, run_producer
 from pipeline.train import run
+from tests.conftest import free_port
 from workers.pool import ProcessGroup
 from workers.tail_worker import WorkerConfig, run_worker
 
 FRAMES = 300  # the generated test split
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, idx_dir) -> Path:
-    """A tiny trained model whose exit offloads about half the frames."""
-    out = tmp_path_factory.mktemp("art")
-    cfg = load_config("paper-sparse", ["train.epochs=2", "train.val_size=200",
-                                       "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
-    run(cfg, out, progress=False)
-    return out
 
 
 @pytest.fixture
