@@ -44,7 +44,7 @@ def assert_one_answer_each(outcomes):
     assert sorted(o["frame"] for o in outcomes) == list(range(FRAMES))
 
 
-def test_a_killed_workers_requests_are_redelivered(artifacts, idx_dir, tmp_path):
+def test_a_killed_workers_requests_are_redelivered(artifacts, idx_dir, tmp_path, capfd):
     group = ProcessGroup()
     try:
         front, w0 = start_pool(group, artifacts)
@@ -58,6 +58,9 @@ def test_a_killed_workers_requests_are_redelivered(artifacts, idx_dir, tmp_path)
     assert_one_answer_each(outcomes)
     paths = Counter(o["path"] for o in outcomes)
     assert paths["fallback"] == 0, Counter(o["reason"] for o in outcomes)
+    broker_line = [line for line in capfd.readouterr().err.splitlines()
+                   if line.startswith("I: broker:") and "redelivered" in line][-1]
+    assert int(broker_line.split(" redelivered")[0].split()[-1]) > 0, broker_line
     late = [o for o in outcomes if o["path"] == "offload" and o["capture_ts"] >
             min(x["capture_ts"] for x in outcomes) + 2.0]
     assert late and {o["worker"] for o in late} == {"w1"}
