@@ -11,37 +11,24 @@ with `pytest -s tests/test_netns.py` to see the same figures.)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+from common import read_jsonl, start_pool
 from pipeline.broker import BrokerConfig, run_broker
 from pipeline.config import FASHION_MNIST_DIR
 from pipeline.edge import EdgeConfig, run_producer
 from workers.pool import ProcessGroup
-from workers.tail_worker import WorkerConfig, run_worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scenario(name, fault, args, tmp: Path, max_wait_ms: float = 2.0) -> dict:
     group = ProcessGroup()
-    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    procs = {"broker": group.start("broker", run_broker, BrokerConfig(front, back))}
-    for i in range(2):
-        procs[f"w{i}"] = group.start(f"w{i}", run_worker, args.artifacts,
-                                     WorkerConfig(back, 64, max_wait_ms), f"w{i}")
-    time.sleep(2.5)
+    front, back, procs = start_pool(group, args.artifacts, 2, max_wait_ms)
     results = tmp / f"{''.join(c if c.isalnum() else '-' for c in name)}.jsonl"
     cfg = EdgeConfig(front, args.deadline_ms, results=str(results), max_pack=1)
     timer = threading.Timer(args.fault_at_s, fault, (group, procs, front, back))
@@ -52,7 +39,7 @@ def scenario(name, fault, args, tmp: Path, max_wait_ms: float = 2.0) -> dict:
     finally:
         timer.cancel()
         group.stop()
-    outcomes = [json.loads(line) for line in results.read_text().splitlines()]
+    outcomes = read_jsonl(results)
     return {"fault": name, "sent": args.frames, "answers": len(outcomes),
             "unique": len({o["frame"] for o in outcomes}),
             "fallbacks": dict(Counter(o["reason"] for o in outcomes if o["reason"])),

@@ -15,9 +15,7 @@ Three tables, all on the Fashion-MNIST test set and a trained artifact directory
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import socket
 import tempfile
 import time
 import zlib
@@ -26,21 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import read_jsonl, start_pool
 from pipeline import wire
 from pipeline.artifacts import load_model, set_threshold
-from pipeline.broker import BrokerConfig, run_broker
 from pipeline.calibrate import OFFLOAD_ALL
 from pipeline.config import FASHION_MNIST_DIR
 from pipeline.data import load_dataset
 from pipeline.edge import CODECS, DTYPES, EdgeConfig, run_producer
 from workers.pool import ProcessGroup
-from workers.tail_worker import WorkerConfig, run_worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def in_process(model, pixels: torch.Tensor) -> float:
@@ -56,21 +47,16 @@ def in_process(model, pixels: torch.Tensor) -> float:
 def pipeline_run(art: Path, frames: int, workers: int, fps: float | None, max_wait_ms: float,
                  data_dir: str, tmp: Path) -> list[dict]:
     group = ProcessGroup()
-    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     results = tmp / f"run-{time.monotonic_ns()}.jsonl"
     try:
-        group.start("broker", run_broker, BrokerConfig(front, back))
-        for i in range(workers):
-            group.start(f"w{i}", run_worker, str(art), WorkerConfig(back, 64, max_wait_ms),
-                        f"w{i}")
-        time.sleep(2.0)
+        front, _, _ = start_pool(group, art, workers, max_wait_ms)
         edge = group.start("edge", run_producer, str(art),
                            EdgeConfig(front, 5000.0, results=str(results)), "dataset", fps,
                            frames, data_dir)
         group.wait([edge], poll_s=0.05)
     finally:
         group.stop()
-    return [json.loads(line) for line in results.read_text().splitlines()]
+    return read_jsonl(results)
 
 
 def main() -> None:

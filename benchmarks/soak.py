@@ -12,17 +12,15 @@ with their reasons.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.broker import BrokerConfig, run_broker
+from common import read_jsonl, start_pool
 from pipeline.config import FASHION_MNIST_DIR
 from pipeline.edge import EdgeConfig, run_producer
 from workers.pool import ProcessGroup
-from workers.tail_worker import WorkerConfig, run_worker
 
 WARMUP_S = 20.0
 
@@ -48,15 +46,10 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    front, back = "tcp://127.0.0.1:5655", "tcp://127.0.0.1:5656"
     frames_each = int(args.fps * args.minutes * 60)
     group = ProcessGroup()
     try:
-        procs = {"broker": group.start("broker", run_broker, BrokerConfig(front, back))}
-        for i in range(args.workers):
-            procs[f"worker-{i}"] = group.start(f"worker-{i}", run_worker, args.artifacts,
-                                               WorkerConfig(back), f"worker-{i}")
-        time.sleep(2.0)
+        front, _, procs = start_pool(group, args.artifacts, args.workers)
         edges = []
         for i in range(args.producers):
             cfg = EdgeConfig(front, 100.0, producer_id=i, results=str(tmp / f"edge-{i}.jsonl"))
@@ -77,11 +70,10 @@ def main() -> None:
     finally:
         group.stop()
 
-    outcomes = [json.loads(line) for path in sorted(tmp.glob("edge-*.jsonl"))
-                for line in path.read_text().splitlines()]
+    per_edge = [read_jsonl(path) for path in sorted(tmp.glob("edge-*.jsonl"))]
+    outcomes = [o for edge in per_edge for o in edge]
     sent = frames_each * args.producers
-    unique = len({(o["source"], o["frame"], p) for p, path in enumerate(sorted(
-        tmp.glob("edge-*.jsonl"))) for o in map(json.loads, path.read_text().splitlines())})
+    unique = sum(len({o["frame"] for o in edge}) for edge in per_edge)
     paths = Counter(o["path"] for o in outcomes)
     reasons = Counter(o["reason"] for o in outcomes if o["reason"])
     print(f"\nsoak: {args.minutes:g} min at {args.producers} x {args.fps:g} frames/s, "
@@ -90,7 +82,8 @@ def main() -> None:
     for name in procs:
         a, b = start_rss[name], end_rss[name]
         change = f"{100 * (b - a) / a:+.1f}%" if a and b else "—"
-        print(f"| {name} | {a:.1f} | {b:.1f} | {change} |")
+        start, end = (f"{v:.1f}" if v else "— (ended before the warm-up did)" for v in (a, b))
+        print(f"| {name} | {start} | {end} | {change} |")
     print(f"\nframes sent {sent}, final answers {len(outcomes)}, unique {unique}, "
           f"lost {sent - unique}")
     print(f"paths {dict(paths)}; fallbacks by reason {dict(reasons) or 'none'}")

@@ -77,8 +77,7 @@ def _security(args: argparse.Namespace, broker: bool):
     from pipeline.security import Security
 
     if broker:
-        return Security(secret=args.broker_secret if hasattr(args, "broker_secret")
-                        else args.curve_secret, allow=args.allow, insecure=args.insecure)
+        return Security(secret=args.broker_secret, allow=args.allow, insecure=args.insecure)
     return Security(secret=args.curve_secret, server=args.curve_server, insecure=args.insecure)
 
 
@@ -216,7 +215,8 @@ def _add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool
                        help="this side's CURVE key pair (splitexit keys)")
         p.add_argument("--curve-server", metavar="NAME.key", help="the broker's public key")
     if broker:
-        p.add_argument("--broker-secret" if client else "--curve-secret",
+        # `broker` has no client key, so there the broker's pair is plain --curve-secret
+        p.add_argument("--broker-secret" if client else "--curve-secret", dest="broker_secret",
                        metavar="NAME.key_secret", help="the broker's CURVE key pair")
         p.add_argument("--allow", metavar="DIR",
                        help="folder of client public keys (*.key) allowed to connect")

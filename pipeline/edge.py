@@ -113,8 +113,6 @@ class Summary:
     paths: Counter = field(default_factory=Counter)
     fallback_reasons: Counter = field(default_factory=Counter)
     duplicates: int = 0
-    bad_answers: int = 0
-    uplink_bytes: int = 0
     correct: int = 0
     labelled: int = 0
 
@@ -290,7 +288,6 @@ class EdgeProducer:
             self.pending[msg_id].uplink_bytes = 0
             self.fallback(msg_id, "unreachable")
             return
-        self.summary.uplink_bytes += sent
         self.m_uplink.inc(sent)
         self.m_feature.inc(len(unsure) * features.shape[1] * wire.ITEMSIZE[self.dtype])
         self.m_payload.inc(len(request[1]))
@@ -303,7 +300,6 @@ class EdgeProducer:
             try:
                 answer = wire.decode_answer(frames)
             except WireError as e:
-                self.summary.bad_answers += 1
                 m.BAD_MESSAGES.labels("edge", e.reason).inc()
                 continue
             if answer.msg_id not in self.pending:
@@ -314,7 +310,7 @@ class EdgeProducer:
                 self.fallback(answer.msg_id, REFUSAL_REASON[answer.reason])
                 continue
             if len(answer.classes) != len(self.pending[answer.msg_id].frames):
-                self.summary.bad_answers += 1  # a reply for other frames: the deadline decides
+                m.BAD_MESSAGES.labels("edge", "shape").inc()  # other frames': deadline decides
                 continue
             p = self.pending.pop(answer.msg_id)
             self.m_requests["answered"].inc()

@@ -74,6 +74,24 @@ def start_edge(edge_ns, artifacts, keys, idx_dir, results, fps, deadline_ms):
                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def stream(hosts, artifacts, keys, idx_dir, results, fps, deadline_ms, during=None):
+    """Server pool in one namespace, an edge replay in the other; `during()` runs while the
+    edge streams. Returns (final answers, the edge's stderr)."""
+    edge_ns, server_ns, _ = hosts
+    server = start_server(server_ns, artifacts, keys)
+    try:
+        time.sleep(3.0)
+        edge = start_edge(edge_ns, artifacts, keys, idx_dir, results, fps, deadline_ms)
+        if during:
+            during()
+        _, err = edge.communicate(timeout=120)
+        assert edge.returncode == 0, err
+    finally:
+        server.terminate()
+        server.wait(15)
+    return outcomes(results), err
+
+
 def outcomes(results):
     return [json.loads(line) for path in results.glob("*.jsonl")
             for line in path.read_text().splitlines()]
@@ -91,22 +109,16 @@ def report(name: str, done: list, edge_stderr: str) -> None:
 
 
 def test_cut_link_then_restored(hosts, artifacts, keys, idx_dir, tmp_path):
-    edge_ns, server_ns, edge_if = hosts
-    server = start_server(server_ns, artifacts, keys)
-    try:
-        time.sleep(3.0)
-        edge = start_edge(edge_ns, artifacts, keys, idx_dir, tmp_path, fps=60,
-                          deadline_ms=300)  # 300 frames over 5 s
+    edge_ns, _, edge_if = hosts
+
+    def cut_link():
         time.sleep(3.0)
         sh("ip", "-n", edge_ns, "link", "set", edge_if, "down")
         time.sleep(1.0)
         sh("ip", "-n", edge_ns, "link", "set", edge_if, "up")
-        _, err = edge.communicate(timeout=60)
-        assert edge.returncode == 0, err
-    finally:
-        server.terminate()
-        server.wait(15)
-    done = outcomes(tmp_path)
+
+    # 300 frames over 5 s, the link down from about 3 s to 4 s
+    done, err = stream(hosts, artifacts, keys, idx_dir, tmp_path, 60, 300, during=cut_link)
     report("link down 1 s mid-stream", done, err)
     assert sorted(o["frame"] for o in done) == list(range(FRAMES))
     paths = Counter(o["path"] for o in done)
@@ -119,23 +131,13 @@ def test_cut_link_then_restored(hosts, artifacts, keys, idx_dir, tmp_path):
 
 
 def test_a_slow_link_turns_into_deadline_fallbacks(hosts, artifacts, keys, idx_dir, tmp_path):
-    edge_ns, server_ns, edge_if = hosts
+    edge_ns, _, edge_if = hosts
     # 8 kbit/s uplink: ~1 KB/s against ~50 requests/s of ~75 B (+TCP): the queue grows
     sh("tc", "-n", edge_ns, "qdisc", "add", "dev", edge_if, "root", "handle", "1:", "htb",
        "default", "10")
     sh("tc", "-n", edge_ns, "class", "add", "dev", edge_if, "parent", "1:", "classid", "1:10",
        "htb", "rate", "8kbit", "ceil", "8kbit")
-    server = start_server(server_ns, artifacts, keys)
-    try:
-        time.sleep(3.0)
-        edge = start_edge(edge_ns, artifacts, keys, idx_dir, tmp_path, fps=100,
-                          deadline_ms=200)
-        _, err = edge.communicate(timeout=120)
-        assert edge.returncode == 0, err
-    finally:
-        server.terminate()
-        server.wait(15)
-    done = outcomes(tmp_path)
+    done, err = stream(hosts, artifacts, keys, idx_dir, tmp_path, 100, 200)
     report("uplink throttled to 8 kbit/s", done, err)
     assert sorted(o["frame"] for o in done) == list(range(FRAMES))
     reasons = Counter(o["reason"] for o in done if o["path"] == "fallback")

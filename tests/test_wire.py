@@ -1,6 +1,8 @@
 """The codec: round trips for every dtype/codec, and hostile bytes that must only ever raise
 WireError (property-based, with hypothesis)."""
 
+import contextlib
+
 import lz4.block
 import msgpack
 import numpy as np
@@ -116,15 +118,11 @@ def valid_request_frames():
 @given(st.lists(st.binary(max_size=300), max_size=4))
 def test_arbitrary_bytes_only_raise_wire_error(frames):
     for decode in (wire.decode_request, wire.decode_answer, wire.decode_control):
-        try:
+        with contextlib.suppress(WireError):  # anything else fails the test
             decode(frames)
-        except WireError:
-            pass
     if frames:
-        try:
+        with contextlib.suppress(WireError):
             wire.peek(frames[0])
-        except WireError:
-            pass
 
 
 @settings(max_examples=400, deadline=None)
@@ -163,7 +161,5 @@ def test_structurally_valid_msgpack_with_wrong_types_raises_wire_error(fields, p
         return
     for frames in ([head, payload], [head]):
         for decode in (wire.decode_request, wire.decode_answer, wire.decode_control):
-            try:
+            with contextlib.suppress(WireError):
                 decode(frames)
-            except WireError:
-                pass
