@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 
-from pipeline.broker import BrokerConfig, run_broker
-from workers.pool import ProcessGroup
-from workers.tail_worker import WorkerConfig, run_worker
-
-WORKER_START_S = 2.5  # spawn + torch import + READY
+from monitoring.exposition import claim_metrics_dir, multiprocess_registry
+from workers.config import BrokerConfig, WorkerConfig
+from workers.pool import ProcessGroup, start_server
 
 
 def free_port() -> int:
@@ -20,15 +17,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_pool(group: ProcessGroup, artifacts, workers: int, max_wait_ms: float = 2.0):
-    """A broker and `workers` tail workers (w0, w1, ...) on fresh loopback ports, ready.
-    Returns (frontend, backend, {name: process})."""
+_registry = None
+
+
+def metrics():
+    """The benchmark's processes write their metrics to a temporary folder of its own, as
+    under a launcher; this registry reads them (readiness, counts)."""
+    global _registry
+    if _registry is None:
+        _registry = multiprocess_registry(claim_metrics_dir(None))
+    return _registry
+
+
+def start_pool(group: ProcessGroup, artifacts, workers: int,
+               max_wait_ms: float = WorkerConfig.max_wait_ms):
+    """A broker and `workers` tail workers (w0, w1, ...) on fresh loopback ports, returned
+    once the broker has confirmed every worker. Returns (frontend, backend, {name: process})."""
     front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    procs = {"broker": group.start("broker", run_broker, BrokerConfig(front, back))}
-    for i in range(workers):
-        procs[f"w{i}"] = group.start(f"w{i}", run_worker, str(artifacts),
-                                     WorkerConfig(back, 64, max_wait_ms), f"w{i}")
-    time.sleep(WORKER_START_S)
+    procs = start_server(group, artifacts, workers, WorkerConfig(back, 64, max_wait_ms),
+                         metrics(), broker=BrokerConfig(front, back),
+                         names=[f"w{i}" for i in range(workers)])
     return front, back, procs
 
 

@@ -13,8 +13,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.train import run
+from pipeline.model.config import load_config
+from pipeline.model.train import run
 
 SHIPPED = ["paper-sparse", "paper-dense", "paper-tiny", "default"]
 # Candidates tried for the recommended default: (label, base config, overrides). All keep

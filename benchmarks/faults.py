@@ -20,9 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 from common import read_jsonl, start_pool
-from pipeline.broker import BrokerConfig, run_broker
-from pipeline.config import FASHION_MNIST_DIR
-from pipeline.edge import EdgeConfig, run_producer
+from workers.config import BrokerConfig
+from workers.broker import run_broker
+from pipeline.model.config import FASHION_MNIST_DIR
+from pipeline.edge.config import EdgeConfig
+from pipeline.edge.producer import run_producer
 from workers.pool import ProcessGroup
 
 

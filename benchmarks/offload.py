@@ -25,12 +25,14 @@ import numpy as np
 import torch
 
 from common import read_jsonl, start_pool
-from pipeline import wire
-from pipeline.artifacts import load_model, set_threshold
-from pipeline.calibrate import OFFLOAD_ALL
-from pipeline.config import FASHION_MNIST_DIR
-from pipeline.data import load_dataset
-from pipeline.edge import CODECS, DTYPES, EdgeConfig, run_producer
+from pipeline.protocol import wire
+from pipeline.model.artifacts import load_model, set_threshold
+from pipeline.model.calibrate import OFFLOAD_ALL
+from pipeline.model.config import FASHION_MNIST_DIR
+from pipeline.model.data import load_dataset
+from pipeline.edge.config import EdgeConfig
+from pipeline.edge.producer import run_producer
+from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
 from workers.pool import ProcessGroup
 
 
@@ -53,7 +55,7 @@ def pipeline_run(art: Path, frames: int, workers: int, fps: float | None, max_wa
         edge = group.start("edge", run_producer, str(art),
                            EdgeConfig(front, 5000.0, results=str(results)), "dataset", fps,
                            frames, data_dir)
-        group.wait([edge], poll_s=0.05)
+        group.wait([edge])
     finally:
         group.stop()
     return read_jsonl(results)
@@ -114,8 +116,8 @@ def main() -> None:
           f"deflate {deflate:.0f} B")
     print("| dtype | codec | bytes on the wire | payload | accuracy % | agrees with float32 |")
     print("|---|---|---|---|---|---|")
-    for dname, dtype in DTYPES.items():
-        for cname, codec in CODECS.items():
+    for dname, dtype in DTYPE_NAMES.items():
+        for cname, codec in CODEC_NAMES.items():
             sizes, preds, payloads = [], [], []
             for i in range(args.frames):
                 msg = wire.encode_request(i, 0, b"\0" * 8, 0, [i], features[i:i + 1].numpy(),

@@ -18,8 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 from common import read_jsonl, start_pool
-from pipeline.config import FASHION_MNIST_DIR
-from pipeline.edge import EdgeConfig, run_producer
+from pipeline.model.config import FASHION_MNIST_DIR
+from pipeline.edge.config import EdgeConfig
+from pipeline.edge.producer import run_producer
 from workers.pool import ProcessGroup
 
 WARMUP_S = 20.0

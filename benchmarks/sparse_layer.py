@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from pipeline.config import load_config
-from pipeline.model import Head
-from pipeline.sparse import SparseLinear
+from pipeline.model.config import load_config
+from pipeline.model.split_model import Head
+from pipeline.model.sparse import SparseLinear
 
 # (name, N_in, N_out, fan_out): the paper's three junctions and a large 5%-dense one.
 SHAPES = [

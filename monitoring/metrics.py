@@ -3,10 +3,15 @@ on these names; change them here or nowhere.
 
 Conventions (Prometheus naming): `splitexit_` namespace, the unit in the name (`_seconds`,
 `_bytes`), `_total` on counters, and only bounded labels: `producer` and `worker` (one per
-process), `path` (exit | offload | fallback), `reason` (a short fixed vocabulary), `status`.
+process), `path` (exit | offload | fallback), `reason` (a short fixed vocabulary), `status`,
+`role` (broker | worker | edge).
+
+Metrics are built on a registry passed in (client_python's `registry=`): a process uses
+`for_registry(EdgeMetrics)` on the global registry, an in-process test builds a fresh
+`CollectorRegistry` and reads values back with `registry.get_sample_value(name, labels)`.
 
 Derived figures are PromQL, not gauges, so that they stay right across processes and
-restarts (see OFFLOAD_RATIO_PROMQL and friends below).
+restarts (see PROMQL below).
 
 Multiprocess mode: a launcher (`up`, `workers -n`, `edge -n`) sets PROMETHEUS_MULTIPROC_DIR
 before its children import prometheus_client (monitoring.exposition does it), so each child
@@ -16,15 +21,14 @@ a `multiprocess_mode`; Info and Enum metrics are not used (multiprocess mode lac
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = [
-    "EDGE_FRAMES", "EDGE_FALLBACKS", "EDGE_UPLINK_BYTES", "EDGE_FEATURE_BYTES",
-    "EDGE_PAYLOAD_BYTES", "EDGE_REQUESTS", "EDGE_LATENCY", "EDGE_HEAD", "EDGE_DUPLICATES",
-    "WORKER_REQUESTS", "WORKER_FRAMES", "WORKER_TAIL", "WORKER_BATCH", "WORKER_QUEUE",
-    "BROKER_REQUESTS", "BROKER_QUEUE_DEPTH", "BROKER_WORKERS", "BROKER_FREE_CREDIT",
-    "BROKER_REDELIVERIES", "BROKER_DROPS", "BAD_MESSAGES", "LATENCY_BUCKETS_S", "PROMQL",
-]
+__all__ = ["ProcessMetrics", "EdgeMetrics", "WorkerMetrics", "BrokerMetrics", "for_registry",
+           "PATHS", "ROLES", "LATENCY_BUCKETS_S", "PROMQL", "READY"]
+
+PATHS = ("exit", "offload", "fallback")       # how a frame got its final answer
+ROLES = ("broker", "worker", "edge")          # what a process is, for `splitexit_ready`
+READY = "splitexit_ready"
 
 # From 0.1 ms (a local exit) to 2.5 s (far past any deadline), ~2x apart.
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -32,61 +36,100 @@ LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 
 # Frames per tail call: powers of two up to the largest max_batch worth running.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-# -- edge producers ---------------------------------------------------------------------------
-EDGE_FRAMES = Counter("splitexit_edge_frames", "Frames given their final answer, by path",
-                      ["producer", "path"])
-EDGE_FALLBACKS = Counter("splitexit_edge_fallbacks",
-                         "Offloaded frames answered locally after all, by reason",
-                         ["producer", "reason"])
-EDGE_UPLINK_BYTES = Counter("splitexit_edge_uplink_bytes",
-                            "Bytes of requests put on the wire, ZeroMQ framing included",
-                            ["producer"])
-EDGE_FEATURE_BYTES = Counter("splitexit_edge_feature_bytes",
-                             "Bytes of the quantized features before compression",
-                             ["producer"])
-EDGE_PAYLOAD_BYTES = Counter("splitexit_edge_payload_bytes",
-                             "Bytes of the feature payloads as sent (after lz4, if it helped)",
-                             ["producer"])
-EDGE_REQUESTS = Counter("splitexit_edge_requests", "Requests by outcome: answered, refused, "
-                        "deadline, unreachable", ["producer", "status"])
-EDGE_LATENCY = Histogram("splitexit_edge_latency_seconds",
-                         "Capture to final answer, by path", ["producer", "path"],
-                         buckets=LATENCY_BUCKETS_S)
-EDGE_HEAD = Histogram("splitexit_edge_head_seconds", "Head + exit time per frame",
-                      ["producer"], buckets=LATENCY_BUCKETS_S)
-EDGE_DUPLICATES = Counter("splitexit_edge_duplicate_answers",
-                          "Answers for frames already final (late or redelivered), discarded",
-                          ["producer"])
 
-# -- tail workers -----------------------------------------------------------------------------
-WORKER_REQUESTS = Counter("splitexit_worker_requests", "Requests by status: ok, or why refused",
-                          ["worker", "status"])
-WORKER_FRAMES = Counter("splitexit_worker_frames", "Frames run through the tail", ["worker"])
-WORKER_TAIL = Histogram("splitexit_worker_tail_seconds", "Tail time per batch", ["worker"],
-                        buckets=LATENCY_BUCKETS_S)
-WORKER_BATCH = Histogram("splitexit_worker_batch_frames", "Frames per tail call", ["worker"],
-                         buckets=BATCH_BUCKETS)
-WORKER_QUEUE = Histogram("splitexit_worker_queue_seconds",
-                         "Wait in the worker between arrival and its batch", ["worker"],
-                         buckets=LATENCY_BUCKETS_S)
+class ProcessMetrics:
+    """What every process exports: readiness (a probe and `up` wait on it) and bad input."""
 
-# -- broker -----------------------------------------------------------------------------------
-BROKER_REQUESTS = Counter("splitexit_broker_requests",
-                          "Edge requests by status: dispatched, busy, expired", ["status"])
-BROKER_QUEUE_DEPTH = Gauge("splitexit_broker_queue_depth", "Requests waiting for a worker",
-                           multiprocess_mode="livesum")
-BROKER_WORKERS = Gauge("splitexit_broker_workers", "Live workers", multiprocess_mode="livesum")
-BROKER_FREE_CREDIT = Gauge("splitexit_broker_free_credit",
-                           "Requests the live workers can still take", multiprocess_mode="livesum")
-BROKER_DROPS = Counter("splitexit_broker_dropped_messages",
-                       "Messages the broker could not deliver: peer gone or not reading",
-                       ["reason"])
-BROKER_REDELIVERIES = Counter("splitexit_broker_redeliveries",
-                              "Requests sent again after their worker went silent")
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        self.ready = Gauge(READY, "1 once this process can do its job: a broker bound, a "
+                           "worker confirmed by the broker, an edge connected with its head "
+                           "loaded", ["role"], multiprocess_mode="livesum", registry=registry)
+        self.handshake_failures = Counter("splitexit_handshake_failures",
+                                          "CURVE handshakes with the broker that failed: this "
+                                          "key is not allowed, or the broker key is wrong",
+                                          ["role"], registry=registry)
+        self.bad_messages = Counter("splitexit_bad_messages",
+                                    "Messages dropped or refused as malformed",
+                                    ["component", "reason"], registry=registry)
 
-# -- every component --------------------------------------------------------------------------
-BAD_MESSAGES = Counter("splitexit_bad_messages", "Messages dropped or refused as malformed",
-                       ["component", "reason"])
+
+class EdgeMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        self.frames = Counter("splitexit_edge_frames", "Frames given their final answer, by "
+                              "path", ["producer", "path"], registry=registry)
+        self.fallbacks = Counter("splitexit_edge_fallbacks",
+                                 "Offloaded frames answered locally after all, by reason",
+                                 ["producer", "reason"], registry=registry)
+        self.uplink_bytes = Counter("splitexit_edge_uplink_bytes",
+                                    "Bytes of requests put on the wire, ZeroMQ framing included",
+                                    ["producer"], registry=registry)
+        self.feature_bytes = Counter("splitexit_edge_feature_bytes",
+                                     "Bytes of the quantized features before compression",
+                                     ["producer"], registry=registry)
+        self.payload_bytes = Counter("splitexit_edge_payload_bytes",
+                                     "Bytes of the feature payloads as sent (after lz4, if it "
+                                     "helped)", ["producer"], registry=registry)
+        self.requests = Counter("splitexit_edge_requests", "Requests by outcome: answered, "
+                                "refused, deadline, unreachable", ["producer", "status"],
+                                registry=registry)
+        self.latency = Histogram("splitexit_edge_latency_seconds",
+                                 "Capture to final answer, by path", ["producer", "path"],
+                                 buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.head = Histogram("splitexit_edge_head_seconds", "Head + exit time per frame",
+                              ["producer"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.duplicates = Counter("splitexit_edge_duplicate_answers",
+                                  "Answers for frames already final (late or redelivered), "
+                                  "discarded", ["producer"], registry=registry)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        self.requests = Counter("splitexit_worker_requests", "Requests by status: ok, or why "
+                                "refused", ["worker", "status"], registry=registry)
+        self.frames = Counter("splitexit_worker_frames", "Frames run through the tail",
+                              ["worker"], registry=registry)
+        self.tail = Histogram("splitexit_worker_tail_seconds", "Tail time per batch",
+                              ["worker"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.batch = Histogram("splitexit_worker_batch_frames", "Frames per tail call",
+                               ["worker"], buckets=BATCH_BUCKETS, registry=registry)
+        self.held = Gauge("splitexit_worker_held_requests", "Requests received and not yet "
+                          "answered (waiting for their batch)", ["worker"],
+                          multiprocess_mode="livesum", registry=registry)
+        self.queue = Histogram("splitexit_worker_queue_seconds",
+                               "Wait in the worker between arrival and its batch", ["worker"],
+                               buckets=LATENCY_BUCKETS_S, registry=registry)
+
+
+class BrokerMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        self.requests = Counter("splitexit_broker_requests",
+                                "Edge requests by status: dispatched, busy, expired",
+                                ["status"], registry=registry)
+        self.queue_depth = Gauge("splitexit_broker_queue_depth", "Requests waiting for a "
+                                 "worker", multiprocess_mode="livesum", registry=registry)
+        self.workers = Gauge("splitexit_broker_workers", "Live workers",
+                             multiprocess_mode="livesum", registry=registry)
+        self.free_credit = Gauge("splitexit_broker_free_credit",
+                                 "Requests the live workers can still take",
+                                 multiprocess_mode="livesum", registry=registry)
+        self.drops = Counter("splitexit_broker_dropped_messages",
+                             "Messages the broker could not deliver: peer gone or not reading",
+                             ["reason"], registry=registry)
+        self.redeliveries = Counter("splitexit_broker_redeliveries",
+                                    "Requests sent again after their worker went silent",
+                                    registry=registry)
+
+
+_built: dict[tuple[type, int], object] = {}
+
+
+def for_registry(cls: type, registry: CollectorRegistry = REGISTRY):
+    """The one instance of a metric set on a registry (a registry refuses a name twice)."""
+    key = (cls, id(registry))
+    if key not in _built:
+        _built[key] = cls(registry)
+    return _built[key]
+
 
 # The PromQL that dashboards, `splitexit up` and the tests use, over a 1-minute window.
 PROMQL = {

@@ -14,10 +14,11 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitoring.metrics import PATHS
+
 __all__ = ["scrape", "Snapshot", "summarize", "format_table", "run_top"]
 
 SCRAPE_TIMEOUT_S = 2.0
-PATHS = ("exit", "offload", "fallback")
 
 
 class Snapshot:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from monitoring.exposition import MetricsError
 from pipeline.errors import UserError
 
 __all__ = ["main"]
@@ -17,9 +18,9 @@ DEFAULT_OUT = "runs/default"
 def _cmd_train(args: argparse.Namespace) -> None:
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.report import format_report
-    from pipeline.train import run
+    from pipeline.model.config import load_config
+    from pipeline.model.report import format_report
+    from pipeline.model.train import run
 
     overrides = list(args.set)
     if args.epochs is not None:
@@ -40,10 +41,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
-    from pipeline.artifacts import load_edge
-    from pipeline.config import apply_overrides, from_dict
-    from pipeline.report import format_report
-    from pipeline.train import calibrate_dir
+    from pipeline.model.artifacts import load_edge
+    from pipeline.model.config import apply_overrides, from_dict
+    from pipeline.model.report import format_report
+    from pipeline.model.train import calibrate_dir
 
     out = Path(args.dir)
     raw = load_edge(out).config.to_dict()
@@ -60,21 +61,38 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"\nI: new threshold {metrics['calibration']['threshold']:.4f} written to {out}/edge.pt")
 
 
-def _serve_metrics(args: argparse.Namespace, launcher: bool) -> None:
-    """Serve /metrics if asked; a launcher first switches its children to multiprocess mode
-    (before any of them imports prometheus-client)."""
-    from monitoring.exposition import serve, use_multiprocess_dir
+def _start_metrics(args: argparse.Namespace, expected: dict[str, int] | None = None):
+    """Serve /metrics and /ready if asked. A launcher (`expected` says which children it
+    waits for) binds its port first, then claims its folder of per-process metric files
+    before any child imports prometheus-client. Returns the registry readiness is read from
+    and a function that says once, on stderr, when the launcher became ready."""
+    from prometheus_client import REGISTRY
 
-    if args.metrics_port:
-        if launcher:
-            use_multiprocess_dir(Path(args.metrics_dir))
-        serve(args.metrics_port, args.metrics_addr)
-        print(f"I: metrics on http://{args.metrics_addr}:{args.metrics_port}/metrics",
-              file=sys.stderr)
+    from monitoring.exposition import MetricsServer, claim_metrics_dir, multiprocess_registry, \
+        readiness
+
+    server = MetricsServer(args.metrics_port, args.metrics_addr) if args.metrics_port else None
+    registry = REGISTRY
+    if expected is not None:
+        folder = args.metrics_dir or (f"runs/metrics-{server.port}" if server else None)
+        registry = multiprocess_registry(claim_metrics_dir(folder))
+    ready = readiness(registry, expected or {args.command: 1})
+    if server:
+        server.start(registry, ready)
+        print(f"I: metrics on http://{server.addr}:{server.port}/metrics, readiness on "
+              f"/ready", file=sys.stderr, flush=True)
+    told = []
+
+    def announce() -> None:
+        if not told and ready():
+            told.append(True)
+            print(f"I: ready: {', '.join(f'{n} {role}' for role, n in expected.items())}",
+                  file=sys.stderr, flush=True)
+    return registry, announce
 
 
 def _security(args: argparse.Namespace, broker: bool):
-    from pipeline.security import Security
+    from pipeline.protocol.security import Security
 
     if broker:
         return Security(secret=args.broker_secret, allow=args.allow, insecure=args.insecure)
@@ -82,7 +100,7 @@ def _security(args: argparse.Namespace, broker: bool):
 
 
 def _cmd_keys(args: argparse.Namespace) -> None:
-    from pipeline.security import create_keys
+    from pipeline.protocol.security import create_keys
 
     public, secret = create_keys(args.dir, args.name)
     print(f"I: wrote {public} (public: give it to the broker's --allow folder, or to clients "
@@ -90,15 +108,16 @@ def _cmd_keys(args: argparse.Namespace) -> None:
 
 
 def _cmd_broker(args: argparse.Namespace) -> None:
-    from pipeline.broker import BrokerConfig, run_broker
+    from workers.config import BrokerConfig
+    from workers.broker import run_broker
 
     security = _security(args, broker=True).check([args.frontend, args.backend], "broker")
-    _serve_metrics(args, launcher=False)
+    _start_metrics(args)
     run_broker(BrokerConfig(args.frontend, args.backend, args.max_queue, security=security))
 
 
 def _worker_config(args: argparse.Namespace, backend: str):
-    from workers.tail_worker import WorkerConfig
+    from workers.config import WorkerConfig
 
     if args.max_batch < 1 or args.max_wait_ms < 0:
         raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
@@ -108,8 +127,9 @@ def _worker_config(args: argparse.Namespace, backend: str):
 
 
 def _cmd_workers(args: argparse.Namespace) -> None:
-    from pipeline.artifacts import load_server
-    from pipeline.broker import BrokerConfig, run_broker
+    from pipeline.model.artifacts import load_server
+    from workers.config import BrokerConfig
+    from workers.broker import run_broker
     from workers.pool import ProcessGroup, stop_on_sigterm
     from workers.tail_worker import run_worker
 
@@ -120,7 +140,7 @@ def _cmd_workers(args: argparse.Namespace) -> None:
     cfg = _worker_config(args, backend)
     broker_security = None if args.join else _security(args, broker=True).check(
         [args.frontend, args.backend], "broker")
-    _serve_metrics(args, launcher=True)
+    _, announce = _start_metrics(args, {"worker": args.n} | ({} if args.join else {"broker": 1}))
     stop_on_sigterm()
     group = ProcessGroup()
     try:
@@ -131,7 +151,7 @@ def _cmd_workers(args: argparse.Namespace) -> None:
                    for i in range(args.n)]
         print(f"I: {args.n} workers on {backend}" + ("" if args.join else
               f"; edges connect to {args.frontend}") + "; Ctrl-C stops", file=sys.stderr)
-        group.wait(workers)
+        group.wait(workers, on_tick=announce)
     except KeyboardInterrupt:
         pass
     finally:
@@ -139,8 +159,9 @@ def _cmd_workers(args: argparse.Namespace) -> None:
 
 
 def _cmd_edge(args: argparse.Namespace) -> None:
-    from pipeline.artifacts import load_edge
-    from pipeline.edge import EdgeConfig, run_producer
+    from pipeline.model.artifacts import load_edge
+    from pipeline.edge.config import EdgeConfig
+    from pipeline.edge.producer import run_producer
     from workers.pool import ProcessGroup, check_exits, stop_on_sigterm
 
     if args.n < 1:
@@ -155,14 +176,14 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                           else None, max_pack=args.max_pack,
                           security=_security(args, broker=False)).validate()
                for i in range(args.n)]
-    _serve_metrics(args, launcher=True)
+    _, announce = _start_metrics(args, {"edge": args.n})
     stop_on_sigterm()
     group = ProcessGroup()
     try:
         procs = [group.start(f"edge-{i}", run_producer, args.artifacts, cfg, args.source,
                              args.fps, args.limit, args.data, (i, args.n) if args.shard else None)
                  for i, cfg in enumerate(configs)]
-        group.wait(procs)
+        group.wait(procs, on_tick=announce)
         check_exits(procs)
     except KeyboardInterrupt:
         pass
@@ -171,14 +192,22 @@ def _cmd_edge(args: argparse.Namespace) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> None:
+    from pipeline.edge.config import EdgeConfig
     from pipeline.up import UpConfig, format_run_report, up
+    from workers.config import BrokerConfig
+    from workers.config import WorkerConfig
 
     if args.workers < 1 or args.producers < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--workers, --producers and --limit must be at least 1")
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
     cfg = UpConfig(args.artifacts, args.workers, args.producers, args.fps, args.limit,
-                   args.deadline_ms, args.dtype, args.codec, args.max_batch, args.max_wait_ms,
-                   args.frontend, args.backend, args.data, args.run_dir, args.max_pack,
-                   args.metrics_port, args.metrics_addr, args.hold)
+                   args.data, args.run_dir, args.metrics_port, args.metrics_addr, args.hold,
+                   BrokerConfig(args.frontend, args.backend, args.max_queue),
+                   WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                threads=args.threads),
+                   EdgeConfig(deadline_ms=args.deadline_ms, dtype=args.dtype, codec=args.codec,
+                              max_pack=args.max_pack).validate())
     report = up(cfg)
     print(format_run_report(report))
     print(f"\nI: per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "
@@ -198,13 +227,17 @@ def _cmd_top(args: argparse.Namespace) -> None:
 
 
 def _add_metrics_options(p: argparse.ArgumentParser, port: int, launcher: bool) -> None:
+    from monitoring.exposition import DEFAULT_ADDR
+
     p.add_argument("--metrics-port", type=int, default=port,
-                   help="serve Prometheus /metrics here, 0 for none (default: %(default)s)")
-    p.add_argument("--metrics-addr", default="127.0.0.1",
+                   help="serve Prometheus /metrics and /ready here, 0 for none "
+                        "(default: %(default)s)")
+    p.add_argument("--metrics-addr", default=DEFAULT_ADDR,
                    help="address to serve metrics on (default: %(default)s, loopback only)")
     if launcher:
-        p.add_argument("--metrics-dir", default=f"runs/metrics-{port}",
-                       help="per-process metric files, wiped at start (default: %(default)s)")
+        p.add_argument("--metrics-dir", help="folder for the children's metric files, this "
+                       "launcher's alone while it runs (default: runs/metrics-PORT, or a "
+                       "temporary folder without a port)")
 
 
 def _add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool) -> None:
@@ -223,34 +256,49 @@ def _add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool
 
 
 def _add_broker_addresses(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frontend", default="tcp://127.0.0.1:5555", help="edges connect here")
-    p.add_argument("--backend", default="tcp://127.0.0.1:5556", help="workers connect here")
-    p.add_argument("--max-queue", type=int, default=1024,
+    from workers.config import BrokerConfig
+
+    p.add_argument("--frontend", default=BrokerConfig.frontend,
+                   help="edges connect here (default: %(default)s)")
+    p.add_argument("--backend", default=BrokerConfig.backend,
+                   help="workers connect here (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=BrokerConfig.max_queue,
                    help="queued requests before edges are told BUSY (default: %(default)s)")
 
 
 def _add_worker_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-batch", type=int, default=64, help="frames per tail call")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="longest wait for a batch to fill (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    from workers.config import WorkerConfig
+
+    p.add_argument("--max-batch", type=int, default=WorkerConfig.max_batch,
+                   help="frames per tail call (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=WorkerConfig.max_wait_ms,
+                   help="longest wait for a batch to fill; 0 runs a batch as soon as the "
+                        "worker is free (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=WorkerConfig.threads,
+                   help="torch threads per worker (default: %(default)s)")
 
 
 def _add_edge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--deadline-ms", type=float, default=100.0,
+    from pipeline.edge.config import EdgeConfig
+    from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
+
+    p.add_argument("--deadline-ms", type=float, default=EdgeConfig.deadline_ms,
                    help="server answer deadline; then the local exit answers (default: "
                         "%(default)s)")
-    p.add_argument("--dtype", default="int8", help="float32 | float16 | int8 (default)")
-    p.add_argument("--codec", default="lz4", help="lz4 (default) | none")
-    p.add_argument("--max-pack", type=int, default=64,
+    p.add_argument("--dtype", default=EdgeConfig.dtype, help=f"features on the wire: "
+                   f"{' | '.join(DTYPE_NAMES)} (default: %(default)s)")
+    p.add_argument("--codec", default=EdgeConfig.codec, help=f"{' | '.join(CODEC_NAMES)}; "
+                   f"lz4 is used only when it shrinks a payload (default: %(default)s)")
+    p.add_argument("--max-pack", type=int, default=EdgeConfig.max_pack,
                    help="frames per request when several are waiting (default: %(default)s)")
-    p.add_argument("--fps", type=float, help="frames per second per producer (default: as "
-                   "fast as possible)")
     p.add_argument("--limit", type=int, help="stop after this many frames")
     p.add_argument("--data", help="IDX folder for dataset replay (default: Debian's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.edge.config import EdgeConfig
+    from pipeline.up import UpConfig
+
     ap = argparse.ArgumentParser(prog="splitexit", description="Split computing with early exit "
                                  "on predefined-sparse networks.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -302,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard", action="store_true",
                    help="producers split the source's frames instead of each taking all")
     e.add_argument("--artifacts", default=DEFAULT_OUT, help="(default: %(default)s)")
-    e.add_argument("--broker", default="tcp://127.0.0.1:5555", help="the broker's frontend")
+    e.add_argument("--broker", default=EdgeConfig.broker,
+                   help="the broker's frontend (default: %(default)s)")
+    e.add_argument("--fps", type=float, help="frames per second per producer (default: as "
+                   "fast as the source gives them)")
     e.add_argument("--producer-id", type=int, default=0, help="id of the first producer")
     e.add_argument("--results", metavar="DIR", help="write edge-<id>.jsonl per producer here")
     _add_edge_options(e)
@@ -311,20 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_edge)
 
     u = sub.add_parser("up", help="the whole system on this machine, replaying Fashion-MNIST")
-    u.add_argument("--artifacts", default=DEFAULT_OUT,
+    u.add_argument("--artifacts", default=UpConfig.artifacts,
                    help="(default: %(default)s; trained first if missing)")
-    u.add_argument("--workers", type=int, default=2)
-    u.add_argument("--producers", type=int, default=2)
-    u.add_argument("--run-dir", default="runs/up", help="results and report (default: "
-                   "%(default)s)")
-    u.add_argument("--frontend", default="tcp://127.0.0.1:5555")
-    u.add_argument("--backend", default="tcp://127.0.0.1:5556")
-    u.add_argument("--hold", type=float, default=0.0, metavar="S",
+    u.add_argument("--workers", type=int, default=UpConfig.workers,
+                   help="(default: %(default)s)")
+    u.add_argument("--producers", type=int, default=UpConfig.producers,
+                   help="(default: %(default)s)")
+    u.add_argument("--fps", type=float, default=UpConfig.fps,
+                   help="frames per second per producer, 0 for as fast as possible "
+                        "(default: %(default)s)")
+    u.add_argument("--run-dir", default=UpConfig.run_dir, help="results, report and metric "
+                   "files (default: %(default)s)")
+    u.add_argument("--hold", type=float, default=UpConfig.hold_s, metavar="S",
                    help="keep serving metrics S seconds after the replay, for scrapers")
+    _add_broker_addresses(u)
     _add_worker_options(u)
     _add_edge_options(u)
-    _add_metrics_options(u, 9100, launcher=False)  # up keeps its metric files in --run-dir
-    u.set_defaults(func=_cmd_up, fps=1000.0)
+    _add_metrics_options(u, UpConfig.metrics_port, launcher=False)  # files live in --run-dir
+    u.set_defaults(func=_cmd_up)
 
     k = sub.add_parser("keys", help="make a CURVE key pair for a broker, worker or edge")
     k.add_argument("dir", help="folder to write NAME.key and NAME.key_secret into")
@@ -344,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except UserError as e:
+    except (UserError, MetricsError) as e:
         print(f"splitexit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

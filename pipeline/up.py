@@ -12,23 +12,21 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import EDGE_FILE, SERVER_FILE
-from pipeline.broker import BrokerConfig, run_broker
-from pipeline.edge import EdgeConfig, run_producer
-from monitoring.exposition import mark_dead, serve, use_multiprocess_dir
+from monitoring.exposition import DEFAULT_ADDR, MetricsServer, claim_metrics_dir, mark_dead, \
+    multiprocess_registry, readiness
 from monitoring.metrics import PROMQL
-from workers.pool import ProcessGroup, check_exits
-from workers.tail_worker import WorkerConfig, run_worker
+from pipeline.edge.config import EdgeConfig
+from workers.config import BrokerConfig, WorkerConfig
+from workers.pool import ProcessGroup, check_exits, start_server
 
 __all__ = ["UpConfig", "up", "read_results", "format_run_report"]
 
 RAW_FRAME_BYTES = 28 * 28     # one uint8 Fashion-MNIST frame
-WORKER_START_S = 1.0          # let workers announce themselves before frames flow
 STATUS_EVERY_S = 2.0          # status line period when stderr is not a terminal
 
 
@@ -39,28 +37,26 @@ class UpConfig:
     producers: int = 2
     fps: float = 1000.0           # per producer; 0 = as fast as possible
     limit: int | None = None      # frames in the replay (default: the whole test set)
-    deadline_ms: float = 100.0
-    dtype: str = "int8"
-    codec: str = "lz4"
-    max_batch: int = 64
-    max_wait_ms: float = 2.0
-    frontend: str = "tcp://127.0.0.1:5555"
-    backend: str = "tcp://127.0.0.1:5556"
     data_dir: str | None = None
     run_dir: str = "runs/up"
-    max_pack: int = 64
-    metrics_port: int = 9100      # the one /metrics for every process; 0 = none
-    metrics_addr: str = "127.0.0.1"
+    metrics_port: int = 9100      # the one /metrics (and /ready) for every process; 0 = none
+    metrics_addr: str = DEFAULT_ADDR
     hold_s: float = 0.0           # keep serving metrics this long after the replay
+    # The processes' own settings; up points edges and workers at the broker's addresses.
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
 
 
 def _ensure_artifacts(cfg: UpConfig) -> None:
+    from pipeline.model.artifacts import EDGE_FILE, SERVER_FILE
+
     art = Path(cfg.artifacts)
     if (art / EDGE_FILE).is_file() and (art / SERVER_FILE).is_file():
         return
-    from pipeline.config import load_config
-    from pipeline.report import format_report
-    from pipeline.train import run
+    from pipeline.model.config import load_config
+    from pipeline.model.report import format_report
+    from pipeline.model.train import run
 
     print(f"I: no artifacts in {art}: training the recommended default first", flush=True)
     overrides = [f"data.dir={cfg.data_dir!r}"] if cfg.data_dir else []
@@ -89,31 +85,37 @@ class ResultTail:
 
 
 def up(cfg: UpConfig) -> dict:
+    from pipeline.edge.producer import run_producer
+
     _ensure_artifacts(cfg)
+    server = MetricsServer(cfg.metrics_port, cfg.metrics_addr) if cfg.metrics_port else None
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results = [run_dir / f"edge-{i}.jsonl" for i in range(cfg.producers)]
     for path in results:
         path.unlink(missing_ok=True)
-    if cfg.metrics_port:
-        use_multiprocess_dir(run_dir / "metrics")  # before any child imports the client
-        serve(cfg.metrics_port, cfg.metrics_addr)
-        print(f"I: metrics for every process on http://{cfg.metrics_addr}:{cfg.metrics_port}"
-              f"/metrics (configs/prometheus.yml scrapes it); in Prometheus:\n"
+    # Every child writes its metrics here; up reads them for readiness and serves their sum.
+    registry = multiprocess_registry(claim_metrics_dir(run_dir / "metrics"))
+    if server:
+        server.start(registry, readiness(registry, {"broker": 1, "worker": cfg.workers}))
+        print(f"I: metrics for every process on http://{server.addr}:{server.port}/metrics, "
+              f"readiness on /ready (configs/prometheus.yml scrapes it); in Prometheus:\n"
               f"   offload ratio:  {PROMQL['offload_ratio']}\n"
               f"   uplink bytes/s: {PROMQL['uplink_bytes_per_second']}", file=sys.stderr,
               flush=True)
     group = ProcessGroup()
     started = time.monotonic()
     try:
-        group.start("broker", run_broker, BrokerConfig(cfg.frontend, cfg.backend))
-        workers = [group.start(f"worker-{i}", run_worker, cfg.artifacts,
-                               WorkerConfig(cfg.backend, cfg.max_batch, cfg.max_wait_ms),
-                               f"worker-{i}") for i in range(cfg.workers)]
-        time.sleep(WORKER_START_S)
+        worker_cfg = replace(cfg.worker, broker=cfg.broker.backend)
+        server_procs = start_server(group, cfg.artifacts, cfg.workers, worker_cfg, registry,
+                                    broker=cfg.broker)
+        workers = [p for name, p in server_procs.items() if name != "broker"]
+        print(f"I: broker and {cfg.workers} workers ready ({time.monotonic() - started:.1f} s);"
+              f" starting {cfg.producers} edge producers", file=sys.stderr, flush=True)
+        started = time.monotonic()  # the replay's rate counts from here
         producers = [group.start(f"edge-{i}", run_producer, cfg.artifacts,
-                                 EdgeConfig(cfg.frontend, cfg.deadline_ms, cfg.dtype, cfg.codec,
-                                            i, str(results[i]), max_pack=cfg.max_pack).validate(),
+                                 replace(cfg.edge, broker=cfg.broker.frontend, producer_id=i,
+                                         results=str(results[i])).validate(),
                                  "dataset", cfg.fps or None, cfg.limit, cfg.data_dir,
                                  (i, cfg.producers)) for i in range(cfg.producers)]
         tail = ResultTail(results)
@@ -138,12 +140,14 @@ def up(cfg: UpConfig) -> dict:
         check_exits(producers)
         for p in producers:
             mark_dead(p.pid)
-        if cfg.hold_s > 0 and cfg.metrics_port:
+        if cfg.hold_s > 0 and server:
             print(f"I: replay done; metrics stay up {cfg.hold_s:.0f} s (Ctrl-C ends)",
                   file=sys.stderr, flush=True)
-            time.sleep(cfg.hold_s)
+            time.sleep(cfg.hold_s)  # the user asked for this: scrapers read the final counts
     finally:
         group.stop()
+        if server:
+            server.close()
     report = read_results(results, Path(cfg.artifacts), time.monotonic() - started)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -1,5 +1,6 @@
 """Shared fixtures: small generated IDX data sets and a tiny config, so the default suite
-neither needs the Debian package nor minutes of training."""
+neither needs the Debian package nor minutes of training; and the one way tests wait on
+other processes: on what their metrics say (`Observed`), never on a sleep."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import write_idx
+from monitoring.exposition import MULTIPROC_ENV, multiprocess_registry, total
+from pipeline.model.data import write_idx
+from workers.pool import START_TIMEOUT_S, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,8 +79,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory, idx_dir) -> Path:
     """A tiny model trained on the generated data; its exit offloads about half the frames."""
-    from pipeline.config import load_config
-    from pipeline.train import run
+    from pipeline.model.config import load_config
+    from pipeline.model.train import run
 
     out = tmp_path_factory.mktemp("art")
     cfg = load_config("paper-sparse", ["train.epochs=2", "train.val_size=200",
@@ -100,3 +103,37 @@ def keys(tmp_path_factory) -> Path:
     for name in ("worker", "edge"):
         shutil.copy(folder / f"{name}.key", allow)
     return folder
+
+
+class Observed:
+    """The metrics of every process a test spawns, read live from their files: what tests
+    wait on before injecting a fault, and what they count afterwards."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.registry = multiprocess_registry(folder)
+
+    def total(self, name: str, **labels: str) -> float:
+        return total(self.registry, name, **labels)
+
+    def wait(self, what: str, predicate, procs=(), timeout_s: float = START_TIMEOUT_S) -> None:
+        wait_until(predicate, timeout_s, what, procs)
+
+    def wait_for(self, name: str, at_least: float, procs=(), **labels: str) -> float:
+        """Wait until a sample reaches `at_least`; returns the value seen."""
+        self.wait(f"{name}{labels or ''} >= {at_least}",
+                  lambda: self.total(name, **labels) >= at_least, procs)
+        return self.total(name, **labels)
+
+    def ready(self, role: str, n: int = 1, procs=()) -> None:
+        self.wait_for("splitexit_ready", n, procs, role=role)
+
+
+@pytest.fixture
+def observed(tmp_path, monkeypatch) -> Observed:
+    """Processes started after this fixture write their metrics into a folder of this test's
+    own (prometheus-client reads PROMETHEUS_MULTIPROC_DIR when a spawned child imports it)."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    monkeypatch.setenv(MULTIPROC_ENV, str(folder))
+    return Observed(folder)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import calibrate as cal
-from pipeline.config import CalibrationConfig
+from pipeline.model import calibrate as cal
+from pipeline.model.config import CalibrationConfig
 
 
 def synthetic(n=2000, seed=0):

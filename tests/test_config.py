@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.config import CONFIG_DIR, from_dict, load_config
+from pipeline.model.config import CONFIG_DIR, from_dict, load_config
 from pipeline.errors import ConfigError
-from pipeline.model import SplitModel
+from pipeline.model.split_model import SplitModel
 
 MODEL = {"widths": [800, 40, 40, 10], "fan_out": [2, 9, 10], "input_pad": 800}
 

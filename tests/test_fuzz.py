@@ -13,11 +13,13 @@ import lz4.block
 import msgpack
 import numpy as np
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import wire
-from pipeline.artifacts import load_edge
+from monitoring.top import scrape as top_scrape
+
+from pipeline.protocol import wire
+from pipeline.model.artifacts import load_edge
 from tests.conftest import ROOT, free_port
+from workers.pool import START_TIMEOUT_S, wait_until
 
 BROKER_MESSAGES = 60_000
 WORKER_MESSAGES = 40_000
@@ -56,19 +58,16 @@ def hostile_messages(n: int, tag: bytes, width: int, seed: int = 0):
         yield makers[i % len(makers)]()
 
 
-def scrape(port: int) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid")))
-            out[key] = out.get(key, 0) + s.value
-    return out
+def scrape(port: int):
+    return top_scrape([f"http://127.0.0.1:{port}/metrics"])
 
 
-def total(values, name, **match):
-    return sum(v for (n, labels), v in values.items()
-               if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
+def ready(port: int) -> bool:
+    """The launcher's readiness probe, as Kubernetes would call it."""
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5).status == 200
+    except OSError:  # not listening yet, or 503
+        return False
 
 
 def cli(*args):
@@ -89,7 +88,8 @@ def test_100k_hostile_messages_are_counted_and_nothing_dies(artifacts, tmp_path)
                   "--metrics-dir", str(tmp_path / "wm"))
     ctx = zmq.Context()
     try:
-        time.sleep(3.0)
+        wait_until(lambda: ready(broker_metrics) and ready(worker_metrics), START_TIMEOUT_S,
+                   "broker and its worker ready", [broker, workers])
         # 1. through the broker's frontend, as an edge would
         attacker = ctx.socket(zmq.DEALER)
         attacker.linger = 0
@@ -143,21 +143,27 @@ def test_100k_hostile_messages_are_counted_and_nothing_dies(artifacts, tmp_path)
         target.terminate()
         assert target.wait(15) == 0
 
-        # the broker and its worker are still up and serve a real edge
-        time.sleep(2.0)
+        def accounted() -> float:
+            """Every hostile message sent through the broker, counted somewhere: refused by
+            the broker, or dispatched and then refused by the worker."""
+            b, w = scrape(broker_metrics), scrape(worker_metrics)
+            return (b.total("splitexit_bad_messages_total", component="broker_frontend")
+                    + w.total("splitexit_bad_messages_total")
+                    + w.total("splitexit_worker_requests_total", status="wrong_model"))
+
+        # the worker drains its backlog: wait until all of it is counted, then for the rogue
+        wait_until(lambda: accounted() >= BROKER_MESSAGES, START_TIMEOUT_S,
+                   f"{BROKER_MESSAGES} hostile messages counted", [broker, workers])
+        wait_until(lambda: scrape(broker_metrics).total(
+            "splitexit_bad_messages_total", component="broker_backend") >= rogue_bad,
+            START_TIMEOUT_S, "the rogue worker's messages counted", [broker, workers])
         assert broker.poll() is None and workers.poll() is None
         b, w = scrape(broker_metrics), scrape(worker_metrics)
-        bad_broker = total(b, "splitexit_bad_messages_total")
-        bad_worker = total(w, "splitexit_bad_messages_total")
-        wrong_model = total(w, "splitexit_worker_requests_total", status="wrong_model")
-        busy = total(b, "splitexit_broker_requests_total", status="busy")
-        accounted = bad_broker - total(b, "splitexit_bad_messages_total",
-                                       component="broker_backend") + bad_worker + wrong_model
-        assert busy == 0
-        assert accounted == BROKER_MESSAGES
-        assert total(b, "splitexit_bad_messages_total", component="broker_backend") == rogue_bad
-        reasons = {dict(k[1])["reason"] for k in {**b, **w} if k[0] ==
-                   "splitexit_bad_messages_total"}
+        assert b.total("splitexit_broker_requests_total", status="busy") == 0
+        assert accounted() == BROKER_MESSAGES  # nothing counted twice
+        assert b.total("splitexit_bad_messages_total", component="broker_backend") == rogue_bad
+        reasons = {dict(labels)["reason"] for snap in (b, w) for (name, labels) in snap.values
+                   if name == "splitexit_bad_messages_total"}
         assert {"malformed", "version", "shape", "nonfinite", "size"} <= reasons
     finally:
         for p in (broker, workers):

@@ -21,6 +21,7 @@ from monitoring.dashboard import dashboard, expressions
 from monitoring.metrics import PROMQL
 from monitoring.top import scrape, summarize
 from tests.conftest import ROOT, free_port
+from workers.pool import START_TIMEOUT_S, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -41,7 +42,7 @@ class UpRun:
             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}/metrics"
 
-    def wait_for_replay(self, timeout_s: float = 120) -> None:
+    def wait_for_replay(self, timeout_s: float = START_TIMEOUT_S) -> None:
         end = time.monotonic() + timeout_s
         for line in self.proc.stderr:
             if "replay done" in line:
@@ -87,6 +88,7 @@ def test_exposition_after_a_run_matches_the_results(artifacts, idx_dir, tmp_path
         run.wait_for_replay()
         values = samples(run.url)
         top = summarize(scrape([run.url]), scrape([run.url]))
+        assert http_ok(run.url.replace("/metrics", "/ready"))  # broker and workers still up
     finally:
         run.stop()
     outcomes = run.outcomes()
@@ -126,16 +128,16 @@ def prometheus_query(base: str, expr: str) -> dict:
     return json.loads(urllib.request.urlopen(url, timeout=5).read())
 
 
-def wait_ready(base: str, timeout_s: float = 30) -> None:
-    end = time.monotonic() + timeout_s
-    while True:
-        try:
-            if urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200:
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < end, "Prometheus did not become ready"
-        time.sleep(0.2)
+def http_ok(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=5).status == 200
+    except OSError:  # not listening yet, or not ready (503)
+        return False
+
+
+def scalar(base: str, expr: str) -> float | None:
+    r = prometheus_query(base, expr)
+    return float(r["data"]["result"][0]["value"][1]) if r["data"]["result"] else None
 
 
 def test_a_real_prometheus_agrees_with_the_results(artifacts, idx_dir, tmp_path):
@@ -151,7 +153,7 @@ def test_a_real_prometheus_agrees_with_the_results(artifacts, idx_dir, tmp_path)
                              f"--web.listen-address=127.0.0.1:{prom_port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{prom_port}"
-    wait_ready(base)
+    wait_until(lambda: http_ok(f"{base}/-/ready"), START_TIMEOUT_S, "Prometheus ready", [prom])
     # 300 frames over ~5 s: Prometheus (scraping every 0.5 s) sees the counters rise
     run = UpRun(artifacts, idx_dir, tmp_path / "up", hold_s=60, fps=30, port=metrics_port)
     try:
@@ -162,15 +164,12 @@ def test_a_real_prometheus_agrees_with_the_results(artifacts, idx_dir, tmp_path)
         expected_bytes = sum(o["uplink_bytes"] for o in outcomes)
         ratio_expr = ('sum(splitexit_edge_frames_total{path!="exit"}) '
                       '/ sum(splitexit_edge_frames_total)')
-        deadline = time.monotonic() + 30
-        while True:  # until Prometheus has scraped the final counts
-            r = prometheus_query(base, "sum(splitexit_edge_frames_total)")
-            if r["status"] == "success" and r["data"]["result"] and \
-                    float(r["data"]["result"][0]["value"][1]) == len(outcomes):
-                break
-            assert time.monotonic() < deadline, f"Prometheus never saw the final counts: {r}"
-            time.sleep(0.5)
-        time.sleep(1.5)  # a few more scrapes, so rate() windows have points after the end
+        wait_until(lambda: scalar(base, "sum(splitexit_edge_frames_total)") == len(outcomes),
+                   START_TIMEOUT_S, "Prometheus scraping the final counts", [prom, run.proc])
+        # two more scrapes, so rate() windows have points after the end
+        scrapes = scalar(base, 'count_over_time(up{job="up"}[1h])')
+        wait_until(lambda: scalar(base, 'count_over_time(up{job="up"}[1h])') >= scrapes + 2,
+                   START_TIMEOUT_S, "two more scrapes", [prom, run.proc])
         ratio = float(prometheus_query(base, ratio_expr)["data"]["result"][0]["value"][1])
         sent = float(prometheus_query(base, "sum(splitexit_edge_uplink_bytes_total)")
                      ["data"]["result"][0]["value"][1])

@@ -12,21 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts import load_model
-from pipeline.broker import BrokerConfig, run_broker
-from pipeline.config import load_config
-from pipeline.data import load_dataset
-from pipeline.edge import EdgeConfig, run_producer
-from pipeline.train import run
+from pipeline.model.artifacts import load_model
+from workers.config import BrokerConfig
+from workers.broker import run_broker
+from pipeline.model.config import load_config
+from pipeline.model.data import load_dataset
+from pipeline.edge.config import EdgeConfig
+from pipeline.edge.producer import run_producer
+from pipeline.model.train import run
 from tests.conftest import free_port
 from workers.pool import ProcessGroup
-from workers.tail_worker import WorkerConfig, run_worker
+from workers.config import WorkerConfig
+from workers.tail_worker import run_worker
 
 FRAMES = 300  # the generated test split
 
 
 @pytest.fixture
-def system(tmp_path):
+def system(tmp_path, observed):
     """Start/stop helper: a broker and workers on fresh ports; stops everything at the end."""
     group = ProcessGroup()
 
@@ -39,9 +42,10 @@ def system(tmp_path):
                                                                   **kw))
 
         def workers(self, artifacts, n, **kw):
+            """n workers, returned once the broker has confirmed each of them."""
             procs = [group.start(f"w{i}", run_worker, str(artifacts),
                                  WorkerConfig(self.backend, **kw), f"w{i}") for i in range(n)]
-            time.sleep(2.0)  # spawn + torch import + READY
+            observed.ready("worker", n, procs)
             return procs
 
         def edge(self, artifacts, source="dataset", results=None, data_dir=None, **kw):
@@ -49,7 +53,7 @@ def system(tmp_path):
             proc = group.start("edge", run_producer, str(artifacts),
                                EdgeConfig(self.frontend, results=str(results), **kw),
                                source, None, None, data_dir)
-            group.wait([proc], poll_s=0.05)
+            group.wait([proc])
             assert proc.exitcode == 0
             return [json.loads(line) for line in Path(results).read_text().splitlines()]
 
@@ -141,22 +145,23 @@ def test_a_video_file_is_a_source(system, artifacts, tmp_path):
     assert all(o["label"] is None and o["source"] == str(video) for o in outcomes)
 
 
-def test_sigterm_drains_a_worker_and_the_other_takes_over(system, artifacts, idx_dir, tmp_path):
+def test_sigterm_drains_a_worker_and_the_other_takes_over(system, artifacts, idx_dir, tmp_path,
+                                                          observed):
     system.broker()
-    w0, w1 = system.workers(artifacts, 2)
+    w0, w1 = system.workers(artifacts, 2)  # ready: their SIGTERM handlers are installed
     results = tmp_path / "drain.jsonl"
     group = ProcessGroup()
     edge = group.start("edge", run_producer, str(artifacts),
-                       EdgeConfig(system.frontend, 5000.0, results=str(results)), "dataset",
-                       300.0, None, str(idx_dir))  # 300 frames over ~1 s
-    time.sleep(0.4)
-    w0.terminate()  # SIGTERM: drain
-    group.wait([edge], poll_s=0.05)
-    w0.join(5)
+                       EdgeConfig(system.frontend, 5000.0, results=str(results), max_pack=1),
+                       "dataset", 60.0, None, str(idx_dir))  # 300 frames over ~5 s
+    observed.wait_for("splitexit_worker_requests_total", 5, [edge], worker="w0", status="ok")
+    w0.terminate()  # SIGTERM mid-stream: drain
+    w0.join(60)
+    drained_at = time.time()
     assert w0.exitcode == 0 and w1.is_alive()
+    group.wait([edge])
     outcomes = [json.loads(line) for line in results.read_text().splitlines()]
     assert sorted(o["frame"] for o in outcomes) == list(range(FRAMES))
     assert not [o for o in outcomes if o["path"] == "fallback"]
-    late = [o for o in outcomes if o["path"] == "offload" and o["capture_ts"] >
-            outcomes[0]["capture_ts"] + 0.9]
-    assert late and {o["worker"] for o in late} == {"w1"}
+    after = [o for o in outcomes if o["path"] == "offload" and o["capture_ts"] > drained_at]
+    assert after and {o["worker"] for o in after} == {"w1"}

@@ -9,14 +9,17 @@ from collections import Counter
 
 import pytest
 
-from pipeline.broker import BrokerConfig, run_broker
-from pipeline.edge import EdgeConfig, run_producer
+from workers.config import BrokerConfig
+from workers.broker import run_broker
+from pipeline.edge.config import EdgeConfig
+from pipeline.edge.producer import run_producer
 from pipeline.errors import ConfigError
-from pipeline.security import Security, is_loopback
+from pipeline.protocol.security import Security, is_loopback
 from tests.conftest import free_port
 from tests.test_runtime import FRAMES
 from workers.pool import ProcessGroup
-from workers.tail_worker import WorkerConfig, run_worker
+from workers.config import WorkerConfig
+from workers.tail_worker import run_worker
 
 
 def test_keys_are_made_with_a_private_secret(keys):
@@ -24,7 +27,10 @@ def test_keys_are_made_with_a_private_secret(keys):
     assert (keys / "edge.key_secret").stat().st_mode & 0o077 == 0  # secret stays private
 
 
-def run_system(artifacts, idx_dir, tmp_path, keys, worker_key, edge_key, capfd=None):
+def run_system(artifacts, idx_dir, tmp_path, keys, worker_key, edge_key, observed):
+    """Broker, one worker and one edge streaming 300 frames over ~3 s, over CURVE. The edge
+    starts once the worker is confirmed by the broker or, for a worker with an unlisted key,
+    once its handshake has failed."""
     front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     server = str(keys / "broker.key")
     broker_sec = Security(secret=str(keys / "broker.key_secret"), allow=str(keys / "allow"))
@@ -35,26 +41,31 @@ def run_system(artifacts, idx_dir, tmp_path, keys, worker_key, edge_key, capfd=N
         group.start("w0", run_worker, str(artifacts), WorkerConfig(
             back, security=Security(secret=str(keys / f"{worker_key}.key_secret"),
                                     server=server)), "w0")
-        time.sleep(2.5)
+        if worker_key == "stranger":
+            observed.wait_for("splitexit_handshake_failures_total", 1, role="worker")
+        else:
+            observed.ready("worker")
         edge = group.start("edge", run_producer, str(artifacts), EdgeConfig(
             front, 500.0, results=str(results), security=Security(
                 secret=str(keys / f"{edge_key}.key_secret"), server=server)),
-            "dataset", 300.0, None, str(idx_dir))
-        group.wait([edge], poll_s=0.05)
+            "dataset", 100.0, None, str(idx_dir))
+        if edge_key == "stranger":
+            observed.wait_for("splitexit_handshake_failures_total", 1, [edge], role="edge")
+        group.wait([edge])
     finally:
         group.stop()
     return [json.loads(line) for line in results.read_text().splitlines()]
 
 
-def test_allowed_keys_get_service_over_curve(artifacts, idx_dir, tmp_path, keys):
-    outcomes = run_system(artifacts, idx_dir, tmp_path, keys, "worker", "edge")
+def test_allowed_keys_get_service_over_curve(artifacts, idx_dir, tmp_path, keys, observed):
+    outcomes = run_system(artifacts, idx_dir, tmp_path, keys, "worker", "edge", observed)
     paths = Counter(o["path"] for o in outcomes)
     assert len(outcomes) == FRAMES and paths["offload"] > 0 and paths["fallback"] == 0
 
 
 def test_an_edge_with_an_unknown_key_gets_no_service(artifacts, idx_dir, tmp_path, keys,
-                                                     capfd):
-    outcomes = run_system(artifacts, idx_dir, tmp_path, keys, "worker", "stranger")
+                                                     capfd, observed):
+    outcomes = run_system(artifacts, idx_dir, tmp_path, keys, "worker", "stranger", observed)
     assert len(outcomes) == FRAMES  # still one (local) answer per frame
     assert not [o for o in outcomes if o["path"] == "offload"]
     # no connected peer: the send queue refuses at once ("unreachable"), or the deadline ends it
@@ -63,8 +74,9 @@ def test_an_edge_with_an_unknown_key_gets_no_service(artifacts, idx_dir, tmp_pat
     assert "CURVE handshake with the broker failed" in capfd.readouterr().err
 
 
-def test_a_worker_with_an_unknown_key_gets_no_work(artifacts, idx_dir, tmp_path, keys, capfd):
-    outcomes = run_system(artifacts, idx_dir, tmp_path, keys, "stranger", "edge")
+def test_a_worker_with_an_unknown_key_gets_no_work(artifacts, idx_dir, tmp_path, keys, capfd,
+                                                   observed):
+    outcomes = run_system(artifacts, idx_dir, tmp_path, keys, "stranger", "edge", observed)
     assert len(outcomes) == FRAMES
     assert not [o for o in outcomes if o["path"] == "offload"]
     assert "worker w0: CURVE handshake with the broker failed" in capfd.readouterr().err

@@ -6,21 +6,15 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.data import read_idx
+from pipeline.model.data import read_idx
 from pipeline.errors import SourceError, UserError
-from pipeline.sources import (LatestFrame, LiveSource, Pacer, backoff_delays, open_source,
+from workers.pool import START_TIMEOUT_S, wait_until
+from pipeline.edge.sources import (LatestFrame, LiveSource, Pacer, open_source,
                               to_model_input)
 
 cv2 = pytest.importorskip("cv2")
 
 FAST = dict(start_s=0.001, max_s=0.004)  # back-off short enough for tests
-
-
-def wait_until(predicate, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.001)
 
 
 def check_pixels(frame):
@@ -230,12 +224,12 @@ def live():
 def test_slow_consumer_gets_newest_frame_and_drops_are_counted(live):
     capture = FakeCapture(live.done, *(image(v) for v in (1, 2, 3, 4, 5)))
     latest = live(lambda: capture)
-    wait_until(lambda: latest.captured == 5)
+    wait_until(lambda: latest.captured == 5, START_TIMEOUT_S, "5 images captured")
     taken, _ = latest.take()
     assert taken[0, 0, 0] == 5 and latest.dropped == 4
     assert latest.take(timeout_s=0.05) is None     # never the same frame twice
     capture.feed(image(6), image(7), image(8))
-    wait_until(lambda: latest.captured == 8)
+    wait_until(lambda: latest.captured == 8, START_TIMEOUT_S, "8 images captured")
     taken, capture_ts = latest.take()
     assert taken[0, 0, 0] == 8 and latest.dropped == 6 and capture_ts > 0
     capture.feed(image(9))
@@ -283,11 +277,6 @@ def test_unopenable_live_source_fails_in_the_caller(live):
 
     with pytest.raises(SourceError, match="camera 5 did not open"):
         live(opener)
-
-
-def test_backoff_doubles_to_a_cap():
-    assert backoff_delays(6) == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
-    assert backoff_delays(3, start_s=0.1, max_s=0.25) == [0.1, 0.2, 0.25]
 
 
 def test_live_source_yields_model_ready_frames(live):

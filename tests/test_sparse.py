@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sparse import SparseLinear, SparsityError, draw_connectivity, fan_in_for
+from pipeline.model.sparse import SparseLinear, SparsityError, draw_connectivity, fan_in_for
 
 KERNELS = ("dense", "gather", "csr", "bag")
 

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from pipeline.artifacts import load_edge, load_model, load_server, save_artifacts
-from pipeline.config import load_config
-from pipeline.data import load_dataset
+from pipeline.model.artifacts import load_edge, load_model, load_server, save_artifacts
+from pipeline.model.config import load_config
+from pipeline.model.data import load_dataset
 from pipeline.errors import ArtifactError
-from pipeline.model import SplitModel, describe
-from pipeline.train import fit, predict, run
+from pipeline.model.split_model import SplitModel, describe
+from pipeline.model.train import fit, predict, run
 
 
 def test_training_is_reproducible_with_a_seed(tiny_config_path):

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import wire
-from pipeline.wire import Codec, DType, Kind, Refusal, WireError
+from pipeline.protocol import wire
+from pipeline.protocol.wire import Codec, DType, Kind, Refusal, WireError
 
 TAG = bytes(range(8))
 

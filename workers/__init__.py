@@ -1,2 +1,2 @@
 """Server side: tail workers with dynamic batching and the pool launcher (the offload
-runtime issue builds them on pipeline.artifacts.load_server)."""
+runtime issue builds them on pipeline.model.artifacts.load_server)."""

@@ -2,9 +2,11 @@
 
 Loop shape (zguide Paranoid Pirate worker): poll with a timeout -> read what arrived ->
 run a batch when it is due -> heartbeat -> reconnect if the broker went silent.
+The worker is ready (`splitexit_ready{role="worker"}`) once the broker has answered its
+READY; it is not while it reconnects or drains.
 
-Dynamic batching mirrors Triton's knobs: a batch runs when it holds `max_batch` frames or
-its oldest request has waited `max_wait_ms`, whichever comes first (`batch_due`, pure).
+Dynamic batching (which requests run together, and when) is `workers.batching.Batcher`, a
+pure object; this module is the I/O around it.
 Credit: the worker tells the broker how many requests it may hold at once, so the broker
 never queues work on a busy worker while another is idle.
 
@@ -20,49 +22,29 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import zmq
+from prometheus_client import REGISTRY, CollectorRegistry
 
-from monitoring import metrics as m
-from pipeline import wire
-from pipeline.artifacts import load_server
-from pipeline.broker import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
-from pipeline.security import PLAINTEXT_LOOPBACK, Security, watch_handshake
-from pipeline.wire import Kind, Refusal, WireError
+from monitoring.metrics import ProcessMetrics, WorkerMetrics, for_registry
+from pipeline.model.artifacts import load_server
+from pipeline.protocol import wire
+from pipeline.protocol.security import watch_handshake
+from pipeline.protocol.timing import DRAIN_GRACE_S, Backoff
+from pipeline.protocol.wire import Kind, Refusal, WireError
+from workers.batching import Batcher
+from workers.config import WorkerConfig
 
-__all__ = ["WorkerConfig", "TailWorker", "batch_due", "run_worker"]
+__all__ = ["WorkerConfig", "TailWorker", "run_worker"]
 
-RECONNECT_INITIAL_S = 0.25
-RECONNECT_MAX_S = 4.0
-DRAIN_GRACE_S = 0.5
-
-
-@dataclass
-class WorkerConfig:
-    broker: str = "tcp://127.0.0.1:5556"   # the broker's backend
-    max_batch: int = 64                    # frames per tail call
-    max_wait_ms: float = 2.0               # oldest request's wait before a partial batch runs
-    credit: int = 0                        # requests held at once; 0 = 2 x max_batch
-    threads: int = 1                       # torch threads per worker process
-    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
-    heartbeat_liveness: int = HEARTBEAT_LIVENESS
-    security: Security = PLAINTEXT_LOOPBACK
-
-
-def batch_due(frames: int, oldest_arrival: float | None, max_batch: int, max_wait_s: float,
-              now: float) -> bool:
-    """Run now if the batch is full, or its oldest request has waited long enough."""
-    if not frames:
-        return False
-    return frames >= max_batch or now - oldest_arrival >= max_wait_s
+RECEIVE_BURST = 1000   # messages read per wake-up before a due batch runs
 
 
 class TailWorker:
     def __init__(self, artifact_dir: str, cfg: WorkerConfig, worker_id: str | None = None,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, registry: CollectorRegistry = REGISTRY):
         self.cfg = cfg
         cfg.security.check([cfg.broker], "worker")
         server = load_server(artifact_dir)
@@ -76,21 +58,26 @@ class TailWorker:
         self.ctx = ctx or zmq.Context.instance()
         self.sock: zmq.Socket | None = None
         self.watching = False
-        self.pending: list = []          # (edge, Request, arrival)
-        self.pending_frames = 0
-        self.running = True
+        self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000)
         self.draining_since: float | None = None
         self.refused: dict[str, int] = {}
         self.batches = 0
         self.frames = 0
         w = self.worker_id  # metric children bound once
-        self.m_ok = m.WORKER_REQUESTS.labels(w, "ok")
-        self.m_frames, self.m_tail = m.WORKER_FRAMES.labels(w), m.WORKER_TAIL.labels(w)
-        self.m_batch, self.m_queue = m.WORKER_BATCH.labels(w), m.WORKER_QUEUE.labels(w)
+        self.m = for_registry(WorkerMetrics, registry)
+        common = for_registry(ProcessMetrics, registry)
+        self.m_ready, self.m_bad = common.ready.labels("worker"), common.bad_messages
+        self.ready = False
+        self.m_handshake_failures = common.handshake_failures.labels("worker")
+        self.m_ok = self.m.requests.labels(w, "ok")
+        self.m_frames, self.m_tail = self.m.frames.labels(w), self.m.tail.labels(w)
+        self.m_batch, self.m_queue = self.m.batch.labels(w), self.m.queue.labels(w)
+        self.m_held, self.held = self.m.held.labels(w), 0
 
     # -- connection ---------------------------------------------------------------------------
 
     def connect(self) -> None:
+        """(Re)connect and announce; ready once the broker confirms (its first message)."""
         if self.sock is not None:
             self.sock.close()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -98,15 +85,21 @@ class TailWorker:
         self.sock.identity = self.worker_id.encode()
         self.cfg.security.client_socket(self.sock)
         if self.cfg.security.curve and not self.watching:
-            watch_handshake(self.sock, f"worker {self.worker_id}")
+            watch_handshake(self.sock, f"worker {self.worker_id}",
+                            self.m_handshake_failures.inc)
             self.watching = True
         self.sock.connect(self.cfg.broker)
+        self._announce()
+
+    def _announce(self) -> None:
+        self._set_ready(False)
         self.sock.send_multipart(wire.encode_ready(self.worker_id, self.model_tag, self.credit))
 
     def drain(self) -> None:
         """Stop taking work (SIGTERM): tell the broker, finish what is held, then leave."""
         if self.draining_since is None:
             self.draining_since = time.monotonic()
+            self._set_ready(False)
             if self.sock is not None:
                 self.sock.send_multipart(wire.DISCONNECT)
 
@@ -116,65 +109,71 @@ class TailWorker:
         torch.set_num_threads(self.cfg.threads)
         self.connect()
         interval = self.cfg.heartbeat_interval_s
-        max_wait_s = self.cfg.max_wait_ms / 1000
         liveness = self.cfg.heartbeat_liveness
-        reconnect_s = RECONNECT_INITIAL_S
+        backoff = Backoff()
         heartbeat_at = time.monotonic() + interval
         while True:
             now = time.monotonic()
-            if self.draining_since is not None and not self.pending and \
-                    now - self.draining_since >= DRAIN_GRACE_S:
+            draining = self.draining_since is not None
+            if draining and not self.batcher and now - self.draining_since >= DRAIN_GRACE_S:
                 return
             wake = heartbeat_at
-            if self.pending:
-                wake = min(wake, self.pending[0][2] + max_wait_s)
+            if self.batcher:
+                wake = min(wake, self.batcher.next_due())
             if self.sock.poll(max(0.0, wake - now) * 1000, zmq.POLLIN):
                 liveness = self.cfg.heartbeat_liveness
-                reconnect_s = RECONNECT_INITIAL_S
+                backoff.reset()
                 self._receive()
             now = time.monotonic()
-            oldest = self.pending[0][2] if self.pending else None
-            if batch_due(self.pending_frames, oldest, self.cfg.max_batch, max_wait_s, now) or \
-                    (self.draining_since is not None and self.pending):
+            if self.batcher.due(now, draining):
                 self._run_batch()
+            if len(self.batcher) != self.held:  # once a pass, and only on a change
+                self.held = len(self.batcher)
+                self.m_held.set(self.held)
             if now >= heartbeat_at:
                 heartbeat_at = now + interval
                 self.sock.send_multipart(wire.HEARTBEAT)
                 liveness -= 1
                 if liveness <= 0 and self.draining_since is None:
+                    wait_s = backoff.next()
                     print(f"W: worker {self.worker_id}: broker silent, reconnecting in "
-                          f"{reconnect_s:.2f} s", file=sys.stderr, flush=True)
-                    time.sleep(reconnect_s)
-                    reconnect_s = min(2 * reconnect_s, RECONNECT_MAX_S)
+                          f"{wait_s:.2f} s", file=sys.stderr, flush=True)
+                    time.sleep(wait_s)  # the back-off itself: the broker is not there
                     self.connect()
                     liveness = self.cfg.heartbeat_liveness
 
-    def _receive(self, limit: int = 1000) -> None:
-        for _ in range(limit):
+    def _set_ready(self, ready: bool) -> None:
+        if ready != self.ready:  # a metric write only on a change: it may be a file write
+            self.ready = ready
+            self.m_ready.set(int(ready))
+
+    def _receive(self) -> None:
+        for _ in range(RECEIVE_BURST):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) == 3:
-                self._on_request(frames[0], frames[1:])
+            if len(parts) == 3:
+                self._set_ready(self.draining_since is None)  # work: the broker knows us
+                self._on_request(parts[0], parts[1:])
                 continue
             try:
-                control = wire.decode_control(frames)
+                control = wire.decode_control(parts)
             except WireError as e:
                 self._count(e.reason)
                 continue
-            if control == Kind.DISCONNECT and self.draining_since is None:
-                # The broker forgot us (it restarted, or thought us dead): announce again.
-                self.sock.send_multipart(
-                    wire.encode_ready(self.worker_id, self.model_tag, self.credit))
+            if control == Kind.HEARTBEAT:
+                self._set_ready(self.draining_since is None)
+            elif control == Kind.DISCONNECT and self.draining_since is None:
+                self._announce()  # the broker forgot us (it restarted, or thought us dead)
 
-    def _on_request(self, edge: bytes, frames: list) -> None:
+    def _on_request(self, edge: bytes, parts: list) -> None:
         try:
-            request = wire.decode_request(frames)
+            request = wire.decode_request(parts)
         except WireError as e:
             self._count(e.reason)
             try:
-                _, msg_id = wire.peek(frames[0])
+                _, msg_id = wire.peek(parts[0])
             except WireError:
                 return  # not even a header: nothing to answer
             self._refuse(edge, msg_id, Refusal.BAD_REQUEST, e.detail)
@@ -191,8 +190,7 @@ class TailWorker:
                          f"model {self.model_id} takes {self.width} features, got "
                          f"{request.features.shape[1]}")
             return
-        self.pending.append((edge, request, time.monotonic()))
-        self.pending_frames += len(request.frame_ids)
+        self.batcher.add((edge, request), len(request.frame_ids), time.monotonic())
 
     def _refuse(self, edge: bytes, msg_id: int, reason: Refusal, detail: str) -> None:
         self.sock.send_multipart([edge] + wire.encode_error(msg_id, reason, detail))
@@ -200,21 +198,16 @@ class TailWorker:
     def _count(self, reason: str) -> None:
         """A refused or dropped request; `reason` is a WireError reason or wrong_model."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
-        m.WORKER_REQUESTS.labels(self.worker_id, reason).inc()
+        self.m.requests.labels(self.worker_id, reason).inc()
         if reason != "wrong_model":
-            m.BAD_MESSAGES.labels("worker", reason).inc()
+            self.m_bad.labels("worker", reason).inc()
 
     def _run_batch(self) -> None:
-        """Run the tail once over up to max_batch frames; reply to each request."""
-        taken, frames = [], 0
-        while self.pending and (not taken or frames + len(self.pending[0][1].frame_ids)
-                                <= self.cfg.max_batch):
-            item = self.pending.pop(0)
-            taken.append(item)
-            frames += len(item[1].frame_ids)
-        self.pending_frames -= frames
+        """Run the tail once over the batch the batcher hands out; reply to each request."""
+        taken = self.batcher.take()
         start = time.monotonic()
-        x = torch.from_numpy(np.concatenate([r.features for _, r, _ in taken]))
+        x = torch.from_numpy(np.concatenate([r.features for (_, r), _ in taken]))
+        frames = x.shape[0]
         with torch.inference_mode():
             probs = torch.softmax(self.tail(x), dim=1)
             confidence, classes = probs.max(dim=1)
@@ -225,7 +218,7 @@ class TailWorker:
         self.m_tail.observe(end - start)
         self.m_batch.observe(frames)
         self.m_frames.inc(frames)
-        for edge, request, arrival in taken:
+        for (edge, request), arrival in taken:
             n = len(request.frame_ids)
             self.m_ok.inc()
             self.m_queue.observe(start - arrival)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import CalibrationConfig
+from pipeline.model.config import CalibrationConfig
 
 __all__ = ["exit_scores", "Sweep", "sweep", "choose_threshold", "split_accuracy",
            "write_csv", "write_plot"]

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import calibrate as cal
-from pipeline.artifacts import compute_model_id, load_model, save_artifacts, set_threshold
-from pipeline.config import Config
-from pipeline.data import FASHION_CLASSES, Dataset, Split, load_dataset
+from pipeline.model import calibrate as cal
+from pipeline.model.artifacts import compute_model_id, load_model, save_artifacts, set_threshold
+from pipeline.model.config import Config
+from pipeline.model.data import FASHION_CLASSES, Dataset, Split, load_dataset
 from pipeline.errors import ArtifactError
-from pipeline.model import SplitModel, describe
+from pipeline.model.split_model import SplitModel, describe
 
 __all__ = ["fit", "predict", "run", "calibrate_dir", "METRICS_FILE"]
 

@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError
 __all__ = ["ModelConfig", "TrainConfig", "CalibrationConfig", "DataConfig", "Config",
            "load_config", "apply_overrides", "CONFIG_DIR", "resolve_config_path"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 SCORES = ("max_softmax", "margin", "entropy")
 POLICIES = ("offload", "max_drop")

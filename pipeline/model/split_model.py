@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.model.config import ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.sparse import SparseLinear, SparsityError, fan_in_for, make_junction
+from pipeline.model.sparse import SparseLinear, SparsityError, fan_in_for, make_junction
 
 __all__ = ["Head", "Tail", "SplitModel", "junction_specs"]
 

@@ -23,11 +23,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.config import FASHION_MNIST_DIR
-from pipeline.data import load_dataset
+from pipeline.model.config import FASHION_MNIST_DIR
+from pipeline.model.data import load_dataset
 from pipeline.errors import DataError, SourceError
+from pipeline.protocol.timing import backoff_delays
 
-__all__ = ["Frame", "Source", "LatestFrame", "open_source", "to_model_input", "backoff_delays",
+__all__ = ["Frame", "Source", "LatestFrame", "Shard", "open_source", "to_model_input",
            "SourceError", "IMAGE_EXTENSIONS", "STREAM_SCHEMES"]
 
 SIDE = 28                  # the model reads SIDE x SIDE grayscale pixels
@@ -78,13 +79,6 @@ def to_model_input(image: np.ndarray) -> np.ndarray:
         # INTER_AREA averages the pixels it shrinks; others alias on large frames
         image = cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
     return image.reshape(-1).astype(np.float32) / np.float32(255)
-
-
-def backoff_delays(attempts: int, start_s: float = RECONNECT_START_S,
-                   max_s: float = RECONNECT_MAX_S) -> list[float]:
-    """Waits before each reconnect attempt: doubling, capped, so a dead server is not hammered
-    and a brief outage is not waited out for long."""
-    return [min(start_s * 2 ** i, max_s) for i in range(attempts)]
 
 
 class Pacer:
@@ -387,3 +381,17 @@ def open_source(spec: str, fps: float | None = None, limit: int | None = None,
     if "/" in spec:
         raise SourceError(f"cannot open {spec}: no such file or folder")
     raise SourceError(f"unknown source {spec!r}: give {ACCEPTED}")
+
+
+class Shard:
+    """Every count-th frame of a source, starting at index: M producers share one replay."""
+
+    def __init__(self, source, index: int, count: int):
+        self.source, self.index, self.count = source, index, count
+        self.live = source.live
+
+    def frames(self):
+        return (f for f in self.source.frames() if f.frame_id % self.count == self.index)
+
+    def close(self) -> None:
+        self.source.close()

@@ -130,9 +130,10 @@ class Security:
 PLAINTEXT_LOOPBACK = Security(insecure=True)
 
 
-def watch_handshake(sock: zmq.Socket, who: str) -> threading.Thread:
+def watch_handshake(sock: zmq.Socket, who: str, on_failure=lambda: None) -> threading.Thread:
     """Report a failed CURVE handshake once (a wrong or unlisted key otherwise looks like a
-    silent broker). Runs in a daemon thread on the socket's monitor."""
+    silent broker), and call `on_failure` (a metric). Runs in a daemon thread on the socket's
+    monitor."""
     from zmq.utils.monitor import recv_monitor_message
 
     monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
@@ -142,6 +143,7 @@ def watch_handshake(sock: zmq.Socket, who: str) -> threading.Thread:
             recv_monitor_message(monitor)
         except zmq.ZMQError:
             return  # the socket closed first
+        on_failure()
         print(f"E: {who}: {HANDSHAKE_HINT}", file=sys.stderr, flush=True)
 
     thread = threading.Thread(target=run, daemon=True, name="handshake-monitor")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, from_dict
+from pipeline.model.config import Config, from_dict
 from pipeline.errors import ArtifactError, UserError
-from pipeline.model import Head, SplitModel, Tail
+from pipeline.model.split_model import Head, SplitModel, Tail
 
 __all__ = ["EDGE_FILE", "SERVER_FILE", "compute_model_id", "save_artifacts", "EdgeArtifact",
            "ServerArtifact", "load_edge", "load_server", "load_model", "set_threshold"]

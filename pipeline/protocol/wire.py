@@ -11,7 +11,10 @@ payloads are never copied into msgpack.
     ERROR      [v, 3, msg_id, reason, detail]                  (refusal of a request)
     READY      [v, 4, 0, worker_id, model_tag, credit]         worker -> broker
     HEARTBEAT  [v, 5, 0]                                       both ways, broker <-> worker
-    DISCONNECT [v, 6, 0]                                       worker -> broker (drained)
+    DISCONNECT [v, 6, 0]                                       both ways, see Kind
+
+The broker answers a READY with a HEARTBEAT at once: the worker's proof that the broker
+knows it (its readiness), instead of waiting up to a heartbeat interval.
 
 A request is self-contained (any worker can serve it after a redelivery): the 8-byte model
 tag says which model produced the features, `width` their size, `dtype`/`codec` one small
@@ -30,7 +33,8 @@ import lz4.block
 import msgpack
 import numpy as np
 
-__all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "WireError", "Request", "Reply",
+__all__ = ["VERSION", "Kind", "Field", "DType", "Codec", "Refusal", "DTYPE_NAMES",
+           "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
            "peek", "quantize", "dequantize", "wire_bytes", "model_tag", "MODEL_TAG_BYTES",
@@ -47,12 +51,31 @@ UINT64_MAX = (1 << 64) - 1
 
 
 class Kind(IntEnum):
-    REQUEST = 1
-    REPLY = 2
-    ERROR = 3
-    READY = 4
-    HEARTBEAT = 5
-    DISCONNECT = 6
+    REQUEST = 1      # edge -> broker -> worker: features to run the tail on
+    REPLY = 2        # worker -> broker -> edge: classes and confidences
+    ERROR = 3        # broker or worker -> edge: a refusal (Refusal says why)
+    READY = 4        # worker -> broker: serve me requests, I hold `credit` at once
+    HEARTBEAT = 5    # broker <-> worker: alive (any message counts as one)
+    DISCONNECT = 6   # worker -> broker: draining, send nothing new;
+                     # broker -> worker: I do not know you, announce yourself (READY) again
+
+
+class Field(IntEnum):
+    """Positions in a REQUEST header (the hot path; other kinds are short)."""
+    VERSION = 0
+    KIND = 1
+    MSG_ID = 2
+    PRODUCER_ID = 3
+    MODEL_TAG = 4
+    CAPTURE_TS_US = 5
+    FRAME_IDS = 6
+    WIDTH = 7
+    DTYPE = 8
+    CODEC = 9
+    SCALES = 10
+
+
+REQUEST_FIELDS = len(Field)
 
 
 class DType(IntEnum):
@@ -72,6 +95,12 @@ class Refusal(IntEnum):
     WRONG_MODEL = 2    # the worker serves another model id
     BAD_REQUEST = 3    # the request did not decode
     NO_WORKER = 4      # nothing could serve it in time
+
+
+# The names users and metric labels see (--dtype int8, reason="busy").
+DTYPE_NAMES = {"float32": DType.FLOAT32, "float16": DType.FLOAT16, "int8": DType.INT8}
+CODEC_NAMES = {"lz4": Codec.LZ4, "none": Codec.NONE}
+REFUSAL_NAMES = {r: r.name.lower() for r in Refusal}   # busy, wrong_model, ...
 
 
 ITEMSIZE = {DType.FLOAT32: 4, DType.FLOAT16: 2, DType.INT8: 1}
@@ -243,17 +272,18 @@ def decode_request(frames: list) -> Request:
     if len(frames) != 2:
         raise WireError("malformed", f"a request has 2 frames, got {len(frames)}")
     f = _unpack_header(frames[0])
-    if len(f) != 11 or f[1] != Kind.REQUEST:
+    if len(f) != REQUEST_FIELDS or f[Field.KIND] != Kind.REQUEST:
         raise WireError("kind", "not a request header")
-    msg_id, producer_id = f[2], _int(f[3], "producer_id")
-    model_tag = _bytes(f[4], "model_tag", MODEL_TAG_BYTES)
-    capture_ts_us = _int(f[5], "capture_ts_us")
-    if type(f[6]) is not list or not 1 <= len(f[6]) <= MAX_FRAMES_PER_REQUEST:
+    msg_id, producer_id = f[Field.MSG_ID], _int(f[Field.PRODUCER_ID], "producer_id")
+    model_tag = _bytes(f[Field.MODEL_TAG], "model_tag", MODEL_TAG_BYTES)
+    capture_ts_us = _int(f[Field.CAPTURE_TS_US], "capture_ts_us")
+    ids = f[Field.FRAME_IDS]
+    if type(ids) is not list or not 1 <= len(ids) <= MAX_FRAMES_PER_REQUEST:
         raise WireError("field", f"frame_ids must list 1..{MAX_FRAMES_PER_REQUEST} ids")
-    frame_ids = tuple(_int(i, "frame id") for i in f[6])
-    width = _int(f[7], "width", 1, MAX_WIDTH)
-    dtype, codec = _enum(f[8], DType, "dtype"), _enum(f[9], Codec, "codec")
-    scales = _bytes(f[10], "scales")
+    frame_ids = tuple(_int(i, "frame id") for i in ids)
+    width = _int(f[Field.WIDTH], "width", 1, MAX_WIDTH)
+    dtype, codec = _enum(f[Field.DTYPE], DType, "dtype"), _enum(f[Field.CODEC], Codec, "codec")
+    scales = _bytes(f[Field.SCALES], "scales")
     n = len(frame_ids)
     expected = n * width * ITEMSIZE[dtype]
     if expected > MAX_PAYLOAD_BYTES:

@@ -1,0 +1,288 @@
+"""An edge producer: head + exit on every frame, offload the unsure ones, one answer each.
+
+One asyncio loop, one coroutine per concern (pyzmq's coroutines.py shape), all of them thin
+I/O around the pure in-flight table (pipeline.edge.inflight), which owns the exactly-one-
+answer rule:
+    capture  - a thread reads the source and hands frames over; it never waits on the network
+    process  - head + exit; confident -> final local answer; else open a request in the table
+               and send it (never blocks: a full send queue means the server is unreachable)
+    receive  - poll, then read (never wait_for(recv): pyzmq #1925 loses the message) answers
+    expire   - sleeps until the table's next deadline, then lets the table expire what is due
+    watch    - the socket's handshake events: readiness, and a rejected CURVE key said once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import zmq
+import zmq.asyncio
+from prometheus_client import REGISTRY, CollectorRegistry
+from zmq.utils.monitor import parse_monitor_message
+
+from monitoring.metrics import PATHS, EdgeMetrics, ProcessMetrics, for_registry
+from pipeline.edge.config import EdgeConfig
+from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
+from pipeline.edge.results import Outcome, Results, Summary, print_summary
+from pipeline.model.artifacts import load_edge
+from pipeline.model.calibrate import exit_scores
+from pipeline.protocol import wire
+from pipeline.protocol.security import HANDSHAKE_FAILED, HANDSHAKE_HINT
+from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES, WireError
+
+__all__ = ["EdgeConfig", "EdgeProducer", "run_producer"]
+
+CAPTURE_QUEUE_FRAMES = 256      # frames between the capture thread and the head (files, replay)
+LIVE_QUEUE_FRAMES = 2           # ... for cameras and streams: stale frames are dropped upstream
+RECEIVE_BURST = 1000            # answers read per wake-up before yielding to the other tasks
+REQUEST_STATUSES = tuple(s.value for s in (Status.ANSWERED, Status.REFUSED, Status.DEADLINE,
+                                           Status.UNREACHABLE))
+LINK_EVENTS = HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+class EdgeProducer:
+    def __init__(self, artifact_dir: str, cfg: EdgeConfig, ctx: zmq.asyncio.Context | None = None,
+                 registry: CollectorRegistry = REGISTRY):
+        self.cfg = cfg.validate()
+        edge = load_edge(artifact_dir)
+        self.head, self.threshold, self.score = edge.head.eval(), edge.threshold, edge.score
+        self.model_tag = wire.model_tag(edge.model_id)
+        self.dtype, self.codec = DTYPE_NAMES[cfg.dtype], CODEC_NAMES[cfg.codec]
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.sndhwm = cfg.send_queue
+        self.sock.identity = f"edge-{cfg.producer_id}-{os.getpid()}-{id(self):x}".encode()
+        cfg.security.client_socket(self.sock)
+        self.monitor = self.sock.get_monitor_socket(LINK_EVENTS)
+        self.sock.connect(cfg.broker)
+        self.inflight = InFlight(cfg.deadline_ms / 1000)
+        self.results = Results(cfg.results)
+        self.summary: Summary = self.results.summary
+        self._opened: asyncio.Event | None = None    # a request entered an empty table
+        self._settled: asyncio.Event | None = None   # the table became empty
+        m, p = for_registry(EdgeMetrics, registry), str(cfg.producer_id)
+        common = for_registry(ProcessMetrics, registry)
+        self.m_ready = common.ready.labels("edge")   # metric children bound once
+        self.m_bad = common.bad_messages
+        self.m_handshake_failures = common.handshake_failures.labels("edge")
+        self.m_frames = {path: m.frames.labels(p, path) for path in PATHS}
+        self.m_latency = {path: m.latency.labels(p, path) for path in PATHS}
+        self.m_head = m.head.labels(p)
+        self.m_fallbacks = {r: m.fallbacks.labels(p, r) for r in FALLBACK_REASONS}
+        self.m_requests = {s: m.requests.labels(p, s) for s in REQUEST_STATUSES}
+        self.m_uplink, self.m_feature = m.uplink_bytes.labels(p), m.feature_bytes.labels(p)
+        self.m_payload, self.m_duplicates = m.payload_bytes.labels(p), m.duplicates.labels(p)
+
+    # -- the one place a frame is finished ----------------------------------------------------
+
+    def _finish(self, o: Outcome) -> None:
+        self.results.add(o)
+        self.m_frames[o.path].inc()
+        self.m_latency[o.path].observe(o.latency_ms / 1000)
+        if o.reason:
+            self.m_fallbacks[o.reason].inc()
+
+    def _resolve(self, r: Resolution) -> None:
+        """Carry out what the in-flight table decided."""
+        if r.status is Status.DUPLICATE:
+            self.summary.duplicates += 1  # late, or a second answer after a redelivery
+            self.m_duplicates.inc()
+            return
+        if r.status is Status.MIS_SIZED:
+            self.m_bad.labels("edge", "shape").inc()  # the request's deadline decides
+            return
+        self.m_requests[r.status.value].inc()
+        now, head_ms, reply = time.time(), r.note, r.reply
+        for f in r.finals:
+            self._finish(Outcome(
+                f.frame.frame_id, f.frame.source, f.path, f.cls, f.confidence, f.frame.label,
+                f.reason, f.frame.capture_ts, head_ms, (now - f.frame.capture_ts) * 1000,
+                f.uplink_bytes, *((reply.worker_id, reply.queue_us, reply.tail_us, reply.batch)
+                                  if reply else ())))
+        if not self.inflight:
+            self._settled.set()
+
+    # -- coroutines -----------------------------------------------------------------------------
+
+    async def run(self, source) -> Summary:
+        # A live source keeps only its newest frame itself; a deep queue here would undo that.
+        frames: queue.Queue = queue.Queue(LIVE_QUEUE_FRAMES if getattr(source, "live", False)
+                                          else CAPTURE_QUEUE_FRAMES)
+        arrived, self._opened, self._settled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        capture = threading.Thread(target=self._capture, args=(source, frames, arrived, loop),
+                                   daemon=True, name="capture")
+        capture.start()
+        tasks = [asyncio.create_task(c) for c in (self._receive(), self._expire(),
+                                                  self._watch())]
+        try:
+            await self._process(frames, arrived)
+            while self.inflight:  # last answers, bounded by their deadlines
+                self._settled.clear()
+                await self._settled.wait()
+        finally:
+            self.m_ready.set(0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.sock.disable_monitor()
+            self.monitor.close()
+            self.results.close()
+            self.sock.close()
+        return self.summary
+
+    def _capture(self, source, frames: queue.Queue, arrived: asyncio.Event, loop) -> None:
+        """Thread: read frames and hand them over; blocks only when the head falls behind."""
+        try:
+            for frame in source.frames():
+                frames.put(frame)
+                loop.call_soon_threadsafe(arrived.set)
+        finally:
+            frames.put(None)
+            loop.call_soon_threadsafe(arrived.set)
+
+    async def _next_frames(self, frames: queue.Queue, arrived: asyncio.Event) -> list:
+        """Every frame waiting now (up to max_pack), or wait for one; None ends the source."""
+        while True:
+            arrived.clear()
+            batch = []
+            while len(batch) < self.cfg.max_pack:
+                try:
+                    batch.append(frames.get_nowait())
+                except queue.Empty:
+                    break
+            if batch:
+                return batch
+            await arrived.wait()
+
+    async def _process(self, frames: queue.Queue, arrived: asyncio.Event) -> None:
+        while True:
+            batch = await self._next_frames(frames, arrived)
+            done = batch[-1] is None
+            batch = [f for f in batch if f is not None]
+            if batch:
+                await self._handle(batch)
+            if done:
+                return
+
+    async def _handle(self, batch: list) -> None:
+        """Head + exit on the frames that are waiting; answer or pack the unsure into one
+        request (packing adds no wait: only frames already here go together)."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            x = torch.from_numpy(np.stack([f.pixels for f in batch]))  # (B, 784)
+            exit_logits, features = self.head(x)
+        scores = exit_scores(exit_logits, self.score)
+        exit_cls = exit_logits.argmax(1).tolist()
+        head_ms = (time.perf_counter() - start) * 1000 / len(batch)
+        for _ in batch:
+            self.m_head.observe(head_ms / 1000)
+        now, unsure = time.time(), []
+        for i, f in enumerate(batch):
+            if scores[i] >= self.threshold:
+                self._finish(Outcome(f.frame_id, f.source, "exit", exit_cls[i], float(scores[i]),
+                                     f.label, None, f.capture_ts, head_ms,
+                                     (now - f.capture_ts) * 1000))
+            else:
+                unsure.append(i)
+        if not unsure:
+            return
+        offloaded = [batch[i] for i in unsure]
+        request = wire.encode_request(self.inflight.next_id(), self.cfg.producer_id,
+                                      self.model_tag, int(offloaded[0].capture_ts * 1e6),
+                                      [f.frame_id for f in offloaded],
+                                      features[unsure].numpy(), self.dtype, self.codec)
+        sent = wire.wire_bytes(request)
+        msg_id = self.inflight.open(offloaded, [exit_cls[i] for i in unsure],
+                                    [float(scores[i]) for i in unsure], sent, time.monotonic(),
+                                    note=head_ms)
+        self._opened.set()
+        try:
+            await self.sock.send_multipart(request, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._resolve(self.inflight.fail(msg_id))
+            return
+        self.m_uplink.inc(sent)
+        self.m_feature.inc(len(unsure) * features.shape[1] * wire.ITEMSIZE[self.dtype])
+        self.m_payload.inc(len(request[1]))
+
+    async def _receive(self) -> None:
+        while True:
+            await self.sock.poll(None, zmq.POLLIN)
+            for _ in range(RECEIVE_BURST):
+                try:
+                    parts = await self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    answer = wire.decode_answer(parts)
+                except WireError as e:
+                    self.m_bad.labels("edge", e.reason).inc()
+                    continue
+                self._resolve(self.inflight.refuse(answer) if isinstance(answer, wire.Error)
+                              else self.inflight.answer(answer))
+
+    async def _expire(self) -> None:
+        """Wake at the next deadline, not on a polling tick."""
+        while True:
+            deadline = self.inflight.next_deadline()
+            if deadline is None:
+                self._opened.clear()
+                await self._opened.wait()
+                continue
+            delay_s = deadline - time.monotonic()
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+                continue
+            for r in self.inflight.expire(time.monotonic()):
+                self._resolve(r)
+
+    async def _watch(self) -> None:
+        """Ready while the link to the broker is up; a rejected key looks like a silent
+        broker (libzmq #2227), so say it once."""
+        told = False
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.m_ready.set(1)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.m_ready.set(0)
+            elif event & HANDSHAKE_FAILED and not told:
+                told = True
+                self.m_handshake_failures.inc()
+                print(f"E: edge {self.cfg.producer_id}: {HANDSHAKE_HINT}", file=sys.stderr,
+                      flush=True)
+
+
+def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | None = None,
+                 limit: int | None = None, data_dir: str | None = None,
+                 shard: tuple[int, int] | None = None, loop: bool = False) -> Summary:
+    """Process entry point for one producer: open the source, run it to its end."""
+    from pipeline.edge.sources import Shard, open_source
+
+    count = shard[1] if shard else 1
+    source = open_source(spec, fps=fps * count if fps else None, limit=limit,
+                         data_dir=data_dir, loop=loop)
+    if shard:
+        source = Shard(source, *shard)
+
+    torch.set_num_threads(cfg.threads)
+
+    async def main():
+        producer = EdgeProducer(artifact_dir, cfg)
+        return await producer.run(source)
+
+    try:
+        summary = asyncio.run(main())
+    finally:
+        source.close()
+    print_summary(summary)
+    return summary

@@ -1,0 +1,201 @@
+"""The broker: edges on one ROUTER, workers on another, requests to workers with free credit.
+
+    edge DEALER --[header, payload]--> frontend ROUTER     backend ROUTER <--READY/HEARTBEAT-- worker
+                <--[answer]-----------                     --[edge, header, payload]-->
+                                                           <--[edge, answer]-----------
+
+The rules (admission, queue, expiry, credit, redelivery) live in `workers.scheduler`, a pure
+object; this module is the I/O around it, in the zguide Paranoid-Pirate shape: poll with the
+heartbeat interval -> backend -> frontend -> tick -> heartbeat. Each message is read, handed
+to the scheduler, and the sends it returns are made. Replies to an edge that is gone are
+dropped by the ROUTER and counted.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import fields
+
+import zmq
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from monitoring.metrics import BrokerMetrics, ProcessMetrics, for_registry
+from pipeline.errors import UserError
+from pipeline.protocol import wire
+from pipeline.protocol.wire import Kind, Refusal, WireError
+from workers.config import BrokerConfig
+from workers.scheduler import FRONTEND as TO_EDGE, Counts, Scheduler
+
+__all__ = ["BrokerConfig", "Broker", "run_broker"]
+
+RECEIVE_BURST = 1000   # messages read from one socket before the other gets its turn
+
+
+class Broker:
+    def __init__(self, cfg: BrokerConfig, ctx: zmq.Context | None = None,
+                 registry: CollectorRegistry = REGISTRY):
+        self.cfg = cfg
+        cfg.security.check([cfg.frontend, cfg.backend], "broker")
+        self.ctx = ctx or zmq.Context.instance()
+        self.frontend, self.backend = self._router(), self._router()
+        self.auth = cfg.security.server_sockets(self.ctx, [self.frontend, self.backend])
+        self._bind(self.frontend, cfg.frontend)
+        self._bind(self.backend, cfg.backend)
+        self.scheduler = Scheduler(cfg.max_queue, cfg.queue_timeout_s,
+                                   cfg.heartbeat_interval_s * cfg.heartbeat_liveness)
+        self.bad: dict[str, int] = {}
+        self.running = True
+        self.m = for_registry(BrokerMetrics, registry)
+        common = for_registry(ProcessMetrics, registry)
+        self.m_ready, self.m_bad = common.ready.labels("broker"), common.bad_messages
+        self._exported = Counts()
+
+    def _router(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.sndhwm = sock.rcvhwm = 100_000  # far above max_queue
+        sock.router_mandatory = 1  # a full or vanished peer raises (counted), never a silent drop
+        return sock
+
+    def _bind(self, sock: zmq.Socket, address: str) -> None:
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as e:
+            self.close()
+            raise UserError(f"cannot bind {address}: {e.strerror}; is another broker "
+                            f"running there?") from None
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.frontend, zmq.POLLIN)
+        heartbeat_at = time.monotonic() + self.cfg.heartbeat_interval_s
+        self.m_ready.set(1)  # both ports bound, signals handled: edges and workers may come
+        while self.running:
+            timeout_ms = max(0.0, heartbeat_at - time.monotonic()) * 1000
+            events = dict(poller.poll(timeout_ms))
+            now = time.monotonic()
+            if self.backend in events:      # replies and control from workers
+                self._drain(self.backend, self._on_backend, now)
+            if self.frontend in events:     # requests from edges
+                self._drain(self.frontend, self._on_frontend, now)
+            self._send(self.scheduler.tick(now), now)
+            if now >= heartbeat_at:
+                self._send(self.scheduler.heartbeats(), now)
+                heartbeat_at = now + self.cfg.heartbeat_interval_s
+            self._export()  # once a pass, not once a message
+
+    def _drain(self, sock: zmq.Socket, handle, now: float) -> None:
+        """Handle what is queued on a socket, a bounded number so neither side starves."""
+        for _ in range(RECEIVE_BURST):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._send(handle(parts, now), now)
+
+    def _send(self, sends: list, now: float) -> None:
+        """Make the scheduler's sends; a worker that cannot be sent to has vanished."""
+        i = 0
+        while i < len(sends):
+            side, parts = sends[i]
+            i += 1
+            try:
+                (self.frontend if side == TO_EDGE else self.backend).send_multipart(
+                    parts, zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                gone = e.errno == zmq.EHOSTUNREACH
+                if side == TO_EDGE:   # the edge is gone or not reading: its deadline decides
+                    self.m.drops.labels("edge_gone" if gone else "edge_full").inc()
+                else:
+                    self.m.drops.labels("worker_gone" if gone else "worker_full").inc()
+                    sends += self.scheduler.worker_gone(parts[0], now)
+
+    def _bad(self, component: str, reason: str) -> list:
+        key = f"{component}_{reason}"
+        self.bad[key] = self.bad.get(key, 0) + 1
+        self.m_bad.labels(f"broker_{component}", reason).inc()
+        return []
+
+    def _on_backend(self, parts: list, now: float) -> list:
+        worker = parts[0]
+        if len(parts) == 3:  # [worker, edge, answer]
+            try:
+                _, msg_id = wire.peek(parts[2])
+            except WireError as e:
+                return self._bad("backend", e.reason)
+            return self.scheduler.reply(worker, parts[1], msg_id, parts[2], now)
+        if len(parts) != 2:
+            return self._bad("backend", "malformed")
+        try:
+            control = wire.decode_control(parts[1:])
+        except WireError as e:
+            return self._bad("backend", e.reason)
+        if isinstance(control, wire.Ready):
+            return self.scheduler.ready(worker, control.credit, now)
+        if control == Kind.HEARTBEAT:
+            return self.scheduler.heartbeat(worker, now)
+        return self.scheduler.disconnect(worker, now)
+
+    def _on_frontend(self, parts: list, now: float) -> list:
+        edge = parts[0]
+        if len(parts) != 3:
+            return self._bad("frontend", "malformed")
+        try:
+            kind, msg_id = wire.peek(parts[1])
+        except WireError as e:
+            return self._bad("frontend", e.reason)
+        if kind != Kind.REQUEST:
+            self._bad("frontend", "kind")
+            return [(TO_EDGE, [edge] + wire.encode_error(msg_id, Refusal.BAD_REQUEST,
+                                                         "edges send requests only"))]
+        return self.scheduler.request(edge, msg_id, parts[1:], now)
+
+    def _export(self) -> None:
+        """Copy the scheduler's counts into the metrics: one write per pass, not per message
+        (in multiprocess mode every metric write is a write to a shared file)."""
+        c, last, m = self.scheduler.counts, self._exported, self.m
+        for status, name in (("dispatched", "dispatched"), ("busy", "busy"),
+                             ("expired", "expired")):
+            delta = getattr(c, name) - getattr(last, name)
+            if delta:
+                m.requests.labels(status).inc(delta)
+        if c.redelivered != last.redelivered:
+            m.redeliveries.inc(c.redelivered - last.redelivered)
+        for f in fields(Counts):
+            setattr(last, f.name, getattr(c, f.name))
+        table = self.scheduler.table
+        m.queue_depth.set(len(self.scheduler.queue))
+        m.workers.set(table.live)
+        m.free_credit.set(table.free_credit)
+
+    def close(self) -> None:
+        self.m_ready.set(0)
+        self.frontend.close()
+        self.backend.close()
+        if self.auth is not None:
+            self.auth.stop()
+
+
+def run_broker(cfg: BrokerConfig) -> None:
+    """Run until SIGINT/SIGTERM (the process entry point for `splitexit broker`)."""
+    broker = Broker(cfg)
+
+    def stop(*_):
+        broker.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"I: broker: edges on {cfg.frontend}, workers on {cfg.backend}", file=sys.stderr,
+          flush=True)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+        s = broker.scheduler.counts
+        print(f"I: broker: {s.requests} requests, {s.replies} replies, {s.busy} busy, "
+              f"{s.expired} expired, {s.redelivered} redelivered, bad {broker.bad}",
+              file=sys.stderr, flush=True)
+

@@ -1,0 +1,36 @@
+"""The server side's runtime settings, and their defaults: declared here once; the CLI and
+`splitexit up` read their defaults from these dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.protocol.endpoints import BACKEND, FRONTEND
+from pipeline.protocol.security import PLAINTEXT_LOOPBACK, Security
+from pipeline.protocol.timing import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+
+__all__ = ["BrokerConfig", "WorkerConfig"]
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = FRONTEND                 # edges connect here
+    backend: str = BACKEND                   # workers connect here
+    max_queue: int = 1024                    # queued requests before BUSY
+    queue_timeout_s: float = 2.0             # queued longer than this: NO_WORKER
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    security: Security = PLAINTEXT_LOOPBACK
+
+
+@dataclass
+class WorkerConfig:
+    broker: str = BACKEND                  # the broker's backend
+    max_batch: int = 64                    # frames per tail call
+    max_wait_ms: float = 0.0               # oldest request's wait before a partial batch runs;
+                                           # 0: run as soon as the worker is free
+    credit: int = 0                        # requests held at once; 0 = 2 x max_batch
+    threads: int = 1                       # torch threads per worker process
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    security: Security = PLAINTEXT_LOOPBACK
