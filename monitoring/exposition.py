@@ -35,10 +35,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from monitoring.metrics import READY
 
 __all__ = ["MetricsError", "MetricsServer", "claim_metrics_dir", "multiprocess_registry",
-           "readiness", "total", "mark_dead", "MULTIPROC_ENV", "DEFAULT_ADDR", "LOCK_FILE"]
+           "readiness", "total", "mark_dead", "MULTIPROC_ENV", "DEFAULT_ADDR", "LOCK_FILE",
+           "METRICS_PORTS"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_ADDR = "127.0.0.1"  # metrics stay on loopback unless asked otherwise
+# Each command's default port (configs/prometheus.yml scrapes these).
+METRICS_PORTS = {"up": 9100, "broker": 9101, "workers": 9102, "edge": 9103}
 LOCK_FILE = "splitexit-launcher.pid"
 METRIC_FILE_SUFFIX = ".db"  # what prometheus-client writes per process (counter_123.db, ...)
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from monitoring.exposition import MetricsError
+from monitoring.exposition import METRICS_PORTS, MetricsError
+from pipeline import options
 from pipeline.errors import UserError
 
 __all__ = ["main"]
@@ -86,7 +87,7 @@ def _start_metrics(args: argparse.Namespace, expected: dict[str, int] | None = N
     def announce() -> None:
         if not told and ready():
             told.append(True)
-            print(f"I: ready: {', '.join(f'{n} {role}' for role, n in expected.items())}",
+            print(f"I: ready: {', '.join(f'{role} x{n}' for role, n in expected.items())}",
                   file=sys.stderr, flush=True)
     return registry, announce
 
@@ -226,75 +227,6 @@ def _cmd_top(args: argparse.Namespace) -> None:
         pass
 
 
-def _add_metrics_options(p: argparse.ArgumentParser, port: int, launcher: bool) -> None:
-    from monitoring.exposition import DEFAULT_ADDR
-
-    p.add_argument("--metrics-port", type=int, default=port,
-                   help="serve Prometheus /metrics and /ready here, 0 for none "
-                        "(default: %(default)s)")
-    p.add_argument("--metrics-addr", default=DEFAULT_ADDR,
-                   help="address to serve metrics on (default: %(default)s, loopback only)")
-    if launcher:
-        p.add_argument("--metrics-dir", help="folder for the children's metric files, this "
-                       "launcher's alone while it runs (default: runs/metrics-PORT, or a "
-                       "temporary folder without a port)")
-
-
-def _add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool) -> None:
-    p.add_argument("--insecure", action="store_true",
-                   help="plaintext instead of CURVE; only allowed on loopback addresses")
-    if client:
-        p.add_argument("--curve-secret", metavar="NAME.key_secret",
-                       help="this side's CURVE key pair (splitexit keys)")
-        p.add_argument("--curve-server", metavar="NAME.key", help="the broker's public key")
-    if broker:
-        # `broker` has no client key, so there the broker's pair is plain --curve-secret
-        p.add_argument("--broker-secret" if client else "--curve-secret", dest="broker_secret",
-                       metavar="NAME.key_secret", help="the broker's CURVE key pair")
-        p.add_argument("--allow", metavar="DIR",
-                       help="folder of client public keys (*.key) allowed to connect")
-
-
-def _add_broker_addresses(p: argparse.ArgumentParser) -> None:
-    from workers.config import BrokerConfig
-
-    p.add_argument("--frontend", default=BrokerConfig.frontend,
-                   help="edges connect here (default: %(default)s)")
-    p.add_argument("--backend", default=BrokerConfig.backend,
-                   help="workers connect here (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=BrokerConfig.max_queue,
-                   help="queued requests before edges are told BUSY (default: %(default)s)")
-
-
-def _add_worker_options(p: argparse.ArgumentParser) -> None:
-    from workers.config import WorkerConfig
-
-    p.add_argument("--max-batch", type=int, default=WorkerConfig.max_batch,
-                   help="frames per tail call (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=WorkerConfig.max_wait_ms,
-                   help="longest wait for a batch to fill; 0 runs a batch as soon as the "
-                        "worker is free (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=WorkerConfig.threads,
-                   help="torch threads per worker (default: %(default)s)")
-
-
-def _add_edge_options(p: argparse.ArgumentParser) -> None:
-    from pipeline.edge.config import EdgeConfig
-    from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
-
-    p.add_argument("--deadline-ms", type=float, default=EdgeConfig.deadline_ms,
-                   help="server answer deadline; then the local exit answers (default: "
-                        "%(default)s)")
-    p.add_argument("--dtype", default=EdgeConfig.dtype, help=f"features on the wire: "
-                   f"{' | '.join(DTYPE_NAMES)} (default: %(default)s)")
-    p.add_argument("--codec", default=EdgeConfig.codec, help=f"{' | '.join(CODEC_NAMES)}; "
-                   f"lz4 is used only when it shrinks a payload (default: %(default)s)")
-    p.add_argument("--max-pack", type=int, default=EdgeConfig.max_pack,
-                   help="frames per request when several are waiting (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="stop after this many frames")
-    p.add_argument("--data", help="IDX folder for dataset replay (default: Debian's)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.edge.config import EdgeConfig
     from pipeline.up import UpConfig
@@ -327,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_calibrate)
 
     b = sub.add_parser("broker", help="run the broker (edges on one port, workers on another)")
-    _add_broker_addresses(b)
-    _add_metrics_options(b, 9101, launcher=False)
-    _add_security_options(b, client=False, broker=True)
+    options.add_broker_addresses(b)
+    options.add_metrics_options(b, METRICS_PORTS["broker"], launcher=False)
+    options.add_security_options(b, client=False, broker=True)
     b.set_defaults(func=_cmd_broker)
 
     w = sub.add_parser("workers", help="start a broker and N tail workers, or join a broker")
@@ -337,10 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--artifacts", default=DEFAULT_OUT, help="(default: %(default)s)")
     w.add_argument("--join", metavar="tcp://HOST:PORT",
                    help="add the workers to this broker's backend instead of starting one")
-    _add_broker_addresses(w)
-    _add_worker_options(w)
-    _add_metrics_options(w, 9102, launcher=True)
-    _add_security_options(w, client=True, broker=True)
+    options.add_broker_addresses(w)
+    options.add_worker_options(w)
+    options.add_metrics_options(w, METRICS_PORTS["workers"], launcher=True)
+    options.add_security_options(w, client=True, broker=True)
     w.set_defaults(func=_cmd_workers)
 
     e = sub.add_parser("edge", help="start M edge producers on a source")
@@ -356,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fast as the source gives them)")
     e.add_argument("--producer-id", type=int, default=0, help="id of the first producer")
     e.add_argument("--results", metavar="DIR", help="write edge-<id>.jsonl per producer here")
-    _add_edge_options(e)
-    _add_metrics_options(e, 9103, launcher=True)
-    _add_security_options(e, client=True, broker=False)
+    options.add_edge_options(e)
+    options.add_metrics_options(e, METRICS_PORTS["edge"], launcher=True)
+    options.add_security_options(e, client=True, broker=False)
     e.set_defaults(func=_cmd_edge)
 
     u = sub.add_parser("up", help="the whole system on this machine, replaying Fashion-MNIST")
@@ -375,10 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "files (default: %(default)s)")
     u.add_argument("--hold", type=float, default=UpConfig.hold_s, metavar="S",
                    help="keep serving metrics S seconds after the replay, for scrapers")
-    _add_broker_addresses(u)
-    _add_worker_options(u)
-    _add_edge_options(u)
-    _add_metrics_options(u, UpConfig.metrics_port, launcher=False)  # files live in --run-dir
+    options.add_broker_addresses(u)
+    options.add_worker_options(u)
+    options.add_edge_options(u)
+    options.add_metrics_options(u, UpConfig.metrics_port, launcher=False)  # files live in --run-dir
     u.set_defaults(func=_cmd_up)
 
     k = sub.add_parser("keys", help="make a CURVE key pair for a broker, worker or edge")
@@ -387,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=_cmd_keys)
 
     t = sub.add_parser("top", help="live summary from /metrics endpoints")
-    t.add_argument("endpoints", nargs="*", default=["127.0.0.1:9100"],
-                   help="HOST:PORT or URLs (default: a running `up`, 127.0.0.1:9100)")
+    t.add_argument("endpoints", nargs="*", default=[f"127.0.0.1:{METRICS_PORTS['up']}"],
+                   help=f"HOST:PORT or URLs (default: a running `up`, "
+                        f"127.0.0.1:{METRICS_PORTS['up']})")
     t.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     t.add_argument("--count", type=int, help="refreshes before exiting (default: until Ctrl-C)")
     t.set_defaults(func=_cmd_top)

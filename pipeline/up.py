@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from monitoring.exposition import DEFAULT_ADDR, MetricsServer, claim_metrics_dir, mark_dead, \
-    multiprocess_registry, readiness
+from monitoring.exposition import DEFAULT_ADDR, METRICS_PORTS, MetricsServer, \
+    claim_metrics_dir, mark_dead, multiprocess_registry, readiness
 from monitoring.metrics import PROMQL
 from pipeline.edge.config import EdgeConfig
 from workers.config import BrokerConfig, WorkerConfig
@@ -39,7 +39,7 @@ class UpConfig:
     limit: int | None = None      # frames in the replay (default: the whole test set)
     data_dir: str | None = None
     run_dir: str = "runs/up"
-    metrics_port: int = 9100      # the one /metrics (and /ready) for every process; 0 = none
+    metrics_port: int = METRICS_PORTS["up"]   # the one /metrics and /ready for all; 0 = none
     metrics_addr: str = DEFAULT_ADDR
     hold_s: float = 0.0           # keep serving metrics this long after the replay
     # The processes' own settings; up points edges and workers at the broker's addresses.

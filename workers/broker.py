@@ -1,8 +1,8 @@
 """The broker: edges on one ROUTER, workers on another, requests to workers with free credit.
 
-    edge DEALER --[header, payload]--> frontend ROUTER     backend ROUTER <--READY/HEARTBEAT-- worker
-                <--[answer]-----------                     --[edge, header, payload]-->
-                                                           <--[edge, answer]-----------
+    edge DEALER --[header, payload]--> frontend ROUTER   backend ROUTER <--READY/HEARTBEAT-- worker
+                <--[answer]-----------                   --[edge, header, payload]-->
+                                                         <--[edge, answer]-----------
 
 The rules (admission, queue, expiry, credit, redelivery) live in `workers.scheduler`, a pure
 object; this module is the I/O around it, in the zguide Paranoid-Pirate shape: poll with the
@@ -13,6 +13,7 @@ dropped by the ROUTER and counted.
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 import time
@@ -182,6 +183,7 @@ class Broker:
 def run_broker(cfg: BrokerConfig) -> None:
     """Run until SIGINT/SIGTERM (the process entry point for `splitexit broker`)."""
     broker = Broker(cfg)
+    gc.freeze()  # what exists now lives as long as the process: full collections skip it
 
     def stop(*_):
         broker.running = False

@@ -14,6 +14,7 @@ answer rule:
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import queue
 import sys
@@ -278,6 +279,7 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
 
     async def main():
         producer = EdgeProducer(artifact_dir, cfg)
+        gc.freeze()  # torch, the model: long-lived; a full collection must not walk them
         return await producer.run(source)
 
     try:

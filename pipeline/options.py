@@ -1,0 +1,79 @@
+"""Command-line options that several commands share. Their defaults are read from the
+config dataclasses (EdgeConfig, BrokerConfig, WorkerConfig) and the metric ports from
+monitoring.exposition, so a default is stated once."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_metrics_options", "add_security_options", "add_broker_addresses",
+           "add_worker_options", "add_edge_options"]
+
+
+def add_metrics_options(p: argparse.ArgumentParser, port: int, launcher: bool) -> None:
+    from monitoring.exposition import DEFAULT_ADDR
+
+    p.add_argument("--metrics-port", type=int, default=port,
+                   help="serve Prometheus /metrics and /ready here, 0 for none "
+                        "(default: %(default)s)")
+    p.add_argument("--metrics-addr", default=DEFAULT_ADDR,
+                   help="address to serve metrics on (default: %(default)s, loopback only)")
+    if launcher:
+        p.add_argument("--metrics-dir", help="folder for the children's metric files, this "
+                       "launcher's alone while it runs (default: runs/metrics-PORT, or a "
+                       "temporary folder without a port)")
+
+
+def add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool) -> None:
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext instead of CURVE; only allowed on loopback addresses")
+    if client:
+        p.add_argument("--curve-secret", metavar="NAME.key_secret",
+                       help="this side's CURVE key pair (splitexit keys)")
+        p.add_argument("--curve-server", metavar="NAME.key", help="the broker's public key")
+    if broker:
+        # `broker` has no client key, so there the broker's pair is plain --curve-secret
+        p.add_argument("--broker-secret" if client else "--curve-secret", dest="broker_secret",
+                       metavar="NAME.key_secret", help="the broker's CURVE key pair")
+        p.add_argument("--allow", metavar="DIR",
+                       help="folder of client public keys (*.key) allowed to connect")
+
+
+def add_broker_addresses(p: argparse.ArgumentParser) -> None:
+    from workers.config import BrokerConfig
+
+    p.add_argument("--frontend", default=BrokerConfig.frontend,
+                   help="edges connect here (default: %(default)s)")
+    p.add_argument("--backend", default=BrokerConfig.backend,
+                   help="workers connect here (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=BrokerConfig.max_queue,
+                   help="queued requests before edges are told BUSY (default: %(default)s)")
+
+
+def add_worker_options(p: argparse.ArgumentParser) -> None:
+    from workers.config import WorkerConfig
+
+    p.add_argument("--max-batch", type=int, default=WorkerConfig.max_batch,
+                   help="frames per tail call (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=WorkerConfig.max_wait_ms,
+                   help="longest wait for a batch to fill; 0 runs a batch as soon as the "
+                        "worker is free (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=WorkerConfig.threads,
+                   help="torch threads per worker (default: %(default)s)")
+
+
+def add_edge_options(p: argparse.ArgumentParser) -> None:
+    from pipeline.edge.config import EdgeConfig
+    from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
+
+    p.add_argument("--deadline-ms", type=float, default=EdgeConfig.deadline_ms,
+                   help="server answer deadline; then the local exit answers (default: "
+                        "%(default)s)")
+    p.add_argument("--dtype", default=EdgeConfig.dtype, help=f"features on the wire: "
+                   f"{' | '.join(DTYPE_NAMES)} (default: %(default)s)")
+    p.add_argument("--codec", default=EdgeConfig.codec, help=f"{' | '.join(CODEC_NAMES)}; "
+                   f"lz4 is used only when it shrinks a payload (default: %(default)s)")
+    p.add_argument("--max-pack", type=int, default=EdgeConfig.max_pack,
+                   help="frames per request when several are waiting (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="stop after this many frames")
+    p.add_argument("--data", help="IDX folder for dataset replay (default: Debian's)")
