@@ -1,2 +1,2 @@
-"""Server side: tail workers with dynamic batching and the pool launcher (the offload
-runtime issue builds them on pipeline.model.artifacts.load_server)."""
+"""The server side: the broker and its pure scheduler, tail workers and their pure batching,
+their settings, and the process groups that launch them."""

@@ -38,7 +38,7 @@ from pipeline.protocol import wire
 from pipeline.protocol.security import HANDSHAKE_FAILED, HANDSHAKE_HINT
 from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES, WireError
 
-__all__ = ["EdgeConfig", "EdgeProducer", "run_producer"]
+__all__ = ["EdgeProducer", "run_producer"]
 
 CAPTURE_QUEUE_FRAMES = 256      # frames between the capture thread and the head (files, replay)
 LIVE_QUEUE_FRAMES = 2           # ... for cameras and streams: stale frames are dropped upstream
