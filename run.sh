@@ -23,8 +23,8 @@ setup() {
     fi
     if ! python3 -c 'import pipeline, pytest, hypothesis, matplotlib, cv2' 2>/dev/null \
             || ! command -v splitexit >/dev/null; then
-        echo "I: installing splitexit (editable, with the dev extra)" >&2
-        python3 -m pip install -q -e '.[dev]'
+        echo "I: installing splitexit (editable, with the server and dev extras)" >&2
+        python3 -m pip install -q -e '.[server,dev]'
     fi
 }
 

@@ -160,14 +160,14 @@ def _cmd_workers(args: argparse.Namespace) -> None:
 
 
 def _cmd_edge(args: argparse.Namespace) -> None:
-    from pipeline.model.artifacts import load_edge
     from pipeline.edge.config import EdgeConfig
+    from pipeline.edge.numpy_head import load_numpy_head
     from pipeline.edge.producer import run_producer
     from workers.pool import ProcessGroup, check_exits, stop_on_sigterm
 
     if args.n < 1:
         raise UserError("-n must be at least 1")
-    load_edge(args.artifacts)
+    load_numpy_head(args.artifacts)  # a bad artifact is one error here, not N in the children
     results = Path(args.results) if args.results else None
     if results:
         results.mkdir(parents=True, exist_ok=True)

@@ -49,10 +49,11 @@ class UpConfig:
 
 
 def _ensure_artifacts(cfg: UpConfig) -> None:
-    from pipeline.model.artifacts import EDGE_FILE, SERVER_FILE
+    from pipeline.model.artifacts import EDGE_FILE, SERVER_FILE, ensure_edge_npz
 
     art = Path(cfg.artifacts)
     if (art / EDGE_FILE).is_file() and (art / SERVER_FILE).is_file():
+        ensure_edge_npz(art)  # the edges run torch-free from edge.npz
         return
     from pipeline.model.config import load_config
     from pipeline.model.report import format_report

@@ -24,7 +24,6 @@ class EdgeConfig:
     results: str | None = None             # append one JSON line per frame here
     send_queue: int = 1000                 # requests ZeroMQ may hold while the link is down
     max_pack: int = 64                     # frames per request when several are waiting
-    threads: int = 1                       # torch threads: more spin and starve the loop
     security: Security = PLAINTEXT_LOOPBACK
 
     def validate(self) -> "EdgeConfig":

@@ -22,7 +22,6 @@ import threading
 import time
 
 import numpy as np
-import torch
 import zmq
 import zmq.asyncio
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -31,9 +30,8 @@ from zmq.utils.monitor import parse_monitor_message
 from monitoring.metrics import PATHS, EdgeMetrics, ProcessMetrics, for_registry
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
+from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.results import Outcome, Results, Summary, print_summary
-from pipeline.model.artifacts import load_edge
-from pipeline.model.calibrate import exit_scores
 from pipeline.protocol import wire
 from pipeline.protocol.security import HANDSHAKE_FAILED, HANDSHAKE_HINT
 from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES, WireError
@@ -52,9 +50,9 @@ class EdgeProducer:
     def __init__(self, artifact_dir: str, cfg: EdgeConfig, ctx: zmq.asyncio.Context | None = None,
                  registry: CollectorRegistry = REGISTRY):
         self.cfg = cfg.validate()
-        edge = load_edge(artifact_dir)
-        self.head, self.threshold, self.score = edge.head.eval(), edge.threshold, edge.score
-        self.model_tag = wire.model_tag(edge.model_id)
+        self.head = load_numpy_head(artifact_dir)
+        self.threshold, self.score = self.head.threshold, self.head.score
+        self.model_tag = wire.model_tag(self.head.model_id)
         self.dtype, self.codec = DTYPE_NAMES[cfg.dtype], CODEC_NAMES[cfg.codec]
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -178,9 +176,7 @@ class EdgeProducer:
         """Head + exit on the frames that are waiting; answer or pack the unsure into one
         request (packing adds no wait: only frames already here go together)."""
         start = time.perf_counter()
-        with torch.inference_mode():
-            x = torch.from_numpy(np.stack([f.pixels for f in batch]))  # (B, 784)
-            exit_logits, features = self.head(x)
+        exit_logits, features = self.head(np.stack([f.pixels for f in batch]))  # (B, C), (B, W)
         scores = exit_scores(exit_logits, self.score)
         exit_cls = exit_logits.argmax(1).tolist()
         head_ms = (time.perf_counter() - start) * 1000 / len(batch)
@@ -200,7 +196,7 @@ class EdgeProducer:
         request = wire.encode_request(self.inflight.next_id(), self.cfg.producer_id,
                                       self.model_tag, int(offloaded[0].capture_ts * 1e6),
                                       [f.frame_id for f in offloaded],
-                                      features[unsure].numpy(), self.dtype, self.codec)
+                                      features[unsure], self.dtype, self.codec)
         sent = wire.wire_bytes(request)
         msg_id = self.inflight.open(offloaded, [exit_cls[i] for i in unsure],
                                     [float(scores[i]) for i in unsure], sent, time.monotonic(),
@@ -275,11 +271,10 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
     if shard:
         source = Shard(source, *shard)
 
-    torch.set_num_threads(cfg.threads)
-
     async def main():
         producer = EdgeProducer(artifact_dir, cfg)
-        gc.freeze()  # torch, the model: long-lived; a full collection must not walk them
+        gc.freeze()  # the head and the libraries live as long as the process: a full
+                     # collection must not walk them mid-stream
         return await producer.run(source)
 
     try:

@@ -1,6 +1,7 @@
 """Edge and server artifacts: what goes to the camera board and what goes to the server pool.
 
     DIR/edge.pt     head + exit + preprocessing statistics + threshold + model id
+    DIR/edge.npz    the same head for a torch-free edge (pipeline.edge.numpy_head reads it)
     DIR/server.pt   tail + the same model id
 
 Both are plain dicts of tensors, strings and numbers, so `torch.load(weights_only=True)` reads
@@ -18,13 +19,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.model.config import Config, from_dict
 from pipeline.errors import ArtifactError, UserError
+from pipeline.protocol.edge_artifact import EDGE_NPZ, write_edge_npz
 from pipeline.model.split_model import Head, SplitModel, Tail
 
-__all__ = ["EDGE_FILE", "SERVER_FILE", "compute_model_id", "save_artifacts", "EdgeArtifact",
+__all__ = ["EDGE_FILE", "SERVER_FILE", "compute_model_id", "save_artifacts", "save_edge_npz",
+           "ensure_edge_npz", "EdgeArtifact",
            "ServerArtifact", "load_edge", "load_server", "load_model", "set_threshold"]
 
 EDGE_FILE, SERVER_FILE = "edge.pt", "server.pt"
@@ -48,9 +52,34 @@ def _atomic_save(obj: dict, path: Path) -> int:
     return path.stat().st_size
 
 
+def _junction_arrays(name: str, layer: torch.nn.Module) -> dict[str, np.ndarray]:
+    values = layer.weight.detach().numpy().astype(np.float32)
+    out = {f"{name}.values": values, f"{name}.bias": layer.bias.detach().numpy()}
+    indices = getattr(layer, "indices", None)
+    if indices is not None:  # no wider than the input needs
+        dtype = np.uint16 if layer.in_features <= 1 << 16 else np.int32
+        out[f"{name}.indices"] = indices.numpy().astype(dtype)
+    return out
+
+
+def save_edge_npz(edge: dict, path: Path) -> int:
+    """The edge artifact for a torch-free edge: the head's arrays and what it needs to
+    decide (threshold, score), from an edge.pt dict."""
+    cfg = from_dict(edge["config"], origin=str(path))
+    head = Head(cfg.model)
+    head.load_state_dict(edge["state_dict"])
+    meta = {"model_id": edge["model_id"], "threshold": edge["threshold"],
+            "score": edge["score"], "classes": edge["classes"], "split": cfg.model.split,
+            "input_size": cfg.model.input_size, "input_pad": cfg.model.input_pad}
+    arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
+    for i, layer in enumerate(head.layers):
+        arrays |= _junction_arrays(f"layer{i}", layer)
+    return write_edge_npz(path, meta, arrays | _junction_arrays("exit", head.exit))
+
+
 def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: float,
                    classes: list[str]) -> dict:
-    """Write edge.pt and server.pt; return their sizes in bytes and the model id."""
+    """Write edge.pt, edge.npz and server.pt; return their sizes in bytes and the model id."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_id = compute_model_id(model, cfg)
     common = {"format": FORMAT, "model_id": model_id, "config": cfg.to_dict()}
@@ -59,6 +88,7 @@ def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: flo
     server = dict(common, kind="server", state_dict=model.tail.state_dict())
     return {"model_id": model_id,
             "edge_bytes": _atomic_save(edge, out_dir / EDGE_FILE),
+            "edge_npz_bytes": save_edge_npz(edge, out_dir / EDGE_NPZ),
             "server_bytes": _atomic_save(server, out_dir / SERVER_FILE)}
 
 
@@ -138,6 +168,13 @@ def load_model(out_dir: str | Path) -> tuple[SplitModel, EdgeArtifact, ServerArt
     return model.eval(), edge, server
 
 
+def ensure_edge_npz(out_dir: str | Path) -> None:
+    """Write DIR/edge.npz from DIR/edge.pt if an older splitexit trained it without one."""
+    if not (Path(out_dir) / EDGE_NPZ).is_file():
+        blob = _read(Path(out_dir), "edge")
+        save_edge_npz(blob, blob.pop("path").with_name(EDGE_NPZ))
+
+
 def set_threshold(out_dir: str | Path, threshold: float, score: str) -> None:
     """Rewrite the edge artifact's threshold (the model id does not change: weights don't)."""
     blob = _read(Path(out_dir), "edge")
@@ -145,3 +182,4 @@ def set_threshold(out_dir: str | Path, threshold: float, score: str) -> None:
     blob["threshold"], blob["score"] = float(threshold), score
     blob["config"]["calibrate"]["score"] = score
     _atomic_save(blob, path)
+    save_edge_npz(blob, path.with_name(EDGE_NPZ))

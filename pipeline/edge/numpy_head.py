@@ -1,0 +1,113 @@
+"""The head and its exit in NumPy: what an edge device runs, without torch.
+
+It runs the edge artifact DIR/edge.npz (its layout: pipeline.protocol.edge_artifact). A
+sparse junction is a gather, a multiply and a sum over d_in: storage and work scale with the
+real weights, never with N_in x N_out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ArtifactError
+from pipeline.protocol.edge_artifact import read_edge_npz
+
+__all__ = ["Junction", "NumpyHead", "load_numpy_head", "exit_scores", "SCORES"]
+
+SCORES = ("max_softmax", "margin", "entropy")
+
+
+@dataclass(frozen=True)
+class Junction:
+    values: np.ndarray          # (N_out, d_in) ELL, or (N_in, N_out) dense, transposed
+    indices: np.ndarray | None  # (N_out, d_in), None for a dense junction
+    bias: np.ndarray            # (N_out,)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.indices is None:
+            return x @ self.values + self.bias                            # (B, N_out)
+        gathered = x[:, self.indices]                                     # (B, N_out, d_in)
+        return np.einsum("bod,od->bo", gathered, self.values) + self.bias  # (B, N_out)
+
+    @property
+    def macs(self) -> int:
+        return self.values.size
+
+
+@dataclass(frozen=True)
+class NumpyHead:
+    layers: tuple[Junction, ...]
+    exit: Junction
+    pixel_mean: np.float32
+    pixel_std: np.float32
+    input_size: int
+    input_pad: int
+    model_id: str
+    threshold: float
+    score: str
+    classes: tuple[str, ...]
+    path: Path
+
+    @property
+    def width(self) -> int:
+        """Features per frame at the split (what goes on the wire)."""
+        return self.layers[-1].bias.shape[0]
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels in [0, 1] (B, input_size) -> (exit logits (B, C), features (B, W))."""
+        x = (np.asarray(pixels, dtype=np.float32) - self.pixel_mean) / self.pixel_std
+        if self.input_pad:
+            x = np.pad(x, ((0, 0), (0, self.input_pad - self.input_size)))
+        for layer in self.layers:
+            x = np.maximum(layer(x), 0)
+        return self.exit(x), x
+
+
+def exit_scores(logits: np.ndarray, score: str) -> np.ndarray:
+    """Confidence of the exit classifier in [0, 1], higher = more sure (float64, as the
+    calibration computed it)."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    if score == "max_softmax":
+        return p.max(axis=1)
+    if score == "margin":
+        top2 = np.sort(p, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+    if score == "entropy":
+        entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1)
+        return 1.0 - entropy / math.log(p.shape[1])
+    raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+
+
+def _junction(arrays, name: str) -> Junction:
+    values, bias = arrays[f"{name}.values"], arrays[f"{name}.bias"]
+    indices = arrays.get(f"{name}.indices")
+    if indices is None:
+        return Junction(np.ascontiguousarray(values.T, dtype=np.float32), None,
+                        bias.astype(np.float32))
+    if indices.shape != values.shape:
+        raise ValueError(f"{name}: indices {indices.shape} do not match values {values.shape}")
+    return Junction(values.astype(np.float32), indices.astype(np.intp), bias.astype(np.float32))
+
+
+def load_numpy_head(path: str | Path) -> NumpyHead:
+    """The edge artifact (DIR or DIR/edge.npz) as a NumPy head; one-line errors."""
+    meta, arrays, path = read_edge_npz(path)
+    try:
+        layers = tuple(_junction(arrays, f"layer{i}") for i in range(meta["split"]))
+        head = NumpyHead(layers, _junction(arrays, "exit"),
+                         np.float32(arrays["pixel_mean"]), np.float32(arrays["pixel_std"]),
+                         int(meta["input_size"]), int(meta["input_pad"]), str(meta["model_id"]),
+                         float(meta["threshold"]), str(meta["score"]), tuple(meta["classes"]),
+                         path)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ArtifactError(f"{path}: edge artifact is incomplete ({e}); re-create it with "
+                            f"`splitexit train`") from None
+    if head.score not in SCORES:
+        raise ArtifactError(f"{path}: unknown exit score {head.score!r}")
+    return head
