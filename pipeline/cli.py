@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 DEFAULT_CONFIG = "default"
 DEFAULT_OUT = "runs/default"
+EXPORT_TARGETS = ("c",)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -215,6 +216,23 @@ def _cmd_up(args: argparse.Namespace) -> None:
           f"{cfg.run_dir}/report.json")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from pipeline.edge.export_c import C_VARIANTS, export_c
+    from pipeline.edge.numpy_head import load_numpy_head
+
+    if args.target not in EXPORT_TARGETS:
+        raise UserError(f"--target {args.target!r}: choose one of {', '.join(EXPORT_TARGETS)}")
+    if args.variant not in C_VARIANTS:
+        raise UserError(f"--variant {args.variant!r}: choose one of {', '.join(C_VARIANTS)}")
+    head = load_numpy_head(args.dir)
+    out = Path(args.out or Path(args.dir) / f"export-{args.target}-{args.variant}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    paths = export_c(head, out, args.variant)
+    print(f"I: wrote {', '.join(str(p) for p in paths)} (model {head.model_id}); build with "
+          f"`cc -O2 -c {paths[0]}`, call splitexit_head() as {paths[1]} says")
+
+
 def _cmd_top(args: argparse.Namespace) -> None:
     from monitoring.top import run_top
 
@@ -312,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_edge_options(u)
     options.add_metrics_options(u, UpConfig.metrics_port, launcher=False)  # files live in --run-dir
     u.set_defaults(func=_cmd_up)
+
+    x = sub.add_parser("export", help="the edge head as dependency-free C99 for a device",
+                       description="Export a training folder's edge head (from edge.npz) for "
+                       "a device that runs no Python: C99 source with const tables and one "
+                       "function, splitexit_head(pixels, features, exit_logits).")
+    x.add_argument("dir", nargs="?", default=DEFAULT_OUT,
+                   help="a training folder (default: %(default)s)")
+    x.add_argument("--target", default="c", help=f"{' | '.join(EXPORT_TARGETS)} (default: "
+                   f"%(default)s): splitexit_head.c + .h, const tables, one function, no "
+                   f"allocation, nothing beyond <stdint.h>")
+    x.add_argument("--variant", default="float32", help="float32 (default; equals the "
+                   "trained head) | int8 (int8 tables with a float scale per row, 4x smaller)")
+    x.add_argument("--out", help="output folder (default: DIR/export-TARGET-VARIANT)")
+    x.set_defaults(func=_cmd_export)
 
     k = sub.add_parser("keys", help="make a CURVE key pair for a broker, worker or edge")
     k.add_argument("dir", help="folder to write NAME.key and NAME.key_secret into")
