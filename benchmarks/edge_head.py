@@ -33,8 +33,16 @@ TWIN = {"paper-sparse": "paper-dense", "paper-dense": "paper-dense", "default": 
 # One edge process answering one frame: imports, artifact, head, first answer, exit. The
 # torch-free one is the real producer (no broker, 1 ms deadline); the torch one is what the
 # producer did before: the same libraries plus torch, and the head from edge.pt.
-TORCH_EDGE = """
-import sys, resource, asyncio, torch, zmq.asyncio, prometheus_client
+# Peak resident memory of this process image. Not getrusage's ru_maxrss: Linux carries the
+# forking parent's peak across exec into it (a torch-sized parent made every child ~360 MiB).
+PEAK = """
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+"""
+TORCH_EDGE = PEAK + """
+import sys, asyncio, torch, zmq.asyncio, prometheus_client
 torch.set_num_threads(1)
 from pipeline.model.artifacts import load_edge
 from pipeline.model.calibrate import exit_scores
@@ -43,16 +51,15 @@ edge = load_edge(sys.argv[1])
 x = torch.from_numpy(load_dataset(sys.argv[2], val_size=5000).test.images[:1]).float() / 255
 with torch.inference_mode():
     logits, features = edge.head(x)
-print(int(exit_scores(logits, edge.score)[0] >= edge.threshold),
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(int(exit_scores(logits, edge.score)[0] >= edge.threshold), peak_kib())
 """
-NUMPY_EDGE = """
-import sys, resource
+NUMPY_EDGE = PEAK + """
+import sys
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
 summary = run_producer(sys.argv[1], EdgeConfig("tcp://127.0.0.1:9", deadline_ms=1.0),
                        "dataset", None, 1, sys.argv[2])
-print(summary.frames, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(summary.frames, peak_kib())
 assert "torch" not in sys.modules
 """
 
@@ -114,7 +121,8 @@ def main() -> None:
         run_torch(frames[:1])
         numpy_head(frames[:1])
         assert np.allclose(numpy_head(frames)[1], torch_head(x)[1].detach().numpy(), atol=1e-5)
-        macs = sum(j.macs for j in numpy_head.layers) + numpy_head.exit.macs
+        stored = load_numpy_head(art, dense_max_elements=0)  # the tables as in the file
+        macs = sum(j.macs for j in stored.layers) + stored.exit.macs
         rows[name] = {"macs": macs, "torch": per_frame_us(run_torch, frames, args.repeats),
                       "numpy": per_frame_us(numpy_head, frames, args.repeats),
                       "torch_edge": process_start(TORCH_EDGE, art, args.data),

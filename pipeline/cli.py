@@ -228,7 +228,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out or Path(args.dir) / f"export-{args.target}-{args.variant}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    paths = export_c(head, out, args.variant)
+    paths = export_c(args.dir, out, args.variant)
     print(f"I: wrote {', '.join(str(p) for p in paths)} (model {head.model_id}); build with "
           f"`cc -O2 -c {paths[0]}`, call splitexit_head() as {paths[1]} says")
 

@@ -24,9 +24,9 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler (cc/gcc) on this
 P = ctypes.POINTER(ctypes.c_float)
 
 
-def compiled(head, out, variant):
+def compiled(art, out, variant):
     """Export, compile strictly (C99, every warning an error) into a shared library."""
-    export_c(head, out, variant)
+    export_c(art, out, variant)
     source = (out / C_FILE).read_text()
     assert [line for line in source.splitlines() if line.startswith("#include")] == \
         ["#include <stdint.h>", f'#include "{H_FILE}"']  # no libc beyond <stdint.h>
@@ -61,7 +61,7 @@ def test_the_float32_c_head_equals_the_torch_head(which, artifacts, dense_twin, 
                                                   tmp_path):
     art = artifacts if which == "sparse" else dense_twin
     head = load_numpy_head(art)
-    lib = compiled(head, tmp_path, "float32")
+    lib = compiled(art, tmp_path, "float32")
     pixels = load_dataset(idx_dir, val_size=200).test.images.astype(np.float32) / 255
     logits, features = run_c(lib, head, pixels)
     torch_head = load_edge(art).head  # built outside inference mode: a trainable module
@@ -77,7 +77,7 @@ def test_the_float32_c_head_equals_the_torch_head(which, artifacts, dense_twin, 
 def test_the_int8_c_head_has_quarter_size_tables_and_mostly_the_same_decisions(
         artifacts, idx_dir, tmp_path):
     head = load_numpy_head(artifacts)
-    lib = compiled(head, tmp_path, "int8")
+    lib = compiled(artifacts, tmp_path, "int8")
     assert "static const int8_t layer0_values" in (tmp_path / C_FILE).read_text()
     pixels = load_dataset(idx_dir, val_size=200).test.images.astype(np.float32) / 255
     logits, _ = run_c(lib, head, pixels)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from pipeline.model.config import FASHION_MNIST_DIR
-from pipeline.model.data import load_dataset
+from pipeline.model.data import load_test_split
 from pipeline.errors import DataError, SourceError
 from pipeline.protocol.timing import backoff_delays
 
@@ -237,8 +237,8 @@ class ReplaySource(Source):
 
     def __init__(self, spec: str, data_dir: str | None, **kw: Any):
         super().__init__(spec, **kw)
-        try:  # val_size=1: only test is replayed, and load_dataset needs a hold-out size
-            test = load_dataset(data_dir or FASHION_MNIST_DIR, val_size=1).test
+        try:
+            test = load_test_split(data_dir or FASHION_MNIST_DIR)
         except DataError as e:
             raise SourceError(f"dataset replay: {e}") from None
         self.images, self.labels = test.images, test.labels

@@ -14,7 +14,8 @@ import numpy as np
 
 from pipeline.errors import DataError
 
-__all__ = ["Split", "Dataset", "read_idx", "write_idx", "load_dataset", "FASHION_CLASSES"]
+__all__ = ["Split", "Dataset", "read_idx", "write_idx", "load_dataset", "load_test_split",
+           "FASHION_CLASSES"]
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -78,6 +79,20 @@ def _find(folder: Path, stem: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise DataError(f"no {stem}[.gz] in {folder}: {INSTALL_HINT}")
+
+
+def load_test_split(folder: str | Path) -> Split:
+    """Only the test split (an edge replaying it needs neither the training set's memory nor
+    its time)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist: {INSTALL_HINT}")
+    images = read_idx(_find(folder, FILES["test_images"]))
+    labels = read_idx(_find(folder, FILES["test_labels"]))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{folder}: test images {images.shape} and labels {labels.shape} do "
+                        f"not match (want (N, H, W) and (N,))")
+    return Split(images.reshape(len(images), -1), labels.astype(np.int64))
 
 
 def load_dataset(folder: str | Path, val_size: int = 5000, seed: int = 0) -> Dataset:
