@@ -64,6 +64,82 @@ assert "torch" not in sys.modules
 """
 
 
+C_DRIVER = r"""
+#define _POSIX_C_SOURCE 199309L
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include "splitexit_head.h"
+int main(int argc, char **argv) {
+    int n = atoi(argv[2]), repeats = atoi(argv[3]);
+    float *pixels = malloc(sizeof(float) * SPLITEXIT_INPUT * n);
+    FILE *f = fopen(argv[1], "rb");
+    if (!f || fread(pixels, sizeof(float) * SPLITEXIT_INPUT, n, f) != (size_t)n) return 1;
+    fclose(f);
+    float features[SPLITEXIT_FEATURES], logits[SPLITEXIT_CLASSES], sink = 0.0f;
+    double best = 1e30;
+    for (int r = 0; r < repeats; ++r) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (int i = 0; i < n; ++i) {
+            splitexit_head(pixels + (size_t)i * SPLITEXIT_INPUT, features, logits);
+            sink += logits[0];
+        }
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        double ns = ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n;
+        if (ns < best) best = ns;
+    }
+    printf("%f %f\n", best, sink);
+    return 0;
+}
+"""
+C_FLAGS = {"-O2": ["-O2"], "-O3 native fast-math": ["-O3", "-march=native", "-ffast-math"]}
+
+
+def c_head(art: Path, frames: np.ndarray, repeats: int, work: Path) -> dict:
+    """ns per frame (best of `repeats` passes) and text + data bytes of the compiled head,
+    float32 export, for each set of flags."""
+    import shutil
+
+    from pipeline.edge.export_c import C_FILE, export_c
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return {}
+    out = work / art.name
+    export_c(art, out)
+    (out / "bench.c").write_text(C_DRIVER)
+    frames_file = out / "frames.f32"
+    np.ascontiguousarray(frames, dtype=np.float32).tofile(frames_file)
+    result = {}
+    for label, flags in C_FLAGS.items():
+        obj, exe = out / "head.o", out / "bench"
+        subprocess.run([cc, "-std=c99", *flags, "-c", str(out / C_FILE), "-o", str(obj)],
+                       check=True)
+        size = subprocess.run(["size", str(obj)], capture_output=True, text=True, check=True)
+        text, data = (int(v) for v in size.stdout.splitlines()[1].split()[:2])
+        subprocess.run([cc, "-std=c99", *flags, "-I", str(out), str(out / "bench.c"),
+                        str(obj), "-o", str(exe)], check=True)
+        run = subprocess.run([str(exe), str(frames_file), str(len(frames)), str(repeats)],
+                             capture_output=True, text=True, check=True)
+        result[label] = {"ns": float(run.stdout.split()[0]), "bytes": text + data}
+    return result
+
+
+def table_bytes(head) -> int:
+    """Values + indices + biases as stored in edge.npz (what the compiled head must hold)."""
+    with np.load(head.path) as npz:
+        return sum(npz[k].nbytes for k in npz.files
+                   if k.endswith((".values", ".indices", ".bias")))
+
+
+def cpu_mhz() -> float | None:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return float(line.split(":")[1])
+    return None
+
+
 def per_frame_us(fn, frames: np.ndarray, repeats: int) -> float:
     """Best of `repeats` passes over the frames, one frame a call (the edge's batch of one)."""
     best = float("inf")
@@ -100,7 +176,10 @@ def main() -> None:
 
     from pipeline.model.artifacts import load_edge
 
+    import tempfile
+
     torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="edge-head-"))
     frames = load_dataset(args.data, val_size=5000).test.images[:args.frames]
     frames = frames.astype(np.float32) / 255
     rows = {}
@@ -126,7 +205,9 @@ def main() -> None:
         rows[name] = {"macs": macs, "torch": per_frame_us(run_torch, frames, args.repeats),
                       "numpy": per_frame_us(numpy_head, frames, args.repeats),
                       "torch_edge": process_start(TORCH_EDGE, art, args.data),
-                      "numpy_edge": process_start(NUMPY_EDGE, art, args.data)}
+                      "numpy_edge": process_start(NUMPY_EDGE, art, args.data),
+                      "c": c_head(art, frames, 5 * args.repeats, work),
+                      "table_bytes": table_bytes(stored)}
         print(f"I: {name}: {rows[name]}", flush=True)
 
     print(f"\nhead + exit per frame at batch 1, 1 thread, {args.frames} Fashion-MNIST test "
@@ -138,6 +219,19 @@ def main() -> None:
         print(f"| {name} | {r['macs']} | {twin['macs'] / r['macs']:.1f}x fewer | "
               f"{r['torch']:.1f} | {r['numpy']:.1f} | {r['torch'] / r['numpy']:.2f}x | "
               f"{twin['torch'] / r['torch']:.2f}x | {twin['numpy'] / r['numpy']:.2f}x |")
+    mhz = cpu_mhz()
+    if all(r["c"] for r in rows.values()):
+        print(f"\nthe C export (float32), per frame at batch 1, best of {5 * args.repeats}; "
+              f"cycles at the {mhz:.0f} MHz /proc/cpuinfo reports")
+        print("| head | flags | ns per frame | vs dense twin | cycles per MAC | vs torch | "
+              "head bytes (text+data) | vs its tables |\n|---|---|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            for label, c in r["c"].items():
+                twin = rows[TWIN[name]]["c"][label]
+                cycles = c["ns"] * mhz / 1000 / r["macs"] if mhz else float("nan")
+                print(f"| {name} | {label} | {c['ns']:.0f} | {twin['ns'] / c['ns']:.1f}x | "
+                      f"{cycles:.2f} | {r['torch'] * 1000 / c['ns']:.0f}x | {c['bytes']} | "
+                      f"{c['bytes'] / r['table_bytes']:.2f}x |")
     print("\nan edge process answering its first frame (best of 3 processes)")
     print("| head | torch edge: s to first answer | RSS MiB | torch-free edge: s | RSS MiB |"
           "\n|---|---|---|---|---|")
