@@ -140,6 +140,21 @@ def cpu_mhz() -> float | None:
     return None
 
 
+def onnx_runner(art: Path, work: Path):
+    """A batch-of-one call into onnxruntime on one thread, or None without the extra."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from pipeline.edge.export_onnx import export_onnx
+
+    [path] = export_onnx(art, work / f"{art.name}-onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda f: session.run(None, {"pixels": f})
+
+
 def per_frame_us(fn, frames: np.ndarray, repeats: int) -> float:
     """Best of `repeats` passes over the frames, one frame a call (the edge's batch of one)."""
     best = float("inf")
@@ -204,6 +219,8 @@ def main() -> None:
         macs = sum(j.macs for j in stored.layers) + stored.exit.macs
         rows[name] = {"macs": macs, "torch": per_frame_us(run_torch, frames, args.repeats),
                       "numpy": per_frame_us(numpy_head, frames, args.repeats),
+                      "onnx": (per_frame_us(onnx, frames, args.repeats)
+                               if (onnx := onnx_runner(art, work)) else float("nan")),
                       "torch_edge": process_start(TORCH_EDGE, art, args.data),
                       "numpy_edge": process_start(NUMPY_EDGE, art, args.data),
                       "c": c_head(art, frames, 5 * args.repeats, work),
@@ -212,13 +229,15 @@ def main() -> None:
 
     print(f"\nhead + exit per frame at batch 1, 1 thread, {args.frames} Fashion-MNIST test "
           f"frames, best of {args.repeats}")
-    print("| head | MACs | vs dense twin MACs | torch µs | NumPy µs | NumPy vs torch | "
-          "torch vs dense twin | NumPy vs dense twin |\n|---|---|---|---|---|---|---|---|")
+    print("| head | MACs | vs dense twin MACs | torch µs | NumPy µs | onnxruntime µs | "
+          "NumPy vs torch | torch vs dense twin | NumPy vs dense twin | onnxruntime vs dense "
+          "twin |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         twin = rows[TWIN[name]]
         print(f"| {name} | {r['macs']} | {twin['macs'] / r['macs']:.1f}x fewer | "
-              f"{r['torch']:.1f} | {r['numpy']:.1f} | {r['torch'] / r['numpy']:.2f}x | "
-              f"{twin['torch'] / r['torch']:.2f}x | {twin['numpy'] / r['numpy']:.2f}x |")
+              f"{r['torch']:.1f} | {r['numpy']:.1f} | {r['onnx']:.1f} | "
+              f"{r['torch'] / r['numpy']:.2f}x | {twin['torch'] / r['torch']:.2f}x | "
+              f"{twin['numpy'] / r['numpy']:.2f}x | {twin['onnx'] / r['onnx']:.2f}x |")
     mhz = cpu_mhz()
     if all(r["c"] for r in rows.values()):
         print(f"\nthe C export (float32), per frame at batch 1, best of {5 * args.repeats}; "

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 DEFAULT_CONFIG = "default"
 DEFAULT_OUT = "runs/default"
-EXPORT_TARGETS = ("c",)
+EXPORT_TARGETS = ("c", "onnx")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -218,16 +218,24 @@ def _cmd_up(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipeline.edge.export_c import C_VARIANTS, export_c
+    from pipeline.edge.export_onnx import export_onnx
     from pipeline.edge.numpy_head import load_numpy_head
 
     if args.target not in EXPORT_TARGETS:
         raise UserError(f"--target {args.target!r}: choose one of {', '.join(EXPORT_TARGETS)}")
-    if args.variant not in C_VARIANTS:
-        raise UserError(f"--variant {args.variant!r}: choose one of {', '.join(C_VARIANTS)}")
+    if args.variant not in C_VARIANTS or (args.target == "onnx" and args.variant != "float32"):
+        raise UserError(f"--variant {args.variant!r}: choose one of {', '.join(C_VARIANTS)} "
+                        f"(the ONNX export is float32)")
     head = load_numpy_head(args.dir)
-    out = Path(args.out or Path(args.dir) / f"export-{args.target}-{args.variant}")
+    name = args.target if args.target == "onnx" else f"{args.target}-{args.variant}"
+    out = Path(args.out or Path(args.dir) / f"export-{name}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
+    if args.target == "onnx":
+        [path] = export_onnx(args.dir, out)
+        print(f"I: wrote {path} (model {head.model_id}): inputs pixels (batch, "
+              f"{head.input_size}), outputs features and exit_logits")
+        return
     paths = export_c(args.dir, out, args.variant)
     print(f"I: wrote {', '.join(str(p) for p in paths)} (model {head.model_id}); build with "
           f"`cc -O2 -c {paths[0]}`, call splitexit_head() as {paths[1]} says")
@@ -331,15 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_metrics_options(u, UpConfig.metrics_port, launcher=False)  # files live in --run-dir
     u.set_defaults(func=_cmd_up)
 
-    x = sub.add_parser("export", help="the edge head as dependency-free C99 for a device",
+    x = sub.add_parser("export", help="the edge head as C99 or ONNX for a device",
                        description="Export a training folder's edge head (from edge.npz) for "
                        "a device that runs no Python: C99 source with const tables and one "
-                       "function, splitexit_head(pixels, features, exit_logits).")
+                       "function, splitexit_head(pixels, features, exit_logits), or an ONNX "
+                       "graph.")
     x.add_argument("dir", nargs="?", default=DEFAULT_OUT,
                    help="a training folder (default: %(default)s)")
     x.add_argument("--target", default="c", help=f"{' | '.join(EXPORT_TARGETS)} (default: "
-                   f"%(default)s): splitexit_head.c + .h, const tables, one function, no "
-                   f"allocation, nothing beyond <stdint.h>")
+                   f"%(default)s). c: splitexit_head.c + .h, const tables, one function, no "
+                   f"allocation, nothing beyond <stdint.h>. onnx: splitexit_head.onnx, a "
+                   f"dynamic batch, ELL kept as Gather/Mul/ReduceSum (needs the onnx extra)")
     x.add_argument("--variant", default="float32", help="float32 (default; equals the "
                    "trained head) | int8 (int8 tables with a float scale per row, 4x smaller)")
     x.add_argument("--out", help="output folder (default: DIR/export-TARGET-VARIANT)")

@@ -90,6 +90,18 @@ def artifacts(tmp_path_factory, idx_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dense_twin(tmp_path_factory, idx_dir) -> Path:
+    """The paper's dense twin, one epoch on the generated data: exports compare like for like."""
+    from pipeline.model.config import load_config
+    from pipeline.model.train import run
+
+    out = tmp_path_factory.mktemp("dense")
+    run(load_config("paper-dense", ["train.epochs=1", "train.val_size=200",
+                                    f"data.dir='{idx_dir}'"]), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def keys(tmp_path_factory) -> Path:
     """broker, worker, edge and a stranger's CURVE key pairs made by `splitexit keys`;
     allow/ lists the worker and the edge."""

@@ -14,9 +14,7 @@ import torch
 from pipeline.edge.export_c import C_FILE, H_FILE, export_c
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.model.artifacts import load_edge
-from pipeline.model.config import load_config
 from pipeline.model.data import load_dataset
-from pipeline.model.train import run
 from tests.test_cli import one_line_failure, splitexit
 
 CC = shutil.which("cc") or shutil.which("gcc")
@@ -45,14 +43,6 @@ def run_c(lib, head, pixels):
         lib.splitexit_head(frame.ctypes.data_as(P), features[i].ctypes.data_as(P),
                            logits[i].ctypes.data_as(P))
     return logits, features
-
-
-@pytest.fixture(scope="module")
-def dense_twin(tmp_path_factory, idx_dir):
-    out = tmp_path_factory.mktemp("dense")
-    run(load_config("paper-dense", ["train.epochs=1", "train.val_size=200",
-                                    f"data.dir='{idx_dir}'"]), out, progress=False)
-    return out
 
 
 @needs_cc
