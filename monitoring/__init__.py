@@ -1,1 +1,2 @@
-"""Metric definitions, exposition and `splitexit top` (the monitoring issue)."""
+"""Metric definitions (one module, one place), exposition with readiness and metric folders,
+`splitexit top` and the Grafana dashboard. Imports nothing of `pipeline`."""
