@@ -55,8 +55,8 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *args) -> None:  # a scrape a second must not fill stderr
-        pass
+    def log_message(self, *args) -> None:
+        """No access log: a scrape a second must not fill stderr."""
 
 
 class MetricsServer:
@@ -64,9 +64,6 @@ class MetricsServer:
     a taken port fails before anything else happens; serving starts with `start`."""
 
     def __init__(self, port: int, addr: str = DEFAULT_ADDR):
-        self._registry: CollectorRegistry = REGISTRY
-        self._ready: Callable[[], bool] = lambda: True
-        self._metrics = make_wsgi_app(REGISTRY)
         try:
             self.httpd = make_server(addr, port, self._app, _ThreadingServer,
                                      handler_class=_QuietHandler)
@@ -77,8 +74,7 @@ class MetricsServer:
 
     def start(self, registry: CollectorRegistry = REGISTRY,
               ready: Callable[[], bool] = lambda: True) -> "MetricsServer":
-        self._registry, self._ready = registry, ready
-        self._metrics = make_wsgi_app(registry)
+        self._ready, self._metrics = ready, make_wsgi_app(registry)
         threading.Thread(target=self.httpd.serve_forever, daemon=True,
                          name="metrics-http").start()
         return self

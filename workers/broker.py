@@ -17,7 +17,7 @@ import gc
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import replace
 
 import zmq
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -158,15 +158,13 @@ class Broker:
         """Copy the scheduler's counts into the metrics: one write per pass, not per message
         (in multiprocess mode every metric write is a write to a shared file)."""
         c, last, m = self.scheduler.counts, self._exported, self.m
-        for status, name in (("dispatched", "dispatched"), ("busy", "busy"),
-                             ("expired", "expired")):
-            delta = getattr(c, name) - getattr(last, name)
+        for status in ("dispatched", "busy", "expired"):
+            delta = getattr(c, status) - getattr(last, status)
             if delta:
                 m.requests.labels(status).inc(delta)
         if c.redelivered != last.redelivered:
             m.redeliveries.inc(c.redelivered - last.redelivered)
-        for f in fields(Counts):
-            setattr(last, f.name, getattr(c, f.name))
+        self._exported = replace(c)
         table = self.scheduler.table
         m.queue_depth.set(len(self.scheduler.queue))
         m.workers.set(table.live)

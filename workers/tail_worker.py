@@ -68,12 +68,12 @@ class TailWorker:
         self.m = for_registry(WorkerMetrics, registry)
         common = for_registry(ProcessMetrics, registry)
         self.m_ready, self.m_bad = common.ready.labels("worker"), common.bad_messages
-        self.ready = False
         self.m_handshake_failures = common.handshake_failures.labels("worker")
         self.m_ok = self.m.requests.labels(w, "ok")
         self.m_frames, self.m_tail = self.m.frames.labels(w), self.m.tail.labels(w)
         self.m_batch, self.m_queue = self.m.batch.labels(w), self.m.queue.labels(w)
-        self.m_held, self.held = self.m.held.labels(w), 0
+        self.m_held = self.m.held.labels(w)
+        self.ready, self.held = False, 0   # what the gauges say, so only changes are written
 
     # -- connection ---------------------------------------------------------------------------
 

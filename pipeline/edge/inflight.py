@@ -91,9 +91,6 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._requests)
 
-    def __contains__(self, msg_id: int) -> bool:
-        return msg_id in self._requests
-
     def open(self, frames: Sequence[Any], exit_cls: Sequence[int], exit_conf: Sequence[float],
              uplink_bytes: int, now: float, note: Any = None) -> int:
         """Register a request for `frames` with their exit answers; returns its msg_id."""

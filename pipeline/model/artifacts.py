@@ -62,15 +62,13 @@ def _junction_arrays(name: str, layer: torch.nn.Module) -> dict[str, np.ndarray]
     return out
 
 
-def save_edge_npz(edge: dict, path: Path) -> int:
+def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
     """The edge artifact for a torch-free edge: the head's arrays and what it needs to
-    decide (threshold, score), from an edge.pt dict."""
-    cfg = from_dict(edge["config"], origin=str(path))
-    head = Head(cfg.model)
-    head.load_state_dict(edge["state_dict"])
+    decide (threshold, score), beside the edge.pt dict `edge` they come with."""
+    layout = edge["config"]["model"]
     meta = {"model_id": edge["model_id"], "threshold": edge["threshold"],
-            "score": edge["score"], "classes": edge["classes"], "split": cfg.model.split,
-            "input_size": cfg.model.input_size, "input_pad": cfg.model.input_pad}
+            "score": edge["score"], "classes": edge["classes"], "split": layout["split"],
+            "input_size": layout["input_size"], "input_pad": layout["input_pad"]}
     arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
     for i, layer in enumerate(head.layers):
         arrays |= _junction_arrays(f"layer{i}", layer)
@@ -88,7 +86,7 @@ def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: flo
     server = dict(common, kind="server", state_dict=model.tail.state_dict())
     return {"model_id": model_id,
             "edge_bytes": _atomic_save(edge, out_dir / EDGE_FILE),
-            "edge_npz_bytes": save_edge_npz(edge, out_dir / EDGE_NPZ),
+            "edge_npz_bytes": save_edge_npz(model.head, edge, out_dir / EDGE_NPZ),
             "server_bytes": _atomic_save(server, out_dir / SERVER_FILE)}
 
 
@@ -172,14 +170,16 @@ def ensure_edge_npz(out_dir: str | Path) -> None:
     """Write DIR/edge.npz from DIR/edge.pt if an older splitexit trained it without one."""
     if not (Path(out_dir) / EDGE_NPZ).is_file():
         blob = _read(Path(out_dir), "edge")
-        save_edge_npz(blob, blob.pop("path").with_name(EDGE_NPZ))
+        _, head = _build(blob, Head)
+        save_edge_npz(head, blob, blob["path"].with_name(EDGE_NPZ))
 
 
 def set_threshold(out_dir: str | Path, threshold: float, score: str) -> None:
     """Rewrite the edge artifact's threshold (the model id does not change: weights don't)."""
     blob = _read(Path(out_dir), "edge")
+    _, head = _build(blob, Head)
     path = blob.pop("path")
     blob["threshold"], blob["score"] = float(threshold), score
     blob["config"]["calibrate"]["score"] = score
     _atomic_save(blob, path)
-    save_edge_npz(blob, path.with_name(EDGE_NPZ))
+    save_edge_npz(head, blob, path.with_name(EDGE_NPZ))
