@@ -30,7 +30,7 @@ SHAPES = [
     ("large 2048^2 @5%", 2048, 2048, 102),
 ]
 BATCHES = (1, 256)
-KERNELS = ("dense", "gather", "csr", "bag")
+KERNELS = ("dense", "gather", "csr", "bag", "native")
 
 
 class MaskedDense(nn.Module):

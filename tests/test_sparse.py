@@ -1,9 +1,11 @@
 import io
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.model import ell_native
 from pipeline.model.sparse import SparseLinear, SparsityError, draw_connectivity, fan_in_for
 
 KERNELS = ("dense", "gather", "csr", "bag")
@@ -150,3 +152,107 @@ def test_loading_a_state_dict_replaces_the_pattern():
     b(x)  # builds b's kernel plan for its own pattern
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(b(x), a(x))
+
+
+# --- the native ELL kernel (pipeline/model/ell_kernel.c) and its fallback ---
+
+needs_native = pytest.mark.skipif(ell_native.library() is None, reason=ell_native.status())
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 7, 64, 100, 200])
+@pytest.mark.parametrize("n_in,n_out,fan_out", [(800, 40, 2), (40, 40, 9), (300, 500, 25),
+                                                (2048, 512, 25)])
+def test_native_kernel_matches_masked_dense(batch, n_in, n_out, fan_out):
+    # Batches cross the kernel's 64-sample and 16-sample blocks, full and partial.
+    torch.manual_seed(0)
+    layer = SparseLinear(n_in, n_out, fan_out, seed=3)
+    layer.kernel_for = lambda batch, training: "native"
+    x = torch.randn(batch, n_in, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref, gx_ref, gv_ref = masked_dense_reference(layer, x.double(), g.double())
+    close = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.detach().double(), y_ref, **close)
+    torch.testing.assert_close(x.grad.double(), gx_ref, **close)
+    torch.testing.assert_close(layer.weight.grad.double(), gv_ref, **close)
+    torch.testing.assert_close(layer.bias.grad, g.sum(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x.detach()), y.detach())
+
+
+@needs_native
+def test_native_kernel_is_what_sparse_layers_train_with():
+    assert ell_native.status().startswith("native ELL kernel")
+    big, paper = SparseLinear(2048, 2048, 102), SparseLinear(800, 40, 2)
+    assert big.kernel_for(256, training=True) == "native"
+    assert paper.kernel_for(256, training=True) == "native"
+    assert paper.kernel_for(1, training=False) == "dense"  # cached dense copy: one GEMM
+    assert SparseLinear(40, 40, 9).kernel_for(256, training=True) == "dense"  # tiny
+    assert big.double().kernel_for(256, training=True) == "bag"  # float32 only
+
+
+def train_steps(seed: int = 0) -> list[torch.Tensor]:
+    """Three AdamW steps of a sparse two-layer net on a fixed batch; returns the weights."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(SparseLinear(800, 40, 2, seed=1), torch.nn.ReLU(),
+                              SparseLinear(40, 100, 5, seed=2))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    x, y = torch.randn(96, 800), torch.randint(0, 100, (96,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return [p.detach() for p in net.parameters()]
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """ell_native as on first use in a new process, with its cache under tmp_path."""
+    monkeypatch.setattr(ell_native, "_state", {})
+    monkeypatch.setenv("SPLITEXIT_CACHE", str(tmp_path / "cache"))
+    return monkeypatch
+
+
+def broken_compiler(tmp_path) -> str:
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\necho 'cc: error: unsupported target' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    return str(cc)
+
+
+@pytest.mark.parametrize("why,env,message", [
+    ("disabled", {"SPLITEXIT_NATIVE": "0"}, "SPLITEXIT_NATIVE=0"),
+    ("no compiler", {"CC": "/nonexistent/cc"}, "no C compiler: install gcc or set CC"),
+    ("build fails", {"CC": broken_compiler}, "could not build ell_kernel.c: cc: error: unsupported"),
+])
+def test_without_the_native_kernel_training_falls_back_to_pytorch(
+        why, env, message, fresh_native, tmp_path):
+    native = train_steps() if ell_native.library() is not None else None
+    fresh_native.setattr(ell_native, "_state", {})
+    for name, value in env.items():
+        fresh_native.setenv(name, value(tmp_path) if callable(value) else value)
+    assert ell_native.library() is None
+    status = ell_native.status()
+    assert status.startswith("PyTorch kernels") and message in status and "\n" not in status
+    assert SparseLinear(2048, 2048, 102).kernel_for(256, training=True) == "bag"
+    fallback = train_steps()
+    if native is not None:  # both paths train the same network
+        for a, b in zip(native, fallback):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_the_kernel_is_built_once_then_loaded_from_the_cache(fresh_native, tmp_path):
+    log = tmp_path / "builds.log"
+    cc = tmp_path / "logging-cc"
+    cc.write_text(f"#!/bin/sh\necho build >> {log}\nexec {shutil.which('cc')} \"$@\"\n")
+    cc.chmod(0o755)
+    fresh_native.setenv("CC", str(cc))
+    assert ell_native.library() is not None
+    assert log.read_text().count("build") == 1
+    fresh_native.setattr(ell_native, "_state", {})  # a new process, same machine
+    assert ell_native.library() is not None
+    assert log.read_text().count("build") == 1
+    assert len(list((tmp_path / "cache").glob("ell_kernel-*.so"))) == 1

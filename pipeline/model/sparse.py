@@ -8,12 +8,14 @@ never with N_in*N_out. Fixed fan-out means the transposed pattern is also fixed-
 is what makes the backward pass to the input as cheap as the forward.
 
 Kernels, chosen per shape and batch from what benchmarks/sparse_layer.py measures
-(`SparseLinear.kernel_for`): `embedding_bag` (one fused gather-multiply-sum) for large
-batches, an index_select gather for small ones, and a dense matrix expanded from the ELL
-table where a junction is so small that per-op overhead is all there is. ('csr', CSR
-`torch.sparse.mm`, stays selectable for the benchmark's comparison.)
-Backward of the ELL kernels: grad-input through the transposed pattern, grad-values with
-`torch.sparse.sampled_addmm`, which computes grad_y^T @ x only at real edges.
+(`SparseLinear.kernel_for`): the native ELL kernel (ell_kernel.c, built on first use; see
+ell_native.py) for float32 on CPU, a dense matrix expanded from the ELL table where a
+junction is so small that per-op overhead is all there is, or a cached dense copy for small
+inference batches. Without a C compiler the PyTorch kernels run instead: `embedding_bag`
+(one fused gather-multiply-sum) for large batches, an index_select gather for small ones.
+('csr', CSR `torch.sparse.mm`, stays selectable for the benchmark's comparison.)
+Backward of the PyTorch ELL kernels: grad-input through the transposed pattern, grad-values
+with `torch.sparse.sampled_addmm`, which computes grad_y^T @ x only at real edges.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.model import ell_native
 
 __all__ = ["SparsityError", "fan_in_for", "draw_connectivity", "SparseLinear", "make_junction"]
 
@@ -134,6 +138,10 @@ class _Plan:
         self.t_bags = self.t_col.view(n_in, fan_out)
         self.t_crow = torch.arange(0, edges + 1, fan_out, dtype=torch.long)
         self.shape = (n_out, n_in)
+        self.fan_out = fan_out
+        # The native kernel's tables: int32, row-major, forward and transposed.
+        self.idx32 = indices.to(torch.int32).contiguous()
+        self.t_idx32 = self.t_bags.to(torch.int32).contiguous()
 
     def matmul(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y[b, o] = sum_k values[o, k] * x[b, col[o, k]]  (B, N_out)."""
@@ -185,6 +193,46 @@ class _EllFunction(torch.autograd.Function):
         return gx, gv, None
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _native_forward(lib, plan: _Plan, x: torch.Tensor, values: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor:
+    n_out, n_in = plan.shape
+    y = x.new_empty(x.shape[0], n_out)
+    if lib.ell_forward(_ptr(x), x.shape[0], n_in, n_out, values.shape[1], _ptr(plan.idx32),
+                       _ptr(values), _ptr(bias), _ptr(y)):
+        raise MemoryError("native ELL kernel: out of memory for its scratch buffer")
+    return y
+
+
+class _NativeEllFunction(torch.autograd.Function):
+    """y = x W^T + b through ell_kernel.c; x, values and bias are contiguous float32."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, plan, lib):
+        ctx.save_for_backward(x, values)
+        ctx.plan, ctx.lib = plan, lib
+        return _native_forward(lib, plan, x, values, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, values = ctx.saved_tensors
+        plan, lib = ctx.plan, ctx.lib
+        need_x, need_values, need_bias = ctx.needs_input_grad[:3]
+        g = g.contiguous()
+        gx = torch.empty_like(x) if need_x else None
+        gv = torch.empty_like(values) if need_values else None
+        t_values = values.reshape(-1)[plan.order].contiguous() if need_x else None
+        n_out, n_in = plan.shape
+        if (need_x or need_values) and lib.ell_backward(
+                _ptr(x), _ptr(g), x.shape[0], n_in, n_out, values.shape[1], _ptr(plan.idx32),
+                plan.fan_out, _ptr(plan.t_idx32), _ptr(t_values), _ptr(gx), _ptr(gv)):
+            raise MemoryError("native ELL kernel: out of memory for its scratch buffer")
+        return gx, gv, g.sum(0) if need_bias else None, None, None
+
+
 class SparseLinear(nn.Module):
     """y = W x + b with W predefined-sparse; state_dict holds |W| values + |W| indices.
 
@@ -225,19 +273,29 @@ class SparseLinear(nn.Module):
         self._dense_cache = None
 
     def kernel_for(self, batch: int, training: bool) -> str:
-        """Which kernel runs a batch: 'dense', 'gather', 'csr' or 'bag' (see constants)."""
+        """Which kernel runs a batch: 'native', 'dense', 'gather', 'csr' or 'bag'."""
         elements = self.in_features * self.out_features
         if elements <= DENSE_ALWAYS_MAX_ELEMENTS:
             return "dense"
+        small_inference = (not training and batch < EMBEDDING_BAG_MIN_BATCH
+                           and elements <= DENSE_CACHE_MAX_ELEMENTS)
+        if self._native_ok():
+            # One thread of native beats bag and two-thread GEMMs from 800->40 up, training
+            # and inference; only a cached dense copy at small batch is faster still.
+            return "dense" if small_inference else "native"
         if batch >= EMBEDDING_BAG_MIN_BATCH:
             # embedding_bag needs x feature-major; with 2+ threads that transpose costs more
             # than a multi-threaded GEMM of a junction this small (2x, measured at 800->40).
             if elements <= DENSE_CACHE_MAX_ELEMENTS and torch.get_num_threads() > 1:
                 return "dense"
             return "bag"
-        if not training and elements <= DENSE_CACHE_MAX_ELEMENTS:
+        if small_inference:
             return "dense"
         return "gather"  # materializes (B, N_out, d_in): only for small batches
+
+    def _native_ok(self) -> bool:
+        return (self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"
+                and ell_native.library() is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         training = torch.is_grad_enabled()
@@ -250,6 +308,15 @@ class SparseLinear(nn.Module):
             if cache is None or cache[0] != weight._version:
                 cache = self._dense_cache = (weight._version, self.dense_weight())
             return F.linear(x, cache[1], self.bias)
+        if kernel == "native":
+            lib = ell_native.library()
+            if lib is None or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+                raise ValueError("the native ELL kernel runs float32 on CPU only; "
+                                 f"got {x.dtype} input and {self.weight.dtype} weights")
+            x, weight = x.contiguous(), self.weight.contiguous()
+            if training:
+                return _NativeEllFunction.apply(x, weight, self.bias, self.plan, lib)
+            return _native_forward(lib, self.plan, x, weight, self.bias)
         if kernel == "gather":
             gathered = x.index_select(1, self.plan.col).view(-1, *self.weight.shape)
             return torch.linalg.vecdot(gathered, self.weight) + self.bias

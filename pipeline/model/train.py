@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.model import calibrate as cal
+from pipeline.model import ell_native
 from pipeline.model.artifacts import compute_model_id, load_model, save_artifacts, set_threshold
 from pipeline.model.config import Config
 from pipeline.model.data import FASHION_CLASSES, Dataset, Split, load_dataset
@@ -128,7 +129,8 @@ def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     """The whole `splitexit train`: returns (and writes) the metrics dict."""
     data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
     print(f"I: {cfg.model.name}: {len(data.train)} train / {len(data.val)} validation / "
-          f"{len(data.test)} test frames from {cfg.data.dir}")
+          f"{len(data.test)} test frames from {cfg.data.dir}; sparse layers train with "
+          f"{ell_native.status()}")
     model, epoch_seconds = fit(cfg, data, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     calibration = _calibrate(model, cfg, data, out_dir)
@@ -139,6 +141,7 @@ def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
                "artifact_bytes": {"edge": sizes["edge_bytes"], "server": sizes["server_bytes"]},
                "train_seconds_per_epoch": float(np.mean(epoch_seconds)),
                "train_threads": torch.get_num_threads(),
+               "train_kernels": ell_native.status(),
                "calibration": calibration}
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
