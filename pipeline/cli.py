@@ -216,6 +216,34 @@ def _cmd_up(args: argparse.Namespace) -> None:
           f"{cfg.run_dir}/report.json")
 
 
+def _calibration_frames(args: argparse.Namespace):
+    """Training frames (never test frames) for the int8 rounding, or None with a warning:
+    from --data, else the data folder the training folder's metrics.json names."""
+    import json
+
+    from pipeline.edge.quantize import CALIBRATION_FRAMES
+    from pipeline.errors import DataError
+    from pipeline.model.config import METRICS_FILE
+    from pipeline.model.data import load_dataset
+
+    metrics = Path(args.dir) / METRICS_FILE
+    trained = json.loads(metrics.read_text())["config"] if metrics.is_file() else {}
+    folder = args.data or trained.get("data", {}).get("dir")
+    if folder is None:
+        print(f"W: int8 rounds to nearest: no {METRICS_FILE} in {args.dir} names the training "
+              f"data; pass --data DIR for error-compensated rounding", file=sys.stderr)
+        return None
+    train = trained.get("train", {})
+    try:
+        data = load_dataset(folder, train.get("val_size", 5000), train.get("seed", 0))
+    except DataError as e:
+        if args.data:
+            raise
+        print(f"W: int8 rounds to nearest: {e}", file=sys.stderr)
+        return None
+    return data.train.images[:CALIBRATION_FRAMES].astype("float32") / 255
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipeline.edge.export_c import C_VARIANTS, export_c
     from pipeline.edge.export_onnx import export_onnx
@@ -236,7 +264,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(f"I: wrote {path} (model {head.model_id}): inputs pixels (batch, "
               f"{head.input_size}), outputs features and exit_logits")
         return
-    paths = export_c(args.dir, out, args.variant)
+    calibration = _calibration_frames(args) if args.variant == "int8" else None
+    paths = export_c(args.dir, out, args.variant, calibration)
     print(f"I: wrote {', '.join(str(p) for p in paths)} (model {head.model_id}); build with "
           f"`cc -O2 -c {paths[0]}`, call splitexit_head() as {paths[1]} says")
 
@@ -351,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"allocation, nothing beyond <stdint.h>. onnx: splitexit_head.onnx, a "
                    f"dynamic batch, ELL kept as Gather/Mul/ReduceSum (needs the onnx extra)")
     x.add_argument("--variant", default="float32", help="float32 (default; equals the "
-                   "trained head) | int8 (int8 tables with a float scale per row, 4x smaller)")
+                   "trained head) | int8 (int8 tables with a float scale per row, 4x smaller; "
+                   "rounded so errors cancel on training frames)")
+    x.add_argument("--data", help="int8: the training data folder to calibrate the rounding "
+                   "on (default: the one DIR/metrics.json names)")
     x.add_argument("--out", help="output folder (default: DIR/export-TARGET-VARIANT)")
     x.set_defaults(func=_cmd_export)
 

@@ -21,6 +21,7 @@ from monitoring.exposition import DEFAULT_ADDR, METRICS_PORTS, MetricsServer, \
     claim_metrics_dir, mark_dead, multiprocess_registry, readiness
 from monitoring.metrics import PROMQL
 from pipeline.edge.config import EdgeConfig
+from pipeline.model.config import METRICS_FILE
 from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup, check_exits, start_server
 
@@ -169,7 +170,7 @@ def read_results(paths: list[Path], artifacts: Path, elapsed_s: float) -> dict:
     offloaded = [o for o in outcomes if o["uplink_bytes"]]
     labelled = [o for o in outcomes if o["label"] is not None]
     training = {}
-    metrics_file = artifacts / "metrics.json"
+    metrics_file = artifacts / METRICS_FILE
     if metrics_file.is_file():
         training = json.loads(metrics_file.read_text())["calibration"]["test"]
     return {

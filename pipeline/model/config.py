@@ -57,6 +57,10 @@ class CalibrationConfig:
     max_drop: float = 0.5      # accuracy points below the full model, on validation
 
 
+# In a training folder: the config it was trained with (under "config") and its results.
+METRICS_FILE = "metrics.json"
+
+
 @dataclass
 class DataConfig:
     dir: str = FASHION_MNIST_DIR  # folder with the four IDX(.gz) files

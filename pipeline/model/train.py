@@ -20,14 +20,14 @@ from tqdm import tqdm
 from pipeline.model import calibrate as cal
 from pipeline.model import ell_native
 from pipeline.model.artifacts import compute_model_id, load_model, save_artifacts, set_threshold
-from pipeline.model.config import Config
+from pipeline.model.config import METRICS_FILE, Config
 from pipeline.model.data import FASHION_CLASSES, Dataset, Split, load_dataset
 from pipeline.errors import ArtifactError
 from pipeline.model.split_model import SplitModel, describe
 
 __all__ = ["fit", "predict", "run", "calibrate_dir", "METRICS_FILE"]
 
-METRICS_FILE, SWEEP_CSV, SWEEP_PNG = "metrics.json", "calibration.csv", "calibration.png"
+SWEEP_CSV, SWEEP_PNG = "calibration.csv", "calibration.png"
 EVAL_BATCH = 4096
 
 
