@@ -7,6 +7,7 @@ real weights, never with N_in x N_out.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,16 @@ class Junction:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.indices is None:
             return x @ self.values + self.bias                            # (B, N_out)
-        gathered = x[:, self.indices]                                     # (B, N_out, d_in)
-        return np.einsum("bod,od->bo", gathered, self.values) + self.bias  # (B, N_out)
+        # Gathered slot-major, (B, d_in, N_out): the sum over d_in adds whole rows, and
+        # take() skips fancy indexing's checks (default head, batch 1: 3.4 µs, not 5.8).
+        indices, values = self._slot_major
+        gathered = x.take(indices, axis=1)
+        return np.einsum("bdo,do->bo", gathered, values) + self.bias      # (B, N_out)
+
+    @functools.cached_property
+    def _slot_major(self) -> tuple[np.ndarray, np.ndarray]:
+        return (np.ascontiguousarray(self.indices.T, dtype=np.intp),
+                np.ascontiguousarray(self.values.T))
 
     @property
     def macs(self) -> int:
@@ -63,11 +72,23 @@ class NumpyHead:
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixels in [0, 1] (B, input_size) -> (exit logits (B, C), features (B, W)). The
-        input padding is never built: the first junction reads no padded input (`_unpad`)."""
-        x = (np.asarray(pixels, dtype=np.float32) - self.pixel_mean) / self.pixel_std
-        for layer in self.layers:
+        input padding is never built: the first junction reads no padded input (`_unpad`),
+        and it reads raw pixels: the standardization is folded into its weights."""
+        x = np.asarray(pixels, dtype=np.float32)
+        for layer in (self._first, *self.layers[1:]):
             x = np.maximum(layer(x), 0)
         return self.exit(x), x
+
+    @functools.cached_property
+    def _first(self) -> Junction:
+        """layers[0] on raw pixels: sum w (p - mean) / std + b = sum (w / std) p + b', with
+        b' = b - mean / std * sum w. One NumPy pass less a frame; `layers` stay as trained
+        (the exports standardize as torch does)."""
+        j = self.layers[0]
+        per_output = j.values.sum(axis=0 if j.indices is None else 1, dtype=np.float64)
+        bias = j.bias - (float(self.pixel_mean) / float(self.pixel_std)) * per_output
+        return Junction((j.values / self.pixel_std).astype(np.float32), j.indices,
+                        bias.astype(np.float32))
 
 
 def exit_scores(logits: np.ndarray, score: str) -> np.ndarray:
