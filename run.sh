@@ -9,12 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 setup() {
-    # Fashion-MNIST for the main job; Prometheus (and promtool) for the monitoring tests.
-    if ! dpkg -s dataset-fashion-mnist prometheus >/dev/null 2>&1; then
-        echo "I: installing Debian's dataset-fashion-mnist and prometheus" >&2
+    # Fashion-MNIST for the main job; Prometheus (and promtool) for the monitoring tests;
+    # a C compiler for the native training kernel and the C export (both have fallbacks or
+    # skips without one, but the main job trains faster with it).
+    if ! dpkg -s dataset-fashion-mnist prometheus gcc libc6-dev >/dev/null 2>&1; then
+        echo "I: installing Debian's dataset-fashion-mnist, prometheus and gcc" >&2
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
-            prometheus >/dev/null
+            prometheus gcc libc6-dev >/dev/null
     fi
     if ! python3 -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
             2>/dev/null; then

@@ -256,3 +256,25 @@ def test_the_kernel_is_built_once_then_loaded_from_the_cache(fresh_native, tmp_p
     assert ell_native.library() is not None
     assert log.read_text().count("build") == 1
     assert len(list((tmp_path / "cache").glob("ell_kernel-*.so"))) == 1
+
+
+@needs_native
+def test_native_threads_split_the_batch_without_changing_the_answer():
+    torch.manual_seed(0)
+    layer = SparseLinear(2048, 1024, 50, seed=4)  # 300 x 1024 x 100 MACs: worth threads
+    x = torch.randn(300, 2048, requires_grad=True)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            layer.zero_grad()
+            x.grad = None
+            y = layer(x)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), x.grad.clone(), layer.weight.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, gx1, gv1), (y3, gx3, gv3) = results
+    assert torch.equal(y1, y3) and torch.equal(gx1, gx3)  # same blocks, same sums
+    torch.testing.assert_close(gv1, gv3)  # summed per thread, then across threads

@@ -147,30 +147,130 @@ static float *scratch(int64_t floats)
 /* Blocks of BIG samples while at least BIG remain, then blocks of SMALL. */
 static int tile_at(int64_t remaining) { return remaining >= BIG ? BIG : SMALL; }
 
-/* y[B][n_out] = x[B][n_in] . W^T + bias, W given as ELL (idx, val: [n_out][d]).
- * Returns 0, or -1 when scratch memory cannot be allocated. */
-int ell_forward(const float *x, int64_t batch, int64_t n_in, int64_t n_out, int64_t d,
-                const int32_t *idx, const float *val, const float *bias, float *y)
+/* One call's arguments; a thread runs samples [b_begin, b_end) of it. */
+struct job {
+    const float *x, *g, *val, *bias, *t_val;
+    const int32_t *idx, *t_idx;
+    int64_t n_in, n_out, d, fan_out;
+    float *y, *gx, *gv; /* gv: this thread's own accumulator, zeroed */
+    int64_t b_begin, b_end;
+    int rc;
+};
+
+static void *forward_range(void *arg)
 {
-    float *xt = scratch(n_in * BIG), *yt = scratch(n_out * BIG);
-    if (!xt || !yt) {
-        free(xt);
-        free(yt);
-        return -1;
-    }
-    for (int64_t b0 = 0; b0 < batch;) {
-        int tile = tile_at(batch - b0);
-        int nb = (int)(batch - b0 < tile ? batch - b0 : tile);
-        transpose_block(x, n_in, b0, nb, tile, xt);
+    struct job *j = arg;
+    float *xt = scratch(j->n_in * BIG), *yt = scratch(j->n_out * BIG);
+    j->rc = (xt && yt) ? 0 : -1;
+    for (int64_t b0 = j->b_begin; j->rc == 0 && b0 < j->b_end;) {
+        int tile = tile_at(j->b_end - b0);
+        int nb = (int)(j->b_end - b0 < tile ? j->b_end - b0 : tile);
+        transpose_block(j->x, j->n_in, b0, nb, tile, xt);
         if (tile == BIG)
-            gather_big(xt, n_out, d, idx, val, bias, yt, y, b0, nb);
+            gather_big(xt, j->n_out, j->d, j->idx, j->val, j->bias, yt, j->y, b0, nb);
         else
-            gather_small(xt, n_out, d, idx, val, bias, yt, y, b0, nb);
+            gather_small(xt, j->n_out, j->d, j->idx, j->val, j->bias, yt, j->y, b0, nb);
         b0 += nb;
     }
     free(xt);
     free(yt);
-    return 0;
+    return NULL;
+}
+
+static void *backward_range(void *arg)
+{
+    struct job *j = arg;
+    float *gt = scratch(j->n_out * BIG);
+    float *xt = j->gv ? scratch(j->n_in * BIG) : NULL;
+    float *gxt = j->gx ? scratch(j->n_in * BIG) : NULL;
+    j->rc = (gt && (!j->gv || xt) && (!j->gx || gxt)) ? 0 : -1;
+    for (int64_t b0 = j->b_begin; j->rc == 0 && b0 < j->b_end;) {
+        int tile = tile_at(j->b_end - b0);
+        int nb = (int)(j->b_end - b0 < tile ? j->b_end - b0 : tile);
+        transpose_block(j->g, j->n_out, b0, nb, tile, gt);
+        if (j->gx) {
+            if (tile == BIG)
+                gather_big(gt, j->n_in, j->fan_out, j->t_idx, j->t_val, NULL, gxt, j->gx, b0, nb);
+            else
+                gather_small(gt, j->n_in, j->fan_out, j->t_idx, j->t_val, NULL, gxt, j->gx, b0,
+                             nb);
+        }
+        if (j->gv) {
+            transpose_block(j->x, j->n_in, b0, nb, tile, xt);
+            if (tile == BIG)
+                grad_values_big(xt, gt, j->n_out, j->d, j->idx, j->gv);
+            else
+                grad_values_small(xt, gt, j->n_out, j->d, j->idx, j->gv);
+        }
+        b0 += nb;
+    }
+    free(gt);
+    free(xt);
+    free(gxt);
+    return NULL;
+}
+
+/* Below this many multiply-adds a call, starting threads costs more than they save. */
+#define MIN_PARALLEL_MACS (1 << 21)
+#define MAX_THREADS 64
+
+/* Run fn over [0, batch) split into whole BIG blocks among up to `threads` OpenMP threads.
+ * OpenMP, not pthreads: loaded after torch, libgomp.so.1 resolves to torch's own copy, so
+ * these are the threads torch's ops just used (still spinning, waiting for work), not two
+ * more competing with them for the cores. Samples land in the same blocks whatever the
+ * split, so y and gx do not depend on the thread count; gv sums one accumulator per
+ * thread, in thread order. Built without OpenMP, the shares simply run one after another. */
+static int run_split(struct job base, int64_t batch, int threads, int64_t macs,
+                     void *(*fn)(void *))
+{
+    int64_t blocks = (batch + BIG - 1) / BIG;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > blocks)
+        threads = (int)blocks;
+    if (threads < 1 || macs < MIN_PARALLEL_MACS)
+        threads = 1;
+    struct job jobs[MAX_THREADS];
+    size_t gv_bytes = sizeof(float) * (size_t)(base.n_out * base.d);
+    int64_t b = 0;
+    int rc = 0;
+    if (base.gv)
+        memset(base.gv, 0, gv_bytes);
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = base;
+        jobs[t].rc = -1;  /* until its share has run */
+        jobs[t].b_begin = b;
+        b += (blocks / threads + (t < blocks % threads)) * BIG;
+        jobs[t].b_end = b < batch ? b : batch;
+        if (base.gv && t > 0 && !(jobs[t].gv = calloc(1, gv_bytes)))
+            rc = -1;
+    }
+    if (rc == 0) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+        for (int t = 0; t < threads; t++)
+            fn(&jobs[t]);
+    }
+    for (int t = 0; t < threads; t++) {
+        if (rc == 0 && jobs[t].rc)
+            rc = -1;
+        if (base.gv && t > 0) {
+            if (rc == 0)
+                for (int64_t e = 0; e < base.n_out * base.d; e++)
+                    base.gv[e] += jobs[t].gv[e];
+            free(jobs[t].gv);
+        }
+    }
+    return rc;
+}
+
+/* y[B][n_out] = x[B][n_in] . W^T + bias, W given as ELL (idx, val: [n_out][d]), on up to
+ * `threads` threads. Returns 0, or -1 when scratch memory cannot be allocated. */
+int ell_forward(const float *x, int64_t batch, int64_t n_in, int64_t n_out, int64_t d,
+                const int32_t *idx, const float *val, const float *bias, float *y, int threads)
+{
+    struct job job = {.x = x, .val = val, .bias = bias, .idx = idx, .n_in = n_in,
+                      .n_out = n_out, .d = d, .y = y};
+    return run_split(job, batch, threads, batch * n_out * d, forward_range);
 }
 
 /* Given g = dL/dy [B][n_out]:
@@ -179,40 +279,10 @@ int ell_forward(const float *x, int64_t batch, int64_t n_in, int64_t n_out, int6
  * Either output may be NULL when its gradient is not needed. Returns 0, or -1 on no memory. */
 int ell_backward(const float *x, const float *g, int64_t batch, int64_t n_in, int64_t n_out,
                  int64_t d, const int32_t *idx, int64_t fan_out, const int32_t *t_idx,
-                 const float *t_val, float *gx, float *gv)
+                 const float *t_val, float *gx, float *gv, int threads)
 {
-    float *gt = scratch(n_out * BIG);
-    float *xt = gv ? scratch(n_in * BIG) : NULL;
-    float *gxt = gx ? scratch(n_in * BIG) : NULL;
-    if (!gt || (gv && !xt) || (gx && !gxt)) {
-        free(gt);
-        free(xt);
-        free(gxt);
-        return -1;
-    }
-    if (gv)
-        memset(gv, 0, sizeof(float) * (size_t)(n_out * d));
-    for (int64_t b0 = 0; b0 < batch;) {
-        int tile = tile_at(batch - b0);
-        int nb = (int)(batch - b0 < tile ? batch - b0 : tile);
-        transpose_block(g, n_out, b0, nb, tile, gt);
-        if (gx) {
-            if (tile == BIG)
-                gather_big(gt, n_in, fan_out, t_idx, t_val, NULL, gxt, gx, b0, nb);
-            else
-                gather_small(gt, n_in, fan_out, t_idx, t_val, NULL, gxt, gx, b0, nb);
-        }
-        if (gv) {
-            transpose_block(x, n_in, b0, nb, tile, xt);
-            if (tile == BIG)
-                grad_values_big(xt, gt, n_out, d, idx, gv);
-            else
-                grad_values_small(xt, gt, n_out, d, idx, gv);
-        }
-        b0 += nb;
-    }
-    free(gt);
-    free(xt);
-    free(gxt);
-    return 0;
+    struct job job = {.x = x, .g = g, .idx = idx, .t_idx = t_idx, .t_val = t_val,
+                      .n_in = n_in, .n_out = n_out, .d = d, .fan_out = fan_out, .gx = gx,
+                      .gv = gv};
+    return run_split(job, batch, threads, 2 * batch * n_out * d, backward_range);
 }

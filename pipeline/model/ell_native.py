@@ -24,7 +24,9 @@ __all__ = ["library", "status", "cache_dir", "DISABLE_ENV"]
 
 SOURCE = Path(__file__).with_name("ell_kernel.c")
 DISABLE_ENV = "SPLITEXIT_NATIVE"  # "0" runs the PyTorch kernels
-FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second for compilers without -march
+# Tried in order: the first that builds is used (a compiler without -march=native or
+# without OpenMP still gets a working kernel, single-threaded in the last case).
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 BUILD_TIMEOUT_S = 120
 
 _lock = threading.Lock()
@@ -75,9 +77,9 @@ def _build(cc: str) -> tuple[Path | None, str]:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.ell_forward.argtypes = [p, i64, i64, i64, i64, p, p, p, p]
+    lib.ell_forward.argtypes = [p, i64, i64, i64, i64, p, p, p, p, ctypes.c_int]
     lib.ell_forward.restype = ctypes.c_int
-    lib.ell_backward.argtypes = [p, p, i64, i64, i64, i64, p, i64, p, p, p, p]
+    lib.ell_backward.argtypes = [p, p, i64, i64, i64, i64, p, i64, p, p, p, p, ctypes.c_int]
     lib.ell_backward.restype = ctypes.c_int
     return lib
 

@@ -202,7 +202,7 @@ def _native_forward(lib, plan: _Plan, x: torch.Tensor, values: torch.Tensor,
     n_out, n_in = plan.shape
     y = x.new_empty(x.shape[0], n_out)
     if lib.ell_forward(_ptr(x), x.shape[0], n_in, n_out, values.shape[1], _ptr(plan.idx32),
-                       _ptr(values), _ptr(bias), _ptr(y)):
+                       _ptr(values), _ptr(bias), _ptr(y), torch.get_num_threads()):
         raise MemoryError("native ELL kernel: out of memory for its scratch buffer")
     return y
 
@@ -228,7 +228,8 @@ class _NativeEllFunction(torch.autograd.Function):
         n_out, n_in = plan.shape
         if (need_x or need_values) and lib.ell_backward(
                 _ptr(x), _ptr(g), x.shape[0], n_in, n_out, values.shape[1], _ptr(plan.idx32),
-                plan.fan_out, _ptr(plan.t_idx32), _ptr(t_values), _ptr(gx), _ptr(gv)):
+                plan.fan_out, _ptr(plan.t_idx32), _ptr(t_values), _ptr(gx), _ptr(gv),
+                torch.get_num_threads()):
             raise MemoryError("native ELL kernel: out of memory for its scratch buffer")
         return gx, gv, g.sum(0) if need_bias else None, None, None
 
