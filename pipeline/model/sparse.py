@@ -278,25 +278,25 @@ class SparseLinear(nn.Module):
         elements = self.in_features * self.out_features
         if elements <= DENSE_ALWAYS_MAX_ELEMENTS:
             return "dense"
-        small_inference = (not training and batch < EMBEDDING_BAG_MIN_BATCH
-                           and elements <= DENSE_CACHE_MAX_ELEMENTS)
-        if self._native_ok():
-            # One thread of native beats bag and two-thread GEMMs from 800->40 up, training
-            # and inference; only a cached dense copy at small batch is faster still.
-            return "dense" if small_inference else "native"
-        if batch >= EMBEDDING_BAG_MIN_BATCH:
+        large_batch = batch >= EMBEDDING_BAG_MIN_BATCH
+        if not training and not large_batch and elements <= DENSE_CACHE_MAX_ELEMENTS:
+            return "dense"
+        if (large_batch or not training) and self._native_ok():
+            # From 800->40 up, native beats bag and two-thread GEMMs, training and inference;
+            # a training step at small batch is cheaper through the gather's stock autograd.
+            return "native"
+        if large_batch:
             # embedding_bag needs x feature-major; with 2+ threads that transpose costs more
             # than a multi-threaded GEMM of a junction this small (2x, measured at 800->40).
             if elements <= DENSE_CACHE_MAX_ELEMENTS and torch.get_num_threads() > 1:
                 return "dense"
             return "bag"
-        if small_inference:
-            return "dense"
         return "gather"  # materializes (B, N_out, d_in): only for small batches
 
     def _native_ok(self) -> bool:
-        return (self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"
-                and ell_native.library() is not None)
+        weight = self.weight
+        return (ell_native.library() is not None and weight.dtype == torch.float32
+                and weight.device.type == "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         training = torch.is_grad_enabled()
