@@ -23,6 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as on the edge
 import numpy as np  # noqa: E402
 
 from pipeline.edge.numpy_head import load_numpy_head  # noqa: E402
+from pipeline.edge.quantize import CALIBRATION_FRAMES  # noqa: E402
 from pipeline.model.config import FASHION_MNIST_DIR  # noqa: E402
 from pipeline.model.data import load_dataset  # noqa: E402
 
@@ -96,41 +97,50 @@ int main(int argc, char **argv) {
 C_FLAGS = {"-O2": ["-O2"], "-O3 native fast-math": ["-O3", "-march=native", "-ffast-math"]}
 
 
-def c_head(art: Path, frames: np.ndarray, repeats: int, work: Path) -> dict:
-    """ns per frame (best of `repeats` passes) and text + data bytes of the compiled head,
-    float32 export, for each set of flags."""
+def c_head(art: Path, frames: np.ndarray, calibration: np.ndarray, repeats: int,
+           work: Path) -> dict:
+    """{(variant, flags): ns per frame (best of `repeats` passes), text + data bytes of the
+    compiled head} for the float32 and int8 exports (int8 calibrated as `export` does)."""
     import shutil
 
-    from pipeline.edge.export_c import C_FILE, export_c
+    from pipeline.edge.export_c import C_FILE, C_VARIANTS, export_c
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return {}
-    out = work / art.name
-    export_c(art, out)
-    (out / "bench.c").write_text(C_DRIVER)
-    frames_file = out / "frames.f32"
+    frames_file = work / "frames.f32"
     np.ascontiguousarray(frames, dtype=np.float32).tofile(frames_file)
     result = {}
-    for label, flags in C_FLAGS.items():
-        obj, exe = out / "head.o", out / "bench"
-        subprocess.run([cc, "-std=c99", *flags, "-c", str(out / C_FILE), "-o", str(obj)],
-                       check=True)
-        size = subprocess.run(["size", str(obj)], capture_output=True, text=True, check=True)
-        text, data = (int(v) for v in size.stdout.splitlines()[1].split()[:2])
-        subprocess.run([cc, "-std=c99", *flags, "-I", str(out), str(out / "bench.c"),
-                        str(obj), "-o", str(exe)], check=True)
-        run = subprocess.run([str(exe), str(frames_file), str(len(frames)), str(repeats)],
-                             capture_output=True, text=True, check=True)
-        result[label] = {"ns": float(run.stdout.split()[0]), "bytes": text + data}
+    for variant in C_VARIANTS:
+        out = work / f"{art.name}-{variant}"
+        export_c(art, out, variant, calibration if variant == "int8" else None)
+        (out / "bench.c").write_text(C_DRIVER)
+        for label, flags in C_FLAGS.items():
+            obj, exe = out / "head.o", out / "bench"
+            subprocess.run([cc, "-std=c99", *flags, "-c", str(out / C_FILE), "-o", str(obj)],
+                           check=True)
+            size = subprocess.run(["size", str(obj)], capture_output=True, text=True,
+                                  check=True)
+            text, data = (int(v) for v in size.stdout.splitlines()[1].split()[:2])
+            subprocess.run([cc, "-std=c99", *flags, "-I", str(out), str(out / "bench.c"),
+                            str(obj), "-o", str(exe)], check=True)
+            run = subprocess.run([str(exe), str(frames_file), str(len(frames)), str(repeats)],
+                                 capture_output=True, text=True, check=True)
+            result[(variant, label)] = {"ns": float(run.stdout.split()[0]), "bytes": text + data}
     return result
 
 
-def table_bytes(head) -> int:
-    """Values + indices + biases as stored in edge.npz (what the compiled head must hold)."""
+def table_bytes(head) -> dict[str, int]:
+    """Values + indices + biases as stored in edge.npz (what the compiled float32 head must
+    hold), and the same with int8 values plus a float scale per row (the int8 head's)."""
     with np.load(head.path) as npz:
-        return sum(npz[k].nbytes for k in npz.files
-                   if k.endswith((".values", ".indices", ".bias")))
+        stored = {k: npz[k] for k in npz.files if k.endswith((".values", ".indices", ".bias"))}
+    float32 = sum(a.nbytes for a in stored.values())
+    values = [a for k, a in stored.items() if k.endswith(".values")]
+    int8 = float32 - sum(a.nbytes - a.size for a in values) + sum(4 * len(a) for k, a in
+                                                                  stored.items()
+                                                                  if k.endswith(".bias"))
+    return {"float32": float32, "int8": int8}
 
 
 def cpu_mhz() -> float | None:
@@ -195,8 +205,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="edge-head-"))
-    frames = load_dataset(args.data, val_size=5000).test.images[:args.frames]
-    frames = frames.astype(np.float32) / 255
+    data = load_dataset(args.data, val_size=5000)
+    frames = data.test.images[:args.frames].astype(np.float32) / 255
+    calibration = data.train.images[:CALIBRATION_FRAMES].astype(np.float32) / 255
     rows = {}
     for name in HEADS:
         art = Path(args.runs) / name
@@ -223,7 +234,7 @@ def main() -> None:
                                if (onnx := onnx_runner(art, work)) else float("nan")),
                       "torch_edge": process_start(TORCH_EDGE, art, args.data),
                       "numpy_edge": process_start(NUMPY_EDGE, art, args.data),
-                      "c": c_head(art, frames, 5 * args.repeats, work),
+                      "c": c_head(art, frames, calibration, 5 * args.repeats, work),
                       "table_bytes": table_bytes(stored)}
         print(f"I: {name}: {rows[name]}", flush=True)
 
@@ -240,17 +251,19 @@ def main() -> None:
               f"{twin['numpy'] / r['numpy']:.2f}x | {twin['onnx'] / r['onnx']:.2f}x |")
     mhz = cpu_mhz()
     if all(r["c"] for r in rows.values()):
-        print(f"\nthe C export (float32), per frame at batch 1, best of {5 * args.repeats}; "
-              f"cycles at the {mhz:.0f} MHz /proc/cpuinfo reports")
-        print("| head | flags | ns per frame | vs dense twin | cycles per MAC | vs torch | "
-              "head bytes (text+data) | vs its tables |\n|---|---|---|---|---|---|---|---|")
+        print(f"\nthe C export, per frame at batch 1, best of {5 * args.repeats}; cycles at "
+              f"the {mhz:.0f} MHz /proc/cpuinfo reports; vs dense twin: same variant and flags")
+        print("| head | variant | flags | ns per frame | vs dense twin | cycles per MAC | "
+              "vs torch | head bytes (text+data) | vs its tables |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for name, r in rows.items():
-            for label, c in r["c"].items():
-                twin = rows[TWIN[name]]["c"][label]
+            for (variant, label), c in r["c"].items():
+                twin = rows[TWIN[name]]["c"][(variant, label)]
                 cycles = c["ns"] * mhz / 1000 / r["macs"] if mhz else float("nan")
-                print(f"| {name} | {label} | {c['ns']:.0f} | {twin['ns'] / c['ns']:.1f}x | "
-                      f"{cycles:.2f} | {r['torch'] * 1000 / c['ns']:.0f}x | {c['bytes']} | "
-                      f"{c['bytes'] / r['table_bytes']:.2f}x |")
+                print(f"| {name} | {variant} | {label} | {c['ns']:.0f} | "
+                      f"{twin['ns'] / c['ns']:.1f}x | {cycles:.2f} | "
+                      f"{r['torch'] * 1000 / c['ns']:.0f}x | {c['bytes']} | "
+                      f"{c['bytes'] / r['table_bytes'][variant]:.2f}x |")
     print("\nan edge process answering its first frame (best of 3 processes)")
     print("| head | torch edge: s to first answer | RSS MiB | torch-free edge: s | RSS MiB |"
           "\n|---|---|---|---|---|")
