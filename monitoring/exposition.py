@@ -20,6 +20,7 @@ else, or that another live launcher holds, is refused with a one-line error.
 from __future__ import annotations
 
 import atexit
+import glob
 import os
 import shutil
 import tempfile
@@ -151,10 +152,26 @@ def claim_metrics_dir(path: str | Path | None) -> Path:
     return folder
 
 
+class _StartedFilesCollector(MultiProcessCollector):
+    """Reads only metric files that exist in full. prometheus-client creates a child's file
+    empty and then sizes it; a collection that lands in between would fail on 0 bytes
+    (struct.error), so a child starting up must not break a scrape of its siblings."""
+
+    def collect(self):
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(path) >= 8:   # the 8-byte used-size header is there
+                    files.append(path)
+            except FileNotFoundError:            # a dead process's live gauge, just removed
+                continue
+        return self.merge(files, accumulate=True)
+
+
 def multiprocess_registry(folder: str | Path) -> CollectorRegistry:
     """A registry that reads the children's files in `folder` at every collection."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(folder))
+    _StartedFilesCollector(registry, path=str(folder))
     return registry
 
 

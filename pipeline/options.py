@@ -70,7 +70,8 @@ def add_edge_options(p: argparse.ArgumentParser) -> None:
                    help="server answer deadline; then the local exit answers (default: "
                         "%(default)s)")
     p.add_argument("--dtype", default=EdgeConfig.dtype, help=f"features on the wire: "
-                   f"{' | '.join(DTYPE_NAMES)} (default: %(default)s)")
+                   f"auto | {' | '.join(DTYPE_NAMES)}; auto sends what the model's uplink "
+                   f"was trained for (model.uplink_bits), else int8 (default: %(default)s)")
     p.add_argument("--codec", default=EdgeConfig.codec, help=f"{' | '.join(CODEC_NAMES)}; "
                    f"lz4 is used only when it shrinks a payload (default: %(default)s)")
     p.add_argument("--max-pack", type=int, default=EdgeConfig.max_pack,

@@ -90,6 +90,23 @@ def artifacts(tmp_path_factory, idx_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bottleneck_artifacts(tmp_path_factory, idx_dir) -> Path:
+    """A head whose exit reads its 40-wide layer, then an 8-wide bottleneck trained to be
+    sent as 4-bit codes: the exit runs on every frame, the bottleneck only for offloads."""
+    from pipeline.model.config import load_config
+    from pipeline.model.train import run
+
+    out = tmp_path_factory.mktemp("bottleneck")
+    cfg = load_config("paper-sparse", [
+        "model.name='bottleneck'", "model.widths=[800, 40, 8, 20, 10]",
+        "model.fan_out=[2, 2, 20, 10]", "model.split=2", "model.exit_at=1",
+        "model.uplink_bits=4", "train.epochs=2", "train.val_size=200",
+        "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
+    run(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def fashion_default(tmp_path_factory) -> Path:
     """The recommended default trained on the real Fashion-MNIST for 10 epochs (seconds with
     the native kernel); skips where Debian's dataset-fashion-mnist is not installed."""

@@ -75,3 +75,24 @@ def test_invalid_toml(tmp_path):
     bad.write_text("[model\nwidths = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(str(bad))
+
+
+BOTTLENECK = {"widths": [800, 400, 32, 100, 10], "fan_out": [2, 4, 100, 10], "input_pad": 800,
+              "split": 2, "exit_at": 1, "uplink_bits": 4}
+
+
+def test_a_bottleneck_config_builds_its_exit_on_the_wide_layer():
+    model = SplitModel(from_dict({"model": BOTTLENECK}).model)
+    assert model.head.exit.in_features == 400 and model.tail.layers[0].in_features == 32
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"exit_at": 3}, "model.exit_at = 3 must be a layer on the edge: 1..2"),
+    ({"exit_at": -1}, "model.exit_at = -1 must be a layer on the edge"),
+    ({"uplink_bits": 3}, "model.uplink_bits = 3: choose 0 .* or one of 8, 4, 2"),
+    ({"fan_out": [2, 5, 100, 10]}, "layer2: junction 400->32 cannot have fan-out 5"),
+])
+def test_bad_bottleneck_settings_are_one_line(change, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        SplitModel(from_dict({"model": dict(BOTTLENECK, **change)}).model)
+    assert "\n" not in str(e.value)

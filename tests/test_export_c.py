@@ -54,10 +54,11 @@ def run_c(lib, head, pixels):
 
 
 @needs_cc
-@pytest.mark.parametrize("which", ["sparse", "dense twin"])
-def test_the_float32_c_head_equals_the_torch_head(which, artifacts, dense_twin, idx_dir,
-                                                  tmp_path):
-    art = artifacts if which == "sparse" else dense_twin
+@pytest.mark.parametrize("which", ["sparse", "dense twin", "bottleneck"])
+def test_the_float32_c_head_equals_the_torch_head(which, artifacts, dense_twin,
+                                                  bottleneck_artifacts, idx_dir, tmp_path):
+    art = {"sparse": artifacts, "dense twin": dense_twin, "bottleneck": bottleneck_artifacts}[
+        which]
     head = load_numpy_head(art)
     lib = compiled(art, tmp_path, "float32")
     pixels = load_dataset(idx_dir, val_size=200).test.images.astype(np.float32) / 255
@@ -68,7 +69,7 @@ def test_the_float32_c_head_equals_the_torch_head(which, artifacts, dense_twin, 
     np.testing.assert_allclose(features, t_features.numpy(), atol=1e-5)
     np.testing.assert_allclose(logits, t_logits.numpy(), atol=1e-5)
     source = (tmp_path / C_FILE).read_text()
-    assert ("_index" in source) == (which == "sparse")  # ELL tables only where sparse
+    assert ("_index" in source) == (which != "dense twin")  # ELL tables only where sparse
 
 
 def wire_rms_error(features: np.ndarray) -> float:

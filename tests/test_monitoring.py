@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring.dashboard import dashboard, expressions
+from monitoring import exposition
 from monitoring.metrics import PROMQL
 from monitoring.top import scrape, summarize
 from tests.conftest import ROOT, free_port
@@ -207,3 +208,11 @@ def test_histogram_quantile_interpolates_like_promql():
     assert _quantile(0.75, buckets) == pytest.approx(0.15)
     assert _quantile(0.25, buckets) == pytest.approx(0.05)
     assert _quantile(0.5, {"+Inf": 0.0}) is None
+
+
+def test_a_child_creating_its_metric_file_does_not_break_a_collection(tmp_path):
+    # prometheus-client creates a child's file empty, then sizes it: a scrape in between
+    # must skip it, not fail on 0 bytes.
+    (tmp_path / "counter_12345.db").write_bytes(b"")
+    registry = exposition.multiprocess_registry(tmp_path)
+    assert exposition.total(registry, "splitexit_ready") == 0

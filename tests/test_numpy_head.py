@@ -26,7 +26,9 @@ from workers.pool import START_TIMEOUT_S, ProcessGroup
 from workers.tail_worker import run_worker
 
 
-def test_the_numpy_head_equals_the_torch_head(artifacts, idx_dir):
+@pytest.mark.parametrize("which", ["split exit", "exit before a bottleneck"])
+def test_the_numpy_head_equals_the_torch_head(which, artifacts, bottleneck_artifacts, idx_dir):
+    artifacts = artifacts if which == "split exit" else bottleneck_artifacts
     pixels = load_dataset(idx_dir, val_size=200).test.images.astype(np.float32) / 255
     edge, head = load_edge(artifacts), load_numpy_head(artifacts)
     with torch.inference_mode():
@@ -40,6 +42,10 @@ def test_the_numpy_head_equals_the_torch_head(artifacts, idx_dir):
                                    torch_exit_scores(t_logits, score), atol=1e-6)
     decided = exit_scores(logits, head.score) >= head.threshold
     assert (decided == (torch_exit_scores(t_logits, edge.score) >= edge.threshold)).all()
+    # The exit reads the 40-wide layer; a bottleneck after it runs only for offloads.
+    exit_logits, hidden = head.run_exit(pixels)
+    assert hidden.shape[1] == 40 and np.array_equal(exit_logits, logits)
+    assert head.width == (40 if which == "split exit" else 8)
     # 800->40 is sparse (uint16 indices: no wider than 800 inputs need), the exit dense
     assert head.layers[0].indices is not None and head.exit.indices is None
     with np.load(artifacts / EDGE_NPZ) as npz:

@@ -100,6 +100,25 @@ def test_int8_features_on_the_wire_cost_little_accuracy(system, artifacts, idx_d
     assert agree >= 0.95
 
 
+def test_a_bottleneck_trained_for_4_bits_is_answered_as_trained(system, bottleneck_artifacts,
+                                                                 idx_dir):
+    """The exit reads the wide layer; offloaded frames run the 8-wide bottleneck and go up as
+    4-bit codes (the model's trained uplink, picked by --dtype auto): 4 bytes of payload,
+    answered exactly as the in-process model, whose tail trained on those codes."""
+    system.broker()
+    system.workers(bottleneck_artifacts, 1)
+    outcomes = system.edge(bottleneck_artifacts, data_dir=str(idx_dir), deadline_ms=2000)
+    offloaded = [o for o in outcomes if o["path"] == "offload"]
+    assert len(outcomes) == FRAMES and len(offloaded) > 50
+    model, _, _ = load_model(bottleneck_artifacts)
+    data = load_dataset(idx_dir, val_size=200)
+    with torch.inference_mode():
+        _, final_logits = model(torch.from_numpy(data.test.images).float() / 255)
+    assert all(o["cls"] == int(final_logits[o["frame"]].argmax()) for o in offloaded)
+    single = [o["uplink_bytes"] for o in offloaded]
+    assert min(single) < 40 + 60  # 4 payload bytes + a scale + the header, all frames
+
+
 def test_a_worker_refuses_another_models_features(system, artifacts, idx_dir, tmp_path):
     other = tmp_path / "other"
     cfg = load_config("paper-sparse", ["train.epochs=1", "train.val_size=200", "train.seed=5",

@@ -30,7 +30,9 @@ def test_request_round_trip(dtype, codec, frames, width):
     r = wire.decode_request(msg)
     assert (r.msg_id, r.producer_id, r.model_tag, r.capture_ts_us) == (7, 3, TAG, 123456)
     assert r.frame_ids == tuple(range(10, 10 + frames)) and r.features.shape == (frames, width)
-    tol = {DType.FLOAT32: 0, DType.FLOAT16: 1e-3, DType.INT8: 1 / 127}[dtype]
+    # at most half a step of the frame's peak for integer dtypes
+    tol = {DType.FLOAT32: 0, DType.FLOAT16: 1e-3, DType.INT8: 1 / 127, DType.UINT8: 1 / 255,
+           DType.UINT4: 1 / 15, DType.UINT2: 1 / 3}[dtype]
     assert np.all(np.abs(r.features - x) <= tol * np.abs(x).max(axis=1, keepdims=True) + 1e-7)
     assert wire.peek(msg[0]) == (Kind.REQUEST, 7)
 
@@ -163,3 +165,22 @@ def test_structurally_valid_msgpack_with_wrong_types_raises_wire_error(fields, p
         for decode in (wire.decode_request, wire.decode_answer, wire.decode_control):
             with contextlib.suppress(WireError):
                 decode(frames)
+
+
+@pytest.mark.parametrize("dtype,width,row", [(DType.UINT8, 33, 33), (DType.UINT4, 33, 17),
+                                             (DType.UINT2, 33, 9), (DType.UINT4, 32, 16)])
+def test_unsigned_dtypes_pack_rows_to_whole_bytes(dtype, width, row):
+    x = features(3, width)
+    msg = wire.encode_request(1, 1, TAG, 0, [1, 2, 3], x, dtype, Codec.NONE)
+    assert len(msg[1]) == 3 * row == 3 * wire.row_bytes(dtype, width)
+    bits = wire.UNSIGNED_BITS[dtype]
+    sent = wire.decode_request(msg).features
+    peak = x.max(axis=1, keepdims=True)
+    codes = np.rint(sent / (peak / ((1 << bits) - 1)))
+    assert codes.min() == 0 and codes.max() == (1 << bits) - 1  # the peak is the top code
+
+
+def test_nonzero_padding_bits_are_rejected():
+    msg = wire.encode_request(1, 1, TAG, 0, [1], features(1, 33), DType.UINT4, Codec.NONE)
+    tampered = msg[1][:-1] + bytes([msg[1][-1] | 0xF0])  # the 34th nibble does not exist
+    reject([msg[0], tampered], "field")

@@ -11,14 +11,26 @@ from pipeline.protocol.endpoints import FRONTEND
 from pipeline.protocol.security import PLAINTEXT_LOOPBACK, Security
 from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
 
-__all__ = ["EdgeConfig"]
+__all__ = ["EdgeConfig", "AUTO_DTYPE", "wire_dtype"]
+
+AUTO_DTYPE = "auto"
+
+
+def wire_dtype(name: str, uplink_bits: int) -> wire.DType:
+    """The dtype an edge sends: `name`, or for auto the unsigned dtype the model's uplink was
+    trained for (what is trained is what is sent), else int8."""
+    if name != AUTO_DTYPE:
+        return DTYPE_NAMES[name]
+    return wire.DTYPE_FOR_BITS[uplink_bits] if uplink_bits else wire.DType.INT8
 
 
 @dataclass
 class EdgeConfig:
     broker: str = FRONTEND                 # the broker's frontend
     deadline_ms: float = 100.0             # wait this long for the server, then answer locally
-    dtype: str = "int8"                    # features on the wire: float32 | float16 | int8
+    # Features on the wire: auto (what the model's uplink was trained for, else int8) |
+    # float32 | float16 | int8 | uint8 | uint4 | uint2
+    dtype: str = AUTO_DTYPE
     codec: str = "lz4"                     # lz4 (only when it shrinks) | none
     producer_id: int = 0
     results: str | None = None             # append one JSON line per frame here
@@ -27,8 +39,9 @@ class EdgeConfig:
     security: Security = PLAINTEXT_LOOPBACK
 
     def validate(self) -> "EdgeConfig":
-        if self.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
+        if self.dtype != AUTO_DTYPE and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype {self.dtype!r}: choose {AUTO_DTYPE} or one of "
+                              f"{', '.join(DTYPE_NAMES)}")
         if self.codec not in CODEC_NAMES:
             raise ConfigError(f"--codec {self.codec!r}: choose one of {', '.join(CODEC_NAMES)}")
         if self.deadline_ms <= 0:

@@ -73,11 +73,11 @@ def export_onnx(artifact: str | Path, out_dir: Path) -> list[Path]:
              numpy_helper.from_array(np.array(head.pixel_std, np.float32), "pixel_std")]
     if any(j.indices is not None for j in (*head.layers, head.exit)):
         inits.append(numpy_helper.from_array(np.array([2], np.int64), "axis2"))  # over d_in
-    src = "x"
+    outputs = ["x"]
     for i, layer in enumerate(head.layers):
-        src = _junction(f"layer{i}", layer, src, True, nodes, inits)
-    nodes.append(helper.make_node("Identity", [src], ["features"]))
-    _junction("exit", head.exit, "features", False, nodes, inits)
+        outputs.append(_junction(f"layer{i}", layer, outputs[-1], True, nodes, inits))
+    nodes.append(helper.make_node("Identity", [outputs[-1]], ["features"]))
+    _junction("exit", head.exit, outputs[head.exit_layer], False, nodes, inits)
     classes = head.exit.bias.shape[0]
     graph = helper.make_graph(
         nodes, f"splitexit_head_{head.model_id}",

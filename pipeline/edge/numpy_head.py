@@ -64,6 +64,8 @@ class NumpyHead:
     score: str
     classes: tuple[str, ...]
     path: Path
+    exit_layer: int             # the layer the exit reads (== len(layers) unless a bottleneck)
+    uplink_bits: int            # 0, or the unsigned bits the uplink was trained for
 
     @property
     def width(self) -> int:
@@ -74,10 +76,22 @@ class NumpyHead:
         """Pixels in [0, 1] (B, input_size) -> (exit logits (B, C), features (B, W)). The
         input padding is never built: the first junction reads no padded input (`_unpad`),
         and it reads raw pixels: the standardization is folded into its weights."""
+        exit_logits, hidden = self.run_exit(pixels)
+        return exit_logits, self.run_uplink(hidden)
+
+    def run_exit(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(exit logits (B, C), the activations the exit read): all a confident frame needs."""
         x = np.asarray(pixels, dtype=np.float32)
-        for layer in (self._first, *self.layers[1:]):
+        for layer in (self._first, *self.layers[1:self.exit_layer]):
             x = np.maximum(layer(x), 0)
         return self.exit(x), x
+
+    def run_uplink(self, hidden: np.ndarray) -> np.ndarray:
+        """The split features from run_exit's activations, for the frames sent up: a
+        bottleneck after the exit costs nothing on frames answered locally."""
+        for layer in self.layers[self.exit_layer:]:
+            hidden = np.maximum(layer(hidden), 0)
+        return hidden
 
     @functools.cached_property
     def _first(self) -> Junction:
@@ -141,16 +155,21 @@ def load_numpy_head(path: str | Path, dense_max_elements: int = DENSE_MAX_ELEMEN
     meta, arrays, path = read_edge_npz(path)
     try:
         n_in = int(meta["input_pad"]) or int(meta["input_size"])
-        layers = []
+        widths, layers = [n_in], []
         for i in range(meta["split"]):
             layers.append(_junction(arrays, f"layer{i}", n_in, dense_max_elements))
             n_in = layers[-1].bias.shape[0]
+            widths.append(n_in)
         layers[0] = _unpad(layers[0], int(meta["input_size"]))
-        head = NumpyHead(tuple(layers), _junction(arrays, "exit", n_in, dense_max_elements),
+        exit_layer = int(meta.get("exit_layer", meta["split"]))
+        if not 1 <= exit_layer <= len(layers):
+            raise ValueError(f"exit layer {exit_layer} is not one of the {len(layers)} layers")
+        exit_ = _junction(arrays, "exit", widths[exit_layer], dense_max_elements)
+        head = NumpyHead(tuple(layers), exit_,
                          np.float32(arrays["pixel_mean"]), np.float32(arrays["pixel_std"]),
                          int(meta["input_size"]), int(meta["input_pad"]), str(meta["model_id"]),
                          float(meta["threshold"]), str(meta["score"]), tuple(meta["classes"]),
-                         path)
+                         path, exit_layer, int(meta.get("uplink_bits", 0)))
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ArtifactError(f"{path}: edge artifact is incomplete ({e}); re-create it with "
                             f"`splitexit train`") from None

@@ -28,13 +28,13 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from zmq.utils.monitor import parse_monitor_message
 
 from monitoring.metrics import PATHS, EdgeMetrics, ProcessMetrics, for_registry
-from pipeline.edge.config import EdgeConfig
+from pipeline.edge.config import EdgeConfig, wire_dtype
 from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.results import Outcome, Results, Summary, print_summary
 from pipeline.protocol import wire
 from pipeline.protocol.security import HANDSHAKE_FAILED, HANDSHAKE_HINT
-from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES, WireError
+from pipeline.protocol.wire import CODEC_NAMES, WireError
 
 __all__ = ["EdgeProducer", "run_producer"]
 
@@ -53,7 +53,8 @@ class EdgeProducer:
         self.head = load_numpy_head(artifact_dir)
         self.threshold, self.score = self.head.threshold, self.head.score
         self.model_tag = wire.model_tag(self.head.model_id)
-        self.dtype, self.codec = DTYPE_NAMES[cfg.dtype], CODEC_NAMES[cfg.codec]
+        self.dtype = wire_dtype(cfg.dtype, self.head.uplink_bits)
+        self.codec = CODEC_NAMES[cfg.codec]
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -176,7 +177,7 @@ class EdgeProducer:
         """Head + exit on the frames that are waiting; answer or pack the unsure into one
         request (packing adds no wait: only frames already here go together)."""
         start = time.perf_counter()
-        exit_logits, features = self.head(np.stack([f.pixels for f in batch]))  # (B, C), (B, W)
+        exit_logits, hidden = self.head.run_exit(np.stack([f.pixels for f in batch]))
         scores = exit_scores(exit_logits, self.score)
         exit_cls = exit_logits.argmax(1).tolist()
         head_ms = (time.perf_counter() - start) * 1000 / len(batch)
@@ -193,10 +194,11 @@ class EdgeProducer:
         if not unsure:
             return
         offloaded = [batch[i] for i in unsure]
+        features = self.head.run_uplink(hidden[unsure])  # (frames sent, W_split)
         request = wire.encode_request(self.inflight.next_id(), self.cfg.producer_id,
                                       self.model_tag, int(offloaded[0].capture_ts * 1e6),
                                       [f.frame_id for f in offloaded],
-                                      features[unsure], self.dtype, self.codec)
+                                      features, self.dtype, self.codec)
         sent = wire.wire_bytes(request)
         msg_id = self.inflight.open(offloaded, [exit_cls[i] for i in unsure],
                                     [float(scores[i]) for i in unsure], sent, time.monotonic(),
@@ -208,7 +210,7 @@ class EdgeProducer:
             self._resolve(self.inflight.fail(msg_id))
             return
         self.m_uplink.inc(sent)
-        self.m_feature.inc(len(unsure) * features.shape[1] * wire.ITEMSIZE[self.dtype])
+        self.m_feature.inc(len(unsure) * wire.row_bytes(self.dtype, features.shape[1]))
         self.m_payload.inc(len(request[1]))
 
     async def _receive(self) -> None:

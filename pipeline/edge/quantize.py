@@ -81,15 +81,17 @@ def int8_tables(head: NumpyHead, calibration: np.ndarray | None = None
     junctions = [*head.layers, head.exit]
     if calibration is None:
         return [quantize_rows(junction_rows(j)[0]) for j in junctions]
-    x = (np.asarray(calibration, dtype=np.float32) - head.pixel_mean) / head.pixel_std
+    seen = [(np.asarray(calibration, dtype=np.float32) - head.pixel_mean) / head.pixel_std]
     tables = []
     for i, j in enumerate(junctions):
         values, indices = junction_rows(j)
+        x = seen[head.exit_layer] if j is head.exit else seen[-1]
         q, scale = compensated_rows(values, indices, x)
         tables.append((q, scale))
         if i < len(head.layers):
             rows = (q * scale[:, None]).astype(np.float32)
-            x = np.maximum(Junction(rows.T if indices is None else rows, indices, j.bias)(x), 0)
+            seen.append(np.maximum(Junction(rows.T if indices is None else rows, indices,
+                                            j.bias)(x), 0))
     return tables
 
 

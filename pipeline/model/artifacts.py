@@ -68,7 +68,8 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
     layout = edge["config"]["model"]
     meta = {"model_id": edge["model_id"], "threshold": edge["threshold"],
             "score": edge["score"], "classes": edge["classes"], "split": layout["split"],
-            "input_size": layout["input_size"], "input_pad": layout["input_pad"]}
+            "input_size": layout["input_size"], "input_pad": layout["input_pad"],
+            "exit_layer": head.exit_layer, "uplink_bits": layout["uplink_bits"]}
     arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
     for i, layer in enumerate(head.layers):
         arrays |= _junction_arrays(f"layer{i}", layer)

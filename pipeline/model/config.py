@@ -23,6 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 SCORES = ("max_softmax", "margin", "entropy")
 POLICIES = ("offload", "max_drop")
+UPLINK_BITS = (8, 4, 2)   # what model.uplink_bits may train for (pipeline/model/uplink.py)
 
 
 @dataclass
@@ -34,7 +35,19 @@ class ModelConfig:
     input_pad: int = 0         # zero-pad the input to this width (paper: 800); 0 = no padding
     split: int = 1             # junctions on the edge; the exit and the uplink read layer `split`
     exit_fan_out: int = 0      # exit classifier fan-out; 0 = dense
+    # The layer the exit reads; 0 = the split layer. Smaller puts the exit before the split:
+    # the junctions from it to the split (a bottleneck) run only for frames sent up.
+    exit_at: int = 0
+    # 0: the uplink is not trained for (the edge sends int8 unless told otherwise); 8, 4 or
+    # 2: trained through the wire's unsigned quantization at that many bits, which the edge
+    # then sends (pipeline/model/uplink.py).
+    uplink_bits: int = 0
     seed: int = 0              # connectivity seed (patterns are drawn once, stored in the file)
+
+    @property
+    def exit_layer(self) -> int:
+        """The layer the exit classifier reads (1 = the first hidden layer)."""
+        return self.exit_at or self.split
 
 
 @dataclass
@@ -91,6 +104,12 @@ class Config:
         if not 1 <= m.split <= len(m.fan_out) - 1:
             raise ConfigError(f"model.split = {m.split} must leave at least one junction on each "
                               f"side: choose 1..{len(m.fan_out) - 1}")
+        if not 0 <= m.exit_at <= m.split:
+            raise ConfigError(f"model.exit_at = {m.exit_at} must be a layer on the edge: 1.."
+                              f"{m.split} (model.split), or 0 for the split layer itself")
+        if m.uplink_bits not in (0, *UPLINK_BITS):
+            raise ConfigError(f"model.uplink_bits = {m.uplink_bits}: choose 0 (not trained "
+                              f"for the uplink) or one of {', '.join(map(str, UPLINK_BITS))}")
         for name, value in (("epochs", t.epochs), ("batch_size", t.batch_size)):
             if value < 1:
                 raise ConfigError(f"train.{name} = {value} must be at least 1")

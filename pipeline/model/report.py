@@ -19,8 +19,16 @@ def format_report(m: dict) -> str:
             lines.append(f"| {'edge' if side == 'head' else 'server'} | {r['junction']} | "
                          f"{r['n_in']}->{r['n_out']} | {r['fan_out']} | {r['density']:.3f} | "
                          f"{r['weights']} | {r['macs']} |")
+    uplink = s.get("uplink_macs", 0)
+    if uplink:
+        every = s["edge_macs"] - uplink
+        average = every + uplink * c["test"]["offload_ratio"]
+        macs = (f"{every} MACs on every frame + {uplink} per offloaded frame (the "
+                f"bottleneck; {average:.0f} a frame at the test offload)")
+    else:
+        macs = f"{s['edge_macs']} MACs/frame"
     lines += ["",
-              f"edge:   {s['edge_params']} parameters, {s['edge_macs']} MACs/frame, "
+              f"edge:   {s['edge_params']} parameters, {macs}, "
               f"artifact {m['artifact_bytes']['edge']} bytes",
               f"server: {s['server_params']} parameters, {s['server_macs']} MACs/frame, "
               f"artifact {m['artifact_bytes']['server']} bytes",

@@ -1,8 +1,9 @@
 """The split model: a head (edge) and a tail (server) cut from one layer layout.
 
     pixels (B, 784) -> standardize, pad (B, 800) -> head junctions -> features (B, W_split)
-        edge:   features -> exit classifier -> exit logits (B, C)
-        server: features -> tail junctions -> final logits (B, C)
+        edge:   layer `exit_layer` (the split layer unless a bottleneck follows it)
+                -> exit classifier -> exit logits (B, C)
+        server: features (as the wire delivers them) -> tail junctions -> final logits (B, C)
 
 Submodule names are the contract between the training checkpoint and the two artifacts: the
 edge file holds `head.*`, the server file `tail.*`.
@@ -17,6 +18,7 @@ from torch import nn
 from pipeline.model.config import ModelConfig
 from pipeline.errors import ConfigError
 from pipeline.model.sparse import SparseLinear, SparsityError, fan_in_for, make_junction
+from pipeline.model.uplink import fake_quantize
 
 __all__ = ["Head", "Tail", "SplitModel", "junction_specs"]
 
@@ -25,7 +27,7 @@ def junction_specs(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
     """(name, N_in, N_out, fan_out) of every junction, the exit classifier included."""
     w, classes = cfg.widths, cfg.widths[-1]
     specs = [(f"layer{i + 1}", w[i], w[i + 1], f) for i, f in enumerate(cfg.fan_out)]
-    exit_spec = ("exit", w[cfg.split], classes, cfg.exit_fan_out or classes)
+    exit_spec = ("exit", w[cfg.exit_layer], classes, cfg.exit_fan_out or classes)
     for name, n_in, n_out, fan_out in specs + [exit_spec]:
         try:
             fan_in_for(n_in, n_out, fan_out, input_layer=name == "layer1")
@@ -56,6 +58,7 @@ class Head(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(0.0))
         self.register_buffer("pixel_std", torch.tensor(1.0))
         self.layers = _stack(specs[:cfg.split], cfg.seed)
+        self.exit_layer = cfg.exit_layer
         exit_spec = specs[cfg.split]
         self.exit = make_junction(exit_spec[1], exit_spec[2], exit_spec[3], cfg.seed + 1000)
 
@@ -67,8 +70,11 @@ class Head(nn.Module):
         return x
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = _relu_stack(self.layers, self.preprocess(pixels))  # (B, W_split)
-        return self.exit(features), features  # (B, C), (B, W_split)
+        """(exit logits (B, C), split features (B, W_split)). The exit reads layer
+        `exit_layer`; the layers after it (a bottleneck) matter only to offloaded frames."""
+        x = _relu_stack(self.layers[:self.exit_layer], self.preprocess(pixels))
+        exit_logits = self.exit(x)
+        return exit_logits, _relu_stack(self.layers[self.exit_layer:], x)
 
 
 class Tail(nn.Module):
@@ -92,8 +98,11 @@ class SplitModel(nn.Module):
         self.tail = Tail(cfg)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (exit logits, final logits), both (B, C)."""
+        """Returns (exit logits, final logits), both (B, C). The tail sees the features as
+        the wire delivers them when the model is trained for its uplink."""
         exit_logits, features = self.head(pixels)
+        if self.cfg.uplink_bits:
+            features = fake_quantize(features, self.cfg.uplink_bits)
         return exit_logits, self.tail(features)
 
 

@@ -118,10 +118,14 @@ def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> 
 
 def _structure(model: SplitModel) -> dict:
     head, tail = describe(model.head), describe(model.tail)
+    # Head layers after the exit's (a bottleneck) run only for the frames sent up.
+    uplink = [r for r in head if r["junction"].startswith("layers.")
+              and int(r["junction"].split(".")[1]) >= model.head.exit_layer]
     return {"head": head, "tail": tail,
             "edge_params": sum(r["params"] for r in head),
             "server_params": sum(r["params"] for r in tail),
             "edge_macs": sum(r["macs"] for r in head),
+            "uplink_macs": sum(r["macs"] for r in uplink),
             "server_macs": sum(r["macs"] for r in tail)}
 
 

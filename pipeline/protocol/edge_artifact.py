@@ -3,7 +3,9 @@ it beside edge.pt, same model id) and an edge device (which runs it with NumPy, 
 C/ONNX export). Plain arrays, read with allow_pickle=False: no code crosses to a device.
 
     meta                 JSON as uint8 bytes: kind, format, model id, threshold, score,
-                         classes, split (junctions on the edge), input_size, input_pad
+                         classes, split (junctions on the edge), input_size, input_pad,
+                         exit_layer (the layer the exit reads; absent: the split layer),
+                         uplink_bits (0, or the unsigned bits the uplink was trained for)
     pixel_mean, pixel_std
     layer{i}.values      (N_out, d_in) float32 ELL values, or (N_out, N_in) when dense
     layer{i}.indices     (N_out, d_in) input of each value, uint16 when N_in <= 65536;

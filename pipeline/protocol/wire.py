@@ -37,7 +37,8 @@ __all__ = ["VERSION", "Kind", "Field", "DType", "Codec", "Refusal", "DTYPE_NAMES
            "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
-           "peek", "quantize", "dequantize", "wire_bytes", "model_tag", "MODEL_TAG_BYTES",
+           "peek", "quantize", "quantize_unsigned", "dequantize", "row_bytes", "wire_bytes",
+           "model_tag", "MODEL_TAG_BYTES",
            "MAX_FRAMES_PER_REQUEST"]
 
 VERSION = 1
@@ -82,6 +83,13 @@ class DType(IntEnum):
     FLOAT32 = 0
     FLOAT16 = 1
     INT8 = 2    # symmetric, one float32 scale per frame
+    # Unsigned, for features after a ReLU (never negative): 0..2^bits-1 times one float32
+    # scale per frame (the frame's peak / (2^bits - 1)). Rows are packed low bits first and
+    # padded to a whole byte with zero bits. What quantization-aware training trains
+    # (pipeline/model/uplink.py) is exactly this.
+    UINT8 = 3
+    UINT4 = 4
+    UINT2 = 5
 
 
 class Codec(IntEnum):
@@ -98,15 +106,25 @@ class Refusal(IntEnum):
 
 
 # The names users and metric labels see (--dtype int8, reason="busy").
-DTYPE_NAMES = {"float32": DType.FLOAT32, "float16": DType.FLOAT16, "int8": DType.INT8}
+DTYPE_NAMES = {"float32": DType.FLOAT32, "float16": DType.FLOAT16, "int8": DType.INT8,
+               "uint8": DType.UINT8, "uint4": DType.UINT4, "uint2": DType.UINT2}
 CODEC_NAMES = {"lz4": Codec.LZ4, "none": Codec.NONE}
 REFUSAL_NAMES = {r: r.name.lower() for r in Refusal}   # busy, wrong_model, ...
 
 
-ITEMSIZE = {DType.FLOAT32: 4, DType.FLOAT16: 2, DType.INT8: 1}
+BITS = {DType.FLOAT32: 32, DType.FLOAT16: 16, DType.INT8: 8, DType.UINT8: 8, DType.UINT4: 4,
+        DType.UINT2: 2}
+UNSIGNED_BITS = {DType.UINT8: 8, DType.UINT4: 4, DType.UINT2: 2}
+DTYPE_FOR_BITS = {bits: dtype for dtype, bits in UNSIGNED_BITS.items()}
+SCALED = {DType.INT8, *UNSIGNED_BITS}   # one float32 scale per frame rides along
 NUMPY = {DType.FLOAT32: np.dtype("<f4"), DType.FLOAT16: np.dtype("<f2"),
          DType.INT8: np.dtype("i1")}
 FLOAT16_MAX = 65504.0
+
+
+def row_bytes(dtype: DType, width: int) -> int:
+    """Payload bytes of one frame's features (before any codec)."""
+    return (width * BITS[dtype] + 7) // 8
 
 
 class WireError(Exception):
@@ -156,21 +174,67 @@ class Ready:
 # -- quantization ---------------------------------------------------------------------------
 
 def quantize(features: np.ndarray, dtype: DType) -> tuple[bytes, bytes]:
-    """(payload, scales) for float32 features (frames, width). Scales are empty unless int8."""
+    """(payload, scales) for float32 features (frames, width). Scales are empty for floats."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     if dtype == DType.FLOAT32:
         return x.tobytes(), b""
     if dtype == DType.FLOAT16:
         return np.clip(x, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2").tobytes(), b""
-    peak = np.abs(x).max(axis=1)
-    scales = np.where(peak > 0, peak / 127.0, 1.0).astype("<f4")
-    q = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
-    return q.tobytes(), scales.tobytes()
+    if dtype == DType.INT8:
+        peak = np.abs(x).max(axis=1)
+        scales = np.where(peak > 0, peak / 127.0, 1.0).astype("<f4")
+        q = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
+        return q.tobytes(), scales.tobytes()
+    bits = UNSIGNED_BITS[dtype]
+    q, scales = quantize_unsigned(x, bits)
+    return _pack_bits(q, bits).tobytes(), scales.tobytes()
+
+
+def quantize_unsigned(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint8 (frames, width), float32 scales (frames,)): x clipped at 0, each frame
+    scaled so its peak is the top code. The reference uplink.fake_quantize reproduces."""
+    levels = (1 << bits) - 1
+    x = np.maximum(x, 0)
+    peak = x.max(axis=1)
+    scales = np.where(peak > 0, peak / np.float32(levels), np.float32(1)).astype("<f4")
+    q = np.clip(np.rint(x / scales[:, None]), 0, levels).astype(np.uint8)
+    return q, scales
+
+
+def _pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """(frames, width) codes < 2^bits -> (frames, row bytes) uint8, low bits first."""
+    if bits == 8:
+        return q
+    per = 8 // bits
+    frames, width = q.shape
+    padded = np.zeros((frames, -(-width // per) * per), np.uint8)
+    padded[:, :width] = q
+    lanes = padded.reshape(frames, -1, per)
+    packed = np.zeros(lanes.shape[:2], np.uint8)
+    for j in range(per):
+        packed |= lanes[..., j] << np.uint8(bits * j)
+    return packed
+
+
+def _unpack_bits(raw: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """Inverse of _pack_bits; raises WireError when padding bits are not zero."""
+    if bits == 8:
+        return raw
+    per, mask = 8 // bits, np.uint8((1 << bits) - 1)
+    lanes = np.stack([(raw >> np.uint8(bits * j)) & mask for j in range(per)], axis=-1)
+    codes = lanes.reshape(raw.shape[0], -1)
+    if codes[:, width:].any():
+        raise WireError("field", "padding bits after the last feature must be zero")
+    return codes[:, :width]
 
 
 def dequantize(raw: bytes, scales: bytes, dtype: DType, frames: int, width: int) -> np.ndarray:
-    values = np.frombuffer(raw, dtype=NUMPY[dtype]).reshape(frames, width).astype(np.float32)
-    if dtype == DType.INT8:
+    if dtype in UNSIGNED_BITS:
+        packed = np.frombuffer(raw, dtype=np.uint8).reshape(frames, row_bytes(dtype, width))
+        values = _unpack_bits(packed, UNSIGNED_BITS[dtype], width).astype(np.float32)
+    else:
+        values = np.frombuffer(raw, dtype=NUMPY[dtype]).reshape(frames, width).astype(np.float32)
+    if dtype in SCALED:
         values *= np.frombuffer(scales, dtype="<f4")[:, None]
     return values
 
@@ -285,7 +349,7 @@ def decode_request(frames: list) -> Request:
     dtype, codec = _enum(f[Field.DTYPE], DType, "dtype"), _enum(f[Field.CODEC], Codec, "codec")
     scales = _bytes(f[Field.SCALES], "scales")
     n = len(frame_ids)
-    expected = n * width * ITEMSIZE[dtype]
+    expected = n * row_bytes(dtype, width)
     if expected > MAX_PAYLOAD_BYTES:
         raise WireError("size", f"{n}x{width} {dtype.name} exceeds {MAX_PAYLOAD_BYTES} bytes")
     payload = bytes(frames[1])
@@ -301,12 +365,13 @@ def decode_request(frames: list) -> Request:
     if len(raw) != expected:
         raise WireError("shape", f"payload is {len(raw)} B, {n}x{width} {dtype.name} needs "
                                  f"{expected}")
-    if len(scales) != (4 * n if dtype == DType.INT8 else 0):
-        raise WireError("field", "scales must hold one float32 per frame for int8, else none")
-    if dtype == DType.INT8:
+    if len(scales) != (4 * n if dtype in SCALED else 0):
+        raise WireError("field", "scales must hold one float32 per frame for integer dtypes, "
+                                 "else none")
+    if dtype in SCALED:
         s = np.frombuffer(scales, dtype="<f4")
         if not np.all(np.isfinite(s) & (s > 0)):
-            raise WireError("nonfinite", "int8 scales must be finite and positive")
+            raise WireError("nonfinite", "scales must be finite and positive")
     features = dequantize(raw, scales, dtype, n, width)
     if not np.isfinite(features).all():
         raise WireError("nonfinite", "features contain NaN or Inf")

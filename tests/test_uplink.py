@@ -1,0 +1,51 @@
+"""Quantization-aware training of the uplink: what the tail trains on is, bit for bit, what
+the wire delivers (pipeline/model/uplink.py against pipeline/protocol/wire.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model.uplink import UPLINK_BITS, fake_quantize
+from pipeline.protocol import wire
+
+
+def split_features(frames: int = 64, width: int = 48, seed: int = 0) -> np.ndarray:
+    """Post-ReLU features: many zeros, a long tail, one all-zero frame."""
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_t(3, size=(frames, width)), 0).astype(np.float32) * 3
+    x[5] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("bits", UPLINK_BITS)
+def test_fake_quant_forward_equals_the_wires_quantize_dequantize(bits):
+    x = split_features()
+    dtype = wire.DTYPE_FOR_BITS[bits]
+    msg = wire.encode_request(1, 1, bytes(8), 0, list(range(len(x))), x, dtype, wire.Codec.LZ4)
+    delivered = wire.decode_request(msg).features
+    trained = fake_quantize(torch.from_numpy(x), bits).numpy()
+    assert np.array_equal(trained, delivered)
+    assert len(np.unique(trained[0])) <= 1 << bits
+
+
+def test_fake_quant_passes_gradients_straight_through():
+    x = torch.from_numpy(split_features()).requires_grad_(True)
+    g = torch.randn_like(x)
+    fake_quantize(x, 4).backward(g)
+    assert torch.equal(x.grad, g)
+
+
+def test_a_model_trained_for_its_uplink_sends_what_it_trained(tiny_config_path, tmp_path):
+    from pipeline.edge.config import wire_dtype
+    from pipeline.edge.numpy_head import load_numpy_head
+    from pipeline.model.config import load_config
+    from pipeline.model.train import run
+
+    cfg = load_config(str(tiny_config_path), ["model.uplink_bits=4", "train.epochs=1"])
+    run(cfg, tmp_path, progress=False)
+    head = load_numpy_head(tmp_path)
+    assert head.uplink_bits == 4
+    assert wire_dtype("auto", head.uplink_bits) == wire.DType.UINT4
+    assert wire_dtype("int8", head.uplink_bits) == wire.DType.INT8  # an explicit choice wins
