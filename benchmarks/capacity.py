@@ -185,7 +185,7 @@ def encoded_requests(artifacts: str, data_dir: str) -> tuple[list, bytes, int]:
     with torch.inference_mode():
         _, features = edge.head(torch.from_numpy(images).float() / 255)
     tag = wire.model_tag(edge.model_id)
-    requests = [wire.encode_request(i, 0, tag, 0, [i], features[i:i + 1].numpy())
+    requests = [wire.encode_request(i, tag, features[i:i + 1].numpy())
                 for i in range(POOL)]
     return requests, tag, features.shape[1]
 

@@ -120,10 +120,10 @@ def main() -> None:
         for cname, codec in CODEC_NAMES.items():
             sizes, preds, payloads = [], [], []
             for i in range(args.frames):
-                msg = wire.encode_request(i, 0, b"\0" * 8, 0, [i], features[i:i + 1].numpy(),
-                                          dtype, codec)
+                msg = wire.encode_request(i, b"\0" * 8, features[i:i + 1].numpy(), dtype,
+                                          codec)
                 sizes.append(wire.wire_bytes(msg))
-                payloads.append(len(msg[1]))
+                payloads.append(len(msg[0]) - wire.REQUEST_HEADER_BYTES)
                 r = wire.decode_request(msg)
                 with torch.inference_mode():
                     preds.append(int(model.tail(torch.from_numpy(r.features)).argmax()))

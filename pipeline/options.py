@@ -72,8 +72,10 @@ def add_edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=EdgeConfig.dtype, help=f"features on the wire: "
                    f"auto | {' | '.join(DTYPE_NAMES)}; auto sends what the model's uplink "
                    f"was trained for (model.uplink_bits), else int8 (default: %(default)s)")
-    p.add_argument("--codec", default=EdgeConfig.codec, help=f"{' | '.join(CODEC_NAMES)}; "
-                   f"lz4 is used only when it shrinks a payload (default: %(default)s)")
+    p.add_argument("--codec", default=EdgeConfig.codec, help=f"auto | "
+                   f"{' | '.join(CODEC_NAMES)}; auto is the model's static code where it "
+                   f"has one (model.uplink_bits), else lz4; each is used only when it "
+                   f"shrinks a payload (default: %(default)s)")
     p.add_argument("--max-pack", type=int, default=EdgeConfig.max_pack,
                    help="frames per request when several are waiting (default: %(default)s)")
     p.add_argument("--limit", type=int, help="stop after this many frames")

@@ -26,33 +26,45 @@ WORKER_MESSAGES = 40_000
 
 
 def hostile_messages(n: int, tag: bytes, width: int, seed: int = 0):
-    """A seeded mix of every kind of bad input, built around one valid request."""
+    """A seeded mix of every kind of bad input, built around one valid request (its fixed
+    header: version 0, kind 1, dtype << 4 | codec 2, frames - 1 3, msg_id 4..8, model tag
+    8..16, width 16..18; then scales, then the payload)."""
     rng = np.random.default_rng(seed)
-    good = wire.encode_request(1, 1, tag, 0, [0], np.ones((1, width), np.float32),
-                               wire.DType.FLOAT32, wire.Codec.NONE)
-    header = msgpack.unpackb(good[0])
+    [good] = wire.encode_request(1, tag, np.ones((1, width), np.float32), wire.DType.FLOAT32,
+                                 wire.Codec.NONE)
+    head, body = good[:wire.REQUEST_HEADER_BYTES], good[wire.REQUEST_HEADER_BYTES:]
 
-    def patched(i, value, payload=None):
-        h = list(header)
-        h[i] = value
-        return [msgpack.packb(h), good[1] if payload is None else payload]
+    def patched(offset: int, value: bytes, payload: bytes | None = None):
+        h = head[:offset] + value + head[offset + len(value):]
+        return [h + (body if payload is None else payload)]
 
+    def types(dtype: int, codec: int) -> bytes:
+        return bytes([dtype << 4 | codec])
+
+    [uint4] = wire.encode_request(1, tag, np.ones((1, width - 1), np.float32),
+                                  wire.DType.UINT4, wire.Codec.NONE)
     bomb = lz4.block.compress(bytes(8_000_000), store_size=False)
     makers = [
         lambda: [rng.bytes(int(rng.integers(0, 64)))
                  for _ in range(int(rng.integers(1, 5)))],                    # random frames
-        lambda: patched(0, int(rng.integers(2, 9))),                          # wrong version
-        lambda: [good[0][:int(rng.integers(1, len(good[0])))], good[1]],      # truncated header
-        lambda: [good[0], good[1][:int(rng.integers(0, len(good[1])))]],      # truncated payload
-        lambda: patched(7, 60_000, bytes(100)),                               # oversized shape
-        lambda: patched(9, 1, bomb[:int(rng.integers(100, 5000))]),           # lz4 bomb/garbage
-        lambda: [good[0], np.full(width, np.nan, np.float32).tobytes()],      # NaN features
-        lambda: [good[0], np.full(width, np.inf, np.float32).tobytes()],      # Inf features
-        lambda: patched(7, width + 1, bytes(4 * (width + 1))),                # wrong shape
-        lambda: patched(8, int(rng.integers(3, 200))),                        # unknown dtype
-        lambda: patched(4, rng.bytes(8)),                                     # unknown model id
-        lambda: [msgpack.packb([1, int(rng.integers(2, 7)), 1])],             # wrong kind
-        lambda: [msgpack.packb({"version": 1}), good[1]],                     # a map, not array
+        lambda: patched(0, bytes([int(rng.integers(3, 256))])),               # wrong version
+        lambda: [msgpack.packb([1, 1, 5, 1, tag, 0, [0], width, 0, 0, b""]) + body],  # v1
+        lambda: [good[:int(rng.integers(1, wire.REQUEST_HEADER_BYTES))]],     # truncated header
+        lambda: [head + body[:int(rng.integers(0, len(body)))]],              # truncated payload
+        lambda: patched(3, bytes([255]) + bytes(4) + tag + (60_000).to_bytes(2, "little"),
+                        bytes(100)),                                          # oversized shape
+        lambda: patched(2, types(0, 1), bomb[:int(rng.integers(100, 5000))]),  # lz4 bomb
+        lambda: [head + np.full(width, np.nan, np.float32).tobytes()],        # NaN features
+        lambda: [head + np.full(width, np.inf, np.float32).tobytes()],        # Inf features
+        lambda: patched(16, (width + 1).to_bytes(2, "little"),
+                        bytes(4 * (width + 1))),                              # wrong shape
+        lambda: patched(2, types(int(rng.integers(6, 16)), 0)),               # unknown dtype
+        lambda: patched(2, types(0, int(rng.integers(2, 16)))),               # unknown codec
+        lambda: patched(8, rng.bytes(8)),                                     # unknown model id
+        lambda: patched(2, types(4, 0), body[:20]),                           # no scales
+        lambda: [uint4[:-1] + bytes([uint4[-1] | 0xF0])],                     # padding bits set
+        lambda: [bytes([wire.VERSION, int(rng.integers(2, 7))])
+                 + rng.bytes(int(rng.integers(0, 40)))],                      # wrong kind
     ]
     for i in range(n):
         yield makers[i % len(makers)]()
@@ -119,13 +131,15 @@ def test_100k_hostile_messages_are_counted_and_nothing_dies(artifacts, tmp_path)
                      f"tcp://127.0.0.1:{fake_port}", "--metrics-port", "0")
         assert fake_broker.poll(30_000), "worker never announced itself"
         identity = fake_broker.recv_multipart()[0]
-        valid = wire.encode_request(99, 1, tag, 0, [0], np.ones((1, width), np.float32))
+        valid = wire.encode_request(99, tag, np.ones((1, width), np.float32))
         hostile = list(hostile_messages(WORKER_MESSAGES, tag, width, seed=2)) + [valid]
         answer, refusals = None, 0
         deadline = time.monotonic() + 120
         for start in range(0, len(hostile), 500):  # a real broker reads while it sends
-            for frames in hostile[start:start + 500]:
-                fake_broker.send_multipart([identity, b"edge"] + frames if len(frames) == 2
+            for k, frames in enumerate(hostile[start:start + 500]):
+                # one frame: as a request from an edge, or (every third) as a control message
+                as_request = len(frames) == 1 and (k % 3 or frames is valid)
+                fake_broker.send_multipart([identity, b"edge"] + frames if as_request
                                            else [identity] + frames)
             while fake_broker.poll(0 if start + 500 < len(hostile) else 2000):
                 frames = fake_broker.recv_multipart()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from pipeline.protocol.wire import MAX_MSG_ID
 from pipeline.edge.inflight import InFlight, Status, shares
 from pipeline.protocol import wire
 from pipeline.protocol.wire import Refusal
@@ -107,3 +108,10 @@ def test_a_request_needs_an_exit_answer_per_frame():
         InFlight(deadline_s=1.0).open([F(0)], [1, 2], [0.5], 10, 0.0)
     with pytest.raises(ValueError):
         InFlight(deadline_s=0.0)
+
+
+def test_msg_ids_wrap_within_the_wires_u32():
+    table = InFlight(1.0)
+    table._next_id = MAX_MSG_ID  # as after four billion requests
+    assert table.open(["a"], [1], [0.5], 10, 0.0) == MAX_MSG_ID
+    assert table.next_id() == 1 and table.open(["b"], [1], [0.5], 10, 0.0) == 1

@@ -44,17 +44,16 @@ def test_a_broker_relays_and_counts_on_the_registry_it_is_given():
         assert value(registry, "splitexit_ready", role="broker") == 1
 
         edge.connect(front)
-        edge.send_multipart(wire.encode_request(5, 1, bytes(8), 0, [0, 1],
-                                                np.ones((2, 40), np.float32)))
+        edge.send_multipart(wire.encode_request(5, bytes(8), np.ones((2, 40), np.float32)))
         assert worker.poll(TIMEOUT_S * 1000)
         edge_id, *request = worker.recv_multipart()
-        assert wire.decode_request(request).frame_ids == (0, 1)
+        assert len(wire.decode_request(request).features) == 2
         worker.send_multipart([edge_id] + wire.encode_reply(5, "w0", np.array([3, 4]),
                                                             np.array([0.9, 0.8]), 1, 2, 2))
         assert edge.poll(TIMEOUT_S * 1000)
         answer = wire.decode_answer(edge.recv_multipart())
         assert answer.msg_id == 5 and answer.classes.tolist() == [3, 4]
-        edge.send_multipart([b"not msgpack", b""])
+        edge.send_multipart([b"not a message", b""])
         wait_until(lambda: value(registry, "splitexit_bad_messages_total",
                                  component="broker_frontend", reason="malformed") == 1,
                    TIMEOUT_S, "the bad message counted")
@@ -90,7 +89,7 @@ def test_an_edge_finalizes_each_frame_once_when_the_server_answers_twice(artifac
                 continue  # no request now: look whether the producer has finished
             edge_id, *parts = await router.recv_multipart()
             r = wire.decode_request(parts)
-            n = len(r.frame_ids)
+            n = len(r.features)
             answer = wire.encode_reply(r.msg_id, "fake", np.zeros(n), np.ones(n), 0, 0, n)
             await router.send_multipart([edge_id] + answer)
             await router.send_multipart([edge_id] + answer)

@@ -23,7 +23,7 @@ def split_features(frames: int = 64, width: int = 48, seed: int = 0) -> np.ndarr
 def test_fake_quant_forward_equals_the_wires_quantize_dequantize(bits):
     x = split_features()
     dtype = wire.DTYPE_FOR_BITS[bits]
-    msg = wire.encode_request(1, 1, bytes(8), 0, list(range(len(x))), x, dtype, wire.Codec.LZ4)
+    msg = wire.encode_request(1, bytes(8), x, dtype, wire.Codec.LZ4)
     delivered = wire.decode_request(msg).features
     trained = fake_quantize(torch.from_numpy(x), bits).numpy()
     assert np.array_equal(trained, delivered)
@@ -38,7 +38,9 @@ def test_fake_quant_passes_gradients_straight_through():
 
 
 def test_a_model_trained_for_its_uplink_sends_what_it_trained(tiny_config_path, tmp_path):
-    from pipeline.edge.config import wire_dtype
+    from pipeline.edge.config import wire_codec, wire_dtype
+    from pipeline.errors import ConfigError
+    from pipeline.model.artifacts import load_server
     from pipeline.edge.numpy_head import load_numpy_head
     from pipeline.model.config import load_config
     from pipeline.model.train import run
@@ -49,3 +51,11 @@ def test_a_model_trained_for_its_uplink_sends_what_it_trained(tiny_config_path, 
     assert head.uplink_bits == 4
     assert wire_dtype("auto", head.uplink_bits) == wire.DType.UINT4
     assert wire_dtype("int8", head.uplink_bits) == wire.DType.INT8  # an explicit choice wins
+    # ... and both halves carry the same static entropy code for its 4-bit codes
+    server = load_server(tmp_path)
+    assert head.code is not None and np.array_equal(head.code.lengths, server.code.lengths)
+    assert head.code.channels == head.width and head.code.symbols == 16
+    assert wire_codec("auto", wire.DType.UINT4, head.code) == wire.Codec.STATIC
+    assert wire_codec("auto", wire.DType.INT8, head.code) == wire.Codec.LZ4
+    with pytest.raises(ConfigError, match="--codec static needs a model trained"):
+        wire_codec("static", wire.DType.UINT4, None)

@@ -142,7 +142,7 @@ class Broker:
 
     def _on_frontend(self, parts: list, now: float) -> list:
         edge = parts[0]
-        if len(parts) != 3:
+        if len(parts) != 2:  # [edge, request]
             return self._bad("frontend", "malformed")
         try:
             kind, msg_id = wire.peek(parts[1])

@@ -52,6 +52,7 @@ class TailWorker:
         self.tail = server.tail.eval()
         self.model_id = server.model_id
         self.model_tag = wire.model_tag(server.model_id)
+        self.code = server.code  # the model's static uplink code, or None
         model = server.config.model
         self.width = model.widths[model.split]
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -154,7 +155,7 @@ class TailWorker:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(parts) == 3:
+            if len(parts) == 2:  # [edge, request]
                 self._set_ready(self.draining_since is None)  # work: the broker knows us
                 self._on_request(parts[0], parts[1:])
                 continue
@@ -170,7 +171,7 @@ class TailWorker:
 
     def _on_request(self, edge: bytes, parts: list) -> None:
         try:
-            request = wire.decode_request(parts)
+            request = wire.decode_request(parts, self.code)
         except WireError as e:
             self._count(e.reason)
             try:
@@ -191,7 +192,7 @@ class TailWorker:
                          f"model {self.model_id} takes {self.width} features, got "
                          f"{request.features.shape[1]}")
             return
-        self.batcher.add((edge, request), len(request.frame_ids), time.monotonic())
+        self.batcher.add((edge, request), len(request.features), time.monotonic())
 
     def _refuse(self, edge: bytes, msg_id: int, reason: Refusal, detail: str) -> None:
         self.sock.send_multipart([edge] + wire.encode_error(msg_id, reason, detail))
@@ -220,7 +221,7 @@ class TailWorker:
         self.m_batch.observe(frames)
         self.m_frames.inc(frames)
         for (edge, request), arrival in taken:
-            n = len(request.frame_ids)
+            n = len(request.features)
             self.m_ok.inc()
             self.m_queue.observe(start - arrival)
             self.sock.send_multipart([edge] + wire.encode_reply(

@@ -9,11 +9,26 @@ from pipeline.errors import ConfigError
 from pipeline.protocol import wire
 from pipeline.protocol.endpoints import FRONTEND
 from pipeline.protocol.security import PLAINTEXT_LOOPBACK, Security
+from pipeline.protocol.static_code import StaticCode
 from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
 
-__all__ = ["EdgeConfig", "AUTO_DTYPE", "wire_dtype"]
+__all__ = ["EdgeConfig", "AUTO", "AUTO_DTYPE", "wire_dtype", "wire_codec"]
 
-AUTO_DTYPE = "auto"
+AUTO = AUTO_DTYPE = "auto"
+
+
+def wire_codec(name: str, dtype: wire.DType, code: StaticCode | None) -> wire.Codec:
+    """The codec an edge asks for: `name`, or for auto the model's static code where it has
+    one for this dtype, else lz4. Static without a code for the dtype is an error."""
+    usable = (code is not None and dtype in wire.UNSIGNED_BITS
+              and code.symbols == 1 << wire.UNSIGNED_BITS[dtype])
+    if name == AUTO:
+        return wire.Codec.STATIC if usable else wire.Codec.LZ4
+    codec = CODEC_NAMES[name]
+    if codec == wire.Codec.STATIC and not usable:
+        raise ConfigError("--codec static needs a model trained for its uplink "
+                          "(model.uplink_bits) and its --dtype; use auto, lz4 or none")
+    return codec
 
 
 def wire_dtype(name: str, uplink_bits: int) -> wire.DType:
@@ -31,7 +46,9 @@ class EdgeConfig:
     # Features on the wire: auto (what the model's uplink was trained for, else int8) |
     # float32 | float16 | int8 | uint8 | uint4 | uint2
     dtype: str = AUTO_DTYPE
-    codec: str = "lz4"                     # lz4 (only when it shrinks) | none
+    # auto (the model's static code if it has one, else lz4) | static | lz4 | none; every
+    # codec is used only when it shrinks the payload
+    codec: str = AUTO
     producer_id: int = 0
     results: str | None = None             # append one JSON line per frame here
     send_queue: int = 1000                 # requests ZeroMQ may hold while the link is down
@@ -42,8 +59,9 @@ class EdgeConfig:
         if self.dtype != AUTO_DTYPE and self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose {AUTO_DTYPE} or one of "
                               f"{', '.join(DTYPE_NAMES)}")
-        if self.codec not in CODEC_NAMES:
-            raise ConfigError(f"--codec {self.codec!r}: choose one of {', '.join(CODEC_NAMES)}")
+        if self.codec != AUTO and self.codec not in CODEC_NAMES:
+            raise ConfigError(f"--codec {self.codec!r}: choose {AUTO} or one of "
+                              f"{', '.join(CODEC_NAMES)}")
         if self.deadline_ms <= 0:
             raise ConfigError(f"--deadline-ms {self.deadline_ms} must be positive")
         self.security.check([self.broker], "edge")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
 
-from pipeline.protocol.wire import REFUSAL_NAMES, Error, Reply
+from pipeline.protocol.wire import MAX_MSG_ID, REFUSAL_NAMES, Error, Reply
 
 __all__ = ["InFlight", "Resolution", "Status", "Final", "DEADLINE", "UNREACHABLE",
            "FALLBACK_REASONS"]
@@ -96,7 +96,9 @@ class InFlight:
         """Register a request for `frames` with their exit answers; returns its msg_id."""
         if not frames or not len(frames) == len(exit_cls) == len(exit_conf):
             raise ValueError("a request needs one exit answer per frame, and frames")
-        msg_id, self._next_id = self._next_id, self._next_id + 1
+        msg_id = self._next_id
+        self._next_id = msg_id % MAX_MSG_ID + 1  # u32 on the wire: wraps to 1, long after
+        # any request with that id has been answered or expired
         self._requests[msg_id] = _Request(frames, exit_cls, exit_conf, now + self.deadline_s,
                                           uplink_bytes, note)
         return msg_id

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ArtifactError
-from pipeline.protocol.edge_artifact import read_edge_npz
+from pipeline.protocol.edge_artifact import UPLINK_CODE, read_edge_npz
+from pipeline.protocol.static_code import StaticCode
 
 __all__ = ["Junction", "NumpyHead", "load_numpy_head", "exit_scores", "SCORES"]
 
@@ -66,6 +67,7 @@ class NumpyHead:
     path: Path
     exit_layer: int             # the layer the exit reads (== len(layers) unless a bottleneck)
     uplink_bits: int            # 0, or the unsigned bits the uplink was trained for
+    code: StaticCode | None     # the uplink's static entropy code, if trained for one
 
     @property
     def width(self) -> int:
@@ -169,7 +171,8 @@ def load_numpy_head(path: str | Path, dense_max_elements: int = DENSE_MAX_ELEMEN
                          np.float32(arrays["pixel_mean"]), np.float32(arrays["pixel_std"]),
                          int(meta["input_size"]), int(meta["input_pad"]), str(meta["model_id"]),
                          float(meta["threshold"]), str(meta["score"]), tuple(meta["classes"]),
-                         path, exit_layer, int(meta.get("uplink_bits", 0)))
+                         path, exit_layer, int(meta.get("uplink_bits", 0)),
+                         StaticCode(arrays[UPLINK_CODE]) if UPLINK_CODE in arrays else None)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ArtifactError(f"{path}: edge artifact is incomplete ({e}); re-create it with "
                             f"`splitexit train`") from None

@@ -28,13 +28,13 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from zmq.utils.monitor import parse_monitor_message
 
 from monitoring.metrics import PATHS, EdgeMetrics, ProcessMetrics, for_registry
-from pipeline.edge.config import EdgeConfig, wire_dtype
+from pipeline.edge.config import EdgeConfig, wire_codec, wire_dtype
 from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.results import Outcome, Results, Summary, print_summary
 from pipeline.protocol import wire
 from pipeline.protocol.security import HANDSHAKE_FAILED, HANDSHAKE_HINT
-from pipeline.protocol.wire import CODEC_NAMES, WireError
+from pipeline.protocol.wire import WireError
 
 __all__ = ["EdgeProducer", "run_producer"]
 
@@ -54,7 +54,7 @@ class EdgeProducer:
         self.threshold, self.score = self.head.threshold, self.head.score
         self.model_tag = wire.model_tag(self.head.model_id)
         self.dtype = wire_dtype(cfg.dtype, self.head.uplink_bits)
-        self.codec = CODEC_NAMES[cfg.codec]
+        self.codec = wire_codec(cfg.codec, self.dtype, self.head.code)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -195,10 +195,8 @@ class EdgeProducer:
             return
         offloaded = [batch[i] for i in unsure]
         features = self.head.run_uplink(hidden[unsure])  # (frames sent, W_split)
-        request = wire.encode_request(self.inflight.next_id(), self.cfg.producer_id,
-                                      self.model_tag, int(offloaded[0].capture_ts * 1e6),
-                                      [f.frame_id for f in offloaded],
-                                      features, self.dtype, self.codec)
+        request = wire.encode_request(self.inflight.next_id(), self.model_tag, features,
+                                      self.dtype, self.codec, self.head.code)
         sent = wire.wire_bytes(request)
         msg_id = self.inflight.open(offloaded, [exit_cls[i] for i in unsure],
                                     [float(scores[i]) for i in unsure], sent, time.monotonic(),
@@ -211,7 +209,7 @@ class EdgeProducer:
             return
         self.m_uplink.inc(sent)
         self.m_feature.inc(len(unsure) * wire.row_bytes(self.dtype, features.shape[1]))
-        self.m_payload.inc(len(request[1]))
+        self.m_payload.inc(len(request[0]) - wire.REQUEST_HEADER_BYTES)
 
     async def _receive(self) -> None:
         while True:

@@ -4,6 +4,9 @@
     DIR/edge.npz    the same head for a torch-free edge (pipeline.edge.numpy_head reads it)
     DIR/server.pt   tail + the same model id
 
+A model trained for its uplink also carries, in all three, the code lengths of its static
+entropy code (pipeline.protocol.static_code), so the edge and the worker code alike.
+
 Both are plain dicts of tensors, strings and numbers, so `torch.load(weights_only=True)` reads
 them (no pickled code crosses from the training box to a device). Sparse junctions are
 stored as ELL tables: |W| values plus |W| int16 indices, never a dense matrix. The model id
@@ -24,7 +27,8 @@ import torch
 
 from pipeline.model.config import Config, from_dict
 from pipeline.errors import ArtifactError, UserError
-from pipeline.protocol.edge_artifact import EDGE_NPZ, write_edge_npz
+from pipeline.protocol.edge_artifact import EDGE_NPZ, UPLINK_CODE, write_edge_npz
+from pipeline.protocol.static_code import StaticCode
 from pipeline.model.split_model import Head, SplitModel, Tail
 
 __all__ = ["EDGE_FILE", "SERVER_FILE", "compute_model_id", "save_artifacts", "save_edge_npz",
@@ -71,17 +75,21 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
             "input_size": layout["input_size"], "input_pad": layout["input_pad"],
             "exit_layer": head.exit_layer, "uplink_bits": layout["uplink_bits"]}
     arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
+    if edge.get(UPLINK_CODE) is not None:
+        arrays[UPLINK_CODE] = edge[UPLINK_CODE].numpy()
     for i, layer in enumerate(head.layers):
         arrays |= _junction_arrays(f"layer{i}", layer)
     return write_edge_npz(path, meta, arrays | _junction_arrays("exit", head.exit))
 
 
 def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: float,
-                   classes: list[str]) -> dict:
+                   classes: list[str], code: StaticCode | None = None) -> dict:
     """Write edge.pt, edge.npz and server.pt; return their sizes in bytes and the model id."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_id = compute_model_id(model, cfg)
     common = {"format": FORMAT, "model_id": model_id, "config": cfg.to_dict()}
+    if code is not None:
+        common[UPLINK_CODE] = torch.from_numpy(code.lengths)
     edge = dict(common, kind="edge", state_dict=model.head.state_dict(),
                 threshold=float(threshold), score=cfg.calibrate.score, classes=list(classes))
     server = dict(common, kind="server", state_dict=model.tail.state_dict())
@@ -141,6 +149,7 @@ class ServerArtifact:
     config: Config
     model_id: str
     path: Path
+    code: StaticCode | None = None  # the uplink's static entropy code, if trained for one
 
 
 def load_edge(path: str | Path) -> EdgeArtifact:
@@ -153,7 +162,14 @@ def load_edge(path: str | Path) -> EdgeArtifact:
 def load_server(path: str | Path) -> ServerArtifact:
     blob = _read(Path(path), "server")
     cfg, tail = _build(blob, Tail)
-    return ServerArtifact(tail, cfg, blob["model_id"], blob["path"])
+    code = None
+    if blob.get(UPLINK_CODE) is not None:
+        try:
+            code = StaticCode(blob[UPLINK_CODE].numpy())
+        except (ValueError, AttributeError) as e:
+            raise ArtifactError(f"{blob['path']}: its uplink code is damaged ({e}); re-create "
+                                f"it with `splitexit train`") from None
+    return ServerArtifact(tail, cfg, blob["model_id"], blob["path"], code)
 
 
 def load_model(out_dir: str | Path) -> tuple[SplitModel, EdgeArtifact, ServerArtifact]:

@@ -24,6 +24,8 @@ from pipeline.model.config import METRICS_FILE, Config
 from pipeline.model.data import FASHION_CLASSES, Dataset, Split, load_dataset
 from pipeline.errors import ArtifactError
 from pipeline.model.split_model import SplitModel, describe
+from pipeline.protocol.static_code import StaticCode
+from pipeline.protocol.wire import quantize_unsigned
 
 __all__ = ["fit", "predict", "run", "calibrate_dir", "METRICS_FILE"]
 
@@ -116,6 +118,15 @@ def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> 
     }
 
 
+@torch.inference_mode()
+def uplink_code(model: SplitModel, split: Split) -> StaticCode:
+    """The static entropy code of the uplink, fitted on the training frames' codes."""
+    bits = model.cfg.uplink_bits
+    features = torch.cat([model.head(x)[1] for x in _pixels(split).split(EVAL_BATCH)])
+    codes, _ = quantize_unsigned(features.numpy(), bits)
+    return StaticCode.fit(codes, 1 << bits)
+
+
 def _structure(model: SplitModel) -> dict:
     head, tail = describe(model.head), describe(model.tail)
     # Head layers after the exit's (a bottleneck) run only for the frames sent up.
@@ -138,8 +149,9 @@ def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     model, epoch_seconds = fit(cfg, data, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     calibration = _calibrate(model, cfg, data, out_dir)
+    code = uplink_code(model, data.train) if cfg.model.uplink_bits else None
     sizes = save_artifacts(out_dir, model, cfg, calibration["threshold"],
-                           FASHION_CLASSES[:cfg.model.widths[-1]])
+                           FASHION_CLASSES[:cfg.model.widths[-1]], code)
     metrics = {"model": cfg.model.name, "model_id": sizes["model_id"],
                "config": cfg.to_dict(), "structure": _structure(model),
                "artifact_bytes": {"edge": sizes["edge_bytes"], "server": sizes["server_bytes"]},

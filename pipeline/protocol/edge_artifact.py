@@ -12,6 +12,8 @@ C/ONNX export). Plain arrays, read with allow_pickle=False: no code crosses to a
                          absent for a dense junction
     layer{i}.bias        (N_out,)
     exit.values / exit.indices / exit.bias
+    uplink.code          (W_split, 2^uplink_bits) uint8 code lengths of the static entropy
+                         code (pipeline/protocol/static_code.py); only when trained for one
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import numpy as np
 
 from pipeline.errors import ArtifactError
 
-__all__ = ["EDGE_NPZ", "FORMAT", "write_edge_npz", "read_edge_npz"]
+__all__ = ["EDGE_NPZ", "FORMAT", "UPLINK_CODE", "write_edge_npz", "read_edge_npz"]
 
 EDGE_NPZ = "edge.npz"
+UPLINK_CODE = "uplink.code"   # the key in edge.npz, edge.pt and server.pt alike
 FORMAT = 1
 
 

@@ -1,24 +1,26 @@
 """The wire format: every message between edge, broker and worker. The only place it lives.
 
-A message is a list of ZeroMQ frames. Frame 0 is a msgpack *array* (positions, not string
-keys: a map with names would cost more than the 40-byte payload it carries) whose first three
-items are always [version, kind, msg_id]; a request adds frame 1, the raw feature bytes, so
-payloads are never copied into msgpack.
+A message is one ZeroMQ frame. It starts with two bytes, [version, kind]; the hot path (a
+request up, a reply down) is a fixed little-endian binary header, so an offloaded frame
+costs its features plus 22 bytes (2 more of ZMTP framing), not a msgpack map of names:
 
-    REQUEST    [v, 1, msg_id, producer_id, model_tag, capture_ts_us, frame_ids, width,
-                dtype, codec, scales]                          + [payload]
-    REPLY      [v, 2, msg_id, worker_id, classes, confidences, [queue_us, tail_us, batch]]
-    ERROR      [v, 3, msg_id, reason, detail]                  (refusal of a request)
-    READY      [v, 4, 0, worker_id, model_tag, credit]         worker -> broker
-    HEARTBEAT  [v, 5, 0]                                       both ways, broker <-> worker
-    DISCONNECT [v, 6, 0]                                       both ways, see Kind
+    REQUEST    version u8, kind u8, dtype << 4 | codec u8, frames - 1 u8, msg_id u32,
+               model_tag 8 B, width u16                                        (18 B)
+               + one float32 scale per frame (integer dtypes) + the payload
+    REPLY      version u8, kind u8, msg_id u32, batch u16, queue_us u32, tail_us u32,
+               len(worker_id) u8                                               (17 B)
+               + worker_id (utf-8) + a class per frame (u8) + a confidence per frame (f16)
+    ERROR      [version, kind] + msgpack [msg_id, reason, detail]   (a refusal of a request)
+    READY      [version, kind] + msgpack [worker_id, model_tag, credit]   worker -> broker
+    HEARTBEAT  [version, kind]                            both ways, broker <-> worker
+    DISCONNECT [version, kind]                            both ways, see Kind
 
 The broker answers a READY with a HEARTBEAT at once: the worker's proof that the broker
 knows it (its readiness), instead of waiting up to a heartbeat interval.
 
 A request is self-contained (any worker can serve it after a redelivery): the 8-byte model
-tag says which model produced the features, `width` their size, `dtype`/`codec` one small
-integer each. An edge may pack several frames into one request (`frame_ids`, one row each).
+tag says which model produced the features, `width` their size, `dtype`/`codec` a nibble
+each. An edge may pack up to 256 frames into one request; answers come back in that order.
 Decoding trusts nothing: sizes are capped before anything is decompressed, shape x dtype must
 equal the payload length, values must be finite. Every bad input raises WireError with a
 short reason (a bounded metric label), never anything else.
@@ -29,24 +31,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+import struct
+
 import lz4.block
 import msgpack
 import numpy as np
 
-__all__ = ["VERSION", "Kind", "Field", "DType", "Codec", "Refusal", "DTYPE_NAMES",
+from pipeline.protocol.static_code import MAX_CODE_BITS, CodeError, StaticCode
+
+__all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
            "peek", "quantize", "quantize_unsigned", "dequantize", "row_bytes", "wire_bytes",
            "model_tag", "MODEL_TAG_BYTES",
-           "MAX_FRAMES_PER_REQUEST"]
+           "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES"]
 
-VERSION = 1
+VERSION = 2   # 1 was the msgpack-array layout; a peer speaking it is told "version"
 MODEL_TAG_BYTES = 8
 MAX_FRAMES_PER_REQUEST = 256       # what one edge packs into a message
 MAX_WIDTH = 1 << 16                # features per frame at the split
 MAX_PAYLOAD_BYTES = 4 << 20        # decoded payload cap; a 400-wide float32 batch of 256 is 400 KB
-MAX_HEADER_BYTES = 4096            # a request header is ~45 B plus 5 B per packed frame id
+MAX_HEADER_BYTES = 4096            # an ERROR or READY message
 MAX_DETAIL_CHARS = 200             # error detail text
 UINT64_MAX = (1 << 64) - 1
 
@@ -59,24 +65,6 @@ class Kind(IntEnum):
     HEARTBEAT = 5    # broker <-> worker: alive (any message counts as one)
     DISCONNECT = 6   # worker -> broker: draining, send nothing new;
                      # broker -> worker: I do not know you, announce yourself (READY) again
-
-
-class Field(IntEnum):
-    """Positions in a REQUEST header (the hot path; other kinds are short)."""
-    VERSION = 0
-    KIND = 1
-    MSG_ID = 2
-    PRODUCER_ID = 3
-    MODEL_TAG = 4
-    CAPTURE_TS_US = 5
-    FRAME_IDS = 6
-    WIDTH = 7
-    DTYPE = 8
-    CODEC = 9
-    SCALES = 10
-
-
-REQUEST_FIELDS = len(Field)
 
 
 class DType(IntEnum):
@@ -95,6 +83,8 @@ class DType(IntEnum):
 class Codec(IntEnum):
     NONE = 0
     LZ4 = 1     # lz4 block; used only when it shrinks the payload
+    STATIC = 2  # the model's static code (static_code.py) over unsigned codes; used only
+                # when it shrinks the payload, and only by a peer that holds that model
 
 
 class Refusal(IntEnum):
@@ -108,7 +98,7 @@ class Refusal(IntEnum):
 # The names users and metric labels see (--dtype int8, reason="busy").
 DTYPE_NAMES = {"float32": DType.FLOAT32, "float16": DType.FLOAT16, "int8": DType.INT8,
                "uint8": DType.UINT8, "uint4": DType.UINT4, "uint2": DType.UINT2}
-CODEC_NAMES = {"lz4": Codec.LZ4, "none": Codec.NONE}
+CODEC_NAMES = {"lz4": Codec.LZ4, "none": Codec.NONE, "static": Codec.STATIC}
 REFUSAL_NAMES = {r: r.name.lower() for r in Refusal}   # busy, wrong_model, ...
 
 
@@ -139,10 +129,7 @@ class WireError(Exception):
 @dataclass(frozen=True, slots=True)
 class Request:
     msg_id: int
-    producer_id: int
     model_tag: bytes
-    capture_ts_us: int
-    frame_ids: tuple[int, ...]
     features: np.ndarray        # (frames, width) float32, dequantized
 
 
@@ -242,61 +229,87 @@ def dequantize(raw: bytes, scales: bytes, dtype: DType, frames: int, width: int)
 # -- encoding -------------------------------------------------------------------------------
 
 _pack = msgpack.Packer(use_bin_type=True).pack
+_PREFIX = struct.Struct("<BB")                 # version, kind: the start of every message
+_REQUEST = struct.Struct("<BBBBI8sH")          # + dtype<<4|codec, frames-1, msg_id, tag, width
+_REPLY = struct.Struct("<BBIHIIB")             # + msg_id, batch, queue_us, tail_us, len(worker)
+REQUEST_HEADER_BYTES = _REQUEST.size           # 18
+MAX_MSG_ID = (1 << 32) - 1                     # msg ids are u32; an edge wraps to 1 after this
+U32_MAX = (1 << 32) - 1
 
 
-def encode_request(msg_id: int, producer_id: int, model_tag: bytes, capture_ts_us: int,
-                   frame_ids: list[int], features: np.ndarray, dtype: DType = DType.INT8,
-                   codec: Codec = Codec.LZ4) -> list[bytes]:
-    """[header, payload] for one or more frames' features (frames, width)."""
+def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
+                   dtype: DType = DType.INT8, codec: Codec = Codec.LZ4,
+                   code: StaticCode | None = None) -> list[bytes]:
+    """[request] for one or more frames' features (frames, width): one frame, the fixed
+    header, the scales, the payload. Codec.STATIC needs the model's `code` and an unsigned
+    dtype; like lz4 it is used only when it shrinks the payload."""
     frames, width = features.shape
     raw, scales = quantize(features, dtype)
     payload = raw
     if codec == Codec.LZ4:
         packed = lz4.block.compress(raw, store_size=False)
         payload, codec = (packed, Codec.LZ4) if len(packed) < len(raw) else (raw, Codec.NONE)
-    header = _pack([VERSION, Kind.REQUEST, msg_id, producer_id, model_tag, capture_ts_us,
-                    list(frame_ids), width, int(dtype), int(codec), scales])
-    return [header, payload]
+    elif codec == Codec.STATIC:
+        if code is None or dtype not in UNSIGNED_BITS or code.channels != width:
+            raise ValueError("the static codec needs the model's code and an unsigned dtype")
+        symbols = _unpack_bits(np.frombuffer(raw, np.uint8).reshape(frames, -1),
+                               UNSIGNED_BITS[dtype], width)
+        coded = code.encode(symbols)
+        payload, codec = (coded, Codec.STATIC) if len(coded) < len(raw) else (raw, Codec.NONE)
+    header = _REQUEST.pack(VERSION, Kind.REQUEST, int(dtype) << 4 | int(codec), frames - 1,
+                           msg_id, model_tag, width)
+    return [header + scales + payload]
 
 
 def encode_reply(msg_id: int, worker_id: str, classes: np.ndarray, confidences: np.ndarray,
                  queue_us: int, tail_us: int, batch: int) -> list[bytes]:
-    return [_pack([VERSION, Kind.REPLY, msg_id, worker_id,
-                   np.asarray(classes, dtype=np.uint8).tobytes(),
-                   np.asarray(confidences, dtype="<f2").tobytes(),
-                   [int(queue_us), int(tail_us), int(batch)]])]
+    worker = worker_id.encode()[:255]
+    return [_REPLY.pack(VERSION, Kind.REPLY, msg_id, min(int(batch), 0xFFFF),
+                        min(int(queue_us), U32_MAX), min(int(tail_us), U32_MAX), len(worker))
+            + worker + np.asarray(classes, dtype=np.uint8).tobytes()
+            + np.asarray(confidences, dtype="<f2").tobytes()]
+
+
+def _control(kind: Kind, body: list) -> list[bytes]:
+    return [_PREFIX.pack(VERSION, kind) + _pack(body)]
 
 
 def encode_error(msg_id: int, reason: Refusal, detail: str) -> list[bytes]:
-    return [_pack([VERSION, Kind.ERROR, msg_id, int(reason), detail[:MAX_DETAIL_CHARS]])]
+    return _control(Kind.ERROR, [msg_id, int(reason), detail[:MAX_DETAIL_CHARS]])
 
 
 def encode_ready(worker_id: str, model_tag: bytes, credit: int) -> list[bytes]:
-    return [_pack([VERSION, Kind.READY, 0, worker_id, model_tag, credit])]
+    return _control(Kind.READY, [worker_id, model_tag, credit])
 
 
-HEARTBEAT = [_pack([VERSION, Kind.HEARTBEAT, 0])]
-DISCONNECT = [_pack([VERSION, Kind.DISCONNECT, 0])]
+HEARTBEAT = [_PREFIX.pack(VERSION, Kind.HEARTBEAT)]
+DISCONNECT = [_PREFIX.pack(VERSION, Kind.DISCONNECT)]
 
 
 # -- decoding -------------------------------------------------------------------------------
 
-def _unpack_header(frame) -> list:
+def _prefix(frame) -> tuple[bytes, Kind]:
     data = bytes(frame)
+    if len(data) < _PREFIX.size:
+        raise WireError("malformed", f"a message is at least {_PREFIX.size} bytes")
+    if data[0] != VERSION:
+        raise WireError("version", f"version {data[0]}, this side speaks {VERSION}")
+    return data, _enum(data[1], Kind, "kind")
+
+
+def _body(data: bytes) -> list:
+    """The msgpack body of an ERROR or READY (off the hot path)."""
     if len(data) > MAX_HEADER_BYTES:
-        raise WireError("size", f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+        raise WireError("size", f"message of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        fields = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
-                                 max_bin_len=MAX_HEADER_BYTES, max_str_len=MAX_HEADER_BYTES,
-                                 max_array_len=MAX_FRAMES_PER_REQUEST + 16, max_map_len=0,
-                                 max_ext_len=0)
+        fields = msgpack.unpackb(data[_PREFIX.size:], raw=False, strict_map_key=True,
+                                 use_list=True, max_bin_len=MAX_HEADER_BYTES,
+                                 max_str_len=MAX_HEADER_BYTES, max_array_len=16,
+                                 max_map_len=0, max_ext_len=0)
     except Exception as e:  # msgpack raises a zoo of types for bad bytes
-        raise WireError("malformed", f"header is not msgpack ({type(e).__name__})") from None
-    if not isinstance(fields, list) or len(fields) < 3:
-        raise WireError("malformed", "header is not an array of at least 3 items")
-    if fields[0] != VERSION or type(fields[0]) is not int:
-        raise WireError("version", f"version {fields[0]!r}, this side speaks {VERSION}")
-    _int(fields[2], "msg_id")
+        raise WireError("malformed", f"body is not msgpack ({type(e).__name__})") from None
+    if not isinstance(fields, list):
+        raise WireError("malformed", "body is not an array")
     return fields
 
 
@@ -327,34 +340,48 @@ def _enum(value, cls, name: str):
 
 
 def peek(frame) -> tuple[Kind, int]:
-    """(kind, msg_id) of any message: all the broker needs to route it."""
-    fields = _unpack_header(frame)
-    return _enum(fields[1], Kind, "kind"), fields[2]
+    """(kind, msg_id) of any message: all the broker needs to route it (0 for control)."""
+    data, kind = _prefix(frame)
+    if kind == Kind.REQUEST:
+        if len(data) < _REQUEST.size:
+            raise WireError("malformed", f"a request header is {_REQUEST.size} bytes")
+        return kind, _REQUEST.unpack_from(data)[4]
+    if kind == Kind.REPLY:
+        if len(data) < _REPLY.size:
+            raise WireError("malformed", f"a reply header is {_REPLY.size} bytes")
+        return kind, _REPLY.unpack_from(data)[2]
+    if kind == Kind.ERROR:
+        body = _body(data)
+        if not body:
+            raise WireError("field", "ERROR starts with its msg_id")
+        return kind, _int(body[0], "msg_id", 0, MAX_MSG_ID)
+    return kind, 0
 
 
-def decode_request(frames: list) -> Request:
-    if len(frames) != 2:
-        raise WireError("malformed", f"a request has 2 frames, got {len(frames)}")
-    f = _unpack_header(frames[0])
-    if len(f) != REQUEST_FIELDS or f[Field.KIND] != Kind.REQUEST:
-        raise WireError("kind", "not a request header")
-    msg_id, producer_id = f[Field.MSG_ID], _int(f[Field.PRODUCER_ID], "producer_id")
-    model_tag = _bytes(f[Field.MODEL_TAG], "model_tag", MODEL_TAG_BYTES)
-    capture_ts_us = _int(f[Field.CAPTURE_TS_US], "capture_ts_us")
-    ids = f[Field.FRAME_IDS]
-    if type(ids) is not list or not 1 <= len(ids) <= MAX_FRAMES_PER_REQUEST:
-        raise WireError("field", f"frame_ids must list 1..{MAX_FRAMES_PER_REQUEST} ids")
-    frame_ids = tuple(_int(i, "frame id") for i in ids)
-    width = _int(f[Field.WIDTH], "width", 1, MAX_WIDTH)
-    dtype, codec = _enum(f[Field.DTYPE], DType, "dtype"), _enum(f[Field.CODEC], Codec, "codec")
-    scales = _bytes(f[Field.SCALES], "scales")
-    n = len(frame_ids)
+def decode_request(frames: list, code: StaticCode | None = None) -> Request:
+    """The request in `frames`; `code` is this side's model's static code, if it has one."""
+    if len(frames) != 1:
+        raise WireError("malformed", f"a request has 1 frame, got {len(frames)}")
+    data, kind = _prefix(frames[0])
+    if kind != Kind.REQUEST or len(data) < _REQUEST.size:
+        raise WireError("kind", "not a request")
+    _, _, types, n, msg_id, model_tag, width = _REQUEST.unpack_from(data)
+    dtype, codec = _enum(types >> 4, DType, "dtype"), _enum(types & 0xF, Codec, "codec")
+    n += 1
+    if not 1 <= width <= MAX_WIDTH:
+        raise WireError("field", f"width must be an integer in [1, {MAX_WIDTH}]")
     expected = n * row_bytes(dtype, width)
     if expected > MAX_PAYLOAD_BYTES:
         raise WireError("size", f"{n}x{width} {dtype.name} exceeds {MAX_PAYLOAD_BYTES} bytes")
-    payload = bytes(frames[1])
+    scale_bytes = 4 * n if dtype in SCALED else 0
+    if len(data) < _REQUEST.size + scale_bytes:
+        raise WireError("shape", f"{n} frames of {dtype.name} need {scale_bytes} B of scales")
+    scales = data[_REQUEST.size:_REQUEST.size + scale_bytes]
+    payload = data[_REQUEST.size + scale_bytes:]
     if codec == Codec.NONE:
         raw = payload
+    elif codec == Codec.STATIC:
+        raw = _static_decode(payload, code, dtype, n, width)
     else:
         if len(payload) > expected + expected // 255 + 16:  # lz4's worst case for this size
             raise WireError("size", f"compressed payload {len(payload)} B too large")
@@ -365,9 +392,6 @@ def decode_request(frames: list) -> Request:
     if len(raw) != expected:
         raise WireError("shape", f"payload is {len(raw)} B, {n}x{width} {dtype.name} needs "
                                  f"{expected}")
-    if len(scales) != (4 * n if dtype in SCALED else 0):
-        raise WireError("field", "scales must hold one float32 per frame for integer dtypes, "
-                                 "else none")
     if dtype in SCALED:
         s = np.frombuffer(scales, dtype="<f4")
         if not np.all(np.isfinite(s) & (s > 0)):
@@ -375,46 +399,70 @@ def decode_request(frames: list) -> Request:
     features = dequantize(raw, scales, dtype, n, width)
     if not np.isfinite(features).all():
         raise WireError("nonfinite", "features contain NaN or Inf")
-    return Request(msg_id, producer_id, model_tag, capture_ts_us, frame_ids, features)
+    return Request(msg_id, model_tag, features)
+
+
+def _static_decode(payload: bytes, code: StaticCode | None, dtype: DType, n: int,
+                   width: int) -> bytes:
+    """The packed unsigned codes a STATIC payload encodes, checked like any payload."""
+    if code is None or dtype not in UNSIGNED_BITS or code.channels != width or \
+            code.symbols != 1 << UNSIGNED_BITS[dtype]:
+        raise WireError("codec", "static code payload for a model whose code this side lacks")
+    if len(payload) > (n * width * MAX_CODE_BITS + 7) // 8:  # no frame is longer than that
+        raise WireError("size", f"static-coded payload {len(payload)} B too large")
+    try:
+        symbols = code.decode(payload, n)
+    except CodeError as e:
+        raise WireError("decompress", str(e)) from None
+    return _pack_bits(symbols, UNSIGNED_BITS[dtype]).tobytes()
 
 
 def decode_answer(frames: list) -> Reply | Error:
     """What comes back to an edge: a REPLY or an ERROR."""
     if len(frames) != 1:
         raise WireError("malformed", f"an answer has 1 frame, got {len(frames)}")
-    f = _unpack_header(frames[0])
-    kind = _enum(f[1], Kind, "kind")
-    if kind == Kind.ERROR and len(f) == 5:
-        return Error(f[2], _enum(f[3], Refusal, "reason"), _str(f[4], "detail"))
-    if kind != Kind.REPLY or len(f) != 7:
+    data, kind = _prefix(frames[0])
+    if kind == Kind.ERROR:
+        f = _body(data)
+        if len(f) != 3:
+            raise WireError("field", "ERROR has 3 items")
+        return Error(_int(f[0], "msg_id", 0, MAX_MSG_ID), _enum(f[1], Refusal, "reason"),
+                     _str(f[2], "detail"))
+    if kind != Kind.REPLY or len(data) < _REPLY.size:
         raise WireError("kind", "not a reply or error")
-    worker_id = _str(f[3], "worker_id")
-    classes, conf = _bytes(f[4], "classes"), _bytes(f[5], "confidences")
-    if not 1 <= len(classes) <= MAX_FRAMES_PER_REQUEST or len(conf) != 2 * len(classes):
+    _, _, msg_id, batch, queue_us, tail_us, worker_len = _REPLY.unpack_from(data)
+    rest = data[_REPLY.size:]
+    if len(rest) < worker_len:
+        raise WireError("shape", "reply ends inside its worker id")
+    try:
+        worker_id = rest[:worker_len].decode()
+    except UnicodeDecodeError:
+        raise WireError("field", "worker id is not utf-8") from None
+    answers = rest[worker_len:]
+    n = len(answers) // 3
+    if len(answers) % 3 or not 1 <= n <= MAX_FRAMES_PER_REQUEST or batch < 1:
         raise WireError("shape", "classes and confidences must cover the same frames")
-    timing = f[6]
-    if type(timing) is not list or len(timing) != 3:
-        raise WireError("field", "timing must be [queue_us, tail_us, batch]")
-    confidences = np.frombuffer(conf, dtype="<f2").astype(np.float32)
+    confidences = np.frombuffer(answers[n:], dtype="<f2").astype(np.float32)
     if not np.isfinite(confidences).all():
         raise WireError("nonfinite", "confidences contain NaN or Inf")
-    return Reply(f[2], worker_id, np.frombuffer(classes, dtype=np.uint8), confidences,
-                 _int(timing[0], "queue_us"), _int(timing[1], "tail_us"),
-                 _int(timing[2], "batch", 1, 1 << 20))
+    return Reply(msg_id, worker_id, np.frombuffer(answers[:n], dtype=np.uint8), confidences,
+                 queue_us, tail_us, batch)
 
 
 def decode_control(frames: list) -> Ready | Kind:
     """A worker's READY, or the bare kind of a HEARTBEAT/DISCONNECT."""
     if len(frames) != 1:
         raise WireError("malformed", f"a control message has 1 frame, got {len(frames)}")
-    f = _unpack_header(frames[0])
-    kind = _enum(f[1], Kind, "kind")
+    data, kind = _prefix(frames[0])
     if kind == Kind.READY:
-        if len(f) != 6:
-            raise WireError("field", "READY has 6 items")
-        return Ready(_str(f[3], "worker_id"), _bytes(f[4], "model_tag", MODEL_TAG_BYTES),
-                     _int(f[5], "credit", 1, 1 << 16))
+        f = _body(data)
+        if len(f) != 3:
+            raise WireError("field", "READY has 3 items")
+        return Ready(_str(f[0], "worker_id"), _bytes(f[1], "model_tag", MODEL_TAG_BYTES),
+                     _int(f[2], "credit", 1, 1 << 16))
     if kind in (Kind.HEARTBEAT, Kind.DISCONNECT):
+        if len(data) != _PREFIX.size:
+            raise WireError("malformed", f"{kind.name} is {_PREFIX.size} bytes")
         return kind
     raise WireError("kind", f"{kind.name} is not a control message")
 
