@@ -185,6 +185,8 @@ def read_results(paths: list[Path], artifacts: Path, elapsed_s: float) -> dict:
         "training_test": training,
         "uplink_bytes_per_offloaded_frame": (sum(o["uplink_bytes"] for o in offloaded)
                                              / len(offloaded) if offloaded else None),
+        "uplink_bytes_per_frame": (sum(o["uplink_bytes"] for o in offloaded) / n
+                                   if n else None),
         "raw_frame_bytes": RAW_FRAME_BYTES,
         "latency_ms": {path: _quantiles([o["latency_ms"] for o in outcomes if o["path"] == path])
                        for path in ("exit", "offload", "fallback")},
@@ -209,7 +211,8 @@ def format_run_report(r: dict) -> str:
         f"| {pct(t.get('split_exit'))} |",
         "",
         f"uplink per offloaded frame: {r['uplink_bytes_per_offloaded_frame'] or 0:.1f} B on the "
-        f"wire (ZeroMQ frames included) vs {r['raw_frame_bytes']} B for the raw frame",
+        f"wire (ZeroMQ frames included) vs {r['raw_frame_bytes']} B for the raw frame; "
+        f"{r['uplink_bytes_per_frame'] or 0:.1f} B per frame on average",
         "",
         "| path | frames | p50 ms | p95 ms | p99 ms |",
         "|---|---|---|---|---|",

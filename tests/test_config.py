@@ -96,3 +96,7 @@ def test_bad_bottleneck_settings_are_one_line(change, match):
     with pytest.raises(ConfigError, match=match) as e:
         SplitModel(from_dict({"model": dict(BOTTLENECK, **change)}).model)
     assert "\n" not in str(e.value)
+
+
+def test_a_negative_rate_weight_is_one_line():
+    one_line_error({"model": MODEL, "train": {"rate_weight": -0.1}}, "rate_weight >= 0")

@@ -59,3 +59,22 @@ def test_a_model_trained_for_its_uplink_sends_what_it_trained(tiny_config_path, 
     assert wire_codec("auto", wire.DType.INT8, head.code) == wire.Codec.LZ4
     with pytest.raises(ConfigError, match="--codec static needs a model trained"):
         wire_codec("static", wire.DType.UINT4, None)
+
+
+def test_a_rate_penalty_trains_sparser_features(tiny_config_path, idx_dir):
+    """The split features' code length falls with train.rate_weight: more of them are 0."""
+    from pipeline.model.config import load_config
+    from pipeline.model.data import load_dataset
+    from pipeline.model.train import fit
+
+    data = load_dataset(idx_dir, val_size=100)
+    pixels = torch.from_numpy(data.test.images).float() / 255
+    zeros = []
+    for weight in (0.0, 3.0):
+        cfg = load_config(str(tiny_config_path), ["model.uplink_bits=4", "train.epochs=2",
+                                                  f"train.rate_weight={weight}"])
+        model, _ = fit(cfg, data, progress=False)
+        with torch.inference_mode():
+            _, features = model.head(pixels)
+        zeros.append(float((features == 0).float().mean()))
+    assert zeros[1] > zeros[0] + 0.05, zeros

@@ -58,6 +58,9 @@ class TrainConfig:
     weight_decay: float = 1e-4  # decoupled L2 (AdamW)
     exit_weight: float = 1.0   # loss = exit_weight * CE(exit) + CE(final)
     label_smoothing: float = 0.0
+    # Weight of the mean |split feature| in the loss: a rate penalty that trades accuracy for
+    # sparser features, which the uplink's static code sends in fewer bits. 0 = off.
+    rate_weight: float = 0.0
     val_size: int = 5000       # held out from train for calibration; test stays untouched
     seed: int = 0              # weights, shuffling, validation split
 
@@ -113,9 +116,10 @@ class Config:
         for name, value in (("epochs", t.epochs), ("batch_size", t.batch_size)):
             if value < 1:
                 raise ConfigError(f"train.{name} = {value} must be at least 1")
-        if t.lr <= 0 or t.weight_decay < 0 or t.exit_weight < 0 or t.val_size < 1:
-            raise ConfigError("train.lr must be > 0, weight_decay and exit_weight >= 0, "
-                              "val_size >= 1")
+        if t.lr <= 0 or t.weight_decay < 0 or t.exit_weight < 0 or t.val_size < 1 or \
+                t.rate_weight < 0:
+            raise ConfigError("train.lr must be > 0, weight_decay, exit_weight and rate_weight "
+                              ">= 0, val_size >= 1")
         if c.score not in SCORES:
             raise ConfigError(f"calibrate.score = {c.score!r}: choose one of {', '.join(SCORES)}")
         if c.policy not in POLICIES:

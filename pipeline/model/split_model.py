@@ -98,12 +98,16 @@ class SplitModel(nn.Module):
         self.tail = Tail(cfg)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (exit logits, final logits), both (B, C). The tail sees the features as
-        the wire delivers them when the model is trained for its uplink."""
+        """Returns (exit logits, final logits), both (B, C)."""
+        exit_logits, _, final_logits = self.run(pixels)
+        return exit_logits, final_logits
+
+    def run(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(exit logits, split features, final logits). The tail sees the features as the
+        wire delivers them when the model is trained for its uplink."""
         exit_logits, features = self.head(pixels)
-        if self.cfg.uplink_bits:
-            features = fake_quantize(features, self.cfg.uplink_bits)
-        return exit_logits, self.tail(features)
+        sent = fake_quantize(features, self.cfg.uplink_bits) if self.cfg.uplink_bits else features
+        return exit_logits, features, self.tail(sent)
 
 
 def describe(module: nn.Module) -> list[dict]:

@@ -62,10 +62,12 @@ def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, 
         running = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * t.batch_size:(i + 1) * t.batch_size]
-            exit_logits, final_logits = model(x[idx])
+            exit_logits, features, final_logits = model.run(x[idx])
             loss = (t.exit_weight * F.cross_entropy(exit_logits, y[idx],
                                                     label_smoothing=t.label_smoothing)
                     + F.cross_entropy(final_logits, y[idx], label_smoothing=t.label_smoothing))
+            if t.rate_weight:  # fewer, smaller activations code in fewer bits
+                loss = loss + t.rate_weight * features.abs().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
