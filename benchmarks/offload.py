@@ -26,7 +26,7 @@ import torch
 
 from common import read_jsonl, start_pool
 from pipeline.protocol import wire
-from pipeline.model.artifacts import load_model, set_threshold
+from pipeline.model.artifacts import load_model, load_server, set_threshold
 from pipeline.model.calibrate import OFFLOAD_ALL
 from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.model.data import load_dataset
@@ -114,17 +114,22 @@ def main() -> None:
     print(f"\n3. uplink bytes per offloaded frame (one frame a message, ZeroMQ framing "
           f"included) and accuracy with every frame offloaded; raw frame {raw_frame} B, "
           f"deflate {deflate:.0f} B")
-    print("| dtype | codec | bytes on the wire | payload | accuracy % | agrees with float32 |")
+    print("| dtype | codec | bytes on the wire | scales + payload | accuracy % | "
+          "agrees with float32 |")
     print("|---|---|---|---|---|---|")
+    code = load_server(art).code  # the model's static code, if trained for its uplink
     for dname, dtype in DTYPE_NAMES.items():
         for cname, codec in CODEC_NAMES.items():
+            if codec == wire.Codec.STATIC and (code is None or dtype not in wire.UNSIGNED_BITS
+                                               or code.symbols != 1 << wire.BITS[dtype]):
+                continue
             sizes, preds, payloads = [], [], []
             for i in range(args.frames):
                 msg = wire.encode_request(i, b"\0" * 8, features[i:i + 1].numpy(), dtype,
-                                          codec)
+                                          codec, code)
                 sizes.append(wire.wire_bytes(msg))
                 payloads.append(len(msg[0]) - wire.REQUEST_HEADER_BYTES)
-                r = wire.decode_request(msg)
+                r = wire.decode_request(msg, code)
                 with torch.inference_mode():
                     preds.append(int(model.tail(torch.from_numpy(r.features)).argmax()))
             preds = np.array(preds)

@@ -102,3 +102,22 @@ def test_the_base_install_is_what_an_edge_needs():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not [d for d in project["dependencies"] if d.startswith(("torch", "tqdm"))]
     assert [d for d in project["optional-dependencies"]["server"] if d.startswith("torch")]
+
+
+def test_a_folder_trained_before_bottlenecks_existed_still_calibrates(artifacts, tmp_path):
+    """edge.pt from an older splitexit has no exit_at / uplink_bits in its config: a new
+    threshold rewrites edge.npz with the defaults (exit on the split layer, int8 uplink)."""
+    import shutil
+
+    from pipeline.model.artifacts import set_threshold
+
+    for name in ("edge.pt", "server.pt"):
+        shutil.copy(artifacts / name, tmp_path / name)
+    blob = torch.load(tmp_path / "edge.pt", weights_only=True)
+    for key in ("exit_at", "uplink_bits"):
+        del blob["config"]["model"][key]
+    torch.save(blob, tmp_path / "edge.pt")
+    set_threshold(tmp_path, 0.5, "max_softmax")
+    head = load_numpy_head(tmp_path)
+    assert head.threshold == 0.5 and head.uplink_bits == 0
+    assert head.exit_layer == len(head.layers) and head.code is None

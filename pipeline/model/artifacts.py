@@ -73,7 +73,8 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
     meta = {"model_id": edge["model_id"], "threshold": edge["threshold"],
             "score": edge["score"], "classes": edge["classes"], "split": layout["split"],
             "input_size": layout["input_size"], "input_pad": layout["input_pad"],
-            "exit_layer": head.exit_layer, "uplink_bits": layout["uplink_bits"]}
+            "exit_layer": head.exit_layer,
+            "uplink_bits": layout.get("uplink_bits", 0)}  # absent: trained before it existed
     arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
     if edge.get(UPLINK_CODE) is not None:
         arrays[UPLINK_CODE] = edge[UPLINK_CODE].numpy()
