@@ -12,9 +12,9 @@ from pipeline.protocol.security import PLAINTEXT_LOOPBACK, Security
 from pipeline.protocol.static_code import StaticCode
 from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
 
-__all__ = ["EdgeConfig", "AUTO", "AUTO_DTYPE", "wire_dtype", "wire_codec"]
+__all__ = ["EdgeConfig", "AUTO", "wire_dtype", "wire_codec"]
 
-AUTO = AUTO_DTYPE = "auto"
+AUTO = "auto"  # --dtype and --codec: follow what the model was trained for
 
 
 def wire_codec(name: str, dtype: wire.DType, code: StaticCode | None) -> wire.Codec:
@@ -34,7 +34,7 @@ def wire_codec(name: str, dtype: wire.DType, code: StaticCode | None) -> wire.Co
 def wire_dtype(name: str, uplink_bits: int) -> wire.DType:
     """The dtype an edge sends: `name`, or for auto the unsigned dtype the model's uplink was
     trained for (what is trained is what is sent), else int8."""
-    if name != AUTO_DTYPE:
+    if name != AUTO:
         return DTYPE_NAMES[name]
     return wire.DTYPE_FOR_BITS[uplink_bits] if uplink_bits else wire.DType.INT8
 
@@ -45,7 +45,7 @@ class EdgeConfig:
     deadline_ms: float = 100.0             # wait this long for the server, then answer locally
     # Features on the wire: auto (what the model's uplink was trained for, else int8) |
     # float32 | float16 | int8 | uint8 | uint4 | uint2
-    dtype: str = AUTO_DTYPE
+    dtype: str = AUTO
     # auto (the model's static code if it has one, else lz4) | static | lz4 | none; every
     # codec is used only when it shrinks the payload
     codec: str = AUTO
@@ -56,8 +56,8 @@ class EdgeConfig:
     security: Security = PLAINTEXT_LOOPBACK
 
     def validate(self) -> "EdgeConfig":
-        if self.dtype != AUTO_DTYPE and self.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"--dtype {self.dtype!r}: choose {AUTO_DTYPE} or one of "
+        if self.dtype != AUTO and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype {self.dtype!r}: choose {AUTO} or one of "
                               f"{', '.join(DTYPE_NAMES)}")
         if self.codec != AUTO and self.codec not in CODEC_NAMES:
             raise ConfigError(f"--codec {self.codec!r}: choose {AUTO} or one of "
