@@ -30,6 +30,33 @@ def code4() -> StaticCode:
     return StaticCode.fit(codes, 16)
 
 
+@pytest.mark.parametrize("coder", ["huffman", "rans"])
+def test_both_coders_round_trip_exactly(code4, coder):
+    codes, _ = wire.quantize_unsigned(relu_features(40, seed=5), 4)
+    encode, decode = ((code4.encode, code4.decode) if coder == "huffman"
+                      else (code4.encode_rans, code4.decode_rans))
+    for n in (1, 7, 40):
+        assert np.array_equal(decode(encode(codes[:n]), n), codes[:n])
+
+
+def test_rans_wins_on_wide_sparse_features_and_the_wire_says_so():
+    # 400 channels, 80 % zeros: Huffman spends at least a bit on each 0, rANS a third of one
+    rng = np.random.default_rng(6)
+    def sparse(frames):
+        keep = rng.random((frames, 400)) < 0.2
+        return (keep * rng.uniform(0.1, 1.0, (frames, 400))).astype(np.float32)
+    codes, _ = wire.quantize_unsigned(sparse(4000), 4)
+    code = StaticCode.fit(codes, 16)
+    x = sparse(1)
+    [msg] = wire.encode_request(1, TAG, x, DType.UINT4, Codec.STATIC, code)
+    assert Codec(msg[2] & 0xF) == Codec.RANS
+    symbols, _ = wire.quantize_unsigned(x, 4)
+    assert len(code.encode_rans(symbols)) < 0.9 * len(code.encode(symbols))
+    assert np.array_equal(wire.decode_request([msg], code).features,
+                          wire.decode_request(wire.encode_request(1, TAG, x, DType.UINT4,
+                                                                  Codec.NONE)).features)
+
+
 def test_round_trip_is_exact_and_smaller_than_packed(code4):
     x = relu_features(300, seed=1)
     sizes = []
@@ -47,16 +74,17 @@ def test_every_symbol_is_encodable_and_codes_stay_short():
     training = np.zeros((100_000, 2), np.uint8)
     training[:3, 0] = 1
     code = StaticCode.fit(training, 16)
-    assert code.lengths.max() <= MAX_CODE_BITS
+    assert code.lengths.max() <= MAX_CODE_BITS and code.frequencies.min() >= 1
     frame = np.array([[15, 15], [0, 7]], np.uint8)
     assert np.array_equal(code.decode(code.encode(frame), 2), frame)
+    assert np.array_equal(code.decode_rans(code.encode_rans(frame), 2), frame)
 
 
 def test_the_edge_falls_back_to_no_codec_when_coding_does_not_shrink(code4):
     rng = np.random.default_rng(3)
     uniform = rng.uniform(1, 2, size=(1, 32)).astype(np.float32)  # no zeros: codes spread
     msg = wire.encode_request(1, TAG, uniform, DType.UINT4, Codec.STATIC, code4)
-    assert Codec(msg[0][2] & 0xF) in (Codec.STATIC, Codec.NONE)
+    assert Codec(msg[0][2] & 0xF) in (Codec.STATIC, Codec.RANS, Codec.NONE)
     packed = wire.REQUEST_HEADER_BYTES + 4 + 16
     assert len(msg[0]) <= packed
 
@@ -70,28 +98,35 @@ def reject(frames, reason, code):
 def test_hostile_static_payloads_are_refused_with_a_reason(code4):
     [good] = wire.encode_request(1, TAG, relu_features(2, seed=4), DType.UINT4, Codec.STATIC,
                                  code4)
-    assert Codec(good[2] & 0xF) == Codec.STATIC
+    assert Codec(good[2] & 0xF) in (Codec.STATIC, Codec.RANS)
     head = good[:wire.REQUEST_HEADER_BYTES + 8]
     payload = good[wire.REQUEST_HEADER_BYTES + 8:]
     reject([good], "codec", None)                                   # this side has no code
-    reject([good], "codec", StaticCode(np.full((16, 16), 4)))       # a code of another width
-    reject([head + payload[:-1]], "decompress", code4)              # bits end inside a frame
+    reject([good], "codec", StaticCode(np.full((16, 16), 256)))     # a code of another width
+    reject([head + payload[:-1]], "decompress", code4)              # ends inside a frame
     reject([head + payload + b"\x00"], "decompress", code4)         # a byte left over
     reject([head + bytes(40 * 32)], "size", code4)                  # longer than any frame
     reject([good[:2] + bytes([DType.INT8 << 4 | Codec.STATIC]) + good[3:]], "codec", code4)
+    for coder in (Codec.STATIC, Codec.RANS):                       # garbage in either coder
+        types = bytes([DType.UINT4 << 4 | coder])
+        reject([good[:2] + types + good[3:wire.REQUEST_HEADER_BYTES + 8] + b"\xff" * 9],
+               "decompress", code4)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=64), st.integers(1, 4))
-def test_arbitrary_bytes_only_raise_code_error(data, frames):
-    code = StaticCode(np.array([[1, 2, 3, 3], [2, 2, 2, 2]]))
+@given(st.binary(max_size=64), st.integers(1, 4), st.sampled_from(["huffman", "rans"]))
+def test_arbitrary_bytes_only_raise_code_error(data, frames, coder):
+    code = StaticCode(np.array([[2048, 1024, 512, 512], [1024, 1024, 1024, 1024]]))
+    encode, decode = ((code.encode, code.decode) if coder == "huffman"
+                      else (code.encode_rans, code.decode_rans))
     with contextlib.suppress(CodeError):
-        out = code.decode(data, frames)
+        out = decode(data, frames)
         assert out.shape == (frames, 2) and out.max() < 4
-        assert code.encode(out) == data  # what decodes is exactly an encoding
+        assert encode(out) == data  # what decodes is exactly an encoding
 
 
-@pytest.mark.parametrize("lengths", [[[1, 1, 1]], [[2, 2, 2]], [[0, 1]], [[1, 25]]])
-def test_a_damaged_code_table_is_refused(lengths):
+@pytest.mark.parametrize("frequencies", [[[4096]], [[4095, 0, 1]], [[2048, 2047]],
+                                         [[4000, 97]], [4096, 0]])
+def test_a_damaged_frequency_table_is_refused(frequencies):
     with pytest.raises(ValueError):
-        StaticCode(np.array(lengths))
+        StaticCode(np.array(frequencies))

@@ -53,7 +53,7 @@ def test_a_model_trained_for_its_uplink_sends_what_it_trained(tiny_config_path, 
     assert wire_dtype("int8", head.uplink_bits) == wire.DType.INT8  # an explicit choice wins
     # ... and both halves carry the same static entropy code for its 4-bit codes
     server = load_server(tmp_path)
-    assert head.code is not None and np.array_equal(head.code.lengths, server.code.lengths)
+    assert head.code is not None and np.array_equal(head.code.frequencies, server.code.frequencies)
     assert head.code.channels == head.width and head.code.symbols == 16
     assert wire_codec("auto", wire.DType.UINT4, head.code) == wire.Codec.STATIC
     assert wire_codec("auto", wire.DType.INT8, head.code) == wire.Codec.LZ4

@@ -77,7 +77,7 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
             "uplink_bits": layout.get("uplink_bits", 0)}  # absent: trained before it existed
     arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
     if edge.get(UPLINK_CODE) is not None:
-        arrays[UPLINK_CODE] = edge[UPLINK_CODE].numpy()
+        arrays[UPLINK_CODE] = edge[UPLINK_CODE].numpy().astype(np.uint16)
     for i, layer in enumerate(head.layers):
         arrays |= _junction_arrays(f"layer{i}", layer)
     return write_edge_npz(path, meta, arrays | _junction_arrays("exit", head.exit))
@@ -90,7 +90,7 @@ def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: flo
     model_id = compute_model_id(model, cfg)
     common = {"format": FORMAT, "model_id": model_id, "config": cfg.to_dict()}
     if code is not None:
-        common[UPLINK_CODE] = torch.from_numpy(code.lengths)
+        common[UPLINK_CODE] = torch.from_numpy(code.frequencies.astype(np.int16))
     edge = dict(common, kind="edge", state_dict=model.head.state_dict(),
                 threshold=float(threshold), score=cfg.calibrate.score, classes=list(classes))
     server = dict(common, kind="server", state_dict=model.tail.state_dict())
@@ -166,7 +166,7 @@ def load_server(path: str | Path) -> ServerArtifact:
     code = None
     if blob.get(UPLINK_CODE) is not None:
         try:
-            code = StaticCode(blob[UPLINK_CODE].numpy())
+            code = StaticCode(blob[UPLINK_CODE].numpy().astype(np.uint16))
         except (ValueError, AttributeError) as e:
             raise ArtifactError(f"{blob['path']}: its uplink code is damaged ({e}); re-create "
                                 f"it with `splitexit train`") from None

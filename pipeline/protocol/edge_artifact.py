@@ -12,7 +12,7 @@ C/ONNX export). Plain arrays, read with allow_pickle=False: no code crosses to a
                          absent for a dense junction
     layer{i}.bias        (N_out,)
     exit.values / exit.indices / exit.bias
-    uplink.code          (W_split, 2^uplink_bits) uint8 code lengths of the static entropy
+    uplink.code          (W_split, 2^uplink_bits) symbol frequencies of the static entropy
                          code (pipeline/protocol/static_code.py); only when trained for one
 """
 

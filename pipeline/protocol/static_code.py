@@ -1,12 +1,18 @@
-"""A static entropy code for the uplink: one canonical Huffman code per feature channel.
+"""A static entropy code for the uplink, fitted per model: per-channel symbol frequencies.
 
-The features of a trained bottleneck are far from uniform (after the ReLU about half the
-4-bit codes are 0, and each channel has its own spread), and lz4 finds no repeats in 16
-bytes. Training counts each channel's codes on the training frames and keeps only the code
-lengths (`fit`); both artifacts carry them, so the edge and the worker build the same
-canonical code, and a request says in its codec nibble that it used it. Every symbol gets a
-code (counts start at 1), no code is longer than MAX_CODE_BITS, and decoding checks every bit
-it reads: hostile bytes raise CodeError, never allocate more than the symbols asked for.
+The features of a trained bottleneck are far from uniform (after the ReLU half the 4-bit
+codes or more are 0, and each channel has its own spread), and lz4 finds no repeats in a few
+dozen bytes. Training counts each channel's codes on the training frames (`fit`); both
+artifacts carry the frequencies (12-bit, every symbol at least 1), so the edge and the
+worker build the same two coders from them:
+
+- canonical Huffman (Codec.STATIC): a whole number of bits per feature, at least 1, no
+  state to flush: best for narrow splits;
+- rANS (Codec.RANS, Duda 2013; byte-wise as in ryg_rans): fractions of a bit per feature
+  and 4 bytes of final state: best for wide, sparse splits, where a 0 costs well under a bit.
+
+The edge sends whichever is smaller for each message. Decoding checks every step: hostile
+bytes raise CodeError, and never allocate more than the symbols asked for.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import heapq
 
 import numpy as np
 
-__all__ = ["StaticCode", "CodeError", "MAX_CODE_BITS"]
+__all__ = ["StaticCode", "CodeError", "MAX_CODE_BITS", "PROB_BITS"]
 
 MAX_CODE_BITS = 24
+PROB_BITS = 12                      # frequencies of a channel sum to 2^12
+_TOTAL = 1 << PROB_BITS
+_LOW = 1 << 23                      # rANS state lives in [2^23, 2^31)
 
 
 class CodeError(ValueError):
@@ -25,20 +34,24 @@ class CodeError(ValueError):
 
 
 class StaticCode:
-    """Canonical Huffman codes, one per channel, over the symbols 0 .. symbols-1."""
+    """Per-channel coders over the symbols 0 .. symbols-1, from their frequencies."""
 
-    def __init__(self, lengths: np.ndarray):
-        lengths = np.asarray(lengths)
-        if lengths.ndim != 2 or lengths.size == 0 or lengths.min() < 1 or \
-                lengths.max() > MAX_CODE_BITS:
-            raise ValueError(f"code lengths must be (channels, symbols) in 1..{MAX_CODE_BITS}")
-        for row in lengths:  # Kraft: a complete prefix code, or it is not ours
-            if sum(2.0 ** -int(n) for n in row) != 1.0:
-                raise ValueError("code lengths do not form a complete prefix code")
-        self.lengths = lengths.astype(np.uint8)
-        self.channels, self.symbols = lengths.shape
+    def __init__(self, frequencies: np.ndarray):
+        freq = np.asarray(frequencies)
+        if freq.ndim != 2 or freq.size == 0 or freq.shape[1] < 2 or freq.min() < 1 or \
+                np.any(freq.sum(axis=1) != _TOTAL):
+            raise ValueError(f"frequencies must be (channels, symbols >= 2), each at least 1, "
+                             f"each row summing to {_TOTAL}")
+        self.frequencies = freq.astype(np.uint16)
+        self.channels, self.symbols = freq.shape
+        self.lengths = np.array([_limited_lengths(row) for row in freq.tolist()], np.uint8)
         self._codes = [self._canonical(row) for row in self.lengths.tolist()]
         self._decode = [{(n, c): s for s, (c, n) in enumerate(codes)} for codes in self._codes]
+        rows = self.frequencies.astype(np.int64)
+        self._cum = np.concatenate([np.zeros((self.channels, 1), np.int64),
+                                    np.cumsum(rows, axis=1)], axis=1).tolist()
+        self._freq = rows.tolist()
+        self._slot = [np.repeat(np.arange(self.symbols), row).tolist() for row in rows]
 
     @staticmethod
     def _canonical(lengths: list[int]) -> list[tuple[int, int]]:
@@ -51,21 +64,20 @@ class StaticCode:
 
     @classmethod
     def fit(cls, codes: np.ndarray, symbols: int) -> "StaticCode":
-        """Code lengths from (frames, channels) training symbols; unseen symbols still get a
-        (long) code, so any frame can be encoded."""
-        lengths = []
+        """Frequencies from (frames, channels) training symbols; unseen symbols still get a
+        share, so any frame can be encoded."""
+        rows = []
         for column in np.asarray(codes).T:
-            counts = np.bincount(column, minlength=symbols)[:symbols] + 1
-            while True:
-                row = _huffman_lengths(counts)
-                if max(row) <= MAX_CODE_BITS:
-                    break
-                counts = (counts + 1) // 2 + 1  # flatten until the longest code fits
-            lengths.append(row)
-        return cls(np.array(lengths))
+            counts = np.bincount(column, minlength=symbols)[:symbols] + 1.0
+            freq = np.maximum(1, np.floor(counts / counts.sum() * _TOTAL)).astype(np.int64)
+            freq[np.argmax(freq)] += _TOTAL - freq.sum()  # exact total; the largest absorbs
+            rows.append(freq)
+        return cls(np.array(rows))
+
+    # -- Huffman ---------------------------------------------------------------------------
 
     def encode(self, codes: np.ndarray) -> bytes:
-        """(frames, channels) symbols -> one bit string, MSB first, zero-padded to a byte."""
+        """Huffman: (frames, channels) symbols -> one bit string, MSB first, zero-padded."""
         acc, bits = 0, 0
         tables = self._codes
         for row in np.asarray(codes).tolist():
@@ -96,6 +108,60 @@ class StaticCode:
         if left >= 8 or value & ((1 << left) - 1):
             raise CodeError("bytes left over after the last frame, or padding bits not zero")
         return out
+
+    # -- rANS ------------------------------------------------------------------------------
+
+    def encode_rans(self, codes: np.ndarray) -> bytes:
+        """rANS: symbols coded last to first, so the decoder reads them first to last."""
+        out = bytearray()
+        x = _LOW
+        freq, cum = self._freq, self._cum
+        for row in reversed(np.asarray(codes).tolist()):
+            for channel in range(self.channels - 1, -1, -1):
+                symbol = row[channel]
+                f = freq[channel][symbol]
+                limit = ((_LOW >> PROB_BITS) << 8) * f
+                while x >= limit:
+                    out.append(x & 0xFF)
+                    x >>= 8
+                x = ((x // f) << PROB_BITS) + (x % f) + cum[channel][symbol]
+        out += x.to_bytes(4, "little")
+        out.reverse()
+        return bytes(out)
+
+    def decode_rans(self, data: bytes, frames: int) -> np.ndarray:
+        """Inverse of encode_rans; the bytes must hold exactly `frames` frames."""
+        if len(data) < 4:
+            raise CodeError("an rANS payload holds at least its 4-byte state")
+        out = np.empty((frames, self.channels), np.uint8)
+        x, pos = int.from_bytes(data[:4], "big"), 4
+        freq, cum, slots = self._freq, self._cum, self._slot
+        mask = _TOTAL - 1
+        for f in range(frames):
+            for channel in range(self.channels):
+                if not _LOW <= x < _LOW << 8:
+                    raise CodeError("the coder state left its range")
+                slot = x & mask
+                symbol = slots[channel][slot]
+                out[f, channel] = symbol
+                x = freq[channel][symbol] * (x >> PROB_BITS) + slot - cum[channel][symbol]
+                while x < _LOW:
+                    if pos == len(data):
+                        raise CodeError("the bytes end inside a frame")
+                    x, pos = (x << 8) | data[pos], pos + 1
+        if x != _LOW or pos != len(data):
+            raise CodeError("the final state or the byte count is not what the encoder left")
+        return out
+
+
+def _limited_lengths(freq: list[int]) -> list[int]:
+    """Huffman code lengths for these frequencies, flattened until none exceeds the limit."""
+    counts = np.asarray(freq, np.int64)
+    while True:
+        lengths = _huffman_lengths(counts)
+        if max(lengths) <= MAX_CODE_BITS:
+            return lengths
+        counts = (counts + 1) // 2 + 1
 
 
 def _huffman_lengths(counts: np.ndarray) -> list[int]:

@@ -37,7 +37,7 @@ import lz4.block
 import msgpack
 import numpy as np
 
-from pipeline.protocol.static_code import MAX_CODE_BITS, CodeError, StaticCode
+from pipeline.protocol.static_code import MAX_CODE_BITS, PROB_BITS, CodeError, StaticCode
 
 __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
@@ -83,8 +83,9 @@ class DType(IntEnum):
 class Codec(IntEnum):
     NONE = 0
     LZ4 = 1     # lz4 block; used only when it shrinks the payload
-    STATIC = 2  # the model's static code (static_code.py) over unsigned codes; used only
-                # when it shrinks the payload, and only by a peer that holds that model
+    STATIC = 2  # the model's static code (static_code.py), Huffman, over unsigned codes
+    RANS = 3    # the same code's frequencies through rANS; an edge asked for the static
+                # code sends the smaller of the two, and only when it shrinks the payload
 
 
 class Refusal(IntEnum):
@@ -254,8 +255,8 @@ def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
             raise ValueError("the static codec needs the model's code and an unsigned dtype")
         symbols = _unpack_bits(np.frombuffer(raw, np.uint8).reshape(frames, -1),
                                UNSIGNED_BITS[dtype], width)
-        coded = code.encode(symbols)
-        payload, codec = (coded, Codec.STATIC) if len(coded) < len(raw) else (raw, Codec.NONE)
+        payload, codec = min((raw, Codec.NONE), (code.encode(symbols), Codec.STATIC),
+                             (code.encode_rans(symbols), Codec.RANS), key=lambda p: len(p[0]))
     header = _REQUEST.pack(VERSION, Kind.REQUEST, int(dtype) << 4 | int(codec), frames - 1,
                            msg_id, model_tag, width)
     return [header + scales + payload]
@@ -380,8 +381,8 @@ def decode_request(frames: list, code: StaticCode | None = None) -> Request:
     payload = data[_REQUEST.size + scale_bytes:]
     if codec == Codec.NONE:
         raw = payload
-    elif codec == Codec.STATIC:
-        raw = _static_decode(payload, code, dtype, n, width)
+    elif codec in (Codec.STATIC, Codec.RANS):
+        raw = _static_decode(payload, code, codec, dtype, n, width)
     else:
         if len(payload) > expected + expected // 255 + 16:  # lz4's worst case for this size
             raise WireError("size", f"compressed payload {len(payload)} B too large")
@@ -402,16 +403,18 @@ def decode_request(frames: list, code: StaticCode | None = None) -> Request:
     return Request(msg_id, model_tag, features)
 
 
-def _static_decode(payload: bytes, code: StaticCode | None, dtype: DType, n: int,
-                   width: int) -> bytes:
-    """The packed unsigned codes a STATIC payload encodes, checked like any payload."""
+def _static_decode(payload: bytes, code: StaticCode | None, codec: Codec, dtype: DType,
+                   n: int, width: int) -> bytes:
+    """The packed unsigned codes a STATIC or RANS payload encodes, checked like any."""
     if code is None or dtype not in UNSIGNED_BITS or code.channels != width or \
             code.symbols != 1 << UNSIGNED_BITS[dtype]:
         raise WireError("codec", "static code payload for a model whose code this side lacks")
-    if len(payload) > (n * width * MAX_CODE_BITS + 7) // 8:  # no frame is longer than that
+    # No symbol costs more than MAX_CODE_BITS (Huffman) or PROB_BITS (rANS, + its state).
+    longest = (n * width * (MAX_CODE_BITS if codec == Codec.STATIC else PROB_BITS) + 7) // 8
+    if len(payload) > longest + 4:
         raise WireError("size", f"static-coded payload {len(payload)} B too large")
     try:
-        symbols = code.decode(payload, n)
+        symbols = (code.decode if codec == Codec.STATIC else code.decode_rans)(payload, n)
     except CodeError as e:
         raise WireError("decompress", str(e)) from None
     return _pack_bits(symbols, UNSIGNED_BITS[dtype]).tobytes()
