@@ -64,6 +64,10 @@ GRID = {
                                        "calibrate.target_offload=0.38"]),
     "default x4 rate0.3": ("default", ["model.uplink_bits=4", "train.rate_weight=0.3",
                                        "calibrate.target_offload=0.38"]),
+    "default x4 rate0.6": ("default", ["model.uplink_bits=4", "train.rate_weight=0.6",
+                                       "calibrate.target_offload=0.38"]),
+    "default x4 rate1.0": ("default", ["model.uplink_bits=4", "train.rate_weight=1.0",
+                                       "calibrate.target_offload=0.38"]),
     # the exit on the 400 layer (sparse, as the default's): the bottleneck runs on offloads only
     "b32x4 exit@400": ("default", [*bottleneck(32, 10, 4, exit_at=1)[1],
                                    "model.exit_fan_out=5"]),
@@ -101,7 +105,7 @@ def measure(out: Path, pixels: np.ndarray, labels: np.ndarray) -> dict:
     features = head.run_uplink(hidden[sent])
     dtype = wire_dtype("auto", head.uplink_bits)
     coders = {"none": wire.Codec.NONE, "lz4": wire.Codec.LZ4}
-    if head.code is not None:
+    if head.code is not None:  # Huffman or rANS, the smaller for each message
         coders["static"] = wire.Codec.STATIC
     tag = wire.model_tag(head.model_id)
     sizes, decoded = {}, None
