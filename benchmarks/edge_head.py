@@ -136,11 +136,9 @@ def table_bytes(head) -> dict[str, int]:
     with np.load(head.path) as npz:
         stored = {k: npz[k] for k in npz.files if k.endswith((".values", ".indices", ".bias"))}
     float32 = sum(a.nbytes for a in stored.values())
-    values = [a for k, a in stored.items() if k.endswith(".values")]
-    int8 = float32 - sum(a.nbytes - a.size for a in values) + sum(4 * len(a) for k, a in
-                                                                  stored.items()
-                                                                  if k.endswith(".bias"))
-    return {"float32": float32, "int8": int8}
+    values = sum(a.nbytes for k, a in stored.items() if k.endswith(".values"))
+    rows = sum(len(a) for k, a in stored.items() if k.endswith(".bias"))
+    return {"float32": float32, "int8": float32 - values + values // 4 + 4 * rows}
 
 
 def cpu_mhz() -> float | None:

@@ -130,3 +130,21 @@ def test_arbitrary_bytes_only_raise_code_error(data, frames, coder):
 def test_a_damaged_frequency_table_is_refused(frequencies):
     with pytest.raises(ValueError):
         StaticCode(np.array(frequencies))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([4, 16, 256]), st.floats(0, 0.95),
+       st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_the_smallest_encoding_is_chosen_without_always_running_both(channels, symbols, zeros,
+                                                                     frames, seed):
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        return np.where(rng.random((n, channels)) < zeros, 0,
+                        rng.integers(0, symbols, (n, channels))).astype(np.uint8)
+
+    code = StaticCode.fit(draw(200), symbols)
+    codes = draw(frames)
+    huffman, rans = code.encode(codes), code.encode_rans(codes)
+    expected = (huffman, False) if len(huffman) <= len(rans) else (rans, True)
+    assert code.encode_smallest(codes) == expected

@@ -132,8 +132,7 @@ def uplink_code(model: SplitModel, split: Split) -> StaticCode:
 def _structure(model: SplitModel) -> dict:
     head, tail = describe(model.head), describe(model.tail)
     # Head layers after the exit's (a bottleneck) run only for the frames sent up.
-    uplink = [r for r in head if r["junction"].startswith("layers.")
-              and int(r["junction"].split(".")[1]) >= model.head.exit_layer]
+    uplink = describe(model.head.layers[model.head.exit_layer:])
     return {"head": head, "tail": tail,
             "edge_params": sum(r["params"] for r in head),
             "server_params": sum(r["params"] for r in tail),

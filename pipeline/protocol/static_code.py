@@ -27,6 +27,7 @@ MAX_CODE_BITS = 24
 PROB_BITS = 12                      # frequencies of a channel sum to 2^12
 _TOTAL = 1 << PROB_BITS
 _LOW = 1 << 23                      # rANS state lives in [2^23, 2^31)
+_SLACK_BYTES = 0.25                 # rANS's rounding costs under 2^-11 bits a symbol
 
 
 class CodeError(ValueError):
@@ -48,6 +49,8 @@ class StaticCode:
         self._codes = [self._canonical(row) for row in self.lengths.tolist()]
         self._decode = [{(n, c): s for s, (c, n) in enumerate(codes)} for codes in self._codes]
         rows = self.frequencies.astype(np.int64)
+        self._bits = -np.log2(rows / _TOTAL)  # what rANS spends on each (channel, symbol)
+        self._channel = np.arange(self.channels)
         self._cum = np.concatenate([np.zeros((self.channels, 1), np.int64),
                                     np.cumsum(rows, axis=1)], axis=1).tolist()
         self._freq = rows.tolist()
@@ -73,6 +76,21 @@ class StaticCode:
             freq[np.argmax(freq)] += _TOTAL - freq.sum()  # exact total; the largest absorbs
             rows.append(freq)
         return cls(np.array(rows))
+
+    def encode_smallest(self, codes: np.ndarray) -> tuple[bytes, bool]:
+        """(the shorter of the Huffman and rANS encodings, whether it is rANS); Huffman on a
+        tie. Both lengths are known before encoding, up to a byte for rANS (it writes
+        between bits/8 + 3 and bits/8 + 4 bytes: the bits its 23-bit start state carries,
+        and a 4-byte flush), so only a close call pays for both encoders."""
+        codes = np.asarray(codes)
+        huffman = (int(self.lengths[self._channel, codes].sum()) + 7) // 8
+        rans = float(self._bits[self._channel, codes].sum()) / 8
+        if huffman <= rans + 3 - _SLACK_BYTES:
+            return self.encode(codes), False
+        if huffman > rans + 4 + _SLACK_BYTES:
+            return self.encode_rans(codes), True
+        coded, ransed = self.encode(codes), self.encode_rans(codes)
+        return (coded, False) if len(coded) <= len(ransed) else (ransed, True)
 
     # -- Huffman ---------------------------------------------------------------------------
 

@@ -219,12 +219,14 @@ def _unpack_bits(raw: np.ndarray, bits: int, width: int) -> np.ndarray:
 def dequantize(raw: bytes, scales: bytes, dtype: DType, frames: int, width: int) -> np.ndarray:
     if dtype in UNSIGNED_BITS:
         packed = np.frombuffer(raw, dtype=np.uint8).reshape(frames, row_bytes(dtype, width))
-        values = _unpack_bits(packed, UNSIGNED_BITS[dtype], width).astype(np.float32)
-    else:
-        values = np.frombuffer(raw, dtype=NUMPY[dtype]).reshape(frames, width).astype(np.float32)
-    if dtype in SCALED:
-        values *= np.frombuffer(scales, dtype="<f4")[:, None]
-    return values
+        return _scaled(_unpack_bits(packed, UNSIGNED_BITS[dtype], width), scales)
+    values = np.frombuffer(raw, dtype=NUMPY[dtype]).reshape(frames, width)
+    return _scaled(values, scales) if dtype in SCALED else values.astype(np.float32)
+
+
+def _scaled(codes: np.ndarray, scales: bytes) -> np.ndarray:
+    """Integer codes (frames, width) times their frame's float32 scale."""
+    return codes.astype(np.float32) * np.frombuffer(scales, dtype="<f4")[:, None]
 
 
 # -- encoding -------------------------------------------------------------------------------
@@ -245,18 +247,25 @@ def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
     header, the scales, the payload. Codec.STATIC needs the model's `code` and an unsigned
     dtype; like lz4 it is used only when it shrinks the payload."""
     frames, width = features.shape
-    raw, scales = quantize(features, dtype)
-    payload = raw
-    if codec == Codec.LZ4:
-        packed = lz4.block.compress(raw, store_size=False)
-        payload, codec = (packed, Codec.LZ4) if len(packed) < len(raw) else (raw, Codec.NONE)
-    elif codec == Codec.STATIC:
+    if codec == Codec.STATIC:
         if code is None or dtype not in UNSIGNED_BITS or code.channels != width:
             raise ValueError("the static codec needs the model's code and an unsigned dtype")
-        symbols = _unpack_bits(np.frombuffer(raw, np.uint8).reshape(frames, -1),
-                               UNSIGNED_BITS[dtype], width)
-        payload, codec = min((raw, Codec.NONE), (code.encode(symbols), Codec.STATIC),
-                             (code.encode_rans(symbols), Codec.RANS), key=lambda p: len(p[0]))
+        bits = UNSIGNED_BITS[dtype]
+        symbols, s = quantize_unsigned(np.ascontiguousarray(features, dtype=np.float32), bits)
+        scales = s.tobytes()
+        coded, is_rans = code.encode_smallest(symbols)
+        if len(coded) < frames * row_bytes(dtype, width):
+            payload, codec = coded, Codec.RANS if is_rans else Codec.STATIC
+        else:
+            payload, codec = _pack_bits(symbols, bits).tobytes(), Codec.NONE
+    else:
+        payload, scales = quantize(features, dtype)
+        if codec == Codec.LZ4:
+            packed = lz4.block.compress(payload, store_size=False)
+            if len(packed) < len(payload):
+                payload = packed
+            else:
+                codec = Codec.NONE
     header = _REQUEST.pack(VERSION, Kind.REQUEST, int(dtype) << 4 | int(codec), frames - 1,
                            msg_id, model_tag, width)
     return [header + scales + payload]
@@ -296,6 +305,21 @@ def _prefix(frame) -> tuple[bytes, Kind]:
     if data[0] != VERSION:
         raise WireError("version", f"version {data[0]}, this side speaks {VERSION}")
     return data, _enum(data[1], Kind, "kind")
+
+
+def _single(frames: list, what: str) -> tuple[bytes, Kind]:
+    """The one frame every message is, and its kind."""
+    if len(frames) != 1:
+        raise WireError("malformed", f"{what} has 1 frame, got {len(frames)}")
+    return _prefix(frames[0])
+
+
+def _items(data: bytes, kind: Kind, count: int) -> list:
+    """The `count` items of an ERROR's or READY's body."""
+    fields = _body(data)
+    if len(fields) != count:
+        raise WireError("field", f"{kind.name} has {count} items")
+    return fields
 
 
 def _body(data: bytes) -> list:
@@ -361,9 +385,7 @@ def peek(frame) -> tuple[Kind, int]:
 
 def decode_request(frames: list, code: StaticCode | None = None) -> Request:
     """The request in `frames`; `code` is this side's model's static code, if it has one."""
-    if len(frames) != 1:
-        raise WireError("malformed", f"a request has 1 frame, got {len(frames)}")
-    data, kind = _prefix(frames[0])
+    data, kind = _single(frames, "a request")
     if kind != Kind.REQUEST or len(data) < _REQUEST.size:
         raise WireError("kind", "not a request")
     _, _, types, n, msg_id, model_tag, width = _REQUEST.unpack_from(data)
@@ -379,33 +401,34 @@ def decode_request(frames: list, code: StaticCode | None = None) -> Request:
         raise WireError("shape", f"{n} frames of {dtype.name} need {scale_bytes} B of scales")
     scales = data[_REQUEST.size:_REQUEST.size + scale_bytes]
     payload = data[_REQUEST.size + scale_bytes:]
-    if codec == Codec.NONE:
-        raw = payload
-    elif codec in (Codec.STATIC, Codec.RANS):
-        raw = _static_decode(payload, code, codec, dtype, n, width)
+    codes = None  # the entropy codecs give codes, the others bytes in the dtype's layout
+    if codec in (Codec.STATIC, Codec.RANS):
+        codes = _static_decode(payload, code, codec, dtype, n, width)
     else:
-        if len(payload) > expected + expected // 255 + 16:  # lz4's worst case for this size
-            raise WireError("size", f"compressed payload {len(payload)} B too large")
-        try:
-            raw = lz4.block.decompress(payload, uncompressed_size=expected)
-        except Exception:  # LZ4BlockError, or anything lz4 raises on hostile bytes
-            raise WireError("decompress", "payload is not a valid lz4 block") from None
-    if len(raw) != expected:
-        raise WireError("shape", f"payload is {len(raw)} B, {n}x{width} {dtype.name} needs "
-                                 f"{expected}")
+        if codec == Codec.LZ4:
+            if len(payload) > expected + expected // 255 + 16:  # lz4's worst case for it
+                raise WireError("size", f"compressed payload {len(payload)} B too large")
+            try:
+                payload = lz4.block.decompress(payload, uncompressed_size=expected)
+            except Exception:  # LZ4BlockError, or anything lz4 raises on hostile bytes
+                raise WireError("decompress", "payload is not a valid lz4 block") from None
+        if len(payload) != expected:
+            raise WireError("shape", f"payload is {len(payload)} B, {n}x{width} {dtype.name} "
+                                     f"needs {expected}")
     if dtype in SCALED:
         s = np.frombuffer(scales, dtype="<f4")
         if not np.all(np.isfinite(s) & (s > 0)):
             raise WireError("nonfinite", "scales must be finite and positive")
-    features = dequantize(raw, scales, dtype, n, width)
+    features = (dequantize(payload, scales, dtype, n, width) if codes is None
+                else _scaled(codes, scales))
     if not np.isfinite(features).all():
         raise WireError("nonfinite", "features contain NaN or Inf")
     return Request(msg_id, model_tag, features)
 
 
 def _static_decode(payload: bytes, code: StaticCode | None, codec: Codec, dtype: DType,
-                   n: int, width: int) -> bytes:
-    """The packed unsigned codes a STATIC or RANS payload encodes, checked like any."""
+                   n: int, width: int) -> np.ndarray:
+    """The unsigned codes (n, width) a STATIC or RANS payload encodes, checked like any."""
     if code is None or dtype not in UNSIGNED_BITS or code.channels != width or \
             code.symbols != 1 << UNSIGNED_BITS[dtype]:
         raise WireError("codec", "static code payload for a model whose code this side lacks")
@@ -417,18 +440,14 @@ def _static_decode(payload: bytes, code: StaticCode | None, codec: Codec, dtype:
         symbols = (code.decode if codec == Codec.STATIC else code.decode_rans)(payload, n)
     except CodeError as e:
         raise WireError("decompress", str(e)) from None
-    return _pack_bits(symbols, UNSIGNED_BITS[dtype]).tobytes()
+    return symbols
 
 
 def decode_answer(frames: list) -> Reply | Error:
     """What comes back to an edge: a REPLY or an ERROR."""
-    if len(frames) != 1:
-        raise WireError("malformed", f"an answer has 1 frame, got {len(frames)}")
-    data, kind = _prefix(frames[0])
+    data, kind = _single(frames, "an answer")
     if kind == Kind.ERROR:
-        f = _body(data)
-        if len(f) != 3:
-            raise WireError("field", "ERROR has 3 items")
+        f = _items(data, kind, 3)
         return Error(_int(f[0], "msg_id", 0, MAX_MSG_ID), _enum(f[1], Refusal, "reason"),
                      _str(f[2], "detail"))
     if kind != Kind.REPLY or len(data) < _REPLY.size:
@@ -454,13 +473,9 @@ def decode_answer(frames: list) -> Reply | Error:
 
 def decode_control(frames: list) -> Ready | Kind:
     """A worker's READY, or the bare kind of a HEARTBEAT/DISCONNECT."""
-    if len(frames) != 1:
-        raise WireError("malformed", f"a control message has 1 frame, got {len(frames)}")
-    data, kind = _prefix(frames[0])
+    data, kind = _single(frames, "a control message")
     if kind == Kind.READY:
-        f = _body(data)
-        if len(f) != 3:
-            raise WireError("field", "READY has 3 items")
+        f = _items(data, kind, 3)
         return Ready(_str(f[0], "worker_id"), _bytes(f[1], "model_tag", MODEL_TAG_BYTES),
                      _int(f[2], "credit", 1, 1 << 16))
     if kind in (Kind.HEARTBEAT, Kind.DISCONNECT):
