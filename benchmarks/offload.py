@@ -125,8 +125,8 @@ def main() -> None:
                 continue
             sizes, preds, payloads = [], [], []
             for i in range(args.frames):
-                msg = wire.encode_request(i, b"\0" * 8, features[i:i + 1].numpy(), dtype,
-                                          codec, code)
+                msg = wire.encode_request(i, bytes(wire.MODEL_TAG_BYTES),
+                                          features[i:i + 1].numpy(), dtype, codec, code)
                 sizes.append(wire.wire_bytes(msg))
                 payloads.append(len(msg[0]) - wire.REQUEST_HEADER_BYTES)
                 r = wire.decode_request(msg, code)

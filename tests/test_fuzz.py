@@ -28,7 +28,7 @@ WORKER_MESSAGES = 40_000
 def hostile_messages(n: int, tag: bytes, width: int, seed: int = 0):
     """A seeded mix of every kind of bad input, built around one valid request (its fixed
     header: version 0, kind 1, dtype << 4 | codec 2, frames - 1 3, msg_id 4..8, model tag
-    8..16, width 16..18; then scales, then the payload)."""
+    8..12, width 12..14; then scales, then the payload)."""
     rng = np.random.default_rng(seed)
     [good] = wire.encode_request(1, tag, np.ones((1, width), np.float32), wire.DType.FLOAT32,
                                  wire.Codec.NONE)
@@ -43,11 +43,15 @@ def hostile_messages(n: int, tag: bytes, width: int, seed: int = 0):
 
     [uint4] = wire.encode_request(1, tag, np.ones((1, width - 1), np.float32),
                                   wire.DType.UINT4, wire.Codec.NONE)
+    def wrong_version() -> int:
+        v = int(rng.integers(0, 255))
+        return v + (v >= wire.VERSION)  # any byte but the current version
+
     bomb = lz4.block.compress(bytes(8_000_000), store_size=False)
     makers = [
         lambda: [rng.bytes(int(rng.integers(0, 64)))
                  for _ in range(int(rng.integers(1, 5)))],                    # random frames
-        lambda: patched(0, bytes([int(rng.integers(3, 256))])),               # wrong version
+        lambda: patched(0, bytes([wrong_version()])),                          # wrong version
         lambda: [msgpack.packb([1, 1, 5, 1, tag, 0, [0], width, 0, 0, b""]) + body],  # v1
         lambda: [good[:int(rng.integers(1, wire.REQUEST_HEADER_BYTES))]],     # truncated header
         lambda: [head + body[:int(rng.integers(0, len(body)))]],              # truncated payload
@@ -56,11 +60,11 @@ def hostile_messages(n: int, tag: bytes, width: int, seed: int = 0):
         lambda: patched(2, types(0, 1), bomb[:int(rng.integers(100, 5000))]),  # lz4 bomb
         lambda: [head + np.full(width, np.nan, np.float32).tobytes()],        # NaN features
         lambda: [head + np.full(width, np.inf, np.float32).tobytes()],        # Inf features
-        lambda: patched(16, (width + 1).to_bytes(2, "little"),
+        lambda: patched(12, (width + 1).to_bytes(2, "little"),
                         bytes(4 * (width + 1))),                              # wrong shape
         lambda: patched(2, types(int(rng.integers(6, 16)), 0)),               # unknown dtype
         lambda: patched(2, types(0, int(rng.integers(2, 16)))),               # unknown codec
-        lambda: patched(8, rng.bytes(8)),                                     # unknown model id
+        lambda: patched(8, rng.bytes(wire.MODEL_TAG_BYTES)),                  # unknown model id
         lambda: patched(2, types(4, 0), body[:20]),                           # no scales
         lambda: [uint4[:-1] + bytes([uint4[-1] | 0xF0])],                     # padding bits set
         lambda: [bytes([wire.VERSION, int(rng.integers(2, 7))])

@@ -38,13 +38,14 @@ def test_a_broker_relays_and_counts_on_the_registry_it_is_given():
     try:
         worker.identity = b"w0"
         worker.connect(back)
-        worker.send_multipart(wire.encode_ready("w0", bytes(8), credit=4))
+        worker.send_multipart(wire.encode_ready("w0", bytes(wire.MODEL_TAG_BYTES), credit=4))
         assert worker.poll(TIMEOUT_S * 1000)
         assert wire.decode_control(worker.recv_multipart()) == wire.Kind.HEARTBEAT  # confirmed
         assert value(registry, "splitexit_ready", role="broker") == 1
 
         edge.connect(front)
-        edge.send_multipart(wire.encode_request(5, bytes(8), np.ones((2, 40), np.float32)))
+        tag = bytes(wire.MODEL_TAG_BYTES)
+        edge.send_multipart(wire.encode_request(5, tag, np.ones((2, 40), np.float32)))
         assert worker.poll(TIMEOUT_S * 1000)
         edge_id, *request = worker.recv_multipart()
         assert len(wire.decode_request(request).features) == 2

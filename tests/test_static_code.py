@@ -14,7 +14,7 @@ from pipeline.protocol import wire
 from pipeline.protocol.static_code import MAX_CODE_BITS, CodeError, StaticCode
 from pipeline.protocol.wire import Codec, DType, WireError
 
-TAG = bytes(8)
+TAG = bytes(4)
 
 
 def relu_features(frames: int, width: int = 32, seed: int = 0) -> np.ndarray:
@@ -85,7 +85,7 @@ def test_the_edge_falls_back_to_no_codec_when_coding_does_not_shrink(code4):
     uniform = rng.uniform(1, 2, size=(1, 32)).astype(np.float32)  # no zeros: codes spread
     msg = wire.encode_request(1, TAG, uniform, DType.UINT4, Codec.STATIC, code4)
     assert Codec(msg[0][2] & 0xF) in (Codec.STATIC, Codec.RANS, Codec.NONE)
-    packed = wire.REQUEST_HEADER_BYTES + 4 + 16
+    packed = wire.REQUEST_HEADER_BYTES + wire.SCALE_BYTES + 16
     assert len(msg[0]) <= packed
 
 
@@ -99,8 +99,8 @@ def test_hostile_static_payloads_are_refused_with_a_reason(code4):
     [good] = wire.encode_request(1, TAG, relu_features(2, seed=4), DType.UINT4, Codec.STATIC,
                                  code4)
     assert Codec(good[2] & 0xF) in (Codec.STATIC, Codec.RANS)
-    head = good[:wire.REQUEST_HEADER_BYTES + 8]
-    payload = good[wire.REQUEST_HEADER_BYTES + 8:]
+    head = good[:wire.REQUEST_HEADER_BYTES + 2 * wire.SCALE_BYTES]   # two frames' scales
+    payload = good[wire.REQUEST_HEADER_BYTES + 2 * wire.SCALE_BYTES:]
     reject([good], "codec", None)                                   # this side has no code
     reject([good], "codec", StaticCode(np.full((16, 16), 256)))     # a code of another width
     reject([head + payload[:-1]], "decompress", code4)              # ends inside a frame
@@ -109,7 +109,7 @@ def test_hostile_static_payloads_are_refused_with_a_reason(code4):
     reject([good[:2] + bytes([DType.INT8 << 4 | Codec.STATIC]) + good[3:]], "codec", code4)
     for coder in (Codec.STATIC, Codec.RANS):                       # garbage in either coder
         types = bytes([DType.UINT4 << 4 | coder])
-        reject([good[:2] + types + good[3:wire.REQUEST_HEADER_BYTES + 8] + b"\xff" * 9],
+        reject([good[:2] + types + good[3:len(head)] + b"\xff" * 9],
                "decompress", code4)
 
 

@@ -12,10 +12,14 @@ from pipeline.protocol import wire
 
 
 def split_features(frames: int = 64, width: int = 48, seed: int = 0) -> np.ndarray:
-    """Post-ReLU features: many zeros, a long tail, one all-zero frame."""
+    """Post-ReLU features: many zeros, a long tail, one all-zero frame, and frames whose
+    scale falls outside float16 (too large, subnormal, below the smallest subnormal)."""
     rng = np.random.default_rng(seed)
     x = np.maximum(rng.standard_t(3, size=(frames, width)), 0).astype(np.float32) * 3
     x[5] = 0.0
+    x[6] *= 1e7
+    x[7] *= 1e-6
+    x[8] *= 1e-12
     return x
 
 
@@ -23,7 +27,7 @@ def split_features(frames: int = 64, width: int = 48, seed: int = 0) -> np.ndarr
 def test_fake_quant_forward_equals_the_wires_quantize_dequantize(bits):
     x = split_features()
     dtype = wire.DTYPE_FOR_BITS[bits]
-    msg = wire.encode_request(1, bytes(8), x, dtype, wire.Codec.LZ4)
+    msg = wire.encode_request(1, bytes(4), x, dtype, wire.Codec.LZ4)
     delivered = wire.decode_request(msg).features
     trained = fake_quantize(torch.from_numpy(x), bits).numpy()
     assert np.array_equal(trained, delivered)

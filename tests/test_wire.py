@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pipeline.protocol import wire
 from pipeline.protocol.wire import Codec, DType, Kind, Refusal, WireError
 
-TAG = bytes(range(8))
+TAG = bytes(range(4))
 
 
 def features(frames=1, width=40, seed=0):
@@ -49,13 +49,13 @@ def test_lz4_only_when_it_shrinks():
     assert request_codec(zeros) == Codec.LZ4 and len(zeros[0]) < 100
 
 
-def test_a_request_is_its_features_plus_22_bytes():
-    # 18 B of fixed header and a 4 B scale; ZMTP adds 2 B to a frame under 256 B.
+def test_a_request_is_its_features_plus_16_bytes():
+    # 14 B of fixed header and a 2 B scale; ZMTP adds 2 B to a frame under 256 B.
     msg = wire.encode_request(wire.MAX_MSG_ID, TAG, features(1, 40), DType.INT8, Codec.NONE)
-    assert len(msg) == 1 and len(msg[0]) == 40 + 18 + 4
-    assert wire.wire_bytes(msg) == 40 + 22 + 2
+    assert len(msg) == 1 and len(msg[0]) == 40 + 14 + 2
+    assert wire.wire_bytes(msg) == 40 + 16 + 2
     four_bit = wire.encode_request(1, TAG, features(1, 32), DType.UINT4, Codec.NONE)
-    assert wire.wire_bytes(four_bit) == 16 + 22 + 2
+    assert wire.wire_bytes(four_bit) == 16 + 16 + 2
     assert wire.peek(msg[0]) == (Kind.REQUEST, wire.MAX_MSG_ID)
 
 
@@ -82,15 +82,16 @@ def reject(frames, reason, decode=wire.decode_request):
 
 
 def request(version=wire.VERSION, kind=1, dtype=2, codec=0, frames=1, msg_id=5, tag=TAG,
-            width=40, scales=b"\x00\x00\x80\x3f", payload=bytes(40)):
+            width=40, scales=np.float16(1).tobytes(), payload=bytes(40)):
     """A request frame built field by field, so that each can be made wrong."""
-    return [struct.pack("<BBBBI8sH", version, kind, dtype << 4 | codec, frames - 1, msg_id,
+    return [struct.pack("<BBBBI4sH", version, kind, dtype << 4 | codec, frames - 1, msg_id,
                         tag, width) + scales + payload]
 
 
 def test_each_bad_field_has_its_reason():
     wire.decode_request(request())
     reject(request(version=1), "version")  # the msgpack layout's version
+    reject(request(version=2), "version")  # 8-byte tags and float32 scales
     reject(request(kind=2), "kind")
     reject(request(width=0), "field")
     reject(request(dtype=9), "field")
@@ -98,8 +99,10 @@ def test_each_bad_field_has_its_reason():
     reject(request(payload=bytes(39)), "shape")
     reject(request(width=40_000, frames=200, payload=b""), "size")
     reject(request(scales=b"", payload=b""), "shape")
-    reject(request(scales=np.float32([np.nan]).tobytes()), "nonfinite")
-    reject(request(scales=np.float32([-1]).tobytes()), "nonfinite")
+    reject(request(scales=np.float16([np.nan]).tobytes()), "nonfinite")
+    reject(request(scales=np.float16([np.inf]).tobytes()), "nonfinite")
+    reject(request(scales=np.float16([-1]).tobytes()), "nonfinite")
+    reject(request(scales=np.float16([0]).tobytes()), "nonfinite")
     reject(request(dtype=0, scales=b"", width=10, payload=np.full(10, np.inf, np.float32)
                    .tobytes()), "nonfinite")
     reject(request(dtype=1, scales=b"", width=20, payload=np.full(20, np.nan, "<f2")
@@ -116,12 +119,13 @@ def test_bad_answers_and_control_messages_have_their_reasons():
     reject([reply[:-1]], "shape", wire.decode_answer)        # a confidence cut short
     reject([reply[:18]], "shape", wire.decode_answer)        # ends inside the worker id
     reject([reply[:16]], "kind", wire.decode_answer)         # inside the fixed header
-    reject([bytes([2, 3]) + msgpack.packb([9, 99, "x"])], "field", wire.decode_answer)
-    reject([bytes([2, 3]) + b"\xc1"], "malformed", wire.decode_answer)
-    reject([bytes([2, 4]) + msgpack.packb(["w", b"short", 1])], "field", wire.decode_control)
-    reject([bytes([2, 4]) + msgpack.packb(["w", TAG, 0])], "field", wire.decode_control)
+    reject([bytes([wire.VERSION, 3]) + msgpack.packb([9, 99, "x"])], "field", wire.decode_answer)
+    reject([bytes([wire.VERSION, 3]) + b"\xc1"], "malformed", wire.decode_answer)
+    reject([bytes([wire.VERSION, 4]) + msgpack.packb(["w", b"short", 1])], "field",
+           wire.decode_control)
+    reject([bytes([wire.VERSION, 4]) + msgpack.packb(["w", TAG, 0])], "field", wire.decode_control)
     reject([wire.HEARTBEAT[0] + b"x"], "malformed", wire.decode_control)
-    reject([bytes([2, 1])], "kind", wire.decode_control)
+    reject([bytes([wire.VERSION, 1])], "kind", wire.decode_control)
 
 
 def test_lz4_bomb_is_refused_before_decompressing():
@@ -207,7 +211,7 @@ def test_control_bodies_with_wrong_types_raise_wire_error(fields):
 def test_unsigned_dtypes_pack_rows_to_whole_bytes(dtype, width, row):
     x = features(3, width)
     msg = wire.encode_request(1, TAG, x, dtype, Codec.NONE)
-    assert len(msg[0]) == wire.REQUEST_HEADER_BYTES + 3 * 4 + 3 * row
+    assert len(msg[0]) == wire.REQUEST_HEADER_BYTES + 3 * wire.SCALE_BYTES + 3 * row
     assert row == wire.row_bytes(dtype, width)
     bits = wire.UNSIGNED_BITS[dtype]
     sent = wire.decode_request(msg).features

@@ -2,7 +2,8 @@
 
 With `model.uplink_bits` set, training runs the tail on features that went through the
 wire's unsigned quantization (pipeline.protocol.wire.quantize_unsigned: each frame scaled so
-its peak is the top code, rounded half to even) and back, so what is trained is what is
+its peak is the top code, the scale rounded to the float16 it travels as, codes rounded half
+to even) and back, so what is trained is what is
 sent. Rounding has no useful gradient; the straight-through estimator passes the gradient of
 the dequantized features to the features unchanged (Bengio et al., 2013).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.model.config import UPLINK_BITS
+from pipeline.protocol.wire import FLOAT16_MAX, SCALE_MIN
 
 __all__ = ["fake_quantize", "UPLINK_BITS"]
 
@@ -23,5 +25,6 @@ def fake_quantize(features: torch.Tensor, bits: int) -> torch.Tensor:
     with torch.no_grad():
         peak = x.amax(dim=1, keepdim=True)
         scale = torch.where(peak > 0, peak / levels, torch.ones_like(peak))
+        scale = scale.clamp(SCALE_MIN, FLOAT16_MAX).half().float()
         sent = torch.clamp(torch.round(x / scale), 0, levels) * scale
     return x + (sent - x).detach()

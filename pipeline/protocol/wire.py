@@ -2,11 +2,11 @@
 
 A message is one ZeroMQ frame. It starts with two bytes, [version, kind]; the hot path (a
 request up, a reply down) is a fixed little-endian binary header, so an offloaded frame
-costs its features plus 22 bytes (2 more of ZMTP framing), not a msgpack map of names:
+costs its features plus 16 bytes (2 more of ZMTP framing), not a msgpack map of names:
 
     REQUEST    version u8, kind u8, dtype << 4 | codec u8, frames - 1 u8, msg_id u32,
-               model_tag 8 B, width u16                                        (18 B)
-               + one float32 scale per frame (integer dtypes) + the payload
+               model_tag 4 B, width u16                                        (14 B)
+               + one float16 scale per frame (integer dtypes) + the payload
     REPLY      version u8, kind u8, msg_id u32, batch u16, queue_us u32, tail_us u32,
                len(worker_id) u8                                               (17 B)
                + worker_id (utf-8) + a class per frame (u8) + a confidence per frame (f16)
@@ -18,7 +18,7 @@ costs its features plus 22 bytes (2 more of ZMTP framing), not a msgpack map of 
 The broker answers a READY with a HEARTBEAT at once: the worker's proof that the broker
 knows it (its readiness), instead of waiting up to a heartbeat interval.
 
-A request is self-contained (any worker can serve it after a redelivery): the 8-byte model
+A request is self-contained (any worker can serve it after a redelivery): the 4-byte model
 tag says which model produced the features, `width` their size, `dtype`/`codec` a nibble
 each. An edge may pack up to 256 frames into one request; answers come back in that order.
 Decoding trusts nothing: sizes are capped before anything is decompressed, shape x dtype must
@@ -44,11 +44,13 @@ __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
            "peek", "quantize", "quantize_unsigned", "dequantize", "row_bytes", "wire_bytes",
-           "model_tag", "MODEL_TAG_BYTES",
+           "model_tag", "MODEL_TAG_BYTES", "SCALE_BYTES", "frame_scales",
            "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES"]
 
-VERSION = 2   # 1 was the msgpack-array layout; a peer speaking it is told "version"
-MODEL_TAG_BYTES = 8
+# 1 was the msgpack-array layout, 2 had an 8-byte tag and float32 scales; a peer speaking
+# another version is told "version"
+VERSION = 3
+MODEL_TAG_BYTES = 4
 MAX_FRAMES_PER_REQUEST = 256       # what one edge packs into a message
 MAX_WIDTH = 1 << 16                # features per frame at the split
 MAX_PAYLOAD_BYTES = 4 << 20        # decoded payload cap; a 400-wide float32 batch of 256 is 400 KB
@@ -70,8 +72,8 @@ class Kind(IntEnum):
 class DType(IntEnum):
     FLOAT32 = 0
     FLOAT16 = 1
-    INT8 = 2    # symmetric, one float32 scale per frame
-    # Unsigned, for features after a ReLU (never negative): 0..2^bits-1 times one float32
+    INT8 = 2    # symmetric, one float16 scale per frame
+    # Unsigned, for features after a ReLU (never negative): 0..2^bits-1 times one float16
     # scale per frame (the frame's peak / (2^bits - 1)). Rows are packed low bits first and
     # padded to a whole byte with zero bits. What quantization-aware training trains
     # (pipeline/model/uplink.py) is exactly this.
@@ -107,10 +109,12 @@ BITS = {DType.FLOAT32: 32, DType.FLOAT16: 16, DType.INT8: 8, DType.UINT8: 8, DTy
         DType.UINT2: 2}
 UNSIGNED_BITS = {DType.UINT8: 8, DType.UINT4: 4, DType.UINT2: 2}
 DTYPE_FOR_BITS = {bits: dtype for dtype, bits in UNSIGNED_BITS.items()}
-SCALED = {DType.INT8, *UNSIGNED_BITS}   # one float32 scale per frame rides along
+SCALED = {DType.INT8, *UNSIGNED_BITS}   # one float16 scale per frame rides along
 NUMPY = {DType.FLOAT32: np.dtype("<f4"), DType.FLOAT16: np.dtype("<f2"),
          DType.INT8: np.dtype("i1")}
 FLOAT16_MAX = 65504.0
+SCALE_BYTES = 2          # a float16 per frame of an integer dtype
+SCALE_MIN = 2.0 ** -24   # the smallest positive float16: no frame's scale rounds to 0
 
 
 def row_bytes(dtype: DType, width: int) -> int:
@@ -169,23 +173,29 @@ def quantize(features: np.ndarray, dtype: DType) -> tuple[bytes, bytes]:
     if dtype == DType.FLOAT16:
         return np.clip(x, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2").tobytes(), b""
     if dtype == DType.INT8:
-        peak = np.abs(x).max(axis=1)
-        scales = np.where(peak > 0, peak / 127.0, 1.0).astype("<f4")
-        q = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
-        return q.tobytes(), scales.tobytes()
+        scales = frame_scales(np.abs(x).max(axis=1), 127)
+        q = np.clip(np.rint(x / scales[:, None].astype(np.float32)), -127, 127)
+        return q.astype(np.int8).tobytes(), scales.tobytes()
     bits = UNSIGNED_BITS[dtype]
     q, scales = quantize_unsigned(x, bits)
     return _pack_bits(q, bits).tobytes(), scales.tobytes()
 
 
+def frame_scales(peak: np.ndarray, levels: int) -> np.ndarray:
+    """Each frame's scale, peak / levels, as the float16 the wire carries (1 for a zero
+    peak). Values are rounded with the float16 scale, so the peak may land one code off the
+    top or be clipped to it: 2 bytes a frame instead of 4 cost at most 0.05 % of a code."""
+    s = np.where(peak > 0, peak / np.float32(levels), np.float32(1)).astype(np.float32)
+    return np.clip(s, SCALE_MIN, FLOAT16_MAX).astype("<f2")
+
+
 def quantize_unsigned(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(codes uint8 (frames, width), float32 scales (frames,)): x clipped at 0, each frame
+    """(codes uint8 (frames, width), float16 scales (frames,)): x clipped at 0, each frame
     scaled so its peak is the top code. The reference uplink.fake_quantize reproduces."""
     levels = (1 << bits) - 1
     x = np.maximum(x, 0)
-    peak = x.max(axis=1)
-    scales = np.where(peak > 0, peak / np.float32(levels), np.float32(1)).astype("<f4")
-    q = np.clip(np.rint(x / scales[:, None]), 0, levels).astype(np.uint8)
+    scales = frame_scales(x.max(axis=1), levels)
+    q = np.clip(np.rint(x / scales[:, None].astype(np.float32)), 0, levels).astype(np.uint8)
     return q, scales
 
 
@@ -225,17 +235,17 @@ def dequantize(raw: bytes, scales: bytes, dtype: DType, frames: int, width: int)
 
 
 def _scaled(codes: np.ndarray, scales: bytes) -> np.ndarray:
-    """Integer codes (frames, width) times their frame's float32 scale."""
-    return codes.astype(np.float32) * np.frombuffer(scales, dtype="<f4")[:, None]
+    """Integer codes (frames, width) times their frame's float16 scale."""
+    return codes.astype(np.float32) * np.frombuffer(scales, "<f2").astype(np.float32)[:, None]
 
 
 # -- encoding -------------------------------------------------------------------------------
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 _PREFIX = struct.Struct("<BB")                 # version, kind: the start of every message
-_REQUEST = struct.Struct("<BBBBI8sH")          # + dtype<<4|codec, frames-1, msg_id, tag, width
+_REQUEST = struct.Struct("<BBBBI4sH")          # + dtype<<4|codec, frames-1, msg_id, tag, width
 _REPLY = struct.Struct("<BBIHIIB")             # + msg_id, batch, queue_us, tail_us, len(worker)
-REQUEST_HEADER_BYTES = _REQUEST.size           # 18
+REQUEST_HEADER_BYTES = _REQUEST.size           # 14
 MAX_MSG_ID = (1 << 32) - 1                     # msg ids are u32; an edge wraps to 1 after this
 U32_MAX = (1 << 32) - 1
 
@@ -247,6 +257,8 @@ def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
     header, the scales, the payload. Codec.STATIC needs the model's `code` and an unsigned
     dtype; like lz4 it is used only when it shrinks the payload."""
     frames, width = features.shape
+    if len(model_tag) != MODEL_TAG_BYTES:  # struct would pad or cut it silently
+        raise ValueError(f"a model tag is {MODEL_TAG_BYTES} bytes (wire.model_tag)")
     if codec == Codec.STATIC:
         if code is None or dtype not in UNSIGNED_BITS or code.channels != width:
             raise ValueError("the static codec needs the model's code and an unsigned dtype")
@@ -396,7 +408,7 @@ def decode_request(frames: list, code: StaticCode | None = None) -> Request:
     expected = n * row_bytes(dtype, width)
     if expected > MAX_PAYLOAD_BYTES:
         raise WireError("size", f"{n}x{width} {dtype.name} exceeds {MAX_PAYLOAD_BYTES} bytes")
-    scale_bytes = 4 * n if dtype in SCALED else 0
+    scale_bytes = SCALE_BYTES * n if dtype in SCALED else 0
     if len(data) < _REQUEST.size + scale_bytes:
         raise WireError("shape", f"{n} frames of {dtype.name} need {scale_bytes} B of scales")
     scales = data[_REQUEST.size:_REQUEST.size + scale_bytes]
@@ -416,7 +428,7 @@ def decode_request(frames: list, code: StaticCode | None = None) -> Request:
             raise WireError("shape", f"payload is {len(payload)} B, {n}x{width} {dtype.name} "
                                      f"needs {expected}")
     if dtype in SCALED:
-        s = np.frombuffer(scales, dtype="<f4")
+        s = np.frombuffer(scales, dtype="<f2")
         if not np.all(np.isfinite(s) & (s > 0)):
             raise WireError("nonfinite", "scales must be finite and positive")
     features = (dequantize(payload, scales, dtype, n, width) if codes is None
@@ -491,8 +503,12 @@ def wire_bytes(frames: list) -> int:
 
 
 def model_tag(model_id: str) -> bytes:
-    """The 8-byte tag on the wire for a hex model id from pipeline.artifacts."""
-    tag = bytes.fromhex(model_id)
+    """The 4-byte tag on the wire for a hex model id from pipeline.artifacts: its first
+    bytes (a content hash; two models a pool serves at once collide with odds 2^-32)."""
+    try:
+        tag = bytes.fromhex(model_id)[:MODEL_TAG_BYTES]
+    except ValueError:
+        tag = b""
     if len(tag) != MODEL_TAG_BYTES:
-        raise ValueError(f"model id {model_id!r} is not {MODEL_TAG_BYTES} bytes of hex")
+        raise ValueError(f"model id {model_id!r} is not hex of at least {MODEL_TAG_BYTES} bytes")
     return tag
