@@ -31,24 +31,37 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import DEFAULT_BEFORE_BANDWIDTH  # noqa: E402
 from pipeline.model.config import FASHION_MNIST_DIR  # noqa: E402
 
 # 38 % offloaded on validation: at least 60 % of test frames answered on the edge (the goal)
-BOTTLENECK = ["model.split=2", "model.exit_fan_out=0", "calibrate.target_offload=0.38"]
+OFFLOAD = "calibrate.target_offload=0.38"
+BOTTLENECK = ["model.split=2", "model.exit_fan_out=0", OFFLOAD]
 
 
 def bottleneck(width: int, fan_out: int, bits: int, exit_at: int = 2, tail: int = 256):
     """A 800-400 (fan-out 2) head, then a `width`-wide bottleneck at the split sent as
     `bits`-bit codes; the exit reads the bottleneck (exit_at 2) or the 400 layer (1)."""
-    return ("default", [f"model.widths=[800, 400, {width}, {tail}, 10]",
+    return ("default", [*DEFAULT_BEFORE_BANDWIDTH, f"model.widths=[800, 400, {width}, {tail}, 10]",
                         f"model.fan_out=[2, {fan_out}, {tail}, 10]", f"model.exit_at={exit_at}",
                         f"model.uplink_bits={bits}", *BOTTLENECK])
 
 
-# name: (config, overrides). The references first, then the frontier's candidates.
+def uint4(rate: float, tail: tuple[int, ...] = (100,)):
+    """No bottleneck: the 400 features at the split trained for 4-bit codes, with a penalty
+    of `rate` on their mean magnitude (cheap for the static code), and a dense `tail`."""
+    hidden = ", ".join(map(str, tail))
+    return ("default", [*DEFAULT_BEFORE_BANDWIDTH, f"model.widths=[800, 400, {hidden}, 10]",
+                        f"model.fan_out=[2, {hidden}, 10]", "model.uplink_bits=4",
+                        f"train.rate_weight={rate}", OFFLOAD])
+
+
+# name: (config, overrides). The references first, then the frontier's candidates; "default"
+# is configs/default.toml as shipped, the same model as "x4 rate1.0 tail1024".
 GRID = {
     "paper-dense": ("paper-dense", []),
     "paper-sparse": ("paper-sparse", []),
+    "old default": ("default", DEFAULT_BEFORE_BANDWIDTH),
     "default": ("default", []),
     "b16x4": bottleneck(16, 10, 4),
     "b32x2": bottleneck(32, 12, 2),
@@ -58,19 +71,17 @@ GRID = {
     "b64x4": bottleneck(64, 8, 4),
     "b48x4": bottleneck(48, 12, 4),
     "b32x4 tail512": bottleneck(32, 12, 4, tail=512),
-    # no bottleneck: the default's 400 features trained for 4-bit codes, with a rate penalty
-    "default x4": ("default", ["model.uplink_bits=4", "calibrate.target_offload=0.38"]),
-    "default x4 rate0.1": ("default", ["model.uplink_bits=4", "train.rate_weight=0.1",
-                                       "calibrate.target_offload=0.38"]),
-    "default x4 rate0.3": ("default", ["model.uplink_bits=4", "train.rate_weight=0.3",
-                                       "calibrate.target_offload=0.38"]),
-    "default x4 rate0.6": ("default", ["model.uplink_bits=4", "train.rate_weight=0.6",
-                                       "calibrate.target_offload=0.38"]),
-    "default x4 rate1.0": ("default", ["model.uplink_bits=4", "train.rate_weight=1.0",
-                                       "calibrate.target_offload=0.38"]),
     # the exit on the 400 layer (sparse, as the default's): the bottleneck runs on offloads only
     "b32x4 exit@400": ("default", [*bottleneck(32, 10, 4, exit_at=1)[1],
                                    "model.exit_fan_out=5"]),
+    "x4": uint4(0.0),
+    "x4 rate0.1": uint4(0.1),
+    "x4 rate0.3": uint4(0.3),
+    "x4 rate0.6": uint4(0.6),
+    "x4 rate1.0": uint4(1.0),
+    "x4 rate1.0 tail256x2": uint4(1.0, (256, 256)),
+    "x4 rate1.0 tail512x2": uint4(1.0, (512, 512)),
+    "x4 rate0.8 tail1024": uint4(0.8, (1024,)),
 }
 DENSE_TWIN_PARAMS = 32_450
 GOAL_ACCURACY = 88.1  # % split+exit: the dense twin's full model (notes/accuracy-study.md)
@@ -181,14 +192,18 @@ def plot(results: dict, deflate: float, png: Path) -> None:
     except ImportError:
         print("I: no matplotlib: no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for n, rs in results.items():
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for i, (n, rs) in enumerate(results.items()):
         x = [r["per_frame"] for r in rs]
         y = [100 * r["accuracy"] for r in rs]
+        shipped = n == "default"
         ax.errorbar(statistics.mean(x), statistics.mean(y),
-                    yerr=statistics.stdev(y) if len(y) > 1 else 0, fmt="o", capsize=3)
+                    yerr=statistics.stdev(y) if len(y) > 1 else 0, fmt="*" if shipped else "o",
+                    markersize=14 if shipped else 6, capsize=3)
+        # neighbours alternate above and below their point, so close labels stay legible
         ax.annotate(n, (statistics.mean(x), statistics.mean(y)), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+                    xytext=(6, 4 if i % 2 else -11), fontsize=9 if shipped else 7,
+                    fontweight="bold" if shipped else "normal")
     for label, x in (("raw frame, every frame sent", 784), ("deflate, every frame", deflate)):
         ax.axvline(x, linestyle="--", color="grey")
         ax.annotate(label, (x, ax.get_ylim()[0]), rotation=90, fontsize=7, va="bottom")

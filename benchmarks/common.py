@@ -11,6 +11,14 @@ from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup, start_server
 
 
+# The recommended default as it was before the bandwidth work (issue #12): a dense 400-100-10
+# tail, float features on the uplink, 30 % offloaded. Benchmarks that searched from it, or
+# compare against it, start from configs/default.toml with these overrides.
+DEFAULT_BEFORE_BANDWIDTH = ["model.widths=[800, 400, 100, 10]", "model.fan_out=[2, 100, 10]",
+                            "model.uplink_bits=0", "train.rate_weight=0.0",
+                            "calibrate.target_offload=0.3"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,19 +13,24 @@ import argparse
 import statistics
 from pathlib import Path
 
+from common import DEFAULT_BEFORE_BANDWIDTH
 from pipeline.model.config import load_config
 from pipeline.model.train import run
 
 SHIPPED = ["paper-sparse", "paper-dense", "paper-tiny", "default"]
-# Candidates tried for the recommended default: (label, base config, overrides). All keep
-# the 1 600-edge first junction (fan-out 2 from 800 inputs).
+# Candidates tried for the recommended default before the bandwidth work (benchmarks/
+# bandwidth.py took it on from there): (label, base config, overrides). All keep the 1 600-edge
+# first junction (fan-out 2 from 800 inputs).
 CANDIDATES = [
+    ("old default: sparse exit fo 5, dense tail 400-100-10, float uplink", "default",
+     DEFAULT_BEFORE_BANDWIDTH),
     ("sparse 800-100-40-10, fo 2/8/10", "paper-sparse",
      ["model.widths=[800, 100, 40, 10]", "model.fan_out=[2, 8, 10]"]),
     ("sparse head 800-200 + sparse exit fo 5, dense tail 200-100-10", "default",
-     ["model.widths=[800, 200, 100, 10]", "model.fan_out=[2, 100, 10]"]),
+     [*DEFAULT_BEFORE_BANDWIDTH, "model.widths=[800, 200, 100, 10]",
+      "model.fan_out=[2, 100, 10]"]),
     ("sparse head 800-400 + dense exit, dense tail", "default",
-     ["model.exit_fan_out=0"]),
+     [*DEFAULT_BEFORE_BANDWIDTH, "model.exit_fan_out=0"]),
 ]
 
 
