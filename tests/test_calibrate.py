@@ -59,3 +59,37 @@ def test_csv_and_plot(tmp_path):
     assert lines[0] == "threshold,offload_ratio,accuracy" and len(lines) == 51
     assert cal.write_plot(tmp_path / "s.png", result, 0.5, "t")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def calibrated_logits(n=20_000, classes=10, temperature=1.0, seed=0):
+    """Logits whose softmax is the true class distribution, then multiplied by `temperature`
+    (overconfident above 1): labels are drawn from softmax(z), so dividing the logits by the
+    same temperature calibrates them, by construction."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 2.5, (n, classes))
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    labels = (p.cumsum(1) > rng.random((n, 1))).argmax(1)
+    return z * temperature, labels
+
+
+def test_ece_is_near_zero_for_calibrated_scores_and_large_for_overconfident_ones():
+    z, y = calibrated_logits()
+    assert cal.expected_calibration_error(z, y) < 0.02
+    assert cal.expected_calibration_error(z * 3, y) > 0.1   # too sure of itself
+    # dividing the logits back by the same factor undoes it
+    assert cal.expected_calibration_error(z * 3, y, temperature=3) < 0.02
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_fit_temperature_recovers_the_temperature_that_was_applied(temperature):
+    z, y = calibrated_logits(temperature=temperature, seed=1)
+    assert cal.fit_temperature(z, y) == pytest.approx(temperature, rel=0.05)
+
+
+def test_calibration_quality_reports_the_test_ece_before_and_after():
+    zv, yv = calibrated_logits(temperature=2.5, seed=2)   # overconfident
+    zt, yt = calibrated_logits(temperature=2.5, seed=3)
+    q = cal.calibration_quality(zv, yv, zt, yt)
+    assert q["temperature"] == pytest.approx(2.5, rel=0.05) and q["ece_bins"] == cal.ECE_BINS
+    assert q["test_ece_after"] < q["test_ece_before"] / 2

@@ -42,4 +42,8 @@ def format_report(m: dict) -> str:
         r = c[part]
         lines.append(f"| {part} | {_pct(r['exit_only'])} | {_pct(r['full'])} | "
                      f"{_pct(r['split_exit'])} | {_pct(r['offload_ratio'])} |")
+    for name, q in c.get("confidence", {}).items():  # absent in metrics of older runs
+        lines.append(f"{name} confidence: ECE {q['test_ece_before']:.4f} on test, "
+                     f"{q['test_ece_after']:.4f} at temperature {q['temperature']:.3f} "
+                     f"(fitted on validation)")
     return "\n".join(lines)

@@ -88,8 +88,8 @@ def predict(model: SplitModel, split: Split) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def _evaluate(model: SplitModel, split: Split, score: str):
-    exit_logits, final_logits = predict(model, split)
+def _evaluate(logits: tuple[torch.Tensor, torch.Tensor], split: Split, score: str):
+    exit_logits, final_logits = logits
     labels = torch.from_numpy(split.labels)
     return (cal.exit_scores(exit_logits, score),
             (exit_logits.argmax(1) == labels).numpy(),
@@ -99,15 +99,19 @@ def _evaluate(model: SplitModel, split: Split, score: str):
 def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> dict:
     """Choose the threshold on validation, write the sweep, measure the choice on test."""
     c = cfg.calibrate
-    val_scores, val_exit, val_final = _evaluate(model, data.val, c.score)
+    val_logits, test_logits = predict(model, data.val), predict(model, data.test)
+    val_scores, val_exit, val_final = _evaluate(val_logits, data.val, c.score)
     result = cal.sweep(val_scores, val_exit, val_final)
     threshold = cal.choose_threshold(result, c)
     cal.write_csv(out_dir / SWEEP_CSV, result)
     plotted = cal.write_plot(out_dir / SWEEP_PNG, result, threshold,
                              f"{cfg.model.name}: exit threshold sweep ({c.score})")
     val_acc, val_offload = cal.split_accuracy(val_scores, val_exit, val_final, threshold)
-    test_scores, test_exit, test_final = _evaluate(model, data.test, c.score)
+    test_scores, test_exit, test_final = _evaluate(test_logits, data.test, c.score)
     test_acc, test_offload = cal.split_accuracy(test_scores, test_exit, test_final, threshold)
+    quality = {name: cal.calibration_quality(val_logits[i].numpy(), data.val.labels,
+                                             test_logits[i].numpy(), data.test.labels)
+               for i, name in enumerate(("exit", "final"))}
     policy = (f"offload {c.target_offload:.0%}" if c.policy == "offload"
               else f"max drop {c.max_drop} points")
     return {
@@ -117,6 +121,8 @@ def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> 
                        "split_exit": val_acc, "offload_ratio": val_offload},
         "test": {"exit_only": float(test_exit.mean()), "full": float(test_final.mean()),
                  "split_exit": test_acc, "offload_ratio": test_offload},
+        # how well confidence matches accuracy; the threshold is not yet on calibrated scores
+        "confidence": quality,
     }
 
 
