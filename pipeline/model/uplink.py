@@ -3,9 +3,9 @@
 With `model.uplink_bits` set, training runs the tail on features that went through the
 wire's unsigned quantization (pipeline.protocol.wire.quantize_unsigned: each frame scaled so
 its peak is the top code, the scale rounded to the float16 it travels as, codes rounded half
-to even) and back, so what is trained is what is
-sent. Rounding has no useful gradient; the straight-through estimator passes the gradient of
-the dequantized features to the features unchanged (Bengio et al., 2013).
+to even) and back, so what is trained is what is sent. Rounding has no useful gradient; the
+straight-through estimator passes the gradient of the dequantized features to the features
+unchanged (Bengio et al., 2013).
 """
 
 from __future__ import annotations
