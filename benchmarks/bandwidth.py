@@ -111,7 +111,7 @@ def measure(out: Path, pixels: np.ndarray, labels: np.ndarray) -> dict:
     head, server = load_numpy_head(out), load_server(out)
     metrics = json.loads((out / "metrics.json").read_text())
     exit_logits, hidden = head.run_exit(pixels)
-    local = exit_scores(exit_logits, head.score) >= head.threshold
+    local = exit_scores(exit_logits, head.score, head.temperature) >= head.threshold
     sent = np.flatnonzero(~local)
     features = head.run_uplink(hidden[sent])
     dtype = wire_dtype("auto", head.uplink_bits)

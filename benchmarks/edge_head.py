@@ -52,7 +52,7 @@ edge = load_edge(sys.argv[1])
 x = torch.from_numpy(load_dataset(sys.argv[2], val_size=5000).test.images[:1]).float() / 255
 with torch.inference_mode():
     logits, features = edge.head(x)
-print(int(exit_scores(logits, edge.score)[0] >= edge.threshold), peak_kib())
+print(int(exit_scores(logits, edge.score, edge.temperature)[0] >= edge.threshold), peak_kib())
 """
 NUMPY_EDGE = PEAK + """
 import sys

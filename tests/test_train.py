@@ -48,6 +48,25 @@ def test_run_writes_loadable_artifacts_that_reassemble_the_model(tiny_config_pat
     t = saved["calibration"]["test"]
     assert 0.0 <= t["offload_ratio"] <= 1.0
     assert (tmp_path / "calibration.csv").is_file() and (tmp_path / "calibration.png").is_file()
+    assert (tmp_path / "reliability.png").is_file()
+
+
+def test_the_threshold_is_chosen_on_the_calibrated_score_every_edge_computes(artifacts):
+    """The exit temperature fitted on validation travels with the threshold: the torch-free
+    head scores a frame exactly as training did, so validation's offload ratio reproduces."""
+    from pipeline.edge.numpy_head import exit_scores, load_numpy_head
+
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    c = metrics["calibration"]
+    t_exit, t_tail = (c["confidence"][k]["temperature"] for k in ("exit", "final"))
+    assert t_exit != 1.0 and t_tail != 1.0     # fitted, not the default
+    head, server = load_numpy_head(artifacts), load_server(artifacts)
+    assert (head.temperature, server.temperature) == (t_exit, t_tail)
+    data = load_dataset(metrics["config"]["data"]["dir"], 200, metrics["config"]["train"]["seed"])
+    exit_logits, _ = head(data.val.images.astype("float32") / 255)
+    offload = float((exit_scores(exit_logits, head.score, head.temperature)
+                     < head.threshold).mean())
+    assert offload == pytest.approx(c["validation"]["offload_ratio"], abs=1 / 200)
 
 
 def test_paper_sparse_head_is_4x_smaller_and_cheaper_than_dense_twin(tmp_path):

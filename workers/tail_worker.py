@@ -50,6 +50,7 @@ class TailWorker:
         cfg.security.check([cfg.broker], "worker")
         server = load_server(artifact_dir)
         self.tail = server.tail.eval()
+        self.temperature = server.temperature  # confidences as calibrated on validation
         self.model_id = server.model_id
         self.model_tag = wire.model_tag(server.model_id)
         self.code = server.code  # the model's static uplink code, or None
@@ -211,7 +212,7 @@ class TailWorker:
         x = torch.from_numpy(np.concatenate([r.features for (_, r), _ in taken]))
         frames = x.shape[0]
         with torch.inference_mode():
-            probs = torch.softmax(self.tail(x), dim=1)
+            probs = torch.softmax(self.tail(x) / self.temperature, dim=1)
             confidence, classes = probs.max(dim=1)
         end = time.monotonic()
         tail_us = int((end - start) * 1e6)

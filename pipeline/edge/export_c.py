@@ -131,8 +131,9 @@ def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
               f"#define SPLITEXIT_INPUT {head.input_size}      /* pixels in [0, 1], row-major */\n"
               f"#define SPLITEXIT_FEATURES {widths[-1]}   /* sent to the server when unsure */\n"
               f"#define SPLITEXIT_CLASSES {classes}\n"
+              f"#define SPLITEXIT_EXIT_TEMPERATURE {_float(np.float32(head.temperature))}\n"
               f"#define SPLITEXIT_THRESHOLD {_float(head.threshold)}  /* exit if {head.score} "
-              f">= this */\n\n"
+              f"of softmax(exit_logits / SPLITEXIT_EXIT_TEMPERATURE) >= this */\n\n"
               f"void splitexit_head(const float pixels[SPLITEXIT_INPUT],\n"
               f"                    float features[SPLITEXIT_FEATURES],\n"
               f"                    float exit_logits[SPLITEXIT_CLASSES]);\n\n#endif\n")

@@ -93,6 +93,8 @@ def export_onnx(artifact: str | Path, out_dir: Path) -> list[Path]:
     model.metadata_props.add(key="model_id", value=head.model_id)
     model.metadata_props.add(key="threshold", value=repr(head.threshold))
     model.metadata_props.add(key="score", value=head.score)
+    model.metadata_props.add(key="temperature", value=repr(head.temperature))  # score on
+    # softmax(exit_logits / temperature)
     onnx.checker.check_model(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ONNX_FILE

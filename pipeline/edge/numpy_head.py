@@ -68,6 +68,7 @@ class NumpyHead:
     exit_layer: int             # the layer the exit reads (== len(layers) unless a bottleneck)
     uplink_bits: int            # 0, or the unsigned bits the uplink was trained for
     code: StaticCode | None     # the uplink's static entropy code, if trained for one
+    temperature: float = 1.0    # scores are computed on softmax(exit logits / temperature)
 
     @property
     def width(self) -> int:
@@ -107,10 +108,11 @@ class NumpyHead:
                         bias.astype(np.float32))
 
 
-def exit_scores(logits: np.ndarray, score: str) -> np.ndarray:
-    """Confidence of the exit classifier in [0, 1], higher = more sure (float64, as the
-    calibration computed it)."""
-    z = logits.astype(np.float64)
+def exit_scores(logits: np.ndarray, score: str, temperature: float = 1.0) -> np.ndarray:
+    """Confidence of the exit classifier in [0, 1], higher = more sure, on softmax(logits /
+    temperature): the one definition that training (choosing the threshold) and every edge
+    (applying it) share, in float64."""
+    z = logits.astype(np.float64) / temperature
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     if score == "max_softmax":
@@ -172,10 +174,14 @@ def load_numpy_head(path: str | Path, dense_max_elements: int = DENSE_MAX_ELEMEN
                          int(meta["input_size"]), int(meta["input_pad"]), str(meta["model_id"]),
                          float(meta["threshold"]), str(meta["score"]), tuple(meta["classes"]),
                          path, exit_layer, int(meta.get("uplink_bits", 0)),
-                         StaticCode(arrays[UPLINK_CODE]) if UPLINK_CODE in arrays else None)
+                         StaticCode(arrays[UPLINK_CODE]) if UPLINK_CODE in arrays else None,
+                         float(meta.get("temperature", 1.0)))  # absent: before calibration
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ArtifactError(f"{path}: edge artifact is incomplete ({e}); re-create it with "
                             f"`splitexit train`") from None
     if head.score not in SCORES:
         raise ArtifactError(f"{path}: unknown exit score {head.score!r}")
+    if not 0 < head.temperature < math.inf:
+        raise ArtifactError(f"{path}: exit temperature {head.temperature} is not a positive "
+                            f"number; re-run `splitexit calibrate` on its folder")
     return head

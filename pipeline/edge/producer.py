@@ -178,7 +178,7 @@ class EdgeProducer:
         request (packing adds no wait: only frames already here go together)."""
         start = time.perf_counter()
         exit_logits, hidden = self.head.run_exit(np.stack([f.pixels for f in batch]))
-        scores = exit_scores(exit_logits, self.score)
+        scores = exit_scores(exit_logits, self.score, self.head.temperature)
         exit_cls = exit_logits.argmax(1).tolist()
         head_ms = (time.perf_counter() - start) * 1000 / len(batch)
         for _ in batch:

@@ -4,6 +4,10 @@
     DIR/edge.npz    the same head for a torch-free edge (pipeline.edge.numpy_head reads it)
     DIR/server.pt   tail + the same model id
 
+Each half also carries the temperature its confidence is computed at (softmax(logits / T),
+fitted on validation; absent in older artifacts: 1), so a 0.9-confident answer is right about
+90 % of the time and the exit threshold means what it says.
+
 A model trained for its uplink also carries, in all three, the code lengths of its static
 entropy code (pipeline.protocol.static_code), so the edge and the worker code alike.
 
@@ -71,7 +75,8 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
     decide (threshold, score), beside the edge.pt dict `edge` they come with."""
     layout = edge["config"]["model"]
     meta = {"model_id": edge["model_id"], "threshold": edge["threshold"],
-            "score": edge["score"], "classes": edge["classes"], "split": layout["split"],
+            "score": edge["score"], "temperature": edge.get("temperature", 1.0),
+            "classes": edge["classes"], "split": layout["split"],
             "input_size": layout["input_size"], "input_pad": layout["input_pad"],
             "exit_layer": head.exit_layer,
             "uplink_bits": layout.get("uplink_bits", 0)}  # absent: trained before it existed
@@ -84,16 +89,20 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
 
 
 def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: float,
-                   classes: list[str], code: StaticCode | None = None) -> dict:
-    """Write edge.pt, edge.npz and server.pt; return their sizes in bytes and the model id."""
+                   classes: list[str], code: StaticCode | None = None,
+                   temperatures: tuple[float, float] = (1.0, 1.0)) -> dict:
+    """Write edge.pt, edge.npz and server.pt; return their sizes in bytes and the model id.
+    `temperatures`: (exit, tail), what each side divides its logits by."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_id = compute_model_id(model, cfg)
     common = {"format": FORMAT, "model_id": model_id, "config": cfg.to_dict()}
     if code is not None:
         common[UPLINK_CODE] = torch.from_numpy(code.frequencies.astype(np.int16))
     edge = dict(common, kind="edge", state_dict=model.head.state_dict(),
-                threshold=float(threshold), score=cfg.calibrate.score, classes=list(classes))
-    server = dict(common, kind="server", state_dict=model.tail.state_dict())
+                threshold=float(threshold), score=cfg.calibrate.score, classes=list(classes),
+                temperature=float(temperatures[0]))
+    server = dict(common, kind="server", state_dict=model.tail.state_dict(),
+                  temperature=float(temperatures[1]))
     return {"model_id": model_id,
             "edge_bytes": _atomic_save(edge, out_dir / EDGE_FILE),
             "edge_npz_bytes": save_edge_npz(model.head, edge, out_dir / EDGE_NPZ),
@@ -142,6 +151,7 @@ class EdgeArtifact:
     score: str
     classes: list[str]
     path: Path
+    temperature: float = 1.0    # the exit's score is computed on softmax(logits / this)
 
 
 @dataclass
@@ -151,13 +161,15 @@ class ServerArtifact:
     model_id: str
     path: Path
     code: StaticCode | None = None  # the uplink's static entropy code, if trained for one
+    temperature: float = 1.0        # the reply's confidence is softmax(logits / this)
 
 
 def load_edge(path: str | Path) -> EdgeArtifact:
     blob = _read(Path(path), "edge")
     cfg, head = _build(blob, Head)
     return EdgeArtifact(head, cfg, blob["model_id"], float(blob["threshold"]), blob["score"],
-                        list(blob["classes"]), blob["path"])
+                        list(blob["classes"]), blob["path"],
+                        _temperature(blob))
 
 
 def load_server(path: str | Path) -> ServerArtifact:
@@ -170,7 +182,15 @@ def load_server(path: str | Path) -> ServerArtifact:
         except (ValueError, AttributeError) as e:
             raise ArtifactError(f"{blob['path']}: its uplink code is damaged ({e}); re-create "
                                 f"it with `splitexit train`") from None
-    return ServerArtifact(tail, cfg, blob["model_id"], blob["path"], code)
+    return ServerArtifact(tail, cfg, blob["model_id"], blob["path"], code, _temperature(blob))
+
+
+def _temperature(blob: dict) -> float:
+    t = blob.get("temperature", 1.0)
+    if not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        raise ArtifactError(f"{blob['path']}: temperature {t!r} is not a positive number; "
+                            f"re-run `splitexit calibrate` on its folder")
+    return float(t)
 
 
 def load_model(out_dir: str | Path) -> tuple[SplitModel, EdgeArtifact, ServerArtifact]:
@@ -192,12 +212,20 @@ def ensure_edge_npz(out_dir: str | Path) -> None:
         save_edge_npz(head, blob, blob["path"].with_name(EDGE_NPZ))
 
 
-def set_threshold(out_dir: str | Path, threshold: float, score: str) -> None:
-    """Rewrite the edge artifact's threshold (the model id does not change: weights don't)."""
+def set_threshold(out_dir: str | Path, threshold: float, score: str,
+                  temperatures: tuple[float, float] | None = None) -> None:
+    """Rewrite the edge artifact's threshold, and with `temperatures` (exit, tail) both
+    halves' temperatures (the model id does not change: weights don't)."""
     blob = _read(Path(out_dir), "edge")
     _, head = _build(blob, Head)
     path = blob.pop("path")
     blob["threshold"], blob["score"] = float(threshold), score
     blob["config"]["calibrate"]["score"] = score
+    if temperatures is not None:
+        blob["temperature"] = float(temperatures[0])
+        server = _read(Path(out_dir), "server")
+        server_path = server.pop("path")
+        server["temperature"] = float(temperatures[1])
+        _atomic_save(server, server_path)
     _atomic_save(blob, path)
     save_edge_npz(head, blob, path.with_name(EDGE_NPZ))

@@ -17,30 +17,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.edge.numpy_head import exit_scores as edge_scores
 from pipeline.model.config import CalibrationConfig
 
 __all__ = ["exit_scores", "Sweep", "sweep", "choose_threshold", "split_accuracy",
            "write_csv", "write_plot", "expected_calibration_error", "fit_temperature",
-           "calibration_quality", "ECE_BINS"]
+           "calibration_quality", "reliability", "write_reliability_plot", "ECE_BINS"]
 
 OFFLOAD_ALL = 1.5  # above every score
 ECE_BINS = 15       # the customary equal-width bins of expected calibration error
 
 
-def exit_scores(exit_logits: torch.Tensor, score: str) -> np.ndarray:
-    """Confidence of the exit classifier in [0, 1], higher = more sure."""
-    p = torch.softmax(exit_logits.double(), dim=1)
-    if score == "max_softmax":
-        s = p.max(dim=1).values
-    elif score == "margin":
-        top2 = p.topk(2, dim=1).values
-        s = top2[:, 0] - top2[:, 1]
-    elif score == "entropy":
-        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
-        s = 1.0 - entropy / math.log(p.shape[1])
-    else:
-        raise ValueError(f"unknown score {score!r}")
-    return s.numpy()
+def exit_scores(exit_logits: torch.Tensor | np.ndarray, score: str,
+                temperature: float = 1.0) -> np.ndarray:
+    """Confidence of the exit classifier in [0, 1], higher = more sure: the edge's own
+    definition (pipeline.edge.numpy_head), so the threshold chosen here is the one it applies."""
+    if isinstance(exit_logits, torch.Tensor):
+        exit_logits = exit_logits.numpy()
+    return edge_scores(exit_logits, score, temperature)
 
 
 @dataclass
@@ -123,18 +117,60 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray,
     """How far max-softmax confidence is from accuracy, averaged over equal-width confidence
     bins weighted by their frames: 0 when a 0.9-confident answer is right 90 % of the time.
     A threshold on confidence only means what it says when this is small."""
+    conf, accuracy, frames = reliability(logits, labels, temperature, bins)
+    filled = frames > 0
+    return float((frames[filled] * np.abs(accuracy[filled] - conf[filled])).sum()
+                 / len(labels))
+
+
+def reliability(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
+                bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: (mean confidence, accuracy, frames); NaN where empty.
+    Plotted, a calibrated classifier lies on the diagonal."""
     z = np.asarray(logits, np.float64) / temperature
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
     confidence, correct = p.max(axis=1), p.argmax(axis=1) == labels
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    gap = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            gap += members.sum() * abs(correct[members].mean() - confidence[members].mean())
-    return float(gap / len(labels))
+    frames = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, confidence, bins) / frames
+        accuracy = np.bincount(which, correct, bins) / frames
+    return mean_conf, accuracy, frames
+
+
+def write_reliability_plot(path: Path, logits: dict[str, tuple[np.ndarray, float]],
+                           labels: np.ndarray, title: str) -> bool:
+    """Reliability diagrams, one panel per classifier (name -> (logits, temperature)), before
+    and after its temperature, ECE in the legend; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(logits), figsize=(4.5 * len(logits), 4.2), dpi=120,
+                             squeeze=False)
+    for ax, (name, (z, t)) in zip(axes[0], logits.items()):
+        ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=1)
+        for temperature, style in ((1.0, "o-"), (t, "s-")):
+            conf, acc, _ = reliability(z, labels, temperature)
+            ece = expected_calibration_error(z, labels, temperature)
+            kept = ~np.isnan(conf)
+            ax.plot(conf[kept], acc[kept], style, ms=3,
+                    label=f"T = {temperature:.2f}: ECE {ece:.4f}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (max softmax)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(name)
+        ax.legend(loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, inverse_t: float) -> float:

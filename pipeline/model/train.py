@@ -30,6 +30,7 @@ from pipeline.protocol.wire import quantize_unsigned
 __all__ = ["fit", "predict", "run", "calibrate_dir", "METRICS_FILE"]
 
 SWEEP_CSV, SWEEP_PNG = "calibration.csv", "calibration.png"
+RELIABILITY_PNG = "reliability.png"   # confidence vs accuracy, before and after temperature
 EVAL_BATCH = 4096
 
 
@@ -88,42 +89,59 @@ def predict(model: SplitModel, split: Split) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def _evaluate(logits: tuple[torch.Tensor, torch.Tensor], split: Split, score: str):
+def _evaluate(logits: tuple[torch.Tensor, torch.Tensor], split: Split, score: str,
+              temperature: float):
     exit_logits, final_logits = logits
     labels = torch.from_numpy(split.labels)
-    return (cal.exit_scores(exit_logits, score),
+    return (cal.exit_scores(exit_logits, score, temperature),
             (exit_logits.argmax(1) == labels).numpy(),
             (final_logits.argmax(1) == labels).numpy())
 
 
 def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> dict:
-    """Choose the threshold on validation, write the sweep, measure the choice on test."""
+    """Fit the exit's and the tail's temperatures on validation, choose the threshold on the
+    calibrated validation scores, write the sweep and the reliability diagram, measure the
+    choice on test."""
     c = cfg.calibrate
     val_logits, test_logits = predict(model, data.val), predict(model, data.test)
-    val_scores, val_exit, val_final = _evaluate(val_logits, data.val, c.score)
+    quality = {name: cal.calibration_quality(val_logits[i].numpy(), data.val.labels,
+                                             test_logits[i].numpy(), data.test.labels)
+               for i, name in enumerate(("exit", "final"))}
+    temperature = quality["exit"]["temperature"]
+    val_scores, val_exit, val_final = _evaluate(val_logits, data.val, c.score, temperature)
     result = cal.sweep(val_scores, val_exit, val_final)
     threshold = cal.choose_threshold(result, c)
     cal.write_csv(out_dir / SWEEP_CSV, result)
     plotted = cal.write_plot(out_dir / SWEEP_PNG, result, threshold,
                              f"{cfg.model.name}: exit threshold sweep ({c.score})")
     val_acc, val_offload = cal.split_accuracy(val_scores, val_exit, val_final, threshold)
-    test_scores, test_exit, test_final = _evaluate(test_logits, data.test, c.score)
+    test_scores, test_exit, test_final = _evaluate(test_logits, data.test, c.score,
+                                                   temperature)
     test_acc, test_offload = cal.split_accuracy(test_scores, test_exit, test_final, threshold)
-    quality = {name: cal.calibration_quality(val_logits[i].numpy(), data.val.labels,
-                                             test_logits[i].numpy(), data.test.labels)
-               for i, name in enumerate(("exit", "final"))}
+    reliability = cal.write_reliability_plot(
+        out_dir / RELIABILITY_PNG, {name: (test_logits[i].numpy(), quality[name]["temperature"])
+                                    for i, name in enumerate(("exit", "final"))},
+        data.test.labels, f"{cfg.model.name}: confidence vs accuracy (test)")
     policy = (f"offload {c.target_offload:.0%}" if c.policy == "offload"
               else f"max drop {c.max_drop} points")
     return {
         "threshold": threshold, "score": c.score, "policy": policy,
         "sweep_csv": SWEEP_CSV, "sweep_png": SWEEP_PNG if plotted else None,
+        "reliability_png": RELIABILITY_PNG if reliability else None,
         "validation": {"exit_only": result.exit_accuracy, "full": result.full_accuracy,
                        "split_exit": val_acc, "offload_ratio": val_offload},
         "test": {"exit_only": float(test_exit.mean()), "full": float(test_final.mean()),
                  "split_exit": test_acc, "offload_ratio": test_offload},
-        # how well confidence matches accuracy; the threshold is not yet on calibrated scores
+        # how well confidence matches accuracy, before and after each temperature; the
+        # threshold above is on the exit's calibrated score
         "confidence": quality,
     }
+
+
+def temperatures(calibration: dict) -> tuple[float, float]:
+    """(exit, tail) temperatures that a calibration fitted."""
+    q = calibration["confidence"]
+    return q["exit"]["temperature"], q["final"]["temperature"]
 
 
 @torch.inference_mode()
@@ -158,7 +176,7 @@ def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     calibration = _calibrate(model, cfg, data, out_dir)
     code = uplink_code(model, data.train) if cfg.model.uplink_bits else None
     sizes = save_artifacts(out_dir, model, cfg, calibration["threshold"],
-                           FASHION_CLASSES[:cfg.model.widths[-1]], code)
+                           FASHION_CLASSES[:cfg.model.widths[-1]], code, temperatures(calibration))
     metrics = {"model": cfg.model.name, "model_id": sizes["model_id"],
                "config": cfg.to_dict(), "structure": _structure(model),
                "artifact_bytes": {"edge": sizes["edge_bytes"], "server": sizes["server_bytes"]},
@@ -180,7 +198,8 @@ def calibrate_dir(out_dir: Path, cfg: Config, data_dir: str | None = None) -> di
         raise ArtifactError(f"{edge.path}: stored model id {edge.model_id} does not match its "
                             f"weights; re-create the directory with `splitexit train`")
     calibration = _calibrate(model, cfg, data, out_dir)
-    set_threshold(out_dir, calibration["threshold"], cfg.calibrate.score)
+    set_threshold(out_dir, calibration["threshold"], cfg.calibrate.score,
+                  temperatures(calibration))
     metrics_path = out_dir / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics["calibration"] = calibration

@@ -3,6 +3,7 @@ it beside edge.pt, same model id) and an edge device (which runs it with NumPy, 
 C/ONNX export). Plain arrays, read with allow_pickle=False: no code crosses to a device.
 
     meta                 JSON as uint8 bytes: kind, format, model id, threshold, score,
+                         temperature (the score is on softmax(exit logits / it); absent: 1),
                          classes, split (junctions on the edge), input_size, input_pad,
                          exit_layer (the layer the exit reads; absent: the split layer),
                          uplink_bits (0, or the unsigned bits the uplink was trained for)
