@@ -77,6 +77,21 @@ class EdgeMetrics:
                                  buckets=LATENCY_BUCKETS_S, registry=registry)
         self.head = Histogram("splitexit_edge_head_seconds", "Head + exit time per frame",
                               ["producer"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.threshold = Gauge("splitexit_edge_threshold", "The exit threshold in use: frames "
+                               "whose calibrated score is below it are offloaded", ["producer"],
+                               multiprocess_mode="livesum", registry=registry)
+        self.controller_target = Gauge("splitexit_edge_controller_target", "The target the "
+                                       "budget controller holds, by kind: offload_ratio or "
+                                       "uplink_bytes_per_second", ["producer", "kind"],
+                                       multiprocess_mode="livesum", registry=registry)
+        self.controller_ratio = Gauge("splitexit_edge_controller_ratio", "The offload ratio "
+                                      "the controller aims at now: the target's, or less while "
+                                      "the server cap binds", ["producer"],
+                                      multiprocess_mode="livesum", registry=registry)
+        self.controller_state = Gauge("splitexit_edge_controller_state", "0 tracking the "
+                                      "target, 1 backing off from a refusing server, 2 "
+                                      "recovering", ["producer"], multiprocess_mode="livesum",
+                                      registry=registry)
         self.duplicates = Counter("splitexit_edge_duplicate_answers",
                                   "Answers for frames already final (late or redelivered), "
                                   "discarded", ["producer"], registry=registry)

@@ -176,7 +176,9 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                           args.producer_id + i,
                           str(results / f"edge-{args.producer_id + i}.jsonl") if results
                           else None, max_pack=args.max_pack,
-                          security=_security(args, broker=False)).validate()
+                          security=_security(args, broker=False),
+                          target_offload=args.target_offload,
+                          uplink_budget=args.uplink_budget).validate()
                for i in range(args.n)]
     _, announce = _start_metrics(args, {"edge": args.n})
     stop_on_sigterm()
@@ -209,7 +211,8 @@ def _cmd_up(args: argparse.Namespace) -> None:
                    WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                 threads=args.threads),
                    EdgeConfig(deadline_ms=args.deadline_ms, dtype=args.dtype, codec=args.codec,
-                              max_pack=args.max_pack).validate())
+                              max_pack=args.max_pack, target_offload=args.target_offload,
+                              uplink_budget=args.uplink_budget).validate())
     report = up(cfg)
     print(format_run_report(report))
     print(f"\nI: per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "

@@ -78,5 +78,13 @@ def add_edge_options(p: argparse.ArgumentParser) -> None:
                    f"shrinks a payload (default: %(default)s)")
     p.add_argument("--max-pack", type=int, default=EdgeConfig.max_pack,
                    help="frames per request when several are waiting (default: %(default)s)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-offload", type=float, metavar="RATIO",
+                        help="move the exit threshold online to send this fraction of "
+                             "frames, and less while the server refuses (default: the "
+                             "trained threshold, fixed)")
+    target.add_argument("--uplink-budget", type=float, metavar="BYTES_PER_S",
+                        help="move the exit threshold online to send at most this many bytes "
+                             "per second, and less while the server refuses")
     p.add_argument("--limit", type=int, help="stop after this many frames")
     p.add_argument("--data", help="IDX folder for dataset replay (default: Debian's)")

@@ -61,6 +61,9 @@ def test_runtime_commands_reject_bad_input_in_one_line(tmp_path, tiny_config_pat
     one_line_failure(splitexit("broker", "--curve-secret", str(tmp_path / "none.key_secret"),
                                "--allow", str(tmp_path)))
     one_line_failure(splitexit("up", "--artifacts", str(out), "--workers", "0"))
+    one_line_failure(splitexit("edge", "--artifacts", str(out), "--insecure",
+                               "--target-offload", "1.5"))
+    one_line_failure(splitexit("up", "--artifacts", str(out), "--uplink-budget", "0"))
 
 
 def test_up_runs_the_whole_system_and_reports(tmp_path, tiny_config_path, idx_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.edge.controller import ControllerConfig
 from pipeline.errors import ConfigError
 from pipeline.protocol import wire
 from pipeline.protocol.endpoints import FRONTEND
@@ -15,6 +16,7 @@ from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
 __all__ = ["EdgeConfig", "AUTO", "wire_dtype", "wire_codec"]
 
 AUTO = "auto"  # --dtype and --codec: follow what the model was trained for
+HOLD_MIN_S = 0.25   # the controller's shortest hold after a cut
 
 
 def wire_codec(name: str, dtype: wire.DType, code: StaticCode | None) -> wire.Codec:
@@ -54,6 +56,18 @@ class EdgeConfig:
     send_queue: int = 1000                 # requests ZeroMQ may hold while the link is down
     max_pack: int = 64                     # frames per request when several are waiting
     security: Security = PLAINTEXT_LOOPBACK
+    # The budget controller (pipeline.edge.controller) holds one of these by moving the
+    # threshold; neither: the trained threshold stands.
+    target_offload: float | None = None    # fraction of frames sent to the server
+    uplink_budget: float | None = None     # bytes per second on the uplink
+
+    def controller(self) -> ControllerConfig | None:
+        """The controller's settings, or None for a fixed threshold. A cut holds for two
+        deadlines: every request sent before it has been answered or expired by then."""
+        if self.target_offload is None and self.uplink_budget is None:
+            return None
+        return ControllerConfig(self.target_offload, self.uplink_budget,
+                                hold_s=max(HOLD_MIN_S, 2 * self.deadline_ms / 1000)).check()
 
     def validate(self) -> "EdgeConfig":
         if self.dtype != AUTO and self.dtype not in DTYPE_NAMES:
@@ -65,6 +79,10 @@ class EdgeConfig:
         if self.deadline_ms <= 0:
             raise ConfigError(f"--deadline-ms {self.deadline_ms} must be positive")
         self.security.check([self.broker], "edge")
+        try:
+            self.controller()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not 1 <= self.max_pack <= wire.MAX_FRAMES_PER_REQUEST:
             raise ConfigError(f"--max-pack {self.max_pack} must be in "
                               f"1..{wire.MAX_FRAMES_PER_REQUEST}")

@@ -29,6 +29,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from monitoring.metrics import PATHS, EdgeMetrics, ProcessMetrics, for_registry
 from pipeline.edge.config import EdgeConfig, wire_codec, wire_dtype
+from pipeline.edge.controller import Controller
 from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.results import Outcome, Results, Summary, print_summary
@@ -64,6 +65,11 @@ class EdgeProducer:
         self.monitor = self.sock.get_monitor_socket(LINK_EVENTS)
         self.sock.connect(cfg.broker)
         self.inflight = InFlight(cfg.deadline_ms / 1000)
+        controller = cfg.controller()
+        self.controller = controller and Controller(
+            controller, self.threshold, wire.wire_bytes(wire.encode_request(
+                1, self.model_tag, np.zeros((1, self.head.width), np.float32), self.dtype,
+                wire.Codec.NONE)))   # a first guess at a frame's bytes, until some are sent
         self.results = Results(cfg.results)
         self.summary: Summary = self.results.summary
         self._opened: asyncio.Event | None = None    # a request entered an empty table
@@ -80,6 +86,13 @@ class EdgeProducer:
         self.m_requests = {s: m.requests.labels(p, s) for s in REQUEST_STATUSES}
         self.m_uplink, self.m_feature = m.uplink_bytes.labels(p), m.feature_bytes.labels(p)
         self.m_payload, self.m_duplicates = m.payload_bytes.labels(p), m.duplicates.labels(p)
+        self.m_threshold = m.threshold.labels(p)
+        self.m_threshold.set(self.threshold)
+        if self.controller:
+            kind, target = (("offload_ratio", cfg.target_offload) if cfg.target_offload
+                            else ("uplink_bytes_per_second", cfg.uplink_budget))
+            m.controller_target.labels(p, kind).set(target)
+            self.m_ratio, self.m_state = m.controller_ratio.labels(p), m.controller_state.labels(p)
 
     # -- the one place a frame is finished ----------------------------------------------------
 
@@ -100,6 +113,11 @@ class EdgeProducer:
             self.m_bad.labels("edge", "shape").inc()  # the request's deadline decides
             return
         self.m_requests[r.status.value].inc()
+        if self.controller:
+            if r.status is Status.ANSWERED:
+                self.controller.answered(time.monotonic())
+            else:
+                self.controller.refused(r.finals[0].reason, time.monotonic())
         now, head_ms, reply = time.time(), r.note, r.reply
         for f in r.finals:
             self._finish(Outcome(
@@ -179,19 +197,22 @@ class EdgeProducer:
         start = time.perf_counter()
         exit_logits, hidden = self.head.run_exit(np.stack([f.pixels for f in batch]))
         scores = exit_scores(exit_logits, self.score, self.head.temperature)
+        threshold = self._threshold(scores)
         exit_cls = exit_logits.argmax(1).tolist()
         head_ms = (time.perf_counter() - start) * 1000 / len(batch)
         for _ in batch:
             self.m_head.observe(head_ms / 1000)
         now, unsure = time.time(), []
         for i, f in enumerate(batch):
-            if scores[i] >= self.threshold:
+            if scores[i] >= threshold:
                 self._finish(Outcome(f.frame_id, f.source, "exit", exit_cls[i], float(scores[i]),
                                      f.label, None, f.capture_ts, head_ms,
                                      (now - f.capture_ts) * 1000))
             else:
                 unsure.append(i)
         if not unsure:
+            if self.controller:
+                self.controller.sent(len(batch), 0, 0, time.monotonic())
             return
         offloaded = [batch[i] for i in unsure]
         features = self.head.run_uplink(hidden[unsure])  # (frames sent, W_split)
@@ -206,10 +227,24 @@ class EdgeProducer:
             await self.sock.send_multipart(request, flags=zmq.NOBLOCK)
         except zmq.Again:
             self._resolve(self.inflight.fail(msg_id))
+            sent = 0
+        if self.controller:
+            self.controller.sent(len(batch), len(unsure), sent, time.monotonic())
+        if not sent:
             return
         self.m_uplink.inc(sent)
         self.m_feature.inc(len(unsure) * wire.row_bytes(self.dtype, features.shape[1]))
         self.m_payload.inc(len(request[0]) - wire.REQUEST_HEADER_BYTES)
+
+    def _threshold(self, scores: np.ndarray) -> float:
+        """The trained threshold, or the controller's for this batch."""
+        if not self.controller:
+            return self.threshold
+        threshold = self.controller.observe(scores, time.monotonic())
+        self.m_threshold.set(threshold)
+        self.m_ratio.set(self.controller.ratio)
+        self.m_state.set(self.controller.state)
+        return threshold
 
     async def _receive(self) -> None:
         while True:
