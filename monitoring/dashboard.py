@@ -28,6 +28,11 @@ PANELS = [
     ("Broker queue depth", "short", [("queued", PROMQL["queue_depth"])]),
     ("Live workers", "short", [("workers", PROMQL["workers"])]),
     ("Compression ratio", "short", [("features / payload", PROMQL["compression_ratio"])]),
+    ("Budget controller: threshold and offload ratio aimed at", "short",
+     [("{{producer}} threshold", PROMQL["exit_threshold"]),
+      ("{{producer}} aimed ratio", PROMQL["controller_ratio"]),
+      ("{{producer}} target ratio", PROMQL["controller_target_ratio"]),
+      ("{{producer}} state (1 backing off, 2 recovering)", PROMQL["controller_state"])]),
 ]
 
 

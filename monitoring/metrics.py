@@ -160,6 +160,11 @@ PROMQL = {
                          "/ sum(rate(splitexit_edge_payload_bytes_total[1m]))",
     "latency_p99_seconds": "histogram_quantile(0.99, sum by (path, le) "
                            "(rate(splitexit_edge_latency_seconds_bucket[1m])))",
+    "exit_threshold": "max by (producer) (splitexit_edge_threshold)",
+    "controller_ratio": "max by (producer) (splitexit_edge_controller_ratio)",
+    "controller_target_ratio":
+        'max by (producer) (splitexit_edge_controller_target{kind="offload_ratio"})',
+    "controller_state": "max by (producer) (splitexit_edge_controller_state)",
     "queue_depth": "sum(splitexit_broker_queue_depth)",
     "workers": "sum(splitexit_broker_workers)",
 }
