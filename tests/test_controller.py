@@ -157,6 +157,30 @@ def test_deadlines_with_no_answer_in_between_mean_nobody_serves():
     assert s.c.cap == 0.01                                  # second: the floor
 
 
+def test_a_saturated_pool_is_backed_off_from_before_it_refuses():
+    """Answers forwarded while requests queue at the broker (the load hint): most of a
+    hold's answers queued -> the cap is cut without a single refusal; a few -> held, not
+    cut, and not raised either."""
+    s = Stream(offload(0.4, hold_s=0.25))
+    s.run(2000)
+    s.run(500, each=lambda now, o: o and s.c.answered(now, queued=3))
+    assert s.c.cap is not None and s.c.cap <= 0.2 and s.c.state is not State.TRACKING
+
+    s = Stream(offload(0.4, hold_s=0.25))
+    s.run(2000)
+    s.c.refused("busy", s.now)
+    cut = s.c.cap
+    turn = [0]
+
+    def sometimes_queued(now, offloaded):
+        if offloaded:
+            turn[0] += 1
+            s.c.answered(now, queued=int(turn[0] % 4 == 0))    # 1 answer in 4 queued
+
+    s.run(2000, each=sometimes_queued)
+    assert s.c.cap == cut                       # neither cut again nor raised
+
+
 def test_refusals_that_say_nothing_about_load_do_not_move_it():
     s = Stream(offload(0.3))
     s.run(1000)

@@ -95,6 +95,21 @@ def test_credit_is_never_exceeded_and_a_reply_frees_it():
     assert dispatched(sends) == [(b"w", b"e")] and not s.queue
 
 
+def test_a_forwarded_reply_tells_the_edge_how_loaded_the_pool_is():
+    """Queued requests and free credit after the reply's credit was given out again: the
+    edge's controller slows down on this before the queue fills and BUSY comes."""
+    s = sched()
+    s.ready(b"w", credit=1, now=0.0)
+    for i in range(4):
+        s.request(b"e", i, REQ, now=0.0)                     # 1 dispatched, 3 queued
+    answer = wire.encode_reply(0, "w", [1], [0.9], 0, 0, 1)[0]
+    forwarded = wire.decode_answer(s.reply(b"w", b"e", 0, answer, now=0.1)[0][1][1:])
+    assert (forwarded.queued, forwarded.free_credit) == (2, 0)
+    s.ready(b"v", credit=8, now=0.2)                         # takes the rest
+    forwarded = wire.decode_answer(s.reply(b"w", b"e", 1, answer, now=0.3)[0][1][1:])
+    assert (forwarded.queued, forwarded.free_credit) == (0, 7)
+
+
 def test_a_full_queue_answers_busy_at_once():
     s = sched(max_queue=2)
     assert s.request(b"e", 1, REQ, 0.0) == [] and s.request(b"e", 2, REQ, 0.0) == []

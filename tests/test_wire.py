@@ -66,6 +66,7 @@ def test_reply_error_and_control_round_trip():
     assert (r.queue_us, r.tail_us) == (120, 340)
     assert np.allclose(r.confidences, [0.5, 0.99], atol=1e-3)
     assert wire.peek(wire.encode_reply(9, "w1", [1], [0.5], 0, 0, 1)[0]) == (Kind.REPLY, 9)
+    assert (r.queued, r.free_credit) == (0, 0)               # until a broker stamps it
     e = wire.decode_answer(wire.encode_error(9, Refusal.WRONG_MODEL, "serves model abc"))
     assert (e.msg_id, e.reason, e.detail) == (9, Refusal.WRONG_MODEL, "serves model abc")
     assert wire.peek(wire.encode_error(9, Refusal.BUSY, "")[0]) == (Kind.ERROR, 9)
@@ -73,6 +74,15 @@ def test_reply_error_and_control_round_trip():
     assert (ready.worker_id, ready.model_tag, ready.credit) == ("w1", TAG, 16)
     assert wire.decode_control(wire.HEARTBEAT) == Kind.HEARTBEAT
     assert wire.decode_control(wire.DISCONNECT) == Kind.DISCONNECT
+
+
+def test_the_broker_stamps_its_load_into_replies_and_nothing_else():
+    reply = wire.encode_reply(9, "w1", np.array([3, 7]), np.array([0.5, 0.99]), 1, 2, 2)[0]
+    r = wire.decode_answer([wire.stamp_load(reply, 12, 70_000)])
+    assert (r.queued, r.free_credit) == (12, 0xFFFF)         # saturates, never wraps
+    assert (r.msg_id, r.worker_id, list(r.classes), r.batch) == (9, "w1", [3, 7], 2)
+    error = wire.encode_error(9, Refusal.BUSY, "queue full")[0]
+    assert wire.stamp_load(error, 12, 3) == error
 
 
 def reject(frames, reason, decode=wire.decode_request):
@@ -117,8 +127,8 @@ def test_each_bad_field_has_its_reason():
 def test_bad_answers_and_control_messages_have_their_reasons():
     reply = wire.encode_reply(9, "w1", np.array([3, 7]), np.array([0.5, 0.99]), 1, 2, 2)[0]
     reject([reply[:-1]], "shape", wire.decode_answer)        # a confidence cut short
-    reject([reply[:18]], "shape", wire.decode_answer)        # ends inside the worker id
-    reject([reply[:16]], "kind", wire.decode_answer)         # inside the fixed header
+    reject([reply[:22]], "shape", wire.decode_answer)        # ends inside the worker id
+    reject([reply[:20]], "kind", wire.decode_answer)         # inside the fixed header
     reject([bytes([wire.VERSION, 3]) + msgpack.packb([9, 99, "x"])], "field", wire.decode_answer)
     reject([bytes([wire.VERSION, 3]) + b"\xc1"], "malformed", wire.decode_answer)
     reject([bytes([wire.VERSION, 4]) + msgpack.packb(["w", b"short", 1])], "field",

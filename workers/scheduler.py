@@ -2,7 +2,8 @@
 heartbeats and redelivery. Events in, sends out; no sockets, the clock passed in as `now`.
 
     request(edge, msg_id, parts, now)        an edge's request: BUSY if the queue is full
-    reply(worker, edge, msg_id, answer, now) a worker's answer: forward it, free the credit
+    reply(worker, edge, msg_id, answer, now) a worker's answer: forward it with the load
+                                             stamped in, free the credit
     ready / heartbeat / disconnect(worker)   a worker's control messages
     worker_gone(worker, now)                 a send to it failed: it vanished
     tick(now)                                queue expiry (NO_WORKER), silent workers purged
@@ -152,7 +153,9 @@ class Scheduler:
         if not self.table.complete(worker, (edge, msg_id)):
             self.counts.late_replies += 1
         self.counts.replies += 1
-        return [(FRONTEND, [edge, answer])] + self._dispatch(now)
+        sends = self._dispatch(now)   # the freed credit first: the load stamped is what's left
+        return [(FRONTEND, [edge, wire.stamp_load(answer, len(self.queue),
+                                                  self.table.free_credit)])] + sends
 
     def ready(self, worker: bytes, credit: int, now: float) -> list:
         """Confirm with a HEARTBEAT at once (the worker's readiness), then give it work."""

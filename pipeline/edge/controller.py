@@ -9,7 +9,8 @@ monotonic seconds), so tests drive it with synthetic score streams. The producer
     sent(frames, offloaded, wire_bytes, now)   what that batch put on the wire
     refused(reason, now)                  a request came back unanswered (busy, no_worker,
                                           deadline, unreachable)
-    answered(now)                         the server answered a request
+    answered(now, queued)                 the server answered a request; `queued`: the
+                                          broker's queue then (wire.Reply.queued)
 
 How it decides:
 - Which frames: the least confident `ratio` of recent frames. A sorted window of the last
@@ -24,9 +25,11 @@ How it decides:
     cut with no answer since the first drops it to `floor`, and it climbs back by doubling
     to half where it was cut. Then nothing moves for
     `hold_s`: refusals of requests sent before the cut are still arriving, and counting them
-    again would spiral to zero (the hysteresis). After each quiet `hold_s` with answers, the
-    cap doubles (below half the cut) or creeps up by `creep` of the target, and it stops
-    binding once it reaches the target.
+    again would spiral to zero (the hysteresis). Before any refusal, the load hint: when most
+    answers of a hold were forwarded while requests queued at the broker (no worker had free
+    credit), the pool is saturated and the cap is cut the same way, before deadlines are
+    missed. After each hold whose answers all found free credit, the cap doubles (below half
+    the cut) or creeps up by `creep` of the target, and it stops binding at the target.
 - Bounds: never more than the target allows, never less than `floor`: a trickle of requests
   that notices when the server is back.
 """
@@ -46,6 +49,7 @@ __all__ = ["Controller", "ControllerConfig", "State", "OVERLOAD_REASONS", "OUTAG
 OFFLOAD_ALL = 1.5                              # above every score: offload every frame
 OVERLOAD_REASONS = ("busy", "deadline")        # the server is there, but too slow for us
 OUTAGE_REASONS = ("no_worker", "unreachable")  # nobody to serve: fall to the floor
+SATURATED_MIN_ANSWERS = 4      # a hold's answers before "most found a queue" means anything
 # Other refusals (wrong_model, bad_request) say nothing about load: they do not move it.
 
 
@@ -101,8 +105,10 @@ class Controller:
         self._started: float | None = None
         self._bytes_per_offload = bytes_per_offload_hint
         self._hold_until = -math.inf
-        self._since_step = -math.inf    # the cap's last move: the next comes a hold later
-        self._answers = 0               # answers since then: the server is back
+        self._since_review = -math.inf  # the server's answers are reviewed once per hold
+        self._answers = 0               # answers since the last review: the server is there
+        self._saturated = 0             # ... of them, forwarded while requests queued
+        self._answered_since_cut = True
         self._resume = 0.0              # doubling stops here (half the ratio that was cut)
 
     # -- events -----------------------------------------------------------------------------
@@ -118,7 +124,7 @@ class Controller:
             if len(self._window) > self.cfg.window:
                 old = self._window.popleft()
                 del self._sorted[bisect.bisect_left(self._sorted, old)]
-        self._step_cap(now)
+        self._review(now)
         self.ratio = self._target_ratio(now)
         if self.cap is not None:
             self.ratio = min(self.ratio, self.cap)
@@ -143,17 +149,15 @@ class Controller:
         if reason not in OUTAGE_REASONS + OVERLOAD_REASONS or now < self._hold_until:
             return
         # A second cut without one answer since the first: nobody is serving at all.
-        outage = reason in OUTAGE_REASONS or (self.cap is not None and not self._answers)
-        sending = self.ratio if not self._frames else min(self.ratio,
-                                                          self._offloaded / self._frames)
-        self._resume = max(self.cfg.floor, sending / 2)
-        self.cap = self.cfg.floor if outage else self._resume
-        self.state = State.BACKING_OFF
-        self._hold_until = now + self.cfg.hold_s
-        self._since_step, self._answers = now, 0
+        self._cut(now, reason in OUTAGE_REASONS
+                  or (self.cap is not None and not self._answered_since_cut))
 
-    def answered(self, now: float) -> None:
+    def answered(self, now: float, queued: int = 0) -> None:
+        """An answer, with the broker's queue when it forwarded it (the load hint): requests
+        waiting means every worker's credit is taken."""
         self._answers += 1
+        self._saturated += queued > 0
+        self._answered_since_cut = True
 
     def retarget(self, target_offload: float | None = None,
                  uplink_budget: float | None = None) -> None:
@@ -173,19 +177,35 @@ class Controller:
         return max(self.cfg.floor, min(1.0, self.cfg.uplink_budget
                                        / (frames_per_s * self._bytes_per_offload)))
 
-    def _step_cap(self, now: float) -> None:
-        """After every quiet hold with answers, climb; stop binding at the target."""
-        if self.cap is None or now < self._since_step + self.cfg.hold_s:
+    def _cut(self, now: float, outage: bool) -> None:
+        sending = self.ratio if not self._frames else min(self.ratio,
+                                                          self._offloaded / self._frames)
+        self._resume = max(self.cfg.floor, sending / 2)
+        self.cap = self.cfg.floor if outage else self._resume
+        self.state = State.BACKING_OFF
+        self._hold_until = now + self.cfg.hold_s
+        self._since_review, self._answers, self._saturated = now, 0, 0
+        self._answered_since_cut = False
+
+    def _review(self, now: float) -> None:
+        """Once per hold: a pool saturated on most answers is cut before it refuses; a cap
+        climbs only after a hold whose answers all found free credit, and stops binding at
+        the target."""
+        if now < self._since_review + self.cfg.hold_s:
             return
-        if not self._answers:       # quiet because nothing came back: no evidence yet
+        answers, saturated = self._answers, self._saturated
+        self._since_review, self._answers, self._saturated = now, 0, 0
+        if answers >= SATURATED_MIN_ANSWERS and 2 * saturated >= answers:
+            self._cut(now, outage=False)
             return
+        if self.cap is None or not answers or saturated:
+            return          # no evidence the server has room: hold the cap where it is
         target = self._target_ratio(now)
         if self.cap < self._resume:
             self.cap = min(self._resume, 2 * self.cap)
         else:
             self.cap += self.cfg.creep * target
         self.state = State.RECOVERING
-        self._since_step, self._answers = now, 0
         if self.cap >= target:
             self.cap, self.state = None, State.TRACKING
 

@@ -115,7 +115,7 @@ class EdgeProducer:
         self.m_requests[r.status.value].inc()
         if self.controller:
             if r.status is Status.ANSWERED:
-                self.controller.answered(time.monotonic())
+                self.controller.answered(time.monotonic(), r.reply.queued)
             else:
                 self.controller.refused(r.finals[0].reason, time.monotonic())
         now, head_ms, reply = time.time(), r.note, r.reply

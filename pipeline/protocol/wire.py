@@ -8,7 +8,7 @@ costs its features plus 16 bytes (2 more of ZMTP framing), not a msgpack map of 
                model_tag 4 B, width u16                                        (14 B)
                + one float16 scale per frame (integer dtypes) + the payload
     REPLY      version u8, kind u8, msg_id u32, batch u16, queue_us u32, tail_us u32,
-               len(worker_id) u8                                               (17 B)
+               queued u16, free_credit u16, len(worker_id) u8                  (21 B)
                + worker_id (utf-8) + a class per frame (u8) + a confidence per frame (f16)
     ERROR      [version, kind] + msgpack [msg_id, reason, detail]   (a refusal of a request)
     READY      [version, kind] + msgpack [worker_id, model_tag, credit]   worker -> broker
@@ -16,7 +16,9 @@ costs its features plus 16 bytes (2 more of ZMTP framing), not a msgpack map of 
     DISCONNECT [version, kind]                            both ways, see Kind
 
 The broker answers a READY with a HEARTBEAT at once: the worker's proof that the broker
-knows it (its readiness), instead of waiting up to a heartbeat interval.
+knows it (its readiness), instead of waiting up to a heartbeat interval. It stamps every
+REPLY it forwards with its load (`stamp_load`): requests waiting in its queue and the free
+credit of its workers, so an edge slows down before the pool refuses it (a worker writes 0).
 
 A request is self-contained (any worker can serve it after a redelivery): the 4-byte model
 tag says which model produced the features, `width` their size, `dtype`/`codec` a nibble
@@ -43,13 +45,13 @@ __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
-           "peek", "quantize", "quantize_unsigned", "dequantize", "row_bytes", "wire_bytes",
+           "peek", "stamp_load", "quantize", "quantize_unsigned", "dequantize", "row_bytes", "wire_bytes",
            "model_tag", "MODEL_TAG_BYTES", "SCALE_BYTES", "frame_scales",
            "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES"]
 
-# 1 was the msgpack-array layout, 2 had an 8-byte tag and float32 scales; a peer speaking
-# another version is told "version"
-VERSION = 3
+# 1 was the msgpack-array layout, 2 had an 8-byte tag and float32 scales, 3 replies without
+# the broker's load; a peer speaking another version is told "version"
+VERSION = 4
 MODEL_TAG_BYTES = 4
 MAX_FRAMES_PER_REQUEST = 256       # what one edge packs into a message
 MAX_WIDTH = 1 << 16                # features per frame at the split
@@ -147,6 +149,8 @@ class Reply:
     queue_us: int
     tail_us: int
     batch: int
+    queued: int = 0             # requests waiting in the broker when it forwarded this one
+    free_credit: int = 0        # requests the broker's live workers could still take then
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +250,9 @@ def _scaled(codes: np.ndarray, scales: bytes) -> np.ndarray:
 _pack = msgpack.Packer(use_bin_type=True).pack
 _PREFIX = struct.Struct("<BB")                 # version, kind: the start of every message
 _REQUEST = struct.Struct("<BBBBI4sH")          # + dtype<<4|codec, frames-1, msg_id, tag, width
-_REPLY = struct.Struct("<BBIHIIB")             # + msg_id, batch, queue_us, tail_us, len(worker)
+_REPLY = struct.Struct("<BBIHIIHHB")   # + msg_id, batch, queue_us, tail_us, queued, free_credit,
+_LOAD = struct.Struct("<HH")           # len(worker); the broker rewrites queued, free_credit
+_LOAD_OFFSET = 16
 REQUEST_HEADER_BYTES = _REQUEST.size           # 14
 MAX_MSG_ID = (1 << 32) - 1                     # msg ids are u32; an edge wraps to 1 after this
 U32_MAX = (1 << 32) - 1
@@ -289,9 +295,21 @@ def encode_reply(msg_id: int, worker_id: str, classes: np.ndarray, confidences: 
                  queue_us: int, tail_us: int, batch: int) -> list[bytes]:
     worker = worker_id.encode()[:255]
     return [_REPLY.pack(VERSION, Kind.REPLY, msg_id, min(int(batch), 0xFFFF),
-                        min(int(queue_us), U32_MAX), min(int(tail_us), U32_MAX), len(worker))
+                        min(int(queue_us), U32_MAX), min(int(tail_us), U32_MAX), 0, 0,
+                        len(worker))
             + worker + np.asarray(classes, dtype=np.uint8).tobytes()
             + np.asarray(confidences, dtype="<f2").tobytes()]
+
+
+def stamp_load(answer: bytes, queued: int, free_credit: int) -> bytes:
+    """A worker's answer as the broker forwards it: a REPLY gets the broker's load written
+    into its header (saturating at 65535), anything else passes unchanged. The broker has
+    peeked it, so a REPLY is at least a header long."""
+    if answer[1:2] != bytes([Kind.REPLY]):
+        return answer
+    stamped = bytearray(answer)
+    _LOAD.pack_into(stamped, _LOAD_OFFSET, min(queued, 0xFFFF), min(free_credit, 0xFFFF))
+    return bytes(stamped)
 
 
 def _control(kind: Kind, body: list) -> list[bytes]:
@@ -466,7 +484,8 @@ def decode_answer(frames: list) -> Reply | Error:
                      _str(f[2], "detail"))
     if kind != Kind.REPLY or len(data) < _REPLY.size:
         raise WireError("kind", "not a reply or error")
-    _, _, msg_id, batch, queue_us, tail_us, worker_len = _REPLY.unpack_from(data)
+    _, _, msg_id, batch, queue_us, tail_us, queued, free_credit, worker_len = \
+        _REPLY.unpack_from(data)
     rest = data[_REPLY.size:]
     if len(rest) < worker_len:
         raise WireError("shape", "reply ends inside its worker id")
@@ -482,7 +501,7 @@ def decode_answer(frames: list) -> Reply | Error:
     if not np.isfinite(confidences).all():
         raise WireError("nonfinite", "confidences contain NaN or Inf")
     return Reply(msg_id, worker_id, np.frombuffer(answers[:n], dtype=np.uint8), confidences,
-                 queue_us, tail_us, batch)
+                 queue_us, tail_us, batch, queued, free_credit)
 
 
 def decode_control(frames: list) -> Ready | Kind:
