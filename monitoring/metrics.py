@@ -92,6 +92,25 @@ class EdgeMetrics:
                                       "target, 1 backing off from a refusing server, 2 "
                                       "recovering", ["producer"], multiprocess_mode="livesum",
                                       registry=registry)
+        self.exit_confidence = Counter("splitexit_edge_exit_confidence",
+                                       "Sum of the calibrated confidences of frames answered "
+                                       "on the edge: / their count = the accuracy the exit "
+                                       "claims", ["producer"], registry=registry)
+        self.shadows = Counter("splitexit_edge_shadow_frames", "Exited frames also sent to "
+                               "the server to measure the exit (never offloads), by outcome: "
+                               "sent, answered, dropped", ["producer", "outcome"],
+                               registry=registry)
+        self.shadow_agreements = Counter("splitexit_edge_shadow_agreements",
+                                         "Answered shadow frames whose tail class is the "
+                                         "exit's", ["producer"], registry=registry)
+        self.shadow_exit_correct = Counter("splitexit_edge_shadow_exit_correct",
+                                           "Answered shadow frames weighted by the tail's "
+                                           "confidence where it agrees with the exit: / "
+                                           "answered = the exit's accuracy, the tail judging",
+                                           ["producer"], registry=registry)
+        self.shadow_bytes = Counter("splitexit_edge_shadow_bytes", "Bytes of shadow requests "
+                                    "put on the wire (not in uplink_bytes)", ["producer"],
+                                    registry=registry)
         self.duplicates = Counter("splitexit_edge_duplicate_answers",
                                   "Answers for frames already final (late or redelivered), "
                                   "discarded", ["producer"], registry=registry)
@@ -118,7 +137,8 @@ class WorkerMetrics:
 class BrokerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         self.requests = Counter("splitexit_broker_requests",
-                                "Edge requests by status: dispatched, busy, expired",
+                                "Edge requests by status: dispatched, busy, shadows_refused, "
+                                "expired",
                                 ["status"], registry=registry)
         self.queue_depth = Gauge("splitexit_broker_queue_depth", "Requests waiting for a "
                                  "worker", multiprocess_mode="livesum", registry=registry)
@@ -146,7 +166,8 @@ def for_registry(cls: type, registry: CollectorRegistry = REGISTRY):
     return _built[key]
 
 
-# The PromQL that dashboards, `splitexit up` and the tests use, over a 1-minute window.
+# The PromQL that dashboards, `splitexit up` and the tests use, over a 1-minute window (5
+# minutes for shadows: at 2 % of exits a minute holds too few of them).
 PROMQL = {
     "offload_ratio": 'sum(rate(splitexit_edge_frames_total{path!="exit"}[1m])) '
                      '/ sum(rate(splitexit_edge_frames_total[1m]))',
@@ -165,6 +186,12 @@ PROMQL = {
     "controller_target_ratio":
         'max by (producer) (splitexit_edge_controller_target{kind="offload_ratio"})',
     "controller_state": "max by (producer) (splitexit_edge_controller_state)",
+    "exit_claimed_accuracy": "sum(rate(splitexit_edge_exit_confidence_total[1m])) "
+                             '/ sum(rate(splitexit_edge_frames_total{path="exit"}[1m]))',
+    "shadow_agreement": "sum(rate(splitexit_edge_shadow_agreements_total[5m])) / "
+                        'sum(rate(splitexit_edge_shadow_frames_total{outcome="answered"}[5m]))',
+    "shadow_exit_accuracy": "sum(rate(splitexit_edge_shadow_exit_correct_total[5m])) / sum("
+                            'rate(splitexit_edge_shadow_frames_total{outcome="answered"}[5m]))',
     "queue_depth": "sum(splitexit_broker_queue_depth)",
     "workers": "sum(splitexit_broker_workers)",
 }

@@ -178,7 +178,7 @@ def _cmd_edge(args: argparse.Namespace) -> None:
                           else None, max_pack=args.max_pack,
                           security=_security(args, broker=False),
                           target_offload=args.target_offload,
-                          uplink_budget=args.uplink_budget).validate()
+                          uplink_budget=args.uplink_budget, shadow=args.shadow).validate()
                for i in range(args.n)]
     _, announce = _start_metrics(args, {"edge": args.n})
     stop_on_sigterm()
@@ -212,7 +212,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
                                 threads=args.threads),
                    EdgeConfig(deadline_ms=args.deadline_ms, dtype=args.dtype, codec=args.codec,
                               max_pack=args.max_pack, target_offload=args.target_offload,
-                              uplink_budget=args.uplink_budget).validate())
+                              uplink_budget=args.uplink_budget, shadow=args.shadow).validate())
     report = up(cfg)
     print(format_run_report(report))
     print(f"\nI: per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "

@@ -86,5 +86,10 @@ def add_edge_options(p: argparse.ArgumentParser) -> None:
     target.add_argument("--uplink-budget", type=float, metavar="BYTES_PER_S",
                         help="move the exit threshold online to send at most this many bytes "
                              "per second, and less while the server refuses")
+    p.add_argument("--shadow", type=float, default=EdgeConfig.shadow, metavar="FRACTION",
+                   help="also send this fraction of the frames the exit answered, to measure "
+                        "its agreement with the tail; their answers stay the exit's, they are "
+                        "not offloads, and they are the first dropped under load (default: "
+                        "%(default)s)")
     p.add_argument("--limit", type=int, help="stop after this many frames")
     p.add_argument("--data", help="IDX folder for dataset replay (default: Debian's)")

@@ -110,6 +110,17 @@ def test_a_forwarded_reply_tells_the_edge_how_loaded_the_pool_is():
     assert (forwarded.queued, forwarded.free_credit) == (0, 7)
 
 
+def test_a_shadow_goes_only_to_free_credit_and_never_waits():
+    s = sched()
+    assert refusal(s.request(b"e", 1, REQ, 0.0, shadow=True)[0]) == Refusal.BUSY  # no worker
+    s.ready(b"w", credit=2, now=0.0)
+    assert dispatched(s.request(b"e", 2, REQ, 0.0, shadow=True)) == [(b"w", b"e")]
+    assert dispatched(s.request(b"e", 3, REQ, 0.0)) == [(b"w", b"e")]
+    s.request(b"e", 4, REQ, 0.0)                              # a real request waits ...
+    assert refusal(s.request(b"e", 5, REQ, 0.0, shadow=True)[0]) == Refusal.BUSY
+    assert len(s.queue) == 1 and s.counts.shadows_refused == 2   # ... a shadow does not
+
+
 def test_a_full_queue_answers_busy_at_once():
     s = sched(max_queue=2)
     assert s.request(b"e", 1, REQ, 0.0) == [] and s.request(b"e", 2, REQ, 0.0) == []

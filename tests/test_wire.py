@@ -37,6 +37,15 @@ def test_request_round_trip(dtype, codec, frames, width):
     assert wire.peek(msg[0]) == (Kind.REQUEST, 7)
 
 
+def test_a_shadow_is_a_request_under_its_own_kind():
+    x = features(2, 40)
+    plain, shadow = (wire.encode_request(7, TAG, x, DType.INT8, Codec.NONE, shadow=s)[0]
+                     for s in (False, True))
+    assert wire.peek(shadow) == (Kind.SHADOW, 7) and len(shadow) == len(plain)
+    assert np.array_equal(wire.decode_request([shadow]).features,
+                          wire.decode_request([plain]).features)
+
+
 def request_codec(msg) -> Codec:
     return Codec(msg[0][2] & 0xF)
 

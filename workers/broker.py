@@ -148,17 +148,17 @@ class Broker:
             kind, msg_id = wire.peek(parts[1])
         except WireError as e:
             return self._bad("frontend", e.reason)
-        if kind != Kind.REQUEST:
+        if kind not in wire.REQUEST_KINDS:
             self._bad("frontend", "kind")
             return [(TO_EDGE, [edge] + wire.encode_error(msg_id, Refusal.BAD_REQUEST,
                                                          "edges send requests only"))]
-        return self.scheduler.request(edge, msg_id, parts[1:], now)
+        return self.scheduler.request(edge, msg_id, parts[1:], now, kind == Kind.SHADOW)
 
     def _export(self) -> None:
         """Copy the scheduler's counts into the metrics: one write per pass, not per message
         (in multiprocess mode every metric write is a write to a shared file)."""
         c, last, m = self.scheduler.counts, self._exported, self.m
-        for status in ("dispatched", "busy", "expired"):
+        for status in ("dispatched", "busy", "shadows_refused", "expired"):
             delta = getattr(c, status) - getattr(last, status)
             if delta:
                 m.requests.labels(status).inc(delta)

@@ -1,7 +1,8 @@
 """The broker's rules as a pure object: admission, the queue, expiry, credit, dispatch,
 heartbeats and redelivery. Events in, sends out; no sockets, the clock passed in as `now`.
 
-    request(edge, msg_id, parts, now)        an edge's request: BUSY if the queue is full
+    request(edge, msg_id, parts, now, shadow) an edge's request: BUSY if the queue is full
+                                             (a shadow: unless a worker has free credit)
     reply(worker, edge, msg_id, answer, now) a worker's answer: forward it with the load
                                              stamped in, free the credit
     ready / heartbeat / disconnect(worker)   a worker's control messages
@@ -121,6 +122,7 @@ class Counts:
     dispatched: int = 0
     replies: int = 0
     busy: int = 0
+    shadows_refused: int = 0   # shadows turned away: no free credit, or a queue
     expired: int = 0
     redelivered: int = 0
     late_replies: int = 0
@@ -136,8 +138,15 @@ class Scheduler:
 
     # -- edges ----------------------------------------------------------------------------------
 
-    def request(self, edge: bytes, msg_id: int, parts: list, now: float) -> list:
+    def request(self, edge: bytes, msg_id: int, parts: list, now: float,
+                shadow: bool = False) -> list:
+        """Queue a request and dispatch what credit allows. A shadow (a frame its exit
+        already answered) never waits: it is taken only by free credit, else refused."""
         self.counts.requests += 1
+        if shadow and (self.queue or not self.table.free_credit):
+            self.counts.shadows_refused += 1
+            return [(FRONTEND, [edge] + wire.encode_error(
+                msg_id, Refusal.BUSY, "shadows go only to free credit"))]
         if len(self.queue) >= self.max_queue:
             self.counts.busy += 1
             return [(FRONTEND, [edge] + wire.encode_error(

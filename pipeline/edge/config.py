@@ -60,6 +60,8 @@ class EdgeConfig:
     # threshold; neither: the trained threshold stands.
     target_offload: float | None = None    # fraction of frames sent to the server
     uplink_budget: float | None = None     # bytes per second on the uplink
+    shadow: float = 0.0                    # fraction of exited frames also sent, to measure
+                                           # the exit (pipeline.edge.shadows)
 
     def controller(self) -> ControllerConfig | None:
         """The controller's settings, or None for a fixed threshold. A cut holds for two
@@ -79,6 +81,8 @@ class EdgeConfig:
         if self.deadline_ms <= 0:
             raise ConfigError(f"--deadline-ms {self.deadline_ms} must be positive")
         self.security.check([self.broker], "edge")
+        if not 0 <= self.shadow <= 1:
+            raise ConfigError(f"--shadow {self.shadow}: a fraction of exited frames in [0, 1]")
         try:
             self.controller()
         except ValueError as e:

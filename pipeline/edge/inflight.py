@@ -96,9 +96,8 @@ class InFlight:
         """Register a request for `frames` with their exit answers; returns its msg_id."""
         if not frames or not len(frames) == len(exit_cls) == len(exit_conf):
             raise ValueError("a request needs one exit answer per frame, and frames")
-        msg_id = self._next_id
-        self._next_id = msg_id % MAX_MSG_ID + 1  # u32 on the wire: wraps to 1, long after
-        # any request with that id has been answered or expired
+        msg_id = self.take_id()  # u32 on the wire: wraps to 1, long after any request with
+        # that id has been answered or expired
         self._requests[msg_id] = _Request(frames, exit_cls, exit_conf, now + self.deadline_s,
                                           uplink_bytes, note)
         return msg_id
@@ -106,6 +105,12 @@ class InFlight:
     def next_id(self) -> int:
         """The msg_id the next `open` returns (to encode the request before opening it)."""
         return self._next_id
+
+    def take_id(self) -> int:
+        """A msg_id no request in the table will have, for a message outside it (a shadow)."""
+        msg_id = self._next_id
+        self._next_id = msg_id % MAX_MSG_ID + 1
+        return msg_id
 
     def next_deadline(self) -> float | None:
         for request in self._requests.values():

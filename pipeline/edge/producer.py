@@ -29,7 +29,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from monitoring.metrics import PATHS, EdgeMetrics, ProcessMetrics, for_registry
 from pipeline.edge.config import EdgeConfig, wire_codec, wire_dtype
-from pipeline.edge.controller import Controller
+from pipeline.edge.controller import Controller, State
+from pipeline.edge.shadows import ShadowCounts, Shadows
 from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.results import Outcome, Results, Summary, print_summary
@@ -72,6 +73,9 @@ class EdgeProducer:
                 wire.Codec.NONE)))   # a first guess at a frame's bytes, until some are sent
         self.results = Results(cfg.results)
         self.summary: Summary = self.results.summary
+        self.shadows = Shadows(cfg.shadow) if cfg.shadow else None
+        if self.shadows is not None:
+            self.summary.shadows = self.shadows.counts
         self._opened: asyncio.Event | None = None    # a request entered an empty table
         self._settled: asyncio.Event | None = None   # the table became empty
         m, p = for_registry(EdgeMetrics, registry), str(cfg.producer_id)
@@ -86,6 +90,12 @@ class EdgeProducer:
         self.m_requests = {s: m.requests.labels(p, s) for s in REQUEST_STATUSES}
         self.m_uplink, self.m_feature = m.uplink_bytes.labels(p), m.feature_bytes.labels(p)
         self.m_payload, self.m_duplicates = m.payload_bytes.labels(p), m.duplicates.labels(p)
+        self.m_exit_confidence = m.exit_confidence.labels(p)
+        self.m_shadows = {o: m.shadows.labels(p, o) for o in ("sent", "answered", "dropped")}
+        self.m_shadow_agreements = m.shadow_agreements.labels(p)
+        self.m_shadow_exit_correct = m.shadow_exit_correct.labels(p)
+        self.m_shadow_bytes = m.shadow_bytes.labels(p)
+        self._shadows_exported = ShadowCounts()
         self.m_threshold = m.threshold.labels(p)
         self.m_threshold.set(self.threshold)
         if self.controller:
@@ -202,14 +212,20 @@ class EdgeProducer:
         head_ms = (time.perf_counter() - start) * 1000 / len(batch)
         for _ in batch:
             self.m_head.observe(head_ms / 1000)
-        now, unsure = time.time(), []
+        now, unsure, exited = time.time(), [], []
         for i, f in enumerate(batch):
             if scores[i] >= threshold:
                 self._finish(Outcome(f.frame_id, f.source, "exit", exit_cls[i], float(scores[i]),
                                      f.label, None, f.capture_ts, head_ms,
                                      (now - f.capture_ts) * 1000))
+                self.m_exit_confidence.inc(float(scores[i]))
+                exited.append(i)
             else:
                 unsure.append(i)
+        if self.shadows is not None and exited:
+            picked = [exited[j] for j in self.shadows.pick(len(exited))]
+            if picked:
+                await self._shadow(hidden[picked], [exit_cls[i] for i in picked])
         if not unsure:
             if self.controller:
                 self.controller.sent(len(batch), 0, 0, time.monotonic())
@@ -236,6 +252,40 @@ class EdgeProducer:
         self.m_feature.inc(len(unsure) * wire.row_bytes(self.dtype, features.shape[1]))
         self.m_payload.inc(len(request[0]) - wire.REQUEST_HEADER_BYTES)
 
+    async def _shadow(self, hidden: np.ndarray, exit_classes: list[int]) -> None:
+        """Send frames the exit answered, to see whether the tail agrees; unless the server
+        is loaded (the controller backs off, or shadows wait unanswered), then they are the
+        first thing dropped."""
+        now = time.monotonic()
+        if not self.shadows.room(now) or (self.controller
+                                          and self.controller.state is not State.TRACKING):
+            self.shadows.counts.dropped += len(exit_classes)
+            self._export_shadows()
+            return
+        msg_id = self.inflight.take_id()
+        request = wire.encode_request(msg_id, self.model_tag, self.head.run_uplink(hidden),
+                                      self.dtype, self.codec, self.head.code, shadow=True)
+        self.shadows.open(msg_id, exit_classes, now)
+        try:
+            await self.sock.send_multipart(request, flags=zmq.NOBLOCK)
+            self.m_shadow_bytes.inc(wire.wire_bytes(request))
+        except zmq.Again:
+            self.shadows.drop(msg_id)
+        self._export_shadows()
+
+    def _export_shadows(self) -> None:
+        """Copy the shadow counts into the metrics (deltas since the last copy)."""
+        c, last = self.shadows.counts, self._shadows_exported
+        for outcome in ("sent", "answered", "dropped"):
+            delta = getattr(c, outcome) - getattr(last, outcome)
+            if delta:
+                self.m_shadows[outcome].inc(delta)
+        if c.agreed != last.agreed:
+            self.m_shadow_agreements.inc(c.agreed - last.agreed)
+        if c.exit_correct != last.exit_correct:
+            self.m_shadow_exit_correct.inc(c.exit_correct - last.exit_correct)
+        self._shadows_exported = ShadowCounts(**c.__dict__)
+
     def _threshold(self, scores: np.ndarray) -> float:
         """The trained threshold, or the controller's for this batch."""
         if not self.controller:
@@ -259,7 +309,12 @@ class EdgeProducer:
                 except WireError as e:
                     self.m_bad.labels("edge", e.reason).inc()
                     continue
-                self._resolve(self.inflight.refuse(answer) if isinstance(answer, wire.Error)
+                refused = isinstance(answer, wire.Error)
+                if self.shadows is not None and (self.shadows.refuse(answer) if refused
+                                     else self.shadows.answer(answer)):
+                    self._export_shadows()
+                    continue
+                self._resolve(self.inflight.refuse(answer) if refused
                               else self.inflight.answer(answer))
 
     async def _expire(self) -> None:

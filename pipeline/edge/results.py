@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO
 
+from pipeline.edge.shadows import ShadowCounts
 from pipeline.errors import ConfigError
 
 __all__ = ["Outcome", "Summary", "Results", "print_summary"]
@@ -41,6 +42,7 @@ class Summary:
     duplicates: int = 0
     correct: int = 0
     labelled: int = 0
+    shadows: ShadowCounts | None = None     # with --shadow: how the exit measured up
 
 
 class Results:
@@ -74,3 +76,10 @@ def print_summary(s: Summary, file=sys.stderr) -> None:
     acc = f", accuracy {100 * s.correct / s.labelled:.2f}%" if s.labelled else ""
     print(f"I: edge: {s.frames} frames: {dict(s.paths)}, fallbacks {dict(s.fallback_reasons)}, "
           f"duplicates {s.duplicates}{acc}", file=file, flush=True)
+    sh = s.shadows
+    if sh is not None and sh.sent:
+        measured = (f": exit-vs-tail agreement {100 * sh.agreement:.2f}%, exit accuracy "
+                    f"{100 * sh.exit_accuracy:.2f}% with the tail judging" if sh.answered
+                    else "")
+        print(f"I: edge: shadows {sh.sent} sent, {sh.answered} answered, {sh.dropped} "
+              f"dropped{measured}", file=file, flush=True)

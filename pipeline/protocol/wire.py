@@ -10,6 +10,7 @@ costs its features plus 16 bytes (2 more of ZMTP framing), not a msgpack map of 
     REPLY      version u8, kind u8, msg_id u32, batch u16, queue_us u32, tail_us u32,
                queued u16, free_credit u16, len(worker_id) u8                  (21 B)
                + worker_id (utf-8) + a class per frame (u8) + a confidence per frame (f16)
+    SHADOW     the REQUEST layout under its own kind (see Kind.SHADOW)
     ERROR      [version, kind] + msgpack [msg_id, reason, detail]   (a refusal of a request)
     READY      [version, kind] + msgpack [worker_id, model_tag, credit]   worker -> broker
     HEARTBEAT  [version, kind]                            both ways, broker <-> worker
@@ -45,7 +46,7 @@ __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
-           "peek", "stamp_load", "quantize", "quantize_unsigned", "dequantize", "row_bytes", "wire_bytes",
+           "peek", "stamp_load", "REQUEST_KINDS", "quantize", "quantize_unsigned", "dequantize", "row_bytes", "wire_bytes",
            "model_tag", "MODEL_TAG_BYTES", "SCALE_BYTES", "frame_scales",
            "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES"]
 
@@ -69,6 +70,12 @@ class Kind(IntEnum):
     HEARTBEAT = 5    # broker <-> worker: alive (any message counts as one)
     DISCONNECT = 6   # worker -> broker: draining, send nothing new;
                      # broker -> worker: I do not know you, announce yourself (READY) again
+    SHADOW = 7       # a REQUEST, same layout, for frames the exit already answered (to
+                     # measure it): the broker takes it only while a worker has free credit
+                     # and nothing is queued, else refuses it BUSY at once
+
+
+REQUEST_KINDS = (Kind.REQUEST, Kind.SHADOW)   # what a worker serves
 
 
 class DType(IntEnum):
@@ -260,7 +267,7 @@ U32_MAX = (1 << 32) - 1
 
 def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
                    dtype: DType = DType.INT8, codec: Codec = Codec.LZ4,
-                   code: StaticCode | None = None) -> list[bytes]:
+                   code: StaticCode | None = None, shadow: bool = False) -> list[bytes]:
     """[request] for one or more frames' features (frames, width): one frame, the fixed
     header, the scales, the payload. Codec.STATIC needs the model's `code` and an unsigned
     dtype; like lz4 it is used only when it shrinks the payload."""
@@ -286,8 +293,8 @@ def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
                 payload = packed
             else:
                 codec = Codec.NONE
-    header = _REQUEST.pack(VERSION, Kind.REQUEST, int(dtype) << 4 | int(codec), frames - 1,
-                           msg_id, model_tag, width)
+    header = _REQUEST.pack(VERSION, Kind.SHADOW if shadow else Kind.REQUEST,
+                           int(dtype) << 4 | int(codec), frames - 1, msg_id, model_tag, width)
     return [header + scales + payload]
 
 
@@ -399,7 +406,7 @@ def _enum(value, cls, name: str):
 def peek(frame) -> tuple[Kind, int]:
     """(kind, msg_id) of any message: all the broker needs to route it (0 for control)."""
     data, kind = _prefix(frame)
-    if kind == Kind.REQUEST:
+    if kind in REQUEST_KINDS:
         if len(data) < _REQUEST.size:
             raise WireError("malformed", f"a request header is {_REQUEST.size} bytes")
         return kind, _REQUEST.unpack_from(data)[4]
@@ -418,7 +425,7 @@ def peek(frame) -> tuple[Kind, int]:
 def decode_request(frames: list, code: StaticCode | None = None) -> Request:
     """The request in `frames`; `code` is this side's model's static code, if it has one."""
     data, kind = _single(frames, "a request")
-    if kind != Kind.REQUEST or len(data) < _REQUEST.size:
+    if kind not in REQUEST_KINDS or len(data) < _REQUEST.size:
         raise WireError("kind", "not a request")
     _, _, types, n, msg_id, model_tag, width = _REQUEST.unpack_from(data)
     dtype, codec = _enum(types >> 4, DType, "dtype"), _enum(types & 0xF, Codec, "codec")
