@@ -115,7 +115,19 @@ def _cmd_broker(args: argparse.Namespace) -> None:
 
     security = _security(args, broker=True).check([args.frontend, args.backend], "broker")
     _start_metrics(args)
-    run_broker(BrokerConfig(args.frontend, args.backend, args.max_queue, security=security))
+    run_broker(BrokerConfig(args.frontend, args.backend, args.max_queue,
+                            _queue_timeout_s(args), security=security))
+
+
+def _queue_timeout_s(args: argparse.Namespace, default_ms: float | None = None) -> float:
+    from workers.config import BrokerConfig
+
+    ms = args.queue_timeout_ms if args.queue_timeout_ms is not None else default_ms
+    if ms is None:
+        return BrokerConfig.queue_timeout_s
+    if not ms > 0:
+        raise UserError(f"--queue-timeout-ms {ms} must be positive")
+    return ms / 1000
 
 
 def _worker_config(args: argparse.Namespace, backend: str):
@@ -148,7 +160,8 @@ def _cmd_workers(args: argparse.Namespace) -> None:
     try:
         if not args.join:
             group.start("broker", run_broker, BrokerConfig(
-                args.frontend, args.backend, args.max_queue, security=broker_security))
+                args.frontend, args.backend, args.max_queue, _queue_timeout_s(args),
+                security=broker_security))
         workers = [group.start(f"worker-{i}", run_worker, args.artifacts, cfg)
                    for i in range(args.n)]
         print(f"I: {args.n} workers on {backend}" + ("" if args.join else
@@ -207,7 +220,8 @@ def _cmd_up(args: argparse.Namespace) -> None:
         raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
     cfg = UpConfig(args.artifacts, args.workers, args.producers, args.fps, args.limit,
                    args.data, args.run_dir, args.metrics_port, args.metrics_addr, args.hold,
-                   BrokerConfig(args.frontend, args.backend, args.max_queue),
+                   BrokerConfig(args.frontend, args.backend, args.max_queue,
+                                _queue_timeout_s(args, args.deadline_ms)),
                    WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                 threads=args.threads),
                    EdgeConfig(deadline_ms=args.deadline_ms, dtype=args.dtype, codec=args.codec,

@@ -48,6 +48,11 @@ def add_broker_addresses(p: argparse.ArgumentParser) -> None:
                    help="workers connect here (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=BrokerConfig.max_queue,
                    help="queued requests before edges are told BUSY (default: %(default)s)")
+    p.add_argument("--queue-timeout-ms", type=float, default=None,
+                   help="a request queued longer is dropped (NO_WORKER): its edge has given up "
+                        "and serving it would only delay the next ones; set it to the edges' "
+                        f"--deadline-ms (default: {BrokerConfig.queue_timeout_s * 1000:.0f}; "
+                        "`up`: its own --deadline-ms)")
 
 
 def add_worker_options(p: argparse.ArgumentParser) -> None:

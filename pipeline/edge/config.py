@@ -69,7 +69,8 @@ class EdgeConfig:
         if self.target_offload is None and self.uplink_budget is None:
             return None
         return ControllerConfig(self.target_offload, self.uplink_budget,
-                                hold_s=max(HOLD_MIN_S, 2 * self.deadline_ms / 1000)).check()
+                                hold_s=max(HOLD_MIN_S, 2 * self.deadline_ms / 1000),
+                                deadline_s=self.deadline_ms / 1000).check()
 
     def validate(self) -> "EdgeConfig":
         if self.dtype != AUTO and self.dtype not in DTYPE_NAMES:

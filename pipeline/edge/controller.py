@@ -9,8 +9,9 @@ monotonic seconds), so tests drive it with synthetic score streams. The producer
     sent(frames, offloaded, wire_bytes, now)   what that batch put on the wire
     refused(reason, now)                  a request came back unanswered (busy, no_worker,
                                           deadline, unreachable)
-    answered(now, queued)                 the server answered a request; `queued`: the
-                                          broker's queue then (wire.Reply.queued)
+    answered(now, queued, free_credit, server_s)   the server answered a request, and how
+                                          loaded it was (wire.Reply's load hint, and the
+                                          worker's queue + tail time)
 
 How it decides:
 - Which frames: the least confident `ratio` of recent frames. A sorted window of the last
@@ -23,13 +24,16 @@ How it decides:
     server cap: AIMD, as TCP's congestion window. A busy server or a missed deadline halves
     it (from the ratio actually offloaded); no worker, an unreachable broker, or a second
     cut with no answer since the first drops it to `floor`, and it climbs back by doubling
-    to half where it was cut. Then nothing moves for
+    to where it was cut to. Then nothing moves for
     `hold_s`: refusals of requests sent before the cut are still arriving, and counting them
     again would spiral to zero (the hysteresis). Before any refusal, the load hint: when most
-    answers of a hold were forwarded while requests queued at the broker (no worker had free
-    credit), the pool is saturated and the cap is cut the same way, before deadlines are
-    missed. After each hold whose answers all found free credit, the cap doubles (below half
-    the cut) or creeps up by `creep` of the target, and it stops binding at the target.
+    answers of a hold say the pool is saturated (requests queued at the broker, no free
+    credit left, or half the deadline spent in the worker), the cap is cut to 3/4, before
+    deadlines are missed.
+    After each hold whose answers all found free credit, the cap doubles (after an outage)
+    or creeps up by `creep` of the target, 8x slower within 15 % below the ratio where the
+    server last pushed back (CUBIC's plateau: the capacity is probably there), and it stops
+    binding at the target.
 - Bounds: never more than the target allows, never less than `floor`: a trickle of requests
   that notices when the server is back.
 """
@@ -50,6 +54,12 @@ OFFLOAD_ALL = 1.5                              # above every score: offload ever
 OVERLOAD_REASONS = ("busy", "deadline")        # the server is there, but too slow for us
 OUTAGE_REASONS = ("no_worker", "unreachable")  # nobody to serve: fall to the floor
 SATURATED_MIN_ANSWERS = 4      # a hold's answers before "most found a queue" means anything
+SATURATED_DEADLINE_SHARE = 0.25  # an answer that spent this much of the deadline in a worker
+REFUSED_DECREASE = 0.7         # of what it served: a refusal or a missed deadline, past it
+SATURATED_DECREASE = 0.9       # ... a queue, no refusal yet: slow down, not as far
+NEAR_OVERLOAD = 0.85           # within this of where the server last pushed back ...
+NEAR_OVERLOAD_SLOWDOWN = 8     # ... the cap creeps this many times slower
+CAPACITY_WINDOW_S = 1.0        # the server's throughput is measured over this
 # Other refusals (wrong_model, bad_request) say nothing about load: they do not move it.
 
 
@@ -70,6 +80,7 @@ class ControllerConfig:
     hold_s: float = 0.25                  # after a cut, refusals are not counted again
     floor: float = 0.005                  # the least offload ratio: the probe trickle
     creep: float = 0.125                  # additive increase per quiet hold, of the target
+    deadline_s: float = math.inf          # the edge's deadline: answers near it are a warning
 
     def check(self) -> "ControllerConfig":
         """ValueError with the flag's name for a setting that cannot work."""
@@ -109,7 +120,9 @@ class Controller:
         self._answers = 0               # answers since the last review: the server is there
         self._saturated = 0             # ... of them, forwarded while requests queued
         self._answered_since_cut = True
-        self._resume = 0.0              # doubling stops here (half the ratio that was cut)
+        self._resume = 0.0              # doubling stops here (where the cap was cut to)
+        self._overloaded_at = 0.0       # the ratio the server could take when it pushed back
+        self._served: deque[tuple[float, int]] = deque()   # (now, frames answered)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -150,14 +163,23 @@ class Controller:
             return
         # A second cut without one answer since the first: nobody is serving at all.
         self._cut(now, reason in OUTAGE_REASONS
-                  or (self.cap is not None and not self._answered_since_cut))
+                  or (self.cap is not None and not self._answered_since_cut), REFUSED_DECREASE)
 
-    def answered(self, now: float, queued: int = 0) -> None:
-        """An answer, with the broker's queue when it forwarded it (the load hint): requests
-        waiting means every worker's credit is taken."""
+    def answered(self, now: float, queued: int = 0, free_credit: int = 1,
+                 server_s: float = 0.0, late: bool = False, frames: int = 1) -> None:
+        """An answer, with the load hint it came with: the broker's queue and free credit as
+        it forwarded it, and the seconds the request spent in its worker. Any request waiting
+        at the broker, no credit left, half the deadline gone inside the worker, or the
+        answer arriving after its deadline (`late`) means the pool is saturated: one more
+        frame a second and deadlines are missed. A late answer still says it is there, and
+        its `frames` count in what the server can serve."""
+        self._served.append((now, frames))
         self._answers += 1
-        self._saturated += queued > 0
+        self._saturated += (late or queued > 0 or free_credit <= 0
+                            or server_s > SATURATED_DEADLINE_SHARE * self.cfg.deadline_s)
         self._answered_since_cut = True
+        if self._overloaded(now):   # at once: a queue grows by the hold's length meanwhile
+            self._cut(now, False, SATURATED_DECREASE)
 
     def retarget(self, target_offload: float | None = None,
                  uplink_budget: float | None = None) -> None:
@@ -177,32 +199,46 @@ class Controller:
         return max(self.cfg.floor, min(1.0, self.cfg.uplink_budget
                                        / (frames_per_s * self._bytes_per_offload)))
 
-    def _cut(self, now: float, outage: bool) -> None:
+    def _cut(self, now: float, outage: bool, decrease: float) -> None:
         sending = self.ratio if not self._frames else min(self.ratio,
                                                           self._offloaded / self._frames)
-        self._resume = max(self.cfg.floor, sending / 2)
+        # What the server could take: the frames it answered over the last second, as a
+        # share of the frames seen then (saturated, its throughput is its capacity).
+        self._overloaded_at = min(sending, self._served_ratio(now))
+        self._resume = max(self.cfg.floor, self._overloaded_at * decrease)
         self.cap = self.cfg.floor if outage else self._resume
         self.state = State.BACKING_OFF
         self._hold_until = now + self.cfg.hold_s
         self._since_review, self._answers, self._saturated = now, 0, 0
         self._answered_since_cut = False
 
+    def _served_ratio(self, now: float) -> float:
+        horizon = now - CAPACITY_WINDOW_S
+        while self._served and self._served[0][0] < horizon:
+            self._served.popleft()
+        frames = sum(f for t, f, _, _ in self._sent if t >= horizon)
+        served = sum(f for _, f in self._served)
+        return served / frames if frames and served >= SATURATED_MIN_ANSWERS else math.inf
+
+    def _overloaded(self, now: float) -> bool:
+        """Most answers since the last review say the pool is saturated (outside a hold)."""
+        return (now >= self._hold_until and self._answers >= SATURATED_MIN_ANSWERS
+                and 2 * self._saturated >= self._answers)
+
     def _review(self, now: float) -> None:
-        """Once per hold: a pool saturated on most answers is cut before it refuses; a cap
-        climbs only after a hold whose answers all found free credit, and stops binding at
-        the target."""
+        """Once per hold: a cap climbs only after a hold whose answers all found room, and
+        stops binding at the target."""
         if now < self._since_review + self.cfg.hold_s:
             return
         answers, saturated = self._answers, self._saturated
         self._since_review, self._answers, self._saturated = now, 0, 0
-        if answers >= SATURATED_MIN_ANSWERS and 2 * saturated >= answers:
-            self._cut(now, outage=False)
-            return
         if self.cap is None or not answers or saturated:
             return          # no evidence the server has room: hold the cap where it is
         target = self._target_ratio(now)
         if self.cap < self._resume:
             self.cap = min(self._resume, 2 * self.cap)
+        elif NEAR_OVERLOAD * self._overloaded_at <= self.cap <= self._overloaded_at:
+            self.cap += self.cfg.creep * target / NEAR_OVERLOAD_SLOWDOWN
         else:
             self.cap += self.cfg.creep * target
         self.state = State.RECOVERING

@@ -119,8 +119,8 @@ class InFlight:
 
     def answer(self, reply: Reply) -> Resolution:
         request = self._requests.get(reply.msg_id)
-        if request is None:
-            return Resolution(reply.msg_id, Status.DUPLICATE)
+        if request is None:   # the reply rides along: a late answer still says the server
+            return Resolution(reply.msg_id, Status.DUPLICATE, reply=reply)   # is there
         if len(reply.classes) != len(request.frames):
             return Resolution(reply.msg_id, Status.MIS_SIZED)
         del self._requests[reply.msg_id]

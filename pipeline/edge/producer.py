@@ -118,6 +118,8 @@ class EdgeProducer:
         if r.status is Status.DUPLICATE:
             self.summary.duplicates += 1  # late, or a second answer after a redelivery
             self.m_duplicates.inc()
+            if self.controller and r.reply:
+                self._answered(r.reply, late=True)
             return
         if r.status is Status.MIS_SIZED:
             self.m_bad.labels("edge", "shape").inc()  # the request's deadline decides
@@ -125,7 +127,7 @@ class EdgeProducer:
         self.m_requests[r.status.value].inc()
         if self.controller:
             if r.status is Status.ANSWERED:
-                self.controller.answered(time.monotonic(), r.reply.queued)
+                self._answered(r.reply)
             else:
                 self.controller.refused(r.finals[0].reason, time.monotonic())
         now, head_ms, reply = time.time(), r.note, r.reply
@@ -285,6 +287,12 @@ class EdgeProducer:
         if c.exit_correct != last.exit_correct:
             self.m_shadow_exit_correct.inc(c.exit_correct - last.exit_correct)
         self._shadows_exported = ShadowCounts(**c.__dict__)
+
+    def _answered(self, reply: wire.Reply, late: bool = False) -> None:
+        """Tell the controller the server answered, and the load the answer came with."""
+        self.controller.answered(time.monotonic(), reply.queued, reply.free_credit,
+                                 (reply.queue_us + reply.tail_us) / 1e6, late,
+                                 len(reply.classes))
 
     def _threshold(self, scores: np.ndarray) -> float:
         """The trained threshold, or the controller's for this batch."""
