@@ -93,3 +93,14 @@ def test_calibration_quality_reports_the_test_ece_before_and_after():
     q = cal.calibration_quality(zv, yv, zt, yt)
     assert q["temperature"] == pytest.approx(2.5, rel=0.05) and q["ece_bins"] == cal.ECE_BINS
     assert q["test_ece_after"] < q["test_ece_before"] / 2
+
+
+def test_the_ece_floor_is_what_a_calibrated_classifier_shows_on_as_many_frames():
+    """Calibrated by construction, its ECE is noise: about the floor, and the floor shrinks
+    with more frames (as 1/sqrt(n))."""
+    small, labels = calibrated_logits(n=2_000, seed=4)
+    floor = cal.ece_floor(small)
+    assert 0 < floor < 0.05
+    assert cal.expected_calibration_error(small, labels) < 3 * floor
+    large, _ = calibrated_logits(n=50_000, seed=4)
+    assert cal.ece_floor(large) < floor / 3

@@ -31,9 +31,9 @@ How it decides:
     credit left, or half the deadline spent in the worker), the cap is cut to 3/4, before
     deadlines are missed.
     After each hold whose answers all found free credit, the cap doubles (after an outage)
-    or creeps up by `creep` of the target, 8x slower within 15 % below the ratio where the
-    server last pushed back (CUBIC's plateau: the capacity is probably there), and it stops
-    binding at the target.
+    or creeps up by `creep` of the target, 8x slower within 15 % of what the server could
+    take when it last pushed back (CUBIC's plateau: its capacity is probably there), and it
+    stops binding at the target.
 - Bounds: never more than the target allows, never less than `floor`: a trickle of requests
   that notices when the server is back.
 """
@@ -57,7 +57,7 @@ SATURATED_MIN_ANSWERS = 4      # a hold's answers before "most found a queue" me
 SATURATED_DEADLINE_SHARE = 0.25  # an answer that spent this much of the deadline in a worker
 REFUSED_DECREASE = 0.7         # of what it served: a refusal or a missed deadline, past it
 SATURATED_DECREASE = 0.9       # ... a queue, no refusal yet: slow down, not as far
-NEAR_OVERLOAD = 0.85           # within this of where the server last pushed back ...
+NEAR_OVERLOAD = 0.85           # within 15 % of where the server last pushed back ...
 NEAR_OVERLOAD_SLOWDOWN = 8     # ... the cap creeps this many times slower
 CAPACITY_WINDOW_S = 1.0        # the server's throughput is measured over this
 # Other refusals (wrong_model, bad_request) say nothing about load: they do not move it.
@@ -237,7 +237,8 @@ class Controller:
         target = self._target_ratio(now)
         if self.cap < self._resume:
             self.cap = min(self._resume, 2 * self.cap)
-        elif NEAR_OVERLOAD * self._overloaded_at <= self.cap <= self._overloaded_at:
+        elif NEAR_OVERLOAD * self._overloaded_at <= self.cap \
+                <= self._overloaded_at / NEAR_OVERLOAD:
             self.cap += self.cfg.creep * target / NEAR_OVERLOAD_SLOWDOWN
         else:
             self.cap += self.cfg.creep * target

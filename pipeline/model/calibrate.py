@@ -22,7 +22,7 @@ from pipeline.model.config import CalibrationConfig
 
 __all__ = ["exit_scores", "Sweep", "sweep", "choose_threshold", "split_accuracy",
            "write_csv", "write_plot", "expected_calibration_error", "fit_temperature",
-           "calibration_quality", "reliability", "write_reliability_plot", "ECE_BINS"]
+           "calibration_quality", "reliability", "write_reliability_plot", "ece_floor", "ECE_BINS"]
 
 OFFLOAD_ALL = 1.5  # above every score
 ECE_BINS = 15       # the customary equal-width bins of expected calibration error
@@ -117,21 +117,42 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray,
     """How far max-softmax confidence is from accuracy, averaged over equal-width confidence
     bins weighted by their frames: 0 when a 0.9-confident answer is right 90 % of the time.
     A threshold on confidence only means what it says when this is small."""
-    conf, accuracy, frames = reliability(logits, labels, temperature, bins)
+    return _ece(*reliability(logits, labels, temperature, bins))
+
+
+def _ece(conf: np.ndarray, accuracy: np.ndarray, frames: np.ndarray) -> float:
     filled = frames > 0
     return float((frames[filled] * np.abs(accuracy[filled] - conf[filled])).sum()
-                 / len(labels))
+                 / frames.sum())
+
+
+def ece_floor(logits: np.ndarray, temperature: float = 1.0, draws: int = 20,
+              bins: int = ECE_BINS, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated classifier with these confidences would still show on
+    this many frames (each right with probability its confidence; mean of `draws`): the
+    estimator's own sampling noise. An ECE near it cannot be improved, only re-drawn."""
+    confidence = _softmax(logits, temperature).max(axis=1)
+    rng = np.random.default_rng(seed)
+    return float(np.mean([_ece(*_binned(confidence, rng.random(len(confidence)) < confidence,
+                                        bins)) for _ in range(draws)]))
 
 
 def reliability(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
                 bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width confidence bin: (mean confidence, accuracy, frames); NaN where empty.
     Plotted, a calibrated classifier lies on the diagonal."""
+    p = _softmax(logits, temperature)
+    return _binned(p.max(axis=1), p.argmax(axis=1) == labels, bins)
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     z = np.asarray(logits, np.float64) / temperature
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    confidence, correct = p.max(axis=1), p.argmax(axis=1) == labels
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _binned(confidence: np.ndarray, correct: np.ndarray, bins: int):
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     frames = np.bincount(which, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -203,8 +224,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def calibration_quality(val_logits: np.ndarray, val_labels: np.ndarray,
                         test_logits: np.ndarray, test_labels: np.ndarray) -> dict:
-    """A temperature fitted on validation, and the test set's ECE before and after it."""
+    """A temperature fitted on validation, the test set's ECE before and after it, and the
+    ECE a perfectly calibrated classifier would show there (its noise floor)."""
     t = fit_temperature(val_logits, val_labels)
     return {"temperature": t, "ece_bins": ECE_BINS,
             "test_ece_before": expected_calibration_error(test_logits, test_labels),
-            "test_ece_after": expected_calibration_error(test_logits, test_labels, t)}
+            "test_ece_after": expected_calibration_error(test_logits, test_labels, t),
+            "test_ece_floor": ece_floor(test_logits, t)}

@@ -43,7 +43,9 @@ def format_report(m: dict) -> str:
         lines.append(f"| {part} | {_pct(r['exit_only'])} | {_pct(r['full'])} | "
                      f"{_pct(r['split_exit'])} | {_pct(r['offload_ratio'])} |")
     for name, q in c.get("confidence", {}).items():  # absent in metrics of older runs
+        floor = (f"; a calibrated classifier would show {q['test_ece_floor']:.4f} on as "
+                 f"many frames" if "test_ece_floor" in q else "")
         lines.append(f"{name} confidence: ECE {q['test_ece_before']:.4f} on test, "
                      f"{q['test_ece_after']:.4f} at temperature {q['temperature']:.3f} "
-                     f"(fitted on validation)")
+                     f"(fitted on validation){floor}")
     return "\n".join(lines)
