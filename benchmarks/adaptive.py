@@ -22,7 +22,6 @@ import os
 import signal
 import tempfile
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,9 +57,10 @@ def run_paced_worker(artifacts: str, cfg: WorkerConfig, name: str, per_frame_s: 
 
 
 class Pool:
-    """A broker and named workers on fresh loopback ports (paced, or as fast as they go)."""
+    """A broker and named workers (w0, w1, ... to start with) on fresh loopback ports, paced
+    or as fast as they go."""
 
-    def __init__(self, artifacts: str, paced: bool):
+    def __init__(self, artifacts: str, paced: bool, workers: int = 2):
         self.artifacts, self.paced = artifacts, paced
         self.registry = metrics()    # before any child starts: they write where it reads
         self.group = ProcessGroup()
@@ -72,6 +72,12 @@ class Pool:
         self.group.start("broker", run_broker, BrokerConfig(
             self.front, self.back, queue_timeout_s=EdgeConfig.deadline_ms / 1000))
         self._confirmed = 0
+        try:
+            for i in range(workers):
+                self.add(f"w{i}")
+        except BaseException:
+            self.close()
+            raise
 
     def add(self, name: str, wait: bool = True) -> None:
         from workers.tail_worker import run_worker
@@ -190,8 +196,6 @@ def target(args, tmp: Path) -> None:
     fixed = fixed_threshold_for(args.artifacts, 0.3)
     pool = Pool(args.artifacts, paced=False)
     try:
-        pool.add("w0")
-        pool.add("w1")
         rows = []
         for name, cfg, threshold in (
                 ("fixed threshold (30 % on validation)", EdgeConfig(), fixed),
@@ -212,7 +216,7 @@ def target(args, tmp: Path) -> None:
 
 def capacity(args, tmp: Path) -> None:
     """Two paced workers (2 x 200 frames/s) serve 30 % of 1 000 frames/s; one stops at
-    STOP_S (capacity 200 < 300 needed), a new one starts at RESTORE_S."""
+    `stop_s` (200 < the 300 needed), a new one starts at `restore_s`."""
     stop_s, restore_s, frames, fps = 6.0, 14.0, 20_000, 1000.0
     rows = []
     fixed = fixed_threshold_for(args.artifacts, 0.3)
@@ -221,8 +225,6 @@ def capacity(args, tmp: Path) -> None:
                                   None)):
         pool = Pool(args.artifacts, paced=True)
         try:
-            pool.add("w0")
-            pool.add("w1")
             outcomes, at = stream(
                 args, pool, cfg, frames, fps, tmp / f"capacity-{len(rows)}.jsonl",
                 [(stop_s, "stop", lambda p: pool.stop("w1")),
@@ -251,7 +253,7 @@ def capacity(args, tmp: Path) -> None:
 
 
 def budget(args, tmp: Path) -> None:
-    """An uplink budget of BUDGET B/s, halved at HALVE_S."""
+    """An uplink budget of `budget_bps`, halved at `halve_s`."""
     budget_bps, halve_s, frames, fps = 12_000.0, 8.0, 16_000, 1000.0
     rows = []
     for name, cfg in (("fixed threshold (trained)", EdgeConfig()),
@@ -259,8 +261,6 @@ def budget(args, tmp: Path) -> None:
                        EdgeConfig(uplink_budget=budget_bps))):
         pool = Pool(args.artifacts, paced=False)
         try:
-            pool.add("w0")
-            pool.add("w1")
             outcomes, at = stream(
                 args, pool, cfg, frames, fps, tmp / f"budget-{len(rows)}.jsonl",
                 [(halve_s, "halve", lambda p: p.controller and p.controller.retarget(
@@ -298,8 +298,6 @@ def shadow(args, tmp: Path) -> None:
 
     pool = Pool(args.artifacts, paced=False)
     try:
-        pool.add("w0")
-        pool.add("w1")
         outcomes, at = stream(args, pool, EdgeConfig(shadow=0.02), args.frames, args.fps,
                               tmp / "shadow.jsonl")
     finally:

@@ -171,6 +171,19 @@ class Observed:
     def ready(self, role: str, n: int = 1, procs=()) -> None:
         self.wait_for("splitexit_ready", n, procs, role=role)
 
+    def broker_and_worker(self, group, art: Path) -> tuple[str, object]:
+        """A broker and one worker w0 on fresh loopback ports, started in `group`, returned
+        once the broker confirmed the worker: (the edges' frontend, w0's process)."""
+        from workers.broker import run_broker
+        from workers.config import BrokerConfig, WorkerConfig
+        from workers.tail_worker import run_worker
+
+        front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        broker = group.start("broker", run_broker, BrokerConfig(front, back))
+        w0 = group.start("w0", run_worker, str(art), WorkerConfig(back), "w0")
+        self.ready("worker", 1, [broker, w0])
+        return front, w0
+
 
 @pytest.fixture
 def observed(tmp_path, monkeypatch) -> Observed:

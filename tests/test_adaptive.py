@@ -11,11 +11,7 @@ from collections import Counter
 
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
-from tests.conftest import free_port
-from workers.broker import run_broker
-from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup
-from workers.tail_worker import run_worker
 
 FRAMES, FPS, TARGET = 600, 100.0, 0.5     # the generated test split twice, over 6 s
 
@@ -24,11 +20,8 @@ def through_a_dying_worker(art, idx_dir, results, observed, target) -> tuple[lis
     """Stream until 30 frames were answered by the worker, kill it; (outcomes final before
     the kill, outcomes final after it)."""
     group = ProcessGroup()
-    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     try:
-        broker = group.start("broker", run_broker, BrokerConfig(front, back))
-        w0 = group.start("w0", run_worker, str(art), WorkerConfig(back), "w0")
-        observed.ready("worker", 1, [broker, w0])
+        front, w0 = observed.broker_and_worker(group, art)
         edge = group.start("edge", run_producer, str(art),
                            EdgeConfig(front, 300.0, results=str(results), max_pack=1,
                                       target_offload=target),

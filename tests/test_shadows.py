@@ -11,11 +11,7 @@ from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
 from pipeline.edge.shadows import SHADOW_TIMEOUT_S, Shadows
 from pipeline.protocol.wire import Error, Refusal, Reply
-from tests.conftest import free_port
-from workers.broker import run_broker
-from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup
-from workers.tail_worker import run_worker
 
 
 def reply(msg_id, classes, confidences):
@@ -63,11 +59,8 @@ def test_shadows_never_change_an_answer_and_never_count_as_offloads(artifacts, i
     frame its exit answers: frame by frame the same final answers, the same offloads, the
     same uplink bytes, and the shadows answered (or turned away by a busy broker)."""
     group = ProcessGroup()
-    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     try:
-        broker = group.start("broker", run_broker, BrokerConfig(front, back))
-        worker = group.start("w0", run_worker, str(artifacts), WorkerConfig(back), "w0")
-        observed.ready("worker", 1, [broker, worker])
+        front, _ = observed.broker_and_worker(group, artifacts)
         edges = [group.start(f"edge{i}", run_producer, str(artifacts),
                              EdgeConfig(front, 10_000.0, producer_id=i, shadow=float(i),
                                         max_pack=1, results=str(tmp_path / f"{i}.jsonl")),

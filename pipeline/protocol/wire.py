@@ -46,7 +46,8 @@ __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
-           "peek", "stamp_load", "REQUEST_KINDS", "quantize", "quantize_unsigned", "dequantize", "row_bytes", "wire_bytes",
+           "peek", "stamp_load", "REQUEST_KINDS", "quantize", "quantize_unsigned",
+           "dequantize", "row_bytes", "wire_bytes",
            "model_tag", "MODEL_TAG_BYTES", "SCALE_BYTES", "frame_scales",
            "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES"]
 
