@@ -73,10 +73,14 @@ def test_shadows_never_change_an_answer_and_never_count_as_offloads(artifacts, i
         shadows = {o: observed.total("splitexit_edge_shadow_frames_total", producer="1",
                                      outcome=o) for o in ("sent", "answered", "dropped")}
         agreed = observed.total("splitexit_edge_shadow_agreements_total", producer="1")
+        claimed = observed.total("splitexit_edge_exit_confidence_total", producer="0")
     finally:
         group.stop()
-    plain, shadowed = ({o["frame"]: (o["path"], o["cls"]) for o in map(
-        json.loads, (tmp_path / f"{i}.jsonl").read_text().splitlines())} for i in (0, 1))
+    rows = [[json.loads(line) for line in (tmp_path / f"{i}.jsonl").read_text().splitlines()]
+            for i in (0, 1)]
+    plain, shadowed = ({o["frame"]: (o["path"], o["cls"]) for o in r} for r in rows)
+    # the accuracy the exit claims: the sum of its answers' calibrated confidences
+    assert claimed == pytest.approx(sum(o["confidence"] for o in rows[0] if o["path"] == "exit"))
     assert plain == shadowed
     exited = Counter(p for p, _ in shadowed.values())["exit"]
     assert exited > 50

@@ -209,9 +209,9 @@ class EdgeProducer:
         start = time.perf_counter()
         exit_logits, hidden = self.head.run_exit(np.stack([f.pixels for f in batch]))
         scores = exit_scores(exit_logits, self.score, self.head.temperature)
-        threshold = self._threshold(scores)
         exit_cls = exit_logits.argmax(1).tolist()
         head_ms = (time.perf_counter() - start) * 1000 / len(batch)
+        threshold = self._threshold(scores)
         for _ in batch:
             self.m_head.observe(head_ms / 1000)
         now, unsure, exited = time.time(), [], []
@@ -220,10 +220,11 @@ class EdgeProducer:
                 self._finish(Outcome(f.frame_id, f.source, "exit", exit_cls[i], float(scores[i]),
                                      f.label, None, f.capture_ts, head_ms,
                                      (now - f.capture_ts) * 1000))
-                self.m_exit_confidence.inc(float(scores[i]))
                 exited.append(i)
             else:
                 unsure.append(i)
+        if exited:
+            self.m_exit_confidence.inc(float(scores[exited].sum()))
         if self.shadows is not None and exited:
             picked = [exited[j] for j in self.shadows.pick(len(exited))]
             if picked:
