@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from monitoring.exposition import METRICS_PORTS, MetricsError
-from pipeline import options
+from pipeline import __version__, options
 from pipeline.errors import UserError
 
 __all__ = ["main"]
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="splitexit", description="Split computing with early exit "
                                  "on predefined-sparse networks.")
+    ap.add_argument("--version", action="version", version=f"splitexit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a split model, calibrate its exit, write artifacts")

@@ -21,7 +21,7 @@ from monitoring.exposition import DEFAULT_ADDR, METRICS_PORTS, MetricsServer, \
     claim_metrics_dir, mark_dead, multiprocess_registry, readiness
 from monitoring.metrics import PROMQL
 from pipeline.edge.config import EdgeConfig
-from pipeline.model.config import METRICS_FILE
+from pipeline.model.config import CONFIG_DIR, METRICS_FILE
 from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup, check_exits, start_server
 
@@ -101,7 +101,8 @@ def up(cfg: UpConfig) -> dict:
     if server:
         server.start(registry, readiness(registry, {"broker": 1, "worker": cfg.workers}))
         print(f"I: metrics for every process on http://{server.addr}:{server.port}/metrics, "
-              f"readiness on /ready (configs/prometheus.yml scrapes it); in Prometheus:\n"
+              f"readiness on /ready ({CONFIG_DIR / 'prometheus.yml'} scrapes it); in "
+              f"Prometheus:\n"
               f"   offload ratio:  {PROMQL['offload_ratio']}\n"
               f"   uplink bytes/s: {PROMQL['uplink_bytes_per_second']}", file=sys.stderr,
               flush=True)

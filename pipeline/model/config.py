@@ -12,6 +12,7 @@ import dataclasses
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from pipeline.errors import ConfigError
@@ -19,7 +20,9 @@ from pipeline.errors import ConfigError
 __all__ = ["ModelConfig", "TrainConfig", "CalibrationConfig", "DataConfig", "Config",
            "load_config", "apply_overrides", "CONFIG_DIR", "resolve_config_path"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Shipped inside the package (a wheel has no checkout around it); `configs/` in a checkout is
+# a link to the same folder.
+CONFIG_DIR = Path(str(resources.files("pipeline") / "configs"))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 SCORES = ("max_softmax", "margin", "entropy")
 POLICIES = ("offload", "max_drop")
