@@ -27,12 +27,11 @@ def one(config: str, epochs: int, threads: int) -> None:
 
     from pipeline.model import ell_native
     from pipeline.model.config import load_config
-    from pipeline.model.data import load_dataset
-    from pipeline.model.train import fit
+    from pipeline.model.train import dataset, fit
 
     torch.set_num_threads(threads)
     cfg = load_config(config, [f"train.epochs={epochs}"])
-    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    data = dataset(cfg)
     _, seconds = fit(cfg, data, progress=False)
     print(json.dumps({"seconds": min(seconds), "kernels": ell_native.status()}))
 

@@ -240,7 +240,7 @@ def _calibration_frames(args: argparse.Namespace):
 
     from pipeline.edge.quantize import CALIBRATION_FRAMES
     from pipeline.errors import DataError
-    from pipeline.model.config import METRICS_FILE
+    from pipeline.model.config import METRICS_FILE, TrainConfig, from_dict
     from pipeline.model.data import load_dataset
 
     metrics = Path(args.dir) / METRICS_FILE
@@ -250,9 +250,9 @@ def _calibration_frames(args: argparse.Namespace):
         print(f"W: int8 rounds to nearest: no {METRICS_FILE} in {args.dir} names the training "
               f"data; pass --data DIR for error-compensated rounding", file=sys.stderr)
         return None
-    train = trained.get("train", {})
-    try:
-        data = load_dataset(folder, train.get("val_size", 5000), train.get("seed", 0))
+    try:   # the split it was trained with
+        t = from_dict(trained, origin=str(metrics)).train if trained else TrainConfig()
+        data = load_dataset(folder, t.val_fraction, t.seed, t.val_min)
     except DataError as e:
         if args.data:
             raise

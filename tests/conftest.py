@@ -32,7 +32,8 @@ seed = 0
 [train]
 epochs = 2
 batch_size = 64
-val_size = 100
+val_fraction = 0.05        # 100 of the 2 000 generated training images
+val_min = 50
 seed = 0
 
 [calibrate]
@@ -83,7 +84,7 @@ def artifacts(tmp_path_factory, idx_dir) -> Path:
     from pipeline.model.train import run
 
     out = tmp_path_factory.mktemp("art")
-    cfg = load_config("paper-sparse", ["train.epochs=2", "train.val_size=200",
+    cfg = load_config("paper-sparse", ["train.epochs=2", "train.val_fraction=0.1",
                                        "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
     run(cfg, out, progress=False)
     return out
@@ -100,7 +101,7 @@ def bottleneck_artifacts(tmp_path_factory, idx_dir) -> Path:
     cfg = load_config("paper-sparse", [
         "model.name='bottleneck'", "model.widths=[800, 40, 8, 20, 10]",
         "model.fan_out=[2, 2, 20, 10]", "model.split=2", "model.exit_at=1",
-        "model.uplink_bits=4", "train.epochs=2", "train.val_size=200",
+        "model.uplink_bits=4", "train.epochs=2", "train.val_fraction=0.1",
         "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
     run(cfg, out, progress=False)
     return out
@@ -127,7 +128,7 @@ def dense_twin(tmp_path_factory, idx_dir) -> Path:
     from pipeline.model.train import run
 
     out = tmp_path_factory.mktemp("dense")
-    run(load_config("paper-dense", ["train.epochs=1", "train.val_size=200",
+    run(load_config("paper-dense", ["train.epochs=1", "train.val_fraction=0.1",
                                     f"data.dir='{idx_dir}'"]), out, progress=False)
     return out
 

@@ -65,6 +65,24 @@ def test_overrides_and_bare_words(tmp_path):
         load_config("paper-sparse", ["calibrate.policy=sometimes"])
 
 
+def test_an_older_configs_validation_size_reads_as_exactly_that_many_images():
+    """Trained folders keep their config: one written before val_fraction still loads and
+    splits its data as it did (val_size images, no fraction)."""
+    raw = load_config("paper-sparse").to_dict()
+    for key in ("val_fraction", "val_min"):
+        del raw["train"][key]
+    raw["train"]["val_size"] = 5000
+    t = from_dict(raw).train
+    assert (t.val_fraction, t.val_min) == (0.0, 5000)
+
+
+def test_the_schedule_is_in_steps_unless_epochs_are_asked_for():
+    assert load_config("paper-sparse").train.steps == 8600    # 40 epochs of 55 000
+    assert load_config("paper-sparse", ["train.epochs=3"]).train.epochs == 3
+    with pytest.raises(ConfigError, match="train.steps = 0"):
+        load_config("paper-sparse", ["train.steps=0"])
+
+
 def test_missing_file_lists_shipped_configs():
     with pytest.raises(ConfigError, match="paper-sparse"):
         load_config("no-such-config")

@@ -40,7 +40,7 @@ def test_missing_files_say_how_to_install(tmp_path):
 
 def test_validation_is_held_out_from_train_and_test_untouched(tmp_path):
     folder = make_idx_dataset(tmp_path / "d", n_train=300, n_test=50, gz=False)
-    data = load_dataset(folder, val_size=60, seed=1)
+    data = load_dataset(folder, val_fraction=0.2, seed=1, val_min=1)
     assert (len(data.train), len(data.val), len(data.test)) == (240, 60, 50)
     assert data.image_shape == (28, 28) and data.train.images.shape[1] == 784
     everything = np.concatenate([data.train.images, data.val.images])
@@ -48,12 +48,20 @@ def test_validation_is_held_out_from_train_and_test_untouched(tmp_path):
     assert sorted(map(bytes, everything)) == sorted(map(bytes, original))
     assert np.array_equal(data.test.images, read_idx(folder / "t10k-images-idx3-ubyte")
                           .reshape(50, -1))
-    again = load_dataset(folder, val_size=60, seed=1)
+    again = load_dataset(folder, val_fraction=0.2, seed=1, val_min=1)
     assert np.array_equal(again.val.images, data.val.images)  # seeded
+
+
+def test_validation_is_a_fraction_with_a_floor_and_too_little_data_names_the_keys(tmp_path):
+    folder = make_idx_dataset(tmp_path / "d", n_train=300, n_test=10, gz=False)
+    assert len(load_dataset(folder, val_fraction=0.1, val_min=50).val) == 50   # the floor
+    assert len(load_dataset(folder, val_fraction=0.3, val_min=50).val) == 90   # the fraction
+    with pytest.raises(DataError, match="train.val_min or train.val_fraction"):
+        load_dataset(folder, val_min=300)
 
 
 def test_gz_and_plain_files_both_found(tmp_path):
     folder = make_idx_dataset(tmp_path / "d", n_train=50, n_test=10, gz=True)
-    assert len(load_dataset(folder, val_size=10).test) == 10
+    assert len(load_dataset(folder, val_fraction=0, val_min=10).test) == 10
     with gzip.open(folder / "t10k-labels-idx1-ubyte.gz") as f:
         assert len(f.read()) == 8 + 10

@@ -61,7 +61,7 @@ def test_the_float32_c_head_equals_the_torch_head(which, artifacts, dense_twin,
         which]
     head = load_numpy_head(art)
     lib = compiled(art, tmp_path, "float32")
-    pixels = load_dataset(idx_dir, val_size=200).test.images.astype(np.float32) / 255
+    pixels = load_dataset(idx_dir).test.images.astype(np.float32) / 255
     logits, features = run_c(lib, head, pixels)
     torch_head = load_edge(art).head  # built outside inference mode: a trainable module
     with torch.inference_mode():
@@ -101,7 +101,7 @@ def test_the_int8_c_head_keeps_decisions_and_features_within_the_wire_error(
     assert "rounding compensated on 1800 training frames" in source
     lib = compiled_as_is(tmp_path)
     head = load_numpy_head(artifacts)
-    pixels = load_dataset(idx_dir, val_size=200).test.images.astype(np.float32) / 255
+    pixels = load_dataset(idx_dir).test.images.astype(np.float32) / 255
     agree, rms, wire_rms = int8_against_float(lib, head, pixels)
     assert agree >= 0.995 and rms <= wire_rms
 

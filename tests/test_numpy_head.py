@@ -29,7 +29,7 @@ from workers.tail_worker import run_worker
 @pytest.mark.parametrize("which", ["split exit", "exit before a bottleneck"])
 def test_the_numpy_head_equals_the_torch_head(which, artifacts, bottleneck_artifacts, idx_dir):
     artifacts = artifacts if which == "split exit" else bottleneck_artifacts
-    pixels = load_dataset(idx_dir, val_size=200).test.images.astype(np.float32) / 255
+    pixels = load_dataset(idx_dir).test.images.astype(np.float32) / 255
     edge, head = load_edge(artifacts), load_numpy_head(artifacts)
     with torch.inference_mode():
         t_logits, t_features = edge.head(torch.from_numpy(pixels))
@@ -88,7 +88,7 @@ def test_an_edge_run_never_imports_torch(artifacts, idx_dir, tmp_path, observed)
     assert len(outcomes) == 300 and offloaded and not any(o["path"] == "fallback"
                                                           for o in outcomes)
     model, _, _ = load_model(artifacts)  # the torch model, in this process
-    pixels = load_dataset(idx_dir, val_size=200).test.images
+    pixels = load_dataset(idx_dir).test.images
     with torch.inference_mode():
         exit_logits, final_logits = model(torch.from_numpy(pixels).float() / 255)
     for o in outcomes:

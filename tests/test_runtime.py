@@ -76,7 +76,7 @@ def test_every_frame_gets_one_answer_and_two_workers_share_the_load(system, arti
 
     # Offloaded answers equal the in-process head + tail for the same frame.
     model, edge, _ = load_model(artifacts)
-    data = load_dataset(idx_dir, val_size=200)
+    data = load_dataset(idx_dir)
     with torch.inference_mode():
         exit_logits, final_logits = model(torch.from_numpy(data.test.images).float() / 255)
     for o in outcomes:
@@ -93,7 +93,7 @@ def test_int8_features_on_the_wire_cost_little_accuracy(system, artifacts, idx_d
     assert len(outcomes) == FRAMES and offloaded
     assert all(o["uplink_bytes"] <= 40 + 60 for o in offloaded)  # 40 int8 values + header
     model, _, _ = load_model(artifacts)
-    data = load_dataset(idx_dir, val_size=200)
+    data = load_dataset(idx_dir)
     with torch.inference_mode():
         _, final_logits = model(torch.from_numpy(data.test.images).float() / 255)
     agree = np.mean([o["cls"] == int(final_logits[o["frame"]].argmax()) for o in offloaded])
@@ -111,7 +111,7 @@ def test_a_bottleneck_trained_for_4_bits_is_answered_as_trained(system, bottlene
     offloaded = [o for o in outcomes if o["path"] == "offload"]
     assert len(outcomes) == FRAMES and len(offloaded) > 50
     model, _, _ = load_model(bottleneck_artifacts)
-    data = load_dataset(idx_dir, val_size=200)
+    data = load_dataset(idx_dir)
     with torch.inference_mode():
         _, final_logits = model(torch.from_numpy(data.test.images).float() / 255)
     assert all(o["cls"] == int(final_logits[o["frame"]].argmax()) for o in offloaded)
@@ -121,7 +121,7 @@ def test_a_bottleneck_trained_for_4_bits_is_answered_as_trained(system, bottlene
 
 def test_a_worker_refuses_another_models_features(system, artifacts, idx_dir, tmp_path):
     other = tmp_path / "other"
-    cfg = load_config("paper-sparse", ["train.epochs=1", "train.val_size=200", "train.seed=5",
+    cfg = load_config("paper-sparse", ["train.epochs=1", "train.val_fraction=0.1", "train.seed=5",
                                        "calibrate.target_offload=1.0", f"data.dir='{idx_dir}'"])
     run(cfg, other, progress=False)
     system.broker()

@@ -4,16 +4,15 @@ import pytest
 import torch
 
 from pipeline.model.artifacts import load_edge, load_model, load_server, save_artifacts
-from pipeline.model.config import load_config
-from pipeline.model.data import load_dataset
+from pipeline.model.config import from_dict, load_config
 from pipeline.errors import ArtifactError
 from pipeline.model.split_model import SplitModel, describe
-from pipeline.model.train import fit, predict, run
+from pipeline.model.train import dataset, fit, predict, run
 
 
 def test_training_is_reproducible_with_a_seed(tiny_config_path):
     cfg = load_config(str(tiny_config_path))
-    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    data = dataset(cfg)
     a, _ = fit(cfg, data, progress=False)
     b, _ = fit(cfg, data, progress=False)
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
@@ -36,7 +35,7 @@ def test_run_writes_loadable_artifacts_that_reassemble_the_model(tiny_config_pat
                                   ["state_dict"]))
     # head on the edge + tail on the server == the whole model
     model, _, _ = load_model(tmp_path)
-    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    data = dataset(cfg)
     exit_logits, final_logits = predict(model, data.test)
     pixels = torch.from_numpy(data.test.images).float() / 255
     with torch.inference_mode():
@@ -62,7 +61,7 @@ def test_the_threshold_is_chosen_on_the_calibrated_score_every_edge_computes(art
     assert t_exit != 1.0 and t_tail != 1.0     # fitted, not the default
     head, server = load_numpy_head(artifacts), load_server(artifacts)
     assert (head.temperature, server.temperature) == (t_exit, t_tail)
-    data = load_dataset(metrics["config"]["data"]["dir"], 200, metrics["config"]["train"]["seed"])
+    data = dataset(from_dict(metrics["config"]))
     exit_logits, _ = head(data.val.images.astype("float32") / 255)
     offload = float((exit_scores(exit_logits, head.score, head.temperature)
                      < head.threshold).mean())

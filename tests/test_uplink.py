@@ -71,7 +71,7 @@ def test_a_rate_penalty_trains_sparser_features(tiny_config_path, idx_dir):
     from pipeline.model.data import load_dataset
     from pipeline.model.train import fit
 
-    data = load_dataset(idx_dir, val_size=100)
+    data = load_dataset(idx_dir, val_fraction=0.05)
     pixels = torch.from_numpy(data.test.images).float() / 255
     zeros = []
     for weight in (0.0, 3.0):

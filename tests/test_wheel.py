@@ -37,7 +37,7 @@ def test_a_wheel_installed_outside_the_checkout_trains_and_serves(tmp_path, idx_
         f"splitexit {wheel.name.split('-')[1]}"
     out = elsewhere / "runs" / "ps"
     run(splitexit, "train", "paper-sparse", "--epochs", "1", "--data", idx_dir, "--out", out,
-        "--set", "train.val_size=200", "--quiet", cwd=elsewhere)
+        "--quiet", cwd=elsewhere)
     assert json.loads((out / "metrics.json").read_text())["model"] == "paper-sparse"
     run(splitexit, "up", "--artifacts", out, "--data", idx_dir, "--workers", "1",
         "--producers", "1", "--limit", "300", "--metrics-port", "0", "--hold", "0",

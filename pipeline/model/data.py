@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.errors import DataError
 
 __all__ = ["Split", "Dataset", "read_idx", "write_idx", "load_dataset", "load_test_split",
+           "validation_size", "VAL_FRACTION", "VAL_MIN",
            "FASHION_CLASSES"]
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -23,6 +24,8 @@ FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-label
          "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
               0x0E: ">f8"}
+VAL_FRACTION = 1 / 12   # 5 000 of Fashion-MNIST's 60 000 training images
+VAL_MIN = 200           # enough to place a threshold and stop early on a small data set
 INSTALL_HINT = "install them with `apt-get install dataset-fashion-mnist` or pass --data DIR"
 
 
@@ -95,8 +98,23 @@ def load_test_split(folder: str | Path) -> Split:
     return Split(images.reshape(len(images), -1), labels.astype(np.int64))
 
 
-def load_dataset(folder: str | Path, val_size: int = 5000, seed: int = 0) -> Dataset:
-    """Load the four IDX files; hold out `val_size` random training frames for validation."""
+def validation_size(train_frames: int, fraction: float = VAL_FRACTION,
+                    minimum: int = VAL_MIN) -> int:
+    """Frames held out: `fraction` of the training set, at least `minimum` (fraction 0:
+    exactly `minimum`); the rest trains."""
+    size = max(minimum, round(fraction * train_frames))
+    if size >= train_frames:
+        raise DataError(f"the training set has {train_frames} images: holding out "
+                        f"{size} for validation (train.val_fraction = {fraction}, at least "
+                        f"train.val_min = {minimum}) leaves none to train on; lower "
+                        f"train.val_min or train.val_fraction")
+    return size
+
+
+def load_dataset(folder: str | Path, val_fraction: float = VAL_FRACTION, seed: int = 0,
+                 val_min: int = VAL_MIN) -> Dataset:
+    """Load the four IDX files; hold out a random `val_fraction` of the training frames (at
+    least `val_min`) for validation."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist: {INSTALL_HINT}")
@@ -107,9 +125,7 @@ def load_dataset(folder: str | Path, val_size: int = 5000, seed: int = 0) -> Dat
             raise DataError(f"{folder}: {part} images {images.shape} and labels "
                             f"{labels.shape} do not match (want (N, H, W) and (N,))")
     train_images, train_labels = arrays["train_images"], arrays["train_labels"]
-    if not 0 < val_size < len(train_labels):
-        raise DataError(f"validation size {val_size} must be between 1 and "
-                        f"{len(train_labels) - 1} (the training set has {len(train_labels)})")
+    val_size = validation_size(len(train_labels), val_fraction, val_min)
     order = np.random.default_rng(seed).permutation(len(train_labels))
     val_idx, train_idx = order[:val_size], order[val_size:]
     image_shape = tuple(train_images.shape[1:])

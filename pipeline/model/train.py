@@ -27,7 +27,7 @@ from pipeline.model.split_model import SplitModel, describe
 from pipeline.protocol.static_code import StaticCode
 from pipeline.protocol.wire import quantize_unsigned
 
-__all__ = ["fit", "predict", "run", "calibrate_dir", "METRICS_FILE"]
+__all__ = ["fit", "predict", "run", "calibrate_dir", "dataset", "METRICS_FILE"]
 
 SWEEP_CSV, SWEEP_PNG = "calibration.csv", "calibration.png"
 RELIABILITY_PNG = "reliability.png"   # confidence vs accuracy, before and after temperature
@@ -38,8 +38,17 @@ def _pixels(split: Split) -> torch.Tensor:
     return torch.from_numpy(split.images).float().div_(255.0)  # (N, H*W) in [0, 1]
 
 
+def dataset(cfg: Config) -> Dataset:
+    """The config's data folder, split as its [train] section says."""
+    t = cfg.train
+    return load_dataset(cfg.data.dir, t.val_fraction, t.seed, t.val_min)
+
+
 def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, list[float]]:
-    """Joint training: loss = exit_weight * CE(exit) + CE(final). Returns model, s/epoch."""
+    """Joint training: loss = exit_weight * CE(exit) + CE(final), for `train.steps` (or
+    `train.epochs`); the weights returned are those of the epoch with the best validation
+    accuracy (mean of exit and final: both answer frames). Returns model, s/epoch (its
+    `best_epoch` and `epochs_run` attributes say which epoch it kept, from 1, of how many)."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = SplitModel(cfg.model)
@@ -49,19 +58,22 @@ def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, 
         model.head.pixel_std.fill_(x.std())
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = math.ceil(len(y) / t.batch_size)
-    total = t.epochs * steps_per_epoch
+    total = t.epochs * steps_per_epoch if t.epochs else t.steps
+    epochs = math.ceil(total / steps_per_epoch)   # the last one may stop part way
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     gen = torch.Generator().manual_seed(t.seed)
     epoch_seconds = []
+    best, best_accuracy, best_epoch = None, -1.0, 0
     bar = tqdm(total=total, disable=not progress, unit="step", leave=False,
                desc=f"train {cfg.model.name}")
-    for epoch in range(t.epochs):
+    for epoch in range(epochs):
         model.train()
         start = time.perf_counter()
         order = torch.randperm(len(y), generator=gen)
         running = 0.0
-        for i in range(steps_per_epoch):
+        steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
+        for i in range(steps):
             idx = order[i * t.batch_size:(i + 1) * t.batch_size]
             exit_logits, features, final_logits = model.run(x[idx])
             loss = (t.exit_weight * F.cross_entropy(exit_logits, y[idx],
@@ -76,9 +88,24 @@ def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, 
             running += loss.item()
             bar.update()
         epoch_seconds.append(time.perf_counter() - start)
-        bar.set_postfix(epoch=f"{epoch + 1}/{t.epochs}", loss=f"{running / steps_per_epoch:.3f}")
+        accuracy = _validation_accuracy(model.eval(), data.val)
+        if accuracy >= best_accuracy:   # ties: the later, more trained one
+            best_accuracy, best_epoch = accuracy, epoch + 1
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{running / steps:.3f}",
+                        val=f"{accuracy:.4f}")
     bar.close()
+    model.load_state_dict(best)
+    model.best_epoch, model.epochs_run = best_epoch, epochs
     return model.eval(), epoch_seconds
+
+
+@torch.inference_mode()
+def _validation_accuracy(model: SplitModel, split: Split) -> float:
+    exit_logits, final_logits = predict(model, split)
+    labels = torch.from_numpy(split.labels)
+    return float(((exit_logits.argmax(1) == labels).float().mean()
+                  + (final_logits.argmax(1) == labels).float().mean()) / 2)
 
 
 @torch.inference_mode()
@@ -167,7 +194,7 @@ def _structure(model: SplitModel) -> dict:
 
 def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     """The whole `splitexit train`: returns (and writes) the metrics dict."""
-    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    data = dataset(cfg)
     print(f"I: {cfg.model.name}: {len(data.train)} train / {len(data.val)} validation / "
           f"{len(data.test)} test frames from {cfg.data.dir}; sparse layers train with "
           f"{ell_native.status()}")
@@ -181,6 +208,7 @@ def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
                "config": cfg.to_dict(), "structure": _structure(model),
                "artifact_bytes": {"edge": sizes["edge_bytes"], "server": sizes["server_bytes"]},
                "train_seconds_per_epoch": float(np.mean(epoch_seconds)),
+               "train_epochs": {"run": model.epochs_run, "best": model.best_epoch},
                "train_threads": torch.get_num_threads(),
                "train_kernels": ell_native.status(),
                "calibration": calibration}
@@ -193,7 +221,7 @@ def calibrate_dir(out_dir: Path, cfg: Config, data_dir: str | None = None) -> di
     model, edge, _ = load_model(out_dir)
     if data_dir:
         cfg.data.dir = data_dir
-    data = load_dataset(cfg.data.dir, cfg.train.val_size, cfg.train.seed)
+    data = dataset(cfg)
     if compute_model_id(model, edge.config) != edge.model_id:
         raise ArtifactError(f"{edge.path}: stored model id {edge.model_id} does not match its "
                             f"weights; re-create the directory with `splitexit train`")
