@@ -21,19 +21,18 @@ How it decides:
 - The ratio is the smallest of the target and the server cap:
     target: the offload ratio asked for, or for an uplink budget, budget / (frames/s x
     bytes per offloaded frame), both measured over the last `rate_window_s`;
-    server cap: AIMD, as TCP's congestion window. A busy server or a missed deadline halves
-    it (from the ratio actually offloaded); no worker, an unreachable broker, or a second
-    cut with no answer since the first drops it to `floor`, and it climbs back by doubling
-    to where it was cut to. Then nothing moves for
-    `hold_s`: refusals of requests sent before the cut are still arriving, and counting them
-    again would spiral to zero (the hysteresis). Before any refusal, the load hint: when most
-    answers of a hold say the pool is saturated (requests queued at the broker, no free
-    credit left, or half the deadline spent in the worker), the cap is cut to 3/4, before
-    deadlines are missed.
-    After each hold whose answers all found free credit, the cap doubles (after an outage)
-    or creeps up by `creep` of the target, 8x slower within 15 % of what the server could
-    take when it last pushed back (CUBIC's plateau: its capacity is probably there), and it
-    stops binding at the target.
+    server cap: AIMD, as TCP's congestion window, cut from what the server actually served
+    over the last second (its capacity, when it is saturated), not from what was sent:
+    to 0.9 of it when most answers of a hold say the pool is saturated (requests queued at
+    the broker, no free credit, a quarter of the deadline spent in the worker, or an
+    answer after its deadline: the load hint, before anything is refused); to 0.7 after
+    a busy refusal or a missed deadline; to `floor` for no worker, an unreachable broker,
+    or a second cut with no answer since the first. Then nothing is cut again for
+    `hold_s`: refusals of requests sent before the cut are still arriving, and counting
+    them again would spiral to zero (the hysteresis). After each hold whose answers all
+    found room, the cap doubles (back up from the floor) or creeps up by `creep` of the
+    target, 8x slower within 15 % of the capacity found (CUBIC's plateau), and it stops
+    binding at the target.
 - Bounds: never more than the target allows, never less than `floor`: a trickle of requests
   that notices when the server is back.
 """
@@ -118,7 +117,7 @@ class Controller:
         self._hold_until = -math.inf
         self._since_review = -math.inf  # the server's answers are reviewed once per hold
         self._answers = 0               # answers since the last review: the server is there
-        self._saturated = 0             # ... of them, forwarded while requests queued
+        self._saturated = 0             # ... of them, saying the pool is saturated
         self._answered_since_cut = True
         self._resume = 0.0              # doubling stops here (where the cap was cut to)
         self._overloaded_at = 0.0       # the ratio the server could take when it pushed back
