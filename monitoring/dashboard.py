@@ -9,6 +9,7 @@ expression in it against a real Prometheus.)
 from __future__ import annotations
 
 import json
+import re
 
 from monitoring.metrics import PROMQL
 
@@ -17,7 +18,7 @@ __all__ = ["PANELS", "dashboard", "expressions"]
 # (title, unit, [(legend, expression)])
 PANELS = [
     ("Offload ratio", "percentunit", [("offloaded", PROMQL["offload_ratio"])]),
-    ("Frames per second", "fps", [("frames", PROMQL["frames_per_second"]),
+    ("Frames per second", "short", [("frames", PROMQL["frames_per_second"]),
                                   ("{{reason}} fallbacks", PROMQL["fallbacks_per_second"])]),
     ("Uplink bandwidth", "Bps", [("bytes/s", PROMQL["uplink_bytes_per_second"])]),
     ("Uplink bytes per offloaded frame", "bytes",
@@ -41,6 +42,16 @@ PANELS = [
 ]
 
 
+# Grafana picks the window: at least four scrape intervals, whatever Prometheus scrapes at
+# (a fixed [1m] is empty under Prometheus' default 1 m interval).
+RATE_WINDOW = re.compile(r"\[\d+[smh]\]")
+GRAFANA_WINDOW = "[$__rate_interval]"
+
+
+def for_grafana(expr: str) -> str:
+    return RATE_WINDOW.sub(GRAFANA_WINDOW, expr)
+
+
 def dashboard() -> dict:
     panels = []
     for i, (title, unit, targets) in enumerate(PANELS):
@@ -49,7 +60,7 @@ def dashboard() -> dict:
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
             "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [{"refId": chr(65 + j), "expr": expr, "legendFormat": legend}
+            "targets": [{"refId": chr(65 + j), "expr": for_grafana(expr), "legendFormat": legend}
                         for j, (legend, expr) in enumerate(targets)],
         })
     return {
@@ -62,6 +73,8 @@ def dashboard() -> dict:
 
 
 def expressions() -> list[str]:
+    """The panels' queries as Prometheus runs them (with the windows monitoring.metrics
+    gives; the dashboard lets Grafana choose them)."""
     return [expr for _, _, targets in PANELS for _, expr in targets]
 
 

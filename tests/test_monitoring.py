@@ -4,6 +4,7 @@ Prometheus server computes the same offload ratio and bytes as the run's JSONL r
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,10 @@ def test_dashboard_file_is_the_generated_one():
     committed = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
     assert committed == dashboard()
     assert PROMQL["offload_ratio"] in expressions()
+    # Grafana chooses every rate window (a fixed one is empty at a 1 m scrape interval)
+    exprs = [t["expr"] for p in committed["panels"] for t in p["targets"]]
+    assert all("[" not in e or "[$__rate_interval]" in e for e in exprs)
+    assert not any(re.search(r"\[\d+[smh]\]", e) for e in exprs)
 
 
 def test_exposition_after_a_run_matches_the_results(artifacts, idx_dir, tmp_path):

@@ -1,3 +1,4 @@
+import asyncio
 import queue
 import sys
 import threading
@@ -6,7 +7,14 @@ import time
 import numpy as np
 import pytest
 
+from prometheus_client import CollectorRegistry
+
+from monitoring.exposition import total
+from pipeline import __version__
+from pipeline.edge.config import EdgeConfig
+from pipeline.edge.producer import EdgeProducer
 from pipeline.model.data import read_idx
+from tests.conftest import free_port
 from pipeline.errors import SourceError, UserError
 from workers.pool import START_TIMEOUT_S, wait_until
 from pipeline.edge.sources import (LatestFrame, LiveSource, Pacer, open_source,
@@ -328,3 +336,21 @@ def test_stream_url_that_does_not_open_is_one_line_error(http_server):
     with pytest.raises(SourceError, match="stream .* did not open: check the URL") as info:
         open_source(f"{http_server}/missing.avi")  # 404
     assert "\n" not in str(info.value)
+
+
+def test_an_edge_exports_its_live_sources_drops_and_reconnects(live, artifacts):
+    """The capture side counts; the producer's metrics say it (no broker needed: the frames
+    it sends fall back at their deadline)."""
+    first, second = FakeCapture(live.done, image(1), None), FakeCapture(live.done, image(2))
+    captures = iter([first, second])
+    source = live(lambda: next(captures), cls=LiveSource, spec="fake", fps=None, limit=2,
+                  loop=False)
+    registry = CollectorRegistry()
+    producer = EdgeProducer(str(artifacts), EdgeConfig(f"tcp://127.0.0.1:{free_port()}", 50.0),
+                            registry=registry)
+    summary = asyncio.run(producer.run(source))
+    assert summary.frames == 2
+    assert total(registry, "splitexit_edge_source_reconnects_total") == 1
+    assert total(registry, "splitexit_edge_source_dropped_frames_total") == source.dropped
+    assert total(registry, "splitexit_build_info", role="edge", version=__version__,
+                 model_id=producer.head.model_id) == 1

@@ -23,6 +23,7 @@ import zmq
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from monitoring.metrics import BrokerMetrics, ProcessMetrics, for_registry
+from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.protocol import wire
 from pipeline.protocol.wire import Kind, Refusal, WireError
@@ -51,6 +52,7 @@ class Broker:
         self.m = for_registry(BrokerMetrics, registry)
         common = for_registry(ProcessMetrics, registry)
         self.m_ready, self.m_bad = common.ready.labels("broker"), common.bad_messages
+        common.build_info.labels("broker", __version__, "").set(1)
         self._exported = Counts()
 
     def _router(self) -> zmq.Socket:

@@ -30,6 +30,7 @@ import zmq
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from monitoring.metrics import ProcessMetrics, WorkerMetrics, for_registry
+from pipeline import __version__
 from pipeline.model.artifacts import load_server
 from pipeline.protocol import wire
 from pipeline.protocol.security import watch_handshake
@@ -70,6 +71,7 @@ class TailWorker:
         self.m = for_registry(WorkerMetrics, registry)
         common = for_registry(ProcessMetrics, registry)
         self.m_ready, self.m_bad = common.ready.labels("worker"), common.bad_messages
+        common.build_info.labels("worker", __version__, self.model_id).set(1)
         self.m_handshake_failures = common.handshake_failures.labels("worker")
         self.m_ok = self.m.requests.labels(w, "ok")
         self.m_frames, self.m_tail = self.m.frames.labels(w), self.m.tail.labels(w)

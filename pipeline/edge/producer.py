@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from zmq.utils.monitor import parse_monitor_message
 
 from monitoring.metrics import PATHS, EdgeMetrics, ProcessMetrics, for_registry
+from pipeline import __version__
 from pipeline.edge.config import EdgeConfig, wire_codec, wire_dtype
 from pipeline.edge.controller import Controller, State
 from pipeline.edge.shadows import ShadowCounts, Shadows
@@ -81,6 +82,7 @@ class EdgeProducer:
         m, p = for_registry(EdgeMetrics, registry), str(cfg.producer_id)
         common = for_registry(ProcessMetrics, registry)
         self.m_ready = common.ready.labels("edge")   # metric children bound once
+        common.build_info.labels("edge", __version__, self.head.model_id).set(1)
         self.m_bad = common.bad_messages
         self.m_handshake_failures = common.handshake_failures.labels("edge")
         self.m_frames = {path: m.frames.labels(p, path) for path in PATHS}
@@ -98,6 +100,9 @@ class EdgeProducer:
         self._shadows_exported = ShadowCounts()
         self.m_threshold = m.threshold.labels(p)
         self.m_threshold.set(self.threshold)
+        self.m_source = {"dropped": m.source_dropped.labels(p),
+                         "reconnects": m.source_reconnects.labels(p)}
+        self._source_exported = {"dropped": 0, "reconnects": 0}
         if self.controller:
             kind, target = (("offload_ratio", cfg.target_offload) if cfg.target_offload
                             else ("uplink_bytes_per_second", cfg.uplink_budget))
@@ -154,7 +159,7 @@ class EdgeProducer:
         tasks = [asyncio.create_task(c) for c in (self._receive(), self._expire(),
                                                   self._watch())]
         try:
-            await self._process(frames, arrived)
+            await self._process(frames, arrived, source)
             while self.inflight:  # last answers, bounded by their deadlines
                 self._settled.clear()
                 await self._settled.wait()
@@ -193,13 +198,23 @@ class EdgeProducer:
                 return batch
             await arrived.wait()
 
-    async def _process(self, frames: queue.Queue, arrived: asyncio.Event) -> None:
+    def _export_source(self, source) -> None:
+        """A live source's skipped frames and reconnects, as counted by its capture side."""
+        for name, child in self.m_source.items():
+            count = getattr(source, name, 0)
+            if count > self._source_exported[name]:
+                child.inc(count - self._source_exported[name])
+                self._source_exported[name] = count
+
+    async def _process(self, frames: queue.Queue, arrived: asyncio.Event,
+                       source) -> None:
         while True:
             batch = await self._next_frames(frames, arrived)
             done = batch[-1] is None
             batch = [f for f in batch if f is not None]
             if batch:
                 await self._handle(batch)
+            self._export_source(source)
             if done:
                 return
 

@@ -193,6 +193,7 @@ class Source:
 
     live = False               # True: the consumer sees the newest frame, stale ones are dropped
     dropped = 0                # frames a live source skipped to stay current
+    reconnects = 0             # times a live source was lost and reopened
 
     def __init__(self, spec: str, fps: float | None, limit: int | None, loop: bool):
         self.spec, self.fps, self.limit, self.loop = spec, fps, limit, loop
@@ -336,6 +337,10 @@ class LiveSource(Source):
     def dropped(self) -> int:
         return self.latest.dropped
 
+    @property
+    def reconnects(self) -> int:
+        return self.latest.reconnects
+
     def _one_pass(self) -> Iterator[Item]:
         while (item := self.latest.take()) is not None:
             image, capture_ts = item
@@ -392,6 +397,14 @@ class Shard:
 
     def frames(self):
         return (f for f in self.source.frames() if f.frame_id % self.count == self.index)
+
+    @property
+    def dropped(self) -> int:
+        return getattr(self.source, "dropped", 0)
+
+    @property
+    def reconnects(self) -> int:
+        return getattr(self.source, "reconnects", 0)
 
     def close(self) -> None:
         self.source.close()
