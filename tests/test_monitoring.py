@@ -22,6 +22,7 @@ from monitoring.dashboard import dashboard, expressions
 from monitoring import exposition
 from monitoring.metrics import PROMQL
 from monitoring.top import scrape, summarize
+from pipeline.model.config import CONFIG_DIR
 from tests.conftest import ROOT, free_port
 from workers.pool import START_TIMEOUT_S, wait_until
 
@@ -144,6 +145,22 @@ def http_ok(url: str) -> bool:
 def scalar(base: str, expr: str) -> float | None:
     r = prometheus_query(base, expr)
     return float(r["data"]["result"][0]["value"][1]) if r["data"]["result"] else None
+
+
+def test_the_shipped_scrape_config_and_alert_rules_pass_promtool():
+    """prometheus.yml (which loads alerts.yml) is a valid config, the rules are valid, and
+    each alert fires when it should and not before (tests/promtool/alerts_test.yml)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; ./run.sh installs it)")
+    for args, where in ((["check", "config", "prometheus.yml"], CONFIG_DIR),
+                        (["check", "rules", "alerts.yml"], CONFIG_DIR),
+                        (["test", "rules", "alerts_test.yml"], ROOT / "tests" / "promtool")):
+        r = subprocess.run([promtool, *args], cwd=where, capture_output=True, text=True)
+        assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-2000:])
+    assert "3 rules found" in subprocess.run([promtool, "check", "rules", "alerts.yml"],
+                                             cwd=CONFIG_DIR, capture_output=True,
+                                             text=True).stdout
 
 
 def test_a_real_prometheus_agrees_with_the_results(artifacts, idx_dir, tmp_path):
