@@ -27,6 +27,12 @@ PANELS = [
                                   ("{{path}} p50", PROMQL["latency_p99_seconds"]
                                    .replace("0.99", "0.5", 1))]),
     ("Broker queue depth", "short", [("queued", PROMQL["queue_depth"])]),
+    ("Broker refusals and undeliverable messages", "reqps",
+     [("busy", PROMQL["broker_busy_per_second"]),
+      ("{{reason}}", PROMQL["broker_dropped_per_second"])]),
+    ("Worker time per batch: tail and queue, p99", "s",
+     [("tail", PROMQL["tail_p99_seconds"]), ("queue", PROMQL["worker_queue_p99_seconds"])]),
+    ("Frames per tail call", "short", [("mean batch", PROMQL["batch_frames_mean"])]),
     ("Live workers", "short", [("workers", PROMQL["workers"])]),
     ("Compression ratio", "short", [("features / payload", PROMQL["compression_ratio"])]),
     ("Exit quality in production", "percentunit",
@@ -46,10 +52,26 @@ PANELS = [
 # (a fixed [1m] is empty under Prometheus' default 1 m interval).
 RATE_WINDOW = re.compile(r"\[\d+[smh]\]")
 GRAFANA_WINDOW = "[$__rate_interval]"
+# Every selector is narrowed to the instances and (edge metrics) producers picked at the top.
+SELECTOR = re.compile(r"\b(splitexit_\w+)(?:\{([^}]*)\})?")
+VARIABLES = {"instance": "label_values(splitexit_ready, instance)",
+             "producer": "label_values(splitexit_edge_frames_total, producer)"}
 
 
 def for_grafana(expr: str) -> str:
-    return RATE_WINDOW.sub(GRAFANA_WINDOW, expr)
+    def narrow(m: re.Match) -> str:
+        labels = [m.group(2)] if m.group(2) else []
+        labels.append('instance=~"$instance"')
+        if m.group(1).startswith("splitexit_edge_"):
+            labels.append('producer=~"$producer"')
+        return f"{m.group(1)}{{{', '.join(labels)}}}"
+    return SELECTOR.sub(narrow, RATE_WINDOW.sub(GRAFANA_WINDOW, expr))
+
+
+def as_grafana_sends(expr: str, window: str = "1m") -> str:
+    """A dashboard query as Grafana sends it with every instance and producer picked."""
+    return (expr.replace(GRAFANA_WINDOW, f"[{window}]").replace('"$instance"', '".*"')
+            .replace('"$producer"', '".*"'))
 
 
 def dashboard() -> dict:
@@ -67,15 +89,20 @@ def dashboard() -> dict:
         "title": "splitexit", "uid": "splitexit", "schemaVersion": 39, "version": 1,
         "time": {"from": "now-15m", "to": "now"}, "refresh": "5s",
         "templating": {"list": [{"name": "datasource", "type": "datasource",
-                                 "query": "prometheus"}]},
+                                 "query": "prometheus"}] + [
+            {"name": name, "type": "query", "query": query, "refresh": 2, "includeAll": True,
+             "multi": True, "allValue": ".*", "current": {"text": "All", "value": "$__all"},
+             "datasource": {"type": "prometheus", "uid": "${datasource}"}}
+            for name, query in VARIABLES.items()]},
         "panels": panels,
     }
 
 
 def expressions() -> list[str]:
-    """The panels' queries as Prometheus runs them (with the windows monitoring.metrics
-    gives; the dashboard lets Grafana choose them)."""
-    return [expr for _, _, targets in PANELS for _, expr in targets]
+    """The panels' queries as Prometheus receives them from Grafana, every instance and
+    producer picked (what the tests run against a real Prometheus)."""
+    return [as_grafana_sends(for_grafana(expr)) for _, _, targets in PANELS
+            for _, expr in targets]
 
 
 if __name__ == "__main__":

@@ -207,5 +207,14 @@ PROMQL = {
     "shadow_exit_accuracy": "sum(rate(splitexit_edge_shadow_exit_correct_total[5m])) / sum("
                             'rate(splitexit_edge_shadow_frames_total{outcome="answered"}[5m]))',
     "queue_depth": "sum(splitexit_broker_queue_depth)",
+    "broker_busy_per_second": 'sum(rate(splitexit_broker_requests_total{status="busy"}[1m]))',
+    "broker_dropped_per_second":
+        "sum by (reason) (rate(splitexit_broker_dropped_messages_total[1m]))",
+    "tail_p99_seconds": "histogram_quantile(0.99, sum by (le) "
+                        "(rate(splitexit_worker_tail_seconds_bucket[1m])))",
+    "worker_queue_p99_seconds": "histogram_quantile(0.99, sum by (le) "
+                                "(rate(splitexit_worker_queue_seconds_bucket[1m])))",
+    "batch_frames_mean": "sum(rate(splitexit_worker_batch_frames_sum[1m])) "
+                         "/ sum(rate(splitexit_worker_batch_frames_count[1m]))",
     "workers": "sum(splitexit_broker_workers)",
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.dashboard import dashboard, expressions
+from monitoring.dashboard import PANELS, dashboard, expressions
 from monitoring import exposition
 from monitoring.metrics import PROMQL
 from monitoring.top import scrape, summarize
@@ -82,11 +82,15 @@ def total(values: dict, name: str, **match) -> float:
 def test_dashboard_file_is_the_generated_one():
     committed = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
     assert committed == dashboard()
-    assert PROMQL["offload_ratio"] in expressions()
+    assert PROMQL["offload_ratio"] in [e for _, _, targets in PANELS for _, e in targets]
     # Grafana chooses every rate window (a fixed one is empty at a 1 m scrape interval)
     exprs = [t["expr"] for p in committed["panels"] for t in p["targets"]]
     assert all("[" not in e or "[$__rate_interval]" in e for e in exprs)
     assert not any(re.search(r"\[\d+[smh]\]", e) for e in exprs)
+    # ... and narrows every selector to the instances (and producers) picked
+    assert all(e.count("splitexit_") == e.count('instance=~"$instance"') for e in exprs)
+    variables = {v["name"] for v in committed["templating"]["list"]}
+    assert {"datasource", "instance", "producer"} <= variables
 
 
 def test_exposition_after_a_run_matches_the_results(artifacts, idx_dir, tmp_path):
