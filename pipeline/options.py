@@ -68,16 +68,18 @@ def add_worker_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_edge_options(p: argparse.ArgumentParser) -> None:
-    from pipeline.edge.config import EdgeConfig
+    from pipeline.edge.config import AUTO, EdgeConfig
     from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
 
     p.add_argument("--deadline-ms", type=float, default=EdgeConfig.deadline_ms,
                    help="server answer deadline; then the local exit answers (default: "
                         "%(default)s)")
-    p.add_argument("--dtype", default=EdgeConfig.dtype, help=f"features on the wire: "
+    p.add_argument("--dtype", default=EdgeConfig.dtype, choices=[AUTO, *DTYPE_NAMES],
+                   help=f"features on the wire: "
                    f"auto | {' | '.join(DTYPE_NAMES)}; auto sends what the model's uplink "
                    f"was trained for (model.uplink_bits), else int8 (default: %(default)s)")
-    p.add_argument("--codec", default=EdgeConfig.codec, help=f"auto | "
+    p.add_argument("--codec", default=EdgeConfig.codec, choices=[AUTO, *CODEC_NAMES],
+                   help=f"auto | "
                    f"{' | '.join(CODEC_NAMES)}; auto is the model's static code where it "
                    f"has one (model.uplink_bits), else lz4; each is used only when it "
                    f"shrinks a payload (default: %(default)s)")

@@ -3,6 +3,7 @@ import queue
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,8 @@ def test_image_folder_sorted_skips_undecodable(tmp_path, capsys):
     assert np.array_equal(frames[1].pixels, np.full(784, 128 / 255, np.float32))
     assert frames[2].pixels.mean() < 0.01
     assert np.array_equal(frames[3].pixels, frames[0].pixels)
+    # each answer names its file, not the folder
+    assert [Path(f.source).name for f in frames] == ["a.png", "b.png", "d.jpg"] * 2
     warnings = capsys.readouterr().err.strip().splitlines()
     assert warnings == [f"W: skipping {tmp_path / 'c.png'}: OpenCV cannot decode it"]
 

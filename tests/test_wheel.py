@@ -5,6 +5,7 @@ train a shipped config by name and serve it with `up`."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,14 @@ def run(*cmd, cwd: Path) -> str:
 def test_a_wheel_installed_outside_the_checkout_trains_and_serves(tmp_path, idx_dir):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # Built from a copy: setuptools builds in the source tree, and a build/ left there from
+    # an earlier build could carry stale files into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        "runs", "build", "*.egg-info", "__pycache__", ".git", ".pytest_cache", ".hypothesis"))
     # No build isolation: setuptools comes from this environment (nothing downloaded).
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-        "-w", tmp_path / "dist", ROOT, cwd=elsewhere)
+        "-w", tmp_path / "dist", source, cwd=elsewhere)
     [wheel] = (tmp_path / "dist").glob("splitexit-*.whl")
     venv = tmp_path / "venv"   # torch, numpy, pyzmq ... from this environment's packages
     run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=elsewhere)

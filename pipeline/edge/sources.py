@@ -42,7 +42,9 @@ MAX_RECONNECTS = 5         # consecutive failed attempts before a live source gi
 CLOSE_TIMEOUT_S = 1.0      # a read stuck in a driver must not hang shutdown (thread is daemon)
 AV_LOG_FATAL = 8           # FFmpeg log level: only fatal errors
 CAMERA_EXTRA_HINT = "pip install 'splitexit[camera]'"
-Item = tuple[np.ndarray, int | None, float]  # pixels, label, capture_ts of one frame
+# pixels, label, capture_ts of one frame, and its own name where the source has one per
+# frame (an image folder: the file), else None (the source's spec names it)
+Item = tuple[np.ndarray, int | None, float, str | None]
 ACCEPTED = ("a camera index (0), a video file, a stream URL (rtsp://, http://, ...), "
             "an image folder, or dataset / dataset:test")
 
@@ -52,7 +54,7 @@ class Frame:
     frame_id: int          # 0, 1, 2, ... per source, in delivery order
     pixels: np.ndarray     # float32 (784,) in [0, 1]
     label: int | None      # known for dataset replay, else None
-    source: str            # the spec string it came from
+    source: str            # the spec string it came from, or its file in an image folder
     capture_ts: float      # time.time() when captured
 
 
@@ -207,8 +209,8 @@ class Source:
             item = next(items, None)
             if item is None:
                 return
-            pixels, label, capture_ts = item
-            yield Frame(frame_id, pixels, label, self.spec, capture_ts)
+            pixels, label, capture_ts, name = item
+            yield Frame(frame_id, pixels, label, name or self.spec, capture_ts)
             frame_id += 1
 
     def close(self) -> None:
@@ -246,7 +248,7 @@ class ReplaySource(Source):
 
     def _one_pass(self) -> Iterator[Item]:
         for image, label in zip(self.images, self.labels):
-            yield image.astype(np.float32) / np.float32(255), int(label), time.time()
+            yield image.astype(np.float32) / np.float32(255), int(label), time.time(), None
 
 
 class FolderSource(Source):
@@ -275,7 +277,7 @@ class FolderSource(Source):
                 print(f"W: skipping {path}: OpenCV cannot decode it", file=sys.stderr)
                 self._bad.add(path)
                 continue
-            yield to_model_input(image), None, time.time()
+            yield to_model_input(image), None, time.time(), str(path)
 
 
 def _open_capture(target: int | str, error: str, params: tuple[int, ...] = ()) -> Any:
@@ -318,7 +320,7 @@ class VideoFileSource(Source):
                 ok, image = capture.read()
                 if not ok:
                     return
-                yield to_model_input(image), None, time.time()
+                yield to_model_input(image), None, time.time(), None
         finally:
             capture.release()
 
@@ -344,7 +346,7 @@ class LiveSource(Source):
     def _one_pass(self) -> Iterator[Item]:
         while (item := self.latest.take()) is not None:
             image, capture_ts = item
-            yield to_model_input(image), None, capture_ts
+            yield to_model_input(image), None, capture_ts, None
 
     def close(self) -> None:
         self.latest.close()
