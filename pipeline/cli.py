@@ -150,21 +150,21 @@ def _cmd_workers(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise UserError("-n must be at least 1")
     load_server(args.artifacts)  # a bad artifact is one error here, not N in the children
-    backend = args.join or args.backend
+    backend = args.broker or args.backend
     cfg = _worker_config(args, backend)
-    broker_security = None if args.join else _security(args, broker=True).check(
+    broker_security = None if args.broker else _security(args, broker=True).check(
         [args.frontend, args.backend], "broker")
-    _, announce = _start_metrics(args, {"worker": args.n} | ({} if args.join else {"broker": 1}))
+    _, announce = _start_metrics(args, {"worker": args.n} | ({} if args.broker else {"broker": 1}))
     stop_on_sigterm()
     group = ProcessGroup()
     try:
-        if not args.join:
+        if not args.broker:
             group.start("broker", run_broker, BrokerConfig(
                 args.frontend, args.backend, args.max_queue, _queue_timeout_s(args),
                 security=broker_security))
         workers = [group.start(f"worker-{i}", run_worker, args.artifacts, cfg)
                    for i in range(args.n)]
-        print(f"I: {args.n} workers on {backend}" + ("" if args.join else
+        print(f"I: {args.n} workers on {backend}" + ("" if args.broker else
               f"; edges connect to {args.frontend}") + "; Ctrl-C stops", file=sys.stderr)
         group.wait(workers, on_tick=announce)
     except KeyboardInterrupt:
@@ -340,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("workers", help="start a broker and N tail workers, or join a broker")
     w.add_argument("-n", type=int, default=2, help="workers (default: %(default)s)")
     w.add_argument("--artifacts", default=DEFAULT_OUT, help="(default: %(default)s)")
-    w.add_argument("--join", metavar="tcp://HOST:PORT",
-                   help="add the workers to this broker's backend instead of starting one")
+    options.add_broker_option(w, "--backend", None, "join the workers to this broker's "
+                              "backend instead of starting a broker (--join: the old name)",
+                              "--join")
     options.add_broker_addresses(w)
     options.add_worker_options(w)
     options.add_metrics_options(w, METRICS_PORTS["workers"], launcher=True)
@@ -355,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard", action="store_true",
                    help="producers split the source's frames instead of each taking all")
     e.add_argument("--artifacts", default=DEFAULT_OUT, help="(default: %(default)s)")
-    e.add_argument("--broker", default=EdgeConfig.broker,
-                   help="the broker's frontend (default: %(default)s)")
+    options.add_broker_option(e, "--frontend", EdgeConfig.broker, "the broker's frontend")
     e.add_argument("--fps", type=float, help="frames per second per producer (default: as "
                    "fast as the source gives them)")
     e.add_argument("--producer-id", type=int, default=0, help="id of the first producer")

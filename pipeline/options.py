@@ -5,9 +5,32 @@ monitoring.exposition, so a default is stated once."""
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["add_metrics_options", "add_security_options", "add_broker_addresses",
-           "add_worker_options", "add_edge_options"]
+           "add_worker_options", "add_edge_options", "add_broker_option", "ENV_PREFIX"]
+
+ENV_PREFIX = "SPLITEXIT_"   # --broker-secret's default is $SPLITEXIT_BROKER_SECRET, and so on
+
+
+def from_env(flag: str, default=None):
+    """An endpoint's or key's default: the environment (SPLITEXIT_ + the flag's name, upper
+    case, dashes as underscores), else `default`; the help says which."""
+    return os.environ.get(env_name(flag), default)
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_broker_option(p: argparse.ArgumentParser, port: str, default: str | None, what: str,
+                      *aliases: str) -> None:
+    """--broker: the broker a client connects to, the same flag for the same meaning; its
+    environment variable names the broker's port it means (`port`: --frontend for an edge,
+    --backend for workers), so one deployment's two variables serve every role."""
+    p.add_argument("--broker", *aliases, default=from_env(port, default),
+                   metavar="tcp://HOST:PORT",
+                   help=f"{what} (env {env_name(port)}; default: %(default)s)")
 
 
 def add_metrics_options(p: argparse.ArgumentParser, port: int, launcher: bool) -> None:
@@ -27,25 +50,35 @@ def add_metrics_options(p: argparse.ArgumentParser, port: int, launcher: bool) -
 def add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="plaintext instead of CURVE; only allowed on loopback addresses")
+    # One name, one key, in every command: --curve-secret is always this client's own pair,
+    # --broker-secret always the broker's pair (`broker` once took it as --curve-secret:
+    # still read there, as a hidden alias).
     if client:
         p.add_argument("--curve-secret", metavar="NAME.key_secret",
-                       help="this side's CURVE key pair (splitexit keys)")
-        p.add_argument("--curve-server", metavar="NAME.key", help="the broker's public key")
+                       default=from_env("--curve-secret"),
+                       help=f"this client's CURVE key pair, from `splitexit keys` (env "
+                            f"{env_name('--curve-secret')})")
+        p.add_argument("--curve-server", metavar="NAME.key", default=from_env("--curve-server"),
+                       help=f"the broker's public key (env {env_name('--curve-server')})")
     if broker:
-        # `broker` has no client key, so there the broker's pair is plain --curve-secret
-        p.add_argument("--broker-secret" if client else "--curve-secret", dest="broker_secret",
-                       metavar="NAME.key_secret", help="the broker's CURVE key pair")
-        p.add_argument("--allow", metavar="DIR",
-                       help="folder of client public keys (*.key) allowed to connect")
+        names = ["--broker-secret"] if client else ["--broker-secret", "--curve-secret"]
+        p.add_argument(*names, dest="broker_secret", metavar="NAME.key_secret",
+                       default=from_env("--broker-secret"),
+                       help=f"the broker's CURVE key pair (env {env_name('--broker-secret')})")
+        p.add_argument("--allow", metavar="DIR", default=from_env("--allow"),
+                       help=f"folder of client public keys (*.key) allowed to connect (env "
+                            f"{env_name('--allow')})")
 
 
 def add_broker_addresses(p: argparse.ArgumentParser) -> None:
     from workers.config import BrokerConfig
 
-    p.add_argument("--frontend", default=BrokerConfig.frontend,
-                   help="edges connect here (default: %(default)s)")
-    p.add_argument("--backend", default=BrokerConfig.backend,
-                   help="workers connect here (default: %(default)s)")
+    p.add_argument("--frontend", default=from_env("--frontend", BrokerConfig.frontend),
+                   help=f"the broker binds this, edges connect here (env "
+                        f"{env_name('--frontend')}; default: %(default)s)")
+    p.add_argument("--backend", default=from_env("--backend", BrokerConfig.backend),
+                   help=f"the broker binds this, workers connect here (env "
+                        f"{env_name('--backend')}; default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=BrokerConfig.max_queue,
                    help="queued requests before edges are told BUSY (default: %(default)s)")
     p.add_argument("--queue-timeout-ms", type=float, default=None,

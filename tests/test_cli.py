@@ -84,3 +84,26 @@ def test_up_runs_the_whole_system_and_reports(tmp_path, tiny_config_path, idx_di
     assert report["frames"] == report["unique_frames"] == 200
     assert report["paths"].get("fallback", 0) == 0 and report["paths"]["offload"] > 0
     assert "p99 ms" in r.stdout and "uplink per offloaded frame" in r.stdout
+
+
+def test_endpoints_and_keys_come_from_the_environment_and_flags_mean_one_thing(monkeypatch):
+    from pipeline.cli import build_parser
+
+    monkeypatch.setenv("SPLITEXIT_FRONTEND", "tcp://broker.example:5555")
+    monkeypatch.setenv("SPLITEXIT_CURVE_SECRET", "keys/cam7.key_secret")
+    monkeypatch.setenv("SPLITEXIT_BROKER_SECRET", "keys/broker.key_secret")
+    edge = build_parser().parse_args(["edge"])
+    assert (edge.broker, edge.curve_secret) == ("tcp://broker.example:5555",
+                                                "keys/cam7.key_secret")
+    assert build_parser().parse_args(["edge", "--broker", "tcp://b:1"]).broker == "tcp://b:1"
+    # --broker is the broker a client connects to, for workers too (--join: the old name)
+    assert build_parser().parse_args(["workers", "--join", "tcp://b:2"]).broker == "tcp://b:2"
+    assert build_parser().parse_args(["workers"]).broker is None      # starts its own broker
+    monkeypatch.setenv("SPLITEXIT_BACKEND", "tcp://broker.example:5556")
+    assert build_parser().parse_args(["workers"]).broker == "tcp://broker.example:5556"
+    assert build_parser().parse_args(["broker"]).backend == "tcp://broker.example:5556"
+    # --broker-secret is the broker's pair everywhere (`broker` still reads --curve-secret)
+    assert build_parser().parse_args(["broker"]).broker_secret == "keys/broker.key_secret"
+    assert build_parser().parse_args(
+        ["broker", "--curve-secret", "b.key_secret"]).broker_secret == "b.key_secret"
+    assert build_parser().parse_args(["workers"]).broker_secret == "keys/broker.key_secret"
