@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from monitoring.exposition import METRICS_PORTS, MetricsError
 from pipeline import __version__, options
+from pipeline.log import ENV as LOG_ENV, LEVELS, setup as log_setup
 from pipeline.errors import UserError
 
 __all__ = ["main"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "default"
 DEFAULT_OUT = "runs/default"
@@ -81,15 +85,14 @@ def _start_metrics(args: argparse.Namespace, expected: dict[str, int] | None = N
     ready = readiness(registry, expected or {args.command: 1})
     if server:
         server.start(registry, ready)
-        print(f"I: metrics on http://{server.addr}:{server.port}/metrics, readiness on "
-              f"/ready", file=sys.stderr, flush=True)
+        log.info(f"metrics on http://{server.addr}:{server.port}/metrics, readiness on "
+                 f"/ready")
     told = []
 
     def announce() -> None:
         if not told and ready():
             told.append(True)
-            print(f"I: ready: {', '.join(f'{role} x{n}' for role, n in expected.items())}",
-                  file=sys.stderr, flush=True)
+            log.info(f"ready: {', '.join(f'{role} x{n}' for role, n in expected.items())}")
     return registry, announce
 
 
@@ -105,8 +108,8 @@ def _cmd_keys(args: argparse.Namespace) -> None:
     from pipeline.protocol.security import create_keys
 
     public, secret = create_keys(args.dir, args.name)
-    print(f"I: wrote {public} (public: give it to the broker's --allow folder, or to clients "
-          f"as --curve-server) and {secret} (secret: keep it on this host)")
+    log.info(f"wrote {public} (public: give it to the broker's --allow folder, or to clients "
+             f"as --curve-server) and {secret} (secret: keep it on this host)")
 
 
 def _cmd_broker(args: argparse.Namespace) -> None:
@@ -247,8 +250,8 @@ def _calibration_frames(args: argparse.Namespace):
     trained = json.loads(metrics.read_text())["config"] if metrics.is_file() else {}
     folder = args.data or trained.get("data", {}).get("dir")
     if folder is None:
-        print(f"W: int8 rounds to nearest: no {METRICS_FILE} in {args.dir} names the training "
-              f"data; pass --data DIR for error-compensated rounding", file=sys.stderr)
+        log.warning(f"int8 rounds to nearest: no {METRICS_FILE} in {args.dir} names the training "
+                    f"data; pass --data DIR for error-compensated rounding")
         return None
     try:   # the split it was trained with
         t = from_dict(trained, origin=str(metrics)).train if trained else TrainConfig()
@@ -256,7 +259,7 @@ def _calibration_frames(args: argparse.Namespace):
     except DataError as e:
         if args.data:
             raise
-        print(f"W: int8 rounds to nearest: {e}", file=sys.stderr)
+        log.warning(f"int8 rounds to nearest: {e}")
         return None
     return data.train.images[:CALIBRATION_FRAMES].astype("float32") / 255
 
@@ -278,13 +281,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise UserError(f"--out {out} is a file; give a folder")
     if args.target == "onnx":
         [path] = export_onnx(args.dir, out)
-        print(f"I: wrote {path} (model {head.model_id}): inputs pixels (batch, "
-              f"{head.input_size}), outputs features and exit_logits")
+        log.info(f"wrote {path} (model {head.model_id}): inputs pixels (batch, "
+                 f"{head.input_size}), outputs features and exit_logits")
         return
     calibration = _calibration_frames(args) if args.variant == "int8" else None
     paths = export_c(args.dir, out, args.variant, calibration)
-    print(f"I: wrote {', '.join(str(p) for p in paths)} (model {head.model_id}); build with "
-          f"`cc -O2 -c {paths[0]}`, call splitexit_head() as {paths[1]} says")
+    log.info(f"wrote {', '.join(str(p) for p in paths)} (model {head.model_id}); build with "
+             f"`cc -O2 -c {paths[0]}`, call splitexit_head() as {paths[1]} says")
 
 
 def _cmd_top(args: argparse.Namespace) -> None:
@@ -306,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="splitexit", description="Split computing with early exit "
                                  "on predefined-sparse networks.")
     ap.add_argument("--version", action="version", version=f"splitexit {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    ap.add_argument("--log-level", choices=LEVELS, help=f"log lines at this level and above, "
+                    f"timestamped, on stderr (env {LOG_ENV}; default: info)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a split model, calibrate its exit, write artifacts")
@@ -422,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_setup("debug" if args.verbose else args.log_level)
     try:
         args.func(args)
     except (UserError, MetricsError) as e:

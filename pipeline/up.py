@@ -9,6 +9,7 @@ results, and reports from those same results when the replay ends.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections import Counter
@@ -26,6 +27,8 @@ from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup, check_exits, start_server
 
 __all__ = ["UpConfig", "up", "read_results", "format_run_report"]
+
+log = logging.getLogger(__name__)
 
 RAW_FRAME_BYTES = 28 * 28     # one uint8 Fashion-MNIST frame
 STATUS_EVERY_S = 2.0          # status line period when stderr is not a terminal
@@ -60,7 +63,7 @@ def _ensure_artifacts(cfg: UpConfig) -> None:
     from pipeline.model.report import format_report
     from pipeline.model.train import run
 
-    print(f"I: no artifacts in {art}: training the recommended default first", flush=True)
+    log.info(f"no artifacts in {art}: training the recommended default first")
     overrides = [f"data.dir={cfg.data_dir!r}"] if cfg.data_dir else []
     print(format_report(run(load_config("default", overrides), art)), flush=True)
 
@@ -100,12 +103,11 @@ def up(cfg: UpConfig) -> dict:
     registry = multiprocess_registry(claim_metrics_dir(run_dir / "metrics"))
     if server:
         server.start(registry, readiness(registry, {"broker": 1, "worker": cfg.workers}))
-        print(f"I: metrics for every process on http://{server.addr}:{server.port}/metrics, "
-              f"readiness on /ready ({CONFIG_DIR / 'prometheus.yml'} scrapes it); in "
-              f"Prometheus:\n"
-              f"   offload ratio:  {PROMQL['offload_ratio']}\n"
-              f"   uplink bytes/s: {PROMQL['uplink_bytes_per_second']}", file=sys.stderr,
-              flush=True)
+        log.info(f"metrics for every process on http://{server.addr}:{server.port}/metrics, "
+                 f"readiness on /ready ({CONFIG_DIR / 'prometheus.yml'} scrapes it); in "
+                 f"Prometheus:\n"
+                 f"   offload ratio:  {PROMQL['offload_ratio']}\n"
+                 f"   uplink bytes/s: {PROMQL['uplink_bytes_per_second']}")
     group = ProcessGroup()
     started = time.monotonic()
     try:
@@ -113,8 +115,8 @@ def up(cfg: UpConfig) -> dict:
         server_procs = start_server(group, cfg.artifacts, cfg.workers, worker_cfg, registry,
                                     broker=cfg.broker)
         workers = [p for name, p in server_procs.items() if name != "broker"]
-        print(f"I: broker and {cfg.workers} workers ready ({time.monotonic() - started:.1f} s);"
-              f" starting {cfg.producers} edge producers", file=sys.stderr, flush=True)
+        log.info(f"broker and {cfg.workers} workers ready ({time.monotonic() - started:.1f} s);"
+                 f" starting {cfg.producers} edge producers")
         started = time.monotonic()  # the replay's rate counts from here
         producers = [group.start(f"edge-{i}", run_producer, cfg.artifacts,
                                  replace(cfg.edge, broker=cfg.broker.frontend, producer_id=i,
@@ -132,11 +134,13 @@ def up(cfg: UpConfig) -> dict:
             last_line[0] = now
             c = tail.poll()
             n = sum(c.values())
-            lead = "\r" if tty else ""
-            print(f"{lead}I: {n} frames ({n / max(now - started, 1e-9):.0f}/s):"
-                  f" exit {c['exit']}, offload {c['offload']}, fallback {c['fallback']}; "
-                  f"workers up {sum(p.is_alive() for p in workers)}/{cfg.workers}",
-                  end="" if tty and not final else "\n", file=sys.stderr, flush=True)
+            line = (f"{n} frames ({n / max(now - started, 1e-9):.0f}/s): exit {c['exit']}, "
+                    f"offload {c['offload']}, fallback {c['fallback']}; workers up "
+                    f"{sum(p.is_alive() for p in workers)}/{cfg.workers}")
+            if tty:   # a live line, redrawn in place; the log gets the final count
+                print(f"\r{line}", end="\n" if final else "", file=sys.stderr, flush=True)
+            if final or not tty:
+                log.info(line)
 
         group.wait(producers, on_tick=status)
         status(final=True)
@@ -144,8 +148,7 @@ def up(cfg: UpConfig) -> dict:
         for p in producers:
             mark_dead(p.pid)
         if cfg.hold_s > 0 and server:
-            print(f"I: replay done; metrics stay up {cfg.hold_s:.0f} s (Ctrl-C ends)",
-                  file=sys.stderr, flush=True)
+            log.info(f"replay done; metrics stay up {cfg.hold_s:.0f} s (Ctrl-C ends)")
             time.sleep(cfg.hold_s)  # the user asked for this: scrapers read the final counts
     finally:
         group.stop()

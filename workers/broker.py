@@ -14,8 +14,8 @@ dropped by the ROUTER and counted.
 from __future__ import annotations
 
 import gc
+import logging
 import signal
-import sys
 import time
 from dataclasses import replace
 
@@ -31,6 +31,8 @@ from workers.config import BrokerConfig
 from workers.scheduler import FRONTEND as TO_EDGE, Counts, Scheduler
 
 __all__ = ["BrokerConfig", "Broker", "run_broker"]
+
+log = logging.getLogger(__name__)
 
 RECEIVE_BURST = 1000   # messages read from one socket before the other gets its turn
 
@@ -190,14 +192,12 @@ def run_broker(cfg: BrokerConfig) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"I: broker: edges on {cfg.frontend}, workers on {cfg.backend}", file=sys.stderr,
-          flush=True)
+    log.info(f"broker: edges on {cfg.frontend}, workers on {cfg.backend}")
     try:
         broker.run()
     finally:
         broker.close()
         s = broker.scheduler.counts
-        print(f"I: broker: {s.requests} requests, {s.replies} replies, {s.busy} busy, "
-              f"{s.expired} expired, {s.redelivered} redelivered, bad {broker.bad}",
-              file=sys.stderr, flush=True)
+        log.info(f"broker: {s.requests} requests, {s.replies} replies, {s.busy} busy, "
+                 f"{s.expired} expired, {s.redelivered} redelivered, bad {broker.bad}")
 

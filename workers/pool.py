@@ -52,7 +52,11 @@ def wait_until(predicate, timeout_s: float, what: str, procs=()) -> None:
 
 
 def guarded(target, *args) -> None:
-    """Child entry point: a user error is one line on stderr and exit status 2."""
+    """Child entry point: logs as its launcher does (SPLITEXIT_LOG_LEVEL); a user error is
+    one line on stderr and exit status 2."""
+    from pipeline.log import setup
+
+    setup()
     try:
         target(*args)
     except UserError as e:

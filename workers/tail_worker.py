@@ -18,10 +18,10 @@ not answer is redelivered by the broker when the worker's heartbeats stop.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import socket
-import sys
 import time
 
 import numpy as np
@@ -40,6 +40,8 @@ from workers.batching import Batcher
 from workers.config import WorkerConfig
 
 __all__ = ["WorkerConfig", "TailWorker", "run_worker"]
+
+log = logging.getLogger(__name__)
 
 RECEIVE_BURST = 1000   # messages read per wake-up before a due batch runs
 
@@ -141,8 +143,8 @@ class TailWorker:
                 liveness -= 1
                 if liveness <= 0 and self.draining_since is None:
                     wait_s = backoff.next()
-                    print(f"W: worker {self.worker_id}: broker silent, reconnecting in "
-                          f"{wait_s:.2f} s", file=sys.stderr, flush=True)
+                    log.warning(f"worker {self.worker_id}: broker silent, reconnecting in "
+                                f"{wait_s:.2f} s")
                     time.sleep(wait_s)  # the back-off itself: the broker is not there
                     self.connect()
                     liveness = self.cfg.heartbeat_liveness
@@ -242,13 +244,12 @@ def run_worker(artifact_dir: str, cfg: WorkerConfig, worker_id: str | None = Non
                  # them (one took ~80 ms mid-stream, a p99 spike for every frame queued behind)
     signal.signal(signal.SIGTERM, lambda *_: worker.drain())
     signal.signal(signal.SIGINT, lambda *_: worker.drain())
-    print(f"I: worker {worker.worker_id}: model {worker.model_id}, broker {cfg.broker}, "
-          f"max_batch {cfg.max_batch}, max_wait {cfg.max_wait_ms} ms", file=sys.stderr,
-          flush=True)
+    log.info(f"worker {worker.worker_id}: model {worker.model_id}, broker {cfg.broker}, "
+             f"max_batch {cfg.max_batch}, max_wait {cfg.max_wait_ms} ms")
     try:
         worker.run()
     finally:
         if worker.sock is not None:
             worker.sock.close()
-        print(f"I: worker {worker.worker_id}: {worker.frames} frames in {worker.batches} "
-              f"batches, refused {worker.refused}", file=sys.stderr, flush=True)
+        log.info(f"worker {worker.worker_id}: {worker.frames} frames in {worker.batches} "
+                 f"batches, refused {worker.refused}")

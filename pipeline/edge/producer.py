@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import queue
-import sys
 import threading
 import time
 
@@ -34,12 +34,14 @@ from pipeline.edge.controller import Controller, State
 from pipeline.edge.shadows import ShadowCounts, Shadows
 from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
-from pipeline.edge.results import Outcome, Results, Summary, print_summary
+from pipeline.edge.results import Outcome, Results, Summary, log_summary
 from pipeline.protocol import wire
 from pipeline.protocol.security import HANDSHAKE_FAILED, HANDSHAKE_HINT
 from pipeline.protocol.wire import WireError
 
 __all__ = ["EdgeProducer", "run_producer"]
+
+log = logging.getLogger(__name__)
 
 CAPTURE_QUEUE_FRAMES = 256      # frames between the capture thread and the head (files, replay)
 LIVE_QUEUE_FRAMES = 2           # ... for cameras and streams: stale frames are dropped upstream
@@ -369,8 +371,7 @@ class EdgeProducer:
             elif event & HANDSHAKE_FAILED and not told:
                 told = True
                 self.m_handshake_failures.inc()
-                print(f"E: edge {self.cfg.producer_id}: {HANDSHAKE_HINT}", file=sys.stderr,
-                      flush=True)
+                log.error(f"edge {self.cfg.producer_id}: {HANDSHAKE_HINT}")
 
 
 def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | None = None,
@@ -395,5 +396,5 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
         summary = asyncio.run(main())
     finally:
         source.close()
-    print_summary(summary)
+    log_summary(summary)
     return summary

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO
@@ -11,7 +11,9 @@ from typing import IO
 from pipeline.edge.shadows import ShadowCounts
 from pipeline.errors import ConfigError
 
-__all__ = ["Outcome", "Summary", "Results", "print_summary"]
+__all__ = ["Outcome", "Summary", "Results", "log_summary"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,14 +74,14 @@ class Results:
             self._file.close()
 
 
-def print_summary(s: Summary, file=sys.stderr) -> None:
+def log_summary(s: Summary) -> None:
     acc = f", accuracy {100 * s.correct / s.labelled:.2f}%" if s.labelled else ""
-    print(f"I: edge: {s.frames} frames: {dict(s.paths)}, fallbacks {dict(s.fallback_reasons)}, "
-          f"duplicates {s.duplicates}{acc}", file=file, flush=True)
+    log.info(f"edge: {s.frames} frames: {dict(s.paths)}, fallbacks {dict(s.fallback_reasons)}, "
+             f"duplicates {s.duplicates}{acc}")
     sh = s.shadows
     if sh is not None and sh.sent:
         measured = (f": exit-vs-tail agreement {100 * sh.agreement:.2f}%, exit accuracy "
                     f"{100 * sh.exit_accuracy:.2f}% with the tail judging" if sh.answered
                     else "")
-        print(f"I: edge: shadows {sh.sent} sent, {sh.answered} answered, {sh.dropped} "
-              f"dropped{measured}", file=file, flush=True)
+        log.info(f"edge: shadows {sh.sent} sent, {sh.answered} answered, {sh.dropped} "
+                 f"dropped{measured}")

@@ -13,8 +13,8 @@ is delivered, paced at `fps` if given.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +30,8 @@ from pipeline.protocol.timing import backoff_delays
 
 __all__ = ["Frame", "Source", "LatestFrame", "Shard", "open_source", "to_model_input",
            "SourceError", "IMAGE_EXTENSIONS", "STREAM_SCHEMES"]
+
+log = logging.getLogger(__name__)
 
 SIDE = 28                  # the model reads SIDE x SIDE grayscale pixels
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff")
@@ -274,7 +276,7 @@ class FolderSource(Source):
                 continue
             image = cv2.imread(str(path))
             if image is None:
-                print(f"W: skipping {path}: OpenCV cannot decode it", file=sys.stderr)
+                log.warning(f"skipping {path}: OpenCV cannot decode it")
                 self._bad.add(path)
                 continue
             yield to_model_input(image), None, time.time(), str(path)

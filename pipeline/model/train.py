@@ -8,6 +8,7 @@ calibration policy on validation -> artifacts, sweep CSV/PNG, metrics JSON, prin
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from pipeline.protocol.static_code import StaticCode
 from pipeline.protocol.wire import quantize_unsigned
 
 __all__ = ["fit", "predict", "run", "calibrate_dir", "dataset", "METRICS_FILE"]
+
+log = logging.getLogger(__name__)
 
 SWEEP_CSV, SWEEP_PNG = "calibration.csv", "calibration.png"
 RELIABILITY_PNG = "reliability.png"   # confidence vs accuracy, before and after temperature
@@ -195,9 +198,9 @@ def _structure(model: SplitModel) -> dict:
 def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     """The whole `splitexit train`: returns (and writes) the metrics dict."""
     data = dataset(cfg)
-    print(f"I: {cfg.model.name}: {len(data.train)} train / {len(data.val)} validation / "
-          f"{len(data.test)} test frames from {cfg.data.dir}; sparse layers train with "
-          f"{ell_native.status()}")
+    log.info(f"{cfg.model.name}: {len(data.train)} train / {len(data.val)} validation / "
+             f"{len(data.test)} test frames from {cfg.data.dir}; sparse layers train with "
+             f"{ell_native.status()}")
     model, epoch_seconds = fit(cfg, data, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     calibration = _calibrate(model, cfg, data, out_dir)

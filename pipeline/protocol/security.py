@@ -14,7 +14,7 @@ handshake events (`watch_handshake`) and report a failure in one line.
 from __future__ import annotations
 
 import ipaddress
-import sys
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ from pipeline.errors import ConfigError
 
 __all__ = ["Security", "create_keys", "is_loopback", "PLAINTEXT_LOOPBACK", "watch_handshake",
            "HANDSHAKE_FAILED", "HANDSHAKE_HINT"]
+
+log = logging.getLogger(__name__)
 
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -144,7 +146,7 @@ def watch_handshake(sock: zmq.Socket, who: str, on_failure=lambda: None) -> thre
         except zmq.ZMQError:
             return  # the socket closed first
         on_failure()
-        print(f"E: {who}: {HANDSHAKE_HINT}", file=sys.stderr, flush=True)
+        log.error(f"{who}: {HANDSHAKE_HINT}")
 
     thread = threading.Thread(target=run, daemon=True, name="handshake-monitor")
     thread.start()

@@ -1,0 +1,29 @@
+"""Log lines for every splitexit process: a timestamp, a level and the module, on stderr.
+
+    2026-11-26 03:24:28,123 INFO    pipeline.up: broker and 2 workers ready (1.2 s)
+
+`splitexit -v` (debug) or `--log-level` sets the level, else SPLITEXIT_LOG_LEVEL, else info;
+`setup` writes the level back to the environment so that the processes a launcher spawns
+log the same way (they call `setup()` first thing). Results a command is asked for (a
+report, a table) are printed to stdout, not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+__all__ = ["setup", "LEVELS", "ENV"]
+
+LEVELS = ("debug", "info", "warning", "error")
+ENV = "SPLITEXIT_LOG_LEVEL"
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup(level: str | None = None) -> None:
+    level = (level or os.environ.get(ENV) or "info").lower()
+    if level not in LEVELS:
+        level = "info"
+    os.environ[ENV] = level
+    logging.basicConfig(format=FORMAT, level=level.upper(), stream=sys.stderr, force=True)
