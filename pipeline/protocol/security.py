@@ -3,7 +3,7 @@ client public keys), or plaintext -- only when asked for, and only on loopback.
 
     splitexit keys keys/ --name broker      # keys/broker.key (public), broker.key_secret
     splitexit keys keys/ --name edge1       # one pair per client; copy edge1.key to allow/
-    splitexit broker --curve-secret keys/broker.key_secret --allow allow/
+    splitexit broker --broker-secret keys/broker.key_secret --allow allow/
     splitexit edge --curve-secret keys/edge1.key_secret --curve-server keys/broker.key
 
 A client whose public key is not in the allow folder gets no service: the handshake fails

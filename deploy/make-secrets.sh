@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# CURVE keys for a cluster, as Kubernetes Secrets (run once, with kubectl pointed at it):
+#   splitexit-broker-keys   the broker's pair and its allow-list (the workers' and edges' public keys)
+#   splitexit-worker-keys   the workers' pair and the broker's public key
+#   splitexit-edge-keys     an edge's pair and the broker's public key (for edges in the cluster)
+set -euo pipefail
+dir="$(mktemp -d)"
+splitexit keys "$dir" --name broker
+splitexit keys "$dir" --name worker
+splitexit keys "$dir" --name edge
+kubectl create secret generic splitexit-broker-keys \
+    --from-file=broker.key_secret="$dir/broker.key_secret" \
+    --from-file=worker.key="$dir/worker.key" --from-file=edge.key="$dir/edge.key"
+kubectl create secret generic splitexit-worker-keys \
+    --from-file=worker.key_secret="$dir/worker.key_secret" --from-file=broker.key="$dir/broker.key"
+kubectl create secret generic splitexit-edge-keys \
+    --from-file=edge.key_secret="$dir/edge.key_secret" --from-file=broker.key="$dir/broker.key"
+echo "I: secrets created; the key files stay in $dir (keep the edge's for devices outside)"
