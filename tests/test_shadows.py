@@ -51,6 +51,9 @@ def test_unanswered_shadows_are_bounded_and_dropped_when_stale():
     assert s.room(now=SHADOW_TIMEOUT_S + 0.5)              # the first went stale
     assert s.counts.dropped == 1
     assert s.answer(reply(2, [0], [0.9]))                  # a late answer still counts
+    s.open(3, [0, 1], now=20.0)
+    s.close()                                              # the stream ended unanswered
+    assert (s.counts.sent, s.counts.answered, s.counts.dropped) == (4, 1, 3)
 
 
 def test_shadows_never_change_an_answer_and_never_count_as_offloads(artifacts, idx_dir,

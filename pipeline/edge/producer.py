@@ -166,6 +166,9 @@ class EdgeProducer:
                 self._settled.clear()
                 await self._settled.wait()
         finally:
+            if self.shadows is not None:
+                self.shadows.close()
+                self._export_shadows()
             self.m_ready.set(0)
             for task in tasks:
                 task.cancel()

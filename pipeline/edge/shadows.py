@@ -93,6 +93,12 @@ class Shadows:
                 c.exit_correct += tail_conf
         return True
 
+    def close(self) -> None:
+        """The stream ended: shadows still unanswered count as dropped (the edge does not
+        wait on measurements)."""
+        for msg_id in list(self._open):
+            self.drop(msg_id)
+
     def refuse(self, error: Error) -> bool:
         return self.drop(error.msg_id)
 
