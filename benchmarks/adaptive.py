@@ -29,8 +29,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from common import free_port, metrics, read_jsonl
+from monitoring.exposition import total
+from monitoring.metrics import READY
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import EdgeProducer
+from pipeline.edge.results import Summary
 from pipeline.edge.sources import open_source
 from pipeline.model.config import FASHION_MNIST_DIR
 from workers.broker import run_broker
@@ -89,7 +92,7 @@ class Pool:
         self._confirmed += 1
         if wait:
             n = self._confirmed
-            wait_until(lambda: _ready_workers(self.registry) >= n, START_TIMEOUT_S,
+            wait_until(lambda: total(self.registry, READY, role="worker") >= n, START_TIMEOUT_S,
                        f"{name} confirmed by the broker", list(self.workers.values()))
 
     def stop(self, name: str) -> None:
@@ -101,16 +104,11 @@ class Pool:
         self.group.stop()
 
 
-def _ready_workers(registry) -> float:
-    return sum(s.value for m in registry.collect() if m.name == "splitexit_ready"
-               for s in m.samples if s.labels.get("role") == "worker")
-
-
 def stream(args, pool: Pool, cfg: EdgeConfig, frames: int, fps: float, results: Path,
-           events: list = (), threshold: float | None = None) -> tuple[list[dict], dict]:
+           events: list = (), threshold: float | None = None) -> tuple[list[dict], dict, Summary]:
     """Replay `frames` test frames (looping) at `fps` through an in-process edge; `events`
     are (seconds after the start, what to call with the producer). Returns (outcomes in
-    frame order, {event name: wall time it happened})."""
+    capture order, {event name: wall time it happened}, the edge's summary)."""
     cfg = replace(cfg, broker=pool.front, results=str(results))
     happened: dict[str, float] = {}
 
@@ -122,16 +120,14 @@ def stream(args, pool: Pool, cfg: EdgeConfig, frames: int, fps: float, results: 
         for at_s, name, action in events:
             loop.call_later(at_s, lambda n=name, a=action: (a(producer),
                                                             happened.setdefault(n, time.time())))
-        return producer, await producer.run(source)
+        return await producer.run(source)
 
     source = open_source("dataset", fps=fps, limit=frames, data_dir=args.data, loop=True)
     try:
-        producer, summary = asyncio.run(main())
+        summary = asyncio.run(main())
     finally:
         source.close()
-    outcomes = sorted(read_jsonl(results), key=lambda o: o["capture_ts"])
-    happened["summary"] = summary
-    return outcomes, happened
+    return sorted(read_jsonl(results), key=lambda o: o["capture_ts"]), happened, summary
 
 
 def offload(outcomes) -> float:
@@ -200,7 +196,7 @@ def target(args, tmp: Path) -> None:
         for name, cfg, threshold in (
                 ("fixed threshold (30 % on validation)", EdgeConfig(), fixed),
                 ("controller, target 0.30", EdgeConfig(target_offload=0.3), None)):
-            outcomes, _ = stream(args, pool, cfg, args.frames, args.fps,
+            outcomes, _, _ = stream(args, pool, cfg, args.frames, args.fps,
                                  tmp / f"target-{len(rows)}.jsonl", threshold=threshold)
             after = outcomes[500:]
             rows.append((name, pct(offload(after)), pct(accuracy(outcomes)),
@@ -225,7 +221,7 @@ def capacity(args, tmp: Path) -> None:
                                   None)):
         pool = Pool(args.artifacts, paced=True)
         try:
-            outcomes, at = stream(
+            outcomes, at, _ = stream(
                 args, pool, cfg, frames, fps, tmp / f"capacity-{len(rows)}.jsonl",
                 [(stop_s, "stop", lambda p: pool.stop("w1")),
                  (restore_s, "restore", lambda p: pool.add("w2", wait=False))], threshold)
@@ -261,7 +257,7 @@ def budget(args, tmp: Path) -> None:
                        EdgeConfig(uplink_budget=budget_bps))):
         pool = Pool(args.artifacts, paced=False)
         try:
-            outcomes, at = stream(
+            outcomes, at, _ = stream(
                 args, pool, cfg, frames, fps, tmp / f"budget-{len(rows)}.jsonl",
                 [(halve_s, "halve", lambda p: p.controller and p.controller.retarget(
                     uplink_budget=budget_bps / 2))])
@@ -298,11 +294,11 @@ def shadow(args, tmp: Path) -> None:
 
     pool = Pool(args.artifacts, paced=False)
     try:
-        outcomes, at = stream(args, pool, EdgeConfig(shadow=0.02), args.frames, args.fps,
+        outcomes, _, summary = stream(args, pool, EdgeConfig(shadow=0.02), args.frames, args.fps,
                               tmp / "shadow.jsonl")
     finally:
         pool.close()
-    shadows = at["summary"].shadows
+    shadows = summary.shadows
     head, server = load_numpy_head(args.artifacts), load_server(args.artifacts)
     test = load_dataset(args.data, 5000, 0).test
     pixels = test.images.astype(np.float32) / 255

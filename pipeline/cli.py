@@ -41,9 +41,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/{cfg.model.name}")
     metrics = run(cfg, out, progress=not args.quiet)
     print(format_report(metrics))
-    print(f"\nI: wrote {out}/edge.pt, {out}/server.pt, {out}/metrics.json, "
-          f"{out}/calibration.csv" + (", calibration.png" if metrics["calibration"]["sweep_png"]
-                                      else " (no PNG: pip install matplotlib)"))
+    log.info(f"wrote {out}/edge.pt, {out}/server.pt, {out}/metrics.json, "
+             f"{out}/calibration.csv" + (", calibration.png" if metrics["calibration"]["sweep_png"]
+                                         else " (no PNG: pip install matplotlib)"))
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
@@ -64,7 +64,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     metrics = calibrate_dir(out, cfg, args.data)
     if "structure" in metrics:
         print(format_report(metrics))
-    print(f"\nI: new threshold {metrics['calibration']['threshold']:.4f} written to {out}/edge.pt")
+    log.info(f"new threshold {metrics['calibration']['threshold']:.4f} written to {out}/edge.pt")
 
 
 def _start_metrics(args: argparse.Namespace, expected: dict[str, int] | None = None):
@@ -167,8 +167,8 @@ def _cmd_workers(args: argparse.Namespace) -> None:
                 security=broker_security))
         workers = [group.start(f"worker-{i}", run_worker, args.artifacts, cfg)
                    for i in range(args.n)]
-        print(f"I: {args.n} workers on {backend}" + ("" if args.broker else
-              f"; edges connect to {args.frontend}") + "; Ctrl-C stops", file=sys.stderr)
+        log.info(f"{args.n} workers on {backend}" + ("" if args.broker else
+                 f"; edges connect to {args.frontend}") + "; Ctrl-C stops")
         group.wait(workers, on_tick=announce)
     except KeyboardInterrupt:
         pass
@@ -232,8 +232,8 @@ def _cmd_up(args: argparse.Namespace) -> None:
                               uplink_budget=args.uplink_budget, shadow=args.shadow).validate())
     report = up(cfg)
     print(format_run_report(report))
-    print(f"\nI: per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "
-          f"{cfg.run_dir}/report.json")
+    log.info(f"per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "
+             f"{cfg.run_dir}/report.json")
 
 
 def _calibration_frames(args: argparse.Namespace):

@@ -52,7 +52,7 @@ def add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool)
                    help="plaintext instead of CURVE; only allowed on loopback addresses")
     # One name, one key, in every command: --curve-secret is always this client's own pair,
     # --broker-secret always the broker's pair (`broker` once took it as --curve-secret:
-    # still read there, as a hidden alias).
+    # still read there, as an alias).
     if client:
         p.add_argument("--curve-secret", metavar="NAME.key_secret",
                        default=from_env("--curve-secret"),

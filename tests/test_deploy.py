@@ -6,9 +6,7 @@ exists. Nothing here needs a cluster; the manifests are what `kubectl apply` wou
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 

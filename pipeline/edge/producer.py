@@ -110,6 +110,7 @@ class EdgeProducer:
                             else ("uplink_bytes_per_second", cfg.uplink_budget))
             m.controller_target.labels(p, kind).set(target)
             self.m_ratio, self.m_state = m.controller_ratio.labels(p), m.controller_state.labels(p)
+            self._controller_exported: tuple | None = None
 
     # -- the one place a frame is finished ----------------------------------------------------
 
@@ -282,7 +283,7 @@ class EdgeProducer:
         now = time.monotonic()
         if not self.shadows.room(now) or (self.controller
                                           and self.controller.state is not State.TRACKING):
-            self.shadows.counts.dropped += len(exit_classes)
+            self.shadows.skip(len(exit_classes))
             self._export_shadows()
             return
         msg_id = self.inflight.take_id()
@@ -320,9 +321,12 @@ class EdgeProducer:
         if not self.controller:
             return self.threshold
         threshold = self.controller.observe(scores, time.monotonic())
-        self.m_threshold.set(threshold)
-        self.m_ratio.set(self.controller.ratio)
-        self.m_state.set(self.controller.state)
+        exported = (threshold, self.controller.ratio, self.controller.state)
+        if exported != self._controller_exported:   # a gauge write per change, not per batch
+            self._controller_exported = exported
+            self.m_threshold.set(threshold)
+            self.m_ratio.set(self.controller.ratio)
+            self.m_state.set(self.controller.state)
         return threshold
 
     async def _receive(self) -> None:
@@ -339,8 +343,8 @@ class EdgeProducer:
                     self.m_bad.labels("edge", e.reason).inc()
                     continue
                 refused = isinstance(answer, wire.Error)
-                if self.shadows is not None and (self.shadows.refuse(answer) if refused
-                                     else self.shadows.answer(answer)):
+                if self.shadows is not None and (
+                        self.shadows.refuse(answer) if refused else self.shadows.answer(answer)):
                     self._export_shadows()
                     continue
                 self._resolve(self.inflight.refuse(answer) if refused

@@ -68,12 +68,17 @@ class Shadows:
         return picked
 
     def room(self, now: float) -> bool:
-        """Whether a shadow may be sent now (after dropping the long unanswered)."""
-        stale = [m for m, (_, t) in self._open.items() if now - t > SHADOW_TIMEOUT_S]
-        for msg_id in stale:
-            del self._open[msg_id]
-        self.counts.dropped += len(stale)
+        """Whether a shadow may be sent now (after dropping the long unanswered: the table
+        is in sending order, so they are at its front)."""
+        for msg_id, (_, sent_at) in list(self._open.items()):
+            if now - sent_at <= SHADOW_TIMEOUT_S:
+                break
+            self.drop(msg_id)
         return len(self._open) < self.max_outstanding
+
+    def skip(self, frames: int) -> None:
+        """Frames picked but not sent (the server is loaded): dropped, first of all."""
+        self.counts.dropped += frames
 
     def open(self, msg_id: int, exit_classes: list[int], now: float) -> None:
         self._open[msg_id] = (tuple(exit_classes), now)

@@ -404,11 +404,11 @@ class Shard:
 
     @property
     def dropped(self) -> int:
-        return getattr(self.source, "dropped", 0)
+        return self.source.dropped
 
     @property
     def reconnects(self) -> int:
-        return getattr(self.source, "reconnects", 0)
+        return self.source.reconnects
 
     def close(self) -> None:
         self.source.close()

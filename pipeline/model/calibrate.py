@@ -176,8 +176,8 @@ def write_reliability_plot(path: Path, logits: dict[str, tuple[np.ndarray, float
     for ax, (name, (z, t)) in zip(axes[0], logits.items()):
         ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=1)
         for temperature, style in ((1.0, "o-"), (t, "s-")):
-            conf, acc, _ = reliability(z, labels, temperature)
-            ece = expected_calibration_error(z, labels, temperature)
+            conf, acc, frames = reliability(z, labels, temperature)
+            ece = _ece(conf, acc, frames)
             kept = ~np.isnan(conf)
             ax.plot(conf[kept], acc[kept], style, ms=3,
                     label=f"T = {temperature:.2f}: ECE {ece:.4f}")
