@@ -166,14 +166,12 @@ def fixed_threshold_for(artifacts: str, target: float) -> float:
     from pipeline.model import calibrate as cal
     from pipeline.model.artifacts import load_model
     from pipeline.model.config import CalibrationConfig
-    from pipeline.model.data import load_dataset
-    from pipeline.model.train import predict
+    from pipeline.model.train import dataset, predict
 
     model, edge, _ = load_model(artifacts)
-    c = edge.config
-    data = load_dataset(c.data.dir, c.train.val_size, c.train.seed)
-    exit_logits, final_logits = predict(model, data.val)
-    labels = data.val.labels
+    val = dataset(edge.config).val     # the split it was trained and calibrated with
+    exit_logits, final_logits = predict(model, val)
+    labels = val.labels
     result = cal.sweep(cal.exit_scores(exit_logits, edge.score, edge.temperature),
                        (exit_logits.argmax(1).numpy() == labels),
                        (final_logits.argmax(1).numpy() == labels))
@@ -288,7 +286,7 @@ def shadow(args, tmp: Path) -> None:
     every exited frame of the replay (each sent through the same wire and tail offline)."""
     from pipeline.edge.numpy_head import exit_scores, load_numpy_head
     from pipeline.model.artifacts import load_server
-    from pipeline.model.data import load_dataset
+    from pipeline.model.data import load_test_split
     from pipeline.protocol import wire
     import torch
 
@@ -300,7 +298,7 @@ def shadow(args, tmp: Path) -> None:
         pool.close()
     shadows = summary.shadows
     head, server = load_numpy_head(args.artifacts), load_server(args.artifacts)
-    test = load_dataset(args.data, 5000, 0).test
+    test = load_test_split(args.data)
     pixels = test.images.astype(np.float32) / 255
     exit_logits, hidden = head.run_exit(pixels)
     exited = exit_scores(exit_logits, head.score, head.temperature) >= head.threshold

@@ -28,7 +28,7 @@ import zmq
 from common import free_port, metrics, start_pool
 from pipeline.model.artifacts import load_edge
 from pipeline.model.config import FASHION_MNIST_DIR
-from pipeline.model.data import load_dataset
+from pipeline.model.data import load_test_split
 from pipeline.protocol import timing, wire
 from workers.broker import run_broker
 from workers.config import BrokerConfig
@@ -181,7 +181,7 @@ def encoded_requests(artifacts: str, data_dir: str) -> tuple[list, bytes, int]:
     import torch
 
     edge = load_edge(artifacts)
-    images = load_dataset(data_dir, val_size=5000).test.images[:POOL]
+    images = load_test_split(data_dir).images[:POOL]
     with torch.inference_mode():
         _, features = edge.head(torch.from_numpy(images).float() / 255)
     tag = wire.model_tag(edge.model_id)

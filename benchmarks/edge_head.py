@@ -47,9 +47,9 @@ import sys, asyncio, torch, zmq.asyncio, prometheus_client
 torch.set_num_threads(1)
 from pipeline.model.artifacts import load_edge
 from pipeline.model.calibrate import exit_scores
-from pipeline.model.data import load_dataset
+from pipeline.model.data import load_test_split
 edge = load_edge(sys.argv[1])
-x = torch.from_numpy(load_dataset(sys.argv[2], val_size=5000).test.images[:1]).float() / 255
+x = torch.from_numpy(load_test_split(sys.argv[2]).images[:1].copy()).float() / 255
 with torch.inference_mode():
     logits, features = edge.head(x)
 print(int(exit_scores(logits, edge.score, edge.temperature)[0] >= edge.threshold), peak_kib())
@@ -203,7 +203,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="edge-head-"))
-    data = load_dataset(args.data, val_size=5000)
+    data = load_dataset(args.data)
     frames = data.test.images[:args.frames].astype(np.float32) / 255
     calibration = data.train.images[:CALIBRATION_FRAMES].astype(np.float32) / 255
     rows = {}

@@ -29,7 +29,7 @@ from pipeline.protocol import wire
 from pipeline.model.artifacts import load_model, load_server, set_threshold
 from pipeline.model.calibrate import OFFLOAD_ALL
 from pipeline.model.config import FASHION_MNIST_DIR
-from pipeline.model.data import load_dataset
+from pipeline.model.data import load_test_split
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
 from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
@@ -76,9 +76,9 @@ def main() -> None:
     shutil.copytree(args.artifacts, art)
     set_threshold(art, OFFLOAD_ALL, "max_softmax")  # every frame goes to the server
     model, _, _ = load_model(art)
-    data = load_dataset(args.data, val_size=5000)
-    pixels = torch.from_numpy(data.test.images[:args.frames]).float() / 255
-    labels = data.test.labels[:args.frames]
+    test = load_test_split(args.data)
+    pixels = torch.from_numpy(test.images[:args.frames].copy()).float() / 255
+    labels = test.labels[:args.frames]
 
     local_fps = in_process(model, pixels)
     outcomes = pipeline_run(art, args.frames, args.workers, None, 0.0, args.data, tmp)
@@ -110,7 +110,7 @@ def main() -> None:
         reference = model.tail(features).argmax(1).numpy()
     raw_frame = 784
     deflate = np.mean([len(zlib.compress(img.tobytes(), 6)) for img in
-                       data.test.images[:args.frames]])
+                       test.images[:args.frames]])
     print(f"\n3. uplink bytes per offloaded frame (one frame a message, ZeroMQ framing "
           f"included) and accuracy with every frame offloaded; raw frame {raw_frame} B, "
           f"deflate {deflate:.0f} B")
