@@ -45,16 +45,16 @@ class Broker:
         self.ctx = ctx or zmq.Context.instance()
         self.frontend, self.backend = self._router(), self._router()
         self.auth = cfg.security.server_sockets(self.ctx, [self.frontend, self.backend])
+        self.m = for_registry(BrokerMetrics, registry)   # before binding: close() uses them
+        common = for_registry(ProcessMetrics, registry)
+        self.m_ready, self.m_bad = common.ready.labels("broker"), common.bad_messages
+        common.build_info.labels("broker", __version__, "").set(1)
         self._bind(self.frontend, cfg.frontend)
         self._bind(self.backend, cfg.backend)
         self.scheduler = Scheduler(cfg.max_queue, cfg.queue_timeout_s,
                                    cfg.heartbeat_interval_s * cfg.heartbeat_liveness)
         self.bad: dict[str, int] = {}
         self.running = True
-        self.m = for_registry(BrokerMetrics, registry)
-        common = for_registry(ProcessMetrics, registry)
-        self.m_ready, self.m_bad = common.ready.labels("broker"), common.bad_messages
-        common.build_info.labels("broker", __version__, "").set(1)
         self._exported = Counts()
 
     def _router(self) -> zmq.Socket:
