@@ -13,7 +13,7 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry
 
 from pipeline.edge.config import EdgeConfig
-from pipeline.edge.producer import EdgeProducer
+from pipeline.edge.producer import AsyncEdge
 from pipeline.edge.sources import open_source
 from pipeline.protocol import wire
 from tests.conftest import free_port
@@ -80,8 +80,8 @@ def test_an_edge_finalizes_each_frame_once_when_the_server_answers_twice(artifac
         ctx = zmq.asyncio.Context()
         router = ctx.socket(zmq.ROUTER)
         port = router.bind_to_random_port("tcp://127.0.0.1")
-        producer = EdgeProducer(str(artifacts), EdgeConfig(f"tcp://127.0.0.1:{port}", 30_000.0,
-                                                           max_pack=1), ctx, registry)
+        producer = AsyncEdge(str(artifacts), EdgeConfig(f"tcp://127.0.0.1:{port}", 30_000.0,
+                                                        max_pack=1), ctx=ctx, registry=registry)
         source = open_source("dataset", limit=frames, data_dir=str(idx_dir))
         run = asyncio.create_task(producer.run(source))
         answered = 0

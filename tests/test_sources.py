@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from monitoring.exposition import total
 from pipeline import __version__
 from pipeline.edge.config import EdgeConfig
-from pipeline.edge.producer import EdgeProducer
+from pipeline.edge.producer import AsyncEdge
 from pipeline.model.data import read_idx
 from tests.conftest import free_port
 from pipeline.errors import SourceError, UserError
@@ -350,7 +350,7 @@ def test_an_edge_exports_its_live_sources_drops_and_reconnects(live, artifacts):
     source = live(lambda: next(captures), cls=LiveSource, spec="fake", fps=None, limit=2,
                   loop=False)
     registry = CollectorRegistry()
-    producer = EdgeProducer(str(artifacts), EdgeConfig(f"tcp://127.0.0.1:{free_port()}", 50.0),
+    producer = AsyncEdge(str(artifacts), EdgeConfig(f"tcp://127.0.0.1:{free_port()}", 50.0),
                             registry=registry)
     summary = asyncio.run(producer.run(source))
     assert summary.frames == 2

@@ -1,9 +1,14 @@
-"""An edge producer: head + exit on every frame, offload the unsure ones, one answer each.
+"""The edge: head + exit on every frame, offload the unsure ones, one answer each.
+
+`AsyncEdge` is both the library's asyncio API (`submit` a frame, await its final answer;
+`classify` one locally) and the CLI's producer (`run(source)` submits a source's frames from
+a capture thread). `pipeline.edge.blocking.Edge` is the same object for a plain loop.
 
 One asyncio loop, one coroutine per concern (pyzmq's coroutines.py shape), all of them thin
 I/O around the pure in-flight table (pipeline.edge.inflight), which owns the exactly-one-
 answer rule:
-    capture  - a thread reads the source and hands frames over; it never waits on the network
+    submit   - frames enter one bounded queue: from the caller's coroutine, the caller's
+               thread (Edge) or the capture thread that reads a source; never from the network
     process  - head + exit; confident -> final local answer; else open a request in the table
                and send it (never blocks: a full send queue means the server is unreachable)
     receive  - poll, then read (never wait_for(recv): pyzmq #1925 loses the message) answers
@@ -14,12 +19,17 @@ answer rule:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import gc
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -35,11 +45,14 @@ from pipeline.edge.shadows import ShadowCounts, Shadows
 from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.results import Outcome, Results, Summary, log_summary
+from pipeline.edge.sources import Frame, as_pixels
+from pipeline.errors import ConfigError, UserError
+from pipeline.options import from_env
 from pipeline.protocol import wire
 from pipeline.protocol.security import HANDSHAKE_FAILED, HANDSHAKE_HINT
 from pipeline.protocol.wire import WireError
 
-__all__ = ["EdgeProducer", "run_producer"]
+__all__ = ["AsyncEdge", "LocalAnswer", "run_producer"]
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +62,56 @@ RECEIVE_BURST = 1000            # answers read per wake-up before yielding to th
 REQUEST_STATUSES = tuple(s.value for s in (Status.ANSWERED, Status.REFUSED, Status.DEADLINE,
                                            Status.UNREACHABLE))
 LINK_EVENTS = HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+API_SOURCE = "python"           # the source name of frames submitted without one
 
 
-class EdgeProducer:
-    def __init__(self, artifact_dir: str, cfg: EdgeConfig, ctx: zmq.asyncio.Context | None = None,
-                 registry: CollectorRegistry = REGISTRY):
-        self.cfg = cfg.validate()
-        self.head = load_numpy_head(artifact_dir)
+@dataclass(frozen=True)
+class LocalAnswer:
+    """What the edge alone says about a frame: the exit's class and calibrated confidence,
+    and whether that is sure enough to be the final answer (else `submit` would offload it)."""
+    cls: int
+    confidence: float
+    sure: bool
+
+
+def edge_config(cfg: EdgeConfig | None, settings: dict) -> EdgeConfig:
+    """`cfg` with keyword settings on top; the broker, unless given, from SPLITEXIT_FRONTEND
+    (as for `splitexit edge`)."""
+    known = [f.name for f in dataclasses.fields(EdgeConfig)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown edge setting {', '.join(unknown)}; known: "
+                          f"{', '.join(known)}")
+    if cfg is None:
+        settings.setdefault("broker", from_env("--frontend", EdgeConfig.broker))
+    return dataclasses.replace(cfg or EdgeConfig(), **settings).validate()
+
+
+class AsyncEdge:
+    """An edge: load the head once, then answer frames: `classify` (local, no network),
+    `await submit(frame)` (exit, offload or fallback, as the CLI decides), `run(source)`.
+
+        async with AsyncEdge("runs/default", broker="tcp://127.0.0.1:5555") as edge:
+            answer = await edge.submit(image)   # an Outcome: .cls, .path, .confidence
+    """
+
+    def __init__(self, artifacts: str | Path, cfg: EdgeConfig | None = None, *,
+                 ctx: zmq.asyncio.Context | None = None, registry: CollectorRegistry = REGISTRY,
+                 **settings):
+        cfg = edge_config(cfg, settings)
+        self.cfg = cfg
+        self.head = load_numpy_head(artifacts)
         self.threshold, self.score = self.head.threshold, self.head.score
         self.model_tag = wire.model_tag(self.head.model_id)
         self.dtype = wire_dtype(cfg.dtype, self.head.uplink_bits)
         self.codec = wire_codec(cfg.codec, self.dtype, self.head.code)
         self.ctx = ctx or zmq.asyncio.Context.instance()
+        self._frames: queue.Queue | None = None     # (frame, future | None), None ends
+        self._answers: dict[int, asyncio.Future | concurrent.futures.Future] = {}
+        self._frame_ids = itertools.count()
+        self._source = None                          # run()'s, for its drop counts
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.sndhwm = cfg.send_queue
@@ -112,14 +163,110 @@ class EdgeProducer:
             self.m_ratio, self.m_state = m.controller_ratio.labels(p), m.controller_state.labels(p)
             self._controller_exported: tuple | None = None
 
+    # -- the API ------------------------------------------------------------------------------
+
+    def classify(self, image: np.ndarray) -> LocalAnswer:
+        """The exit's answer for one frame, here and now: no network, nothing recorded."""
+        logits, _ = self.head.run_exit(as_pixels(image)[None])
+        score = float(exit_scores(logits, self.score, self.head.temperature)[0])
+        return LocalAnswer(int(logits[0].argmax()), score, score >= self.threshold_now)
+
+    async def submit(self, image: np.ndarray, label: int | None = None,
+                     source: str = API_SOURCE) -> Outcome:
+        """The final answer for one frame, by the CLI's rules: the exit's if it is sure, else
+        the server's, else (refused, late, unreachable) the exit's as a fallback. Waits for
+        room when frames come faster than the head runs; many can be in flight at once
+        (asyncio.gather). Each frame is counted and exported like the CLI's."""
+        answer = asyncio.get_running_loop().create_future()
+        await self._put((self.frame(image, label, source), answer))
+        return await answer
+
+    async def _put(self, item: tuple | None) -> None:
+        """Queue from the loop's own thread, waiting for room; None ends the queue, and no
+        frame may follow it."""
+        while True:
+            if item is not None and (self._closed or not self._tasks):
+                raise UserError("this edge is not running: submit inside `async with`, "
+                                "or after start() and before close()")
+            try:
+                self._frames.put_nowait(item)
+                break
+            except queue.Full:
+                self._room.clear()
+                await self._room.wait()
+        self._arrived.set()
+
+    def frame(self, image: np.ndarray, label: int | None = None,
+              source: str = API_SOURCE) -> Frame:
+        """A frame of this edge's own numbering, captured now."""
+        return Frame(next(self._frame_ids), as_pixels(image), label, source, time.time())
+
+    def put_threadsafe(self, frame: Frame | None,
+                       answer: concurrent.futures.Future | None = None) -> None:
+        """From another thread: queue a frame (blocking while the queue is full), or None to
+        end; `answer` gets its Outcome."""
+        self._frames.put((frame, answer) if frame is not None else None)
+        self._loop.call_soon_threadsafe(self._arrived.set)
+
+    async def start(self, queue_frames: int = CAPTURE_QUEUE_FRAMES) -> "AsyncEdge":
+        if self._tasks:
+            return self
+        self._loop = asyncio.get_running_loop()
+        self._frames = queue.Queue(queue_frames)
+        self._arrived, self._room = asyncio.Event(), asyncio.Event()
+        self._opened, self._settled = asyncio.Event(), asyncio.Event()
+        self._tasks = [asyncio.create_task(c) for c in (
+            self._process(), self._receive(), self._expire(), self._watch())]
+        return self
+
+    async def close(self) -> Summary:
+        """Answer every frame submitted so far (each within its deadline), then let go of
+        the socket; returns the counts."""
+        if self._closed:
+            return self.summary
+        self._closed = True
+        if not self._tasks:
+            self._release()
+            return self.summary
+        await self._put(None)
+        return await self._finish_run()
+
+    async def __aenter__(self) -> "AsyncEdge":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def run(self, source) -> Summary:
+        """Every frame of `source` (pipeline.edge.sources), read in a capture thread, until
+        it ends; then the last answers."""
+        # A live source keeps only its newest frame itself; a deep queue here would undo that.
+        await self.start(LIVE_QUEUE_FRAMES if getattr(source, "live", False)
+                         else CAPTURE_QUEUE_FRAMES)
+        self._source, self._closed = source, True
+        threading.Thread(target=self._capture, args=(source,), daemon=True,
+                         name="capture").start()
+        return await self._finish_run()
+
+    @property
+    def threshold_now(self) -> float:
+        """The trained threshold, or the controller's latest."""
+        return self.controller.threshold if self.controller else self.threshold
+
     # -- the one place a frame is finished ----------------------------------------------------
 
-    def _finish(self, o: Outcome) -> None:
+    def _finish(self, o: Outcome, frame: Frame) -> None:
         self.results.add(o)
         self.m_frames[o.path].inc()
         self.m_latency[o.path].observe(o.latency_ms / 1000)
         if o.reason:
             self.m_fallbacks[o.reason].inc()
+        answer = self._answers.pop(id(frame), None)   # the frame lives until here (the
+        if answer is not None and not answer.done():   # table or the batch holds it)
+            try:
+                answer.set_result(o)
+            except (asyncio.InvalidStateError, concurrent.futures.InvalidStateError):
+                pass  # cancelled by its caller meanwhile (another thread)
 
     def _resolve(self, r: Resolution) -> None:
         """Carry out what the in-flight table decided."""
@@ -144,83 +291,86 @@ class EdgeProducer:
                 f.frame.frame_id, f.frame.source, f.path, f.cls, f.confidence, f.frame.label,
                 f.reason, f.frame.capture_ts, head_ms, (now - f.frame.capture_ts) * 1000,
                 f.uplink_bytes, *((reply.worker_id, reply.queue_us, reply.tail_us, reply.batch)
-                                  if reply else ())))
+                                  if reply else ())), f.frame)
         if not self.inflight:
             self._settled.set()
 
     # -- coroutines -----------------------------------------------------------------------------
 
-    async def run(self, source) -> Summary:
-        # A live source keeps only its newest frame itself; a deep queue here would undo that.
-        frames: queue.Queue = queue.Queue(LIVE_QUEUE_FRAMES if getattr(source, "live", False)
-                                          else CAPTURE_QUEUE_FRAMES)
-        arrived, self._opened, self._settled = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        loop = asyncio.get_running_loop()
-        capture = threading.Thread(target=self._capture, args=(source, frames, arrived, loop),
-                                   daemon=True, name="capture")
-        capture.start()
-        tasks = [asyncio.create_task(c) for c in (self._receive(), self._expire(),
-                                                  self._watch())]
+    async def _finish_run(self) -> Summary:
+        """Wait for the queue's end and the last answers (bounded by their deadlines), then
+        stop the coroutines and let go of everything."""
         try:
-            await self._process(frames, arrived, source)
-            while self.inflight:  # last answers, bounded by their deadlines
+            await self._tasks[0]    # process: returns at the queue's end
+            while self.inflight:
                 self._settled.clear()
                 await self._settled.wait()
         finally:
-            if self.shadows is not None:
-                self.shadows.close()
-                self._export_shadows()
-            self.m_ready.set(0)
-            for task in tasks:
+            for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.sock.disable_monitor()
-            self.monitor.close()
-            self.results.close()
-            self.sock.close()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for answer in self._answers.values():   # only if processing failed
+                if not answer.done():
+                    answer.set_exception(RuntimeError("the edge stopped before answering"))
+            self._release()
         return self.summary
 
-    def _capture(self, source, frames: queue.Queue, arrived: asyncio.Event, loop) -> None:
+    def _release(self) -> None:
+        if self.shadows is not None:
+            self.shadows.close()
+            self._export_shadows()
+        self.m_ready.set(0)
+        self.sock.disable_monitor()
+        self.monitor.close()
+        self.results.close()
+        self.sock.close()
+
+    def _capture(self, source) -> None:
         """Thread: read frames and hand them over; blocks only when the head falls behind."""
         try:
             for frame in source.frames():
-                frames.put(frame)
-                loop.call_soon_threadsafe(arrived.set)
+                self.put_threadsafe(frame)
         finally:
-            frames.put(None)
-            loop.call_soon_threadsafe(arrived.set)
+            self.put_threadsafe(None)
 
-    async def _next_frames(self, frames: queue.Queue, arrived: asyncio.Event) -> list:
-        """Every frame waiting now (up to max_pack), or wait for one; None ends the source."""
+    async def _next_frames(self) -> list:
+        """Every frame waiting now (up to max_pack), or wait for one; None ends the queue."""
         while True:
-            arrived.clear()
+            self._arrived.clear()
             batch = []
             while len(batch) < self.cfg.max_pack:
                 try:
-                    batch.append(frames.get_nowait())
+                    batch.append(self._frames.get_nowait())
                 except queue.Empty:
                     break
             if batch:
+                self._room.set()
                 return batch
-            await arrived.wait()
+            await self._arrived.wait()
 
-    def _export_source(self, source) -> None:
+    def _export_source(self) -> None:
         """A live source's skipped frames and reconnects, as counted by its capture side."""
         for name, child in self.m_source.items():
-            count = getattr(source, name, 0)
+            count = getattr(self._source, name, 0)
             if count > self._source_exported[name]:
                 child.inc(count - self._source_exported[name])
                 self._source_exported[name] = count
 
-    async def _process(self, frames: queue.Queue, arrived: asyncio.Event,
-                       source) -> None:
+    async def _process(self) -> None:
         while True:
-            batch = await self._next_frames(frames, arrived)
+            batch = await self._next_frames()
             done = batch[-1] is None
-            batch = [f for f in batch if f is not None]
-            if batch:
-                await self._handle(batch)
-            self._export_source(source)
+            frames = []
+            for item in batch:
+                if item is not None:
+                    frame, answer = item
+                    frames.append(frame)
+                    if answer is not None:
+                        self._answers[id(frame)] = answer
+            if frames:
+                await self._handle(frames)
+            if self._source is not None:
+                self._export_source()
             if done:
                 return
 
@@ -240,7 +390,7 @@ class EdgeProducer:
             if scores[i] >= threshold:
                 self._finish(Outcome(f.frame_id, f.source, "exit", exit_cls[i], float(scores[i]),
                                      f.label, None, f.capture_ts, head_ms,
-                                     (now - f.capture_ts) * 1000))
+                                     (now - f.capture_ts) * 1000), f)
                 exited.append(i)
             else:
                 unsure.append(i)
@@ -394,7 +544,7 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
         source = Shard(source, *shard)
 
     async def main():
-        producer = EdgeProducer(artifact_dir, cfg)
+        producer = AsyncEdge(artifact_dir, cfg)
         gc.freeze()  # the head and the libraries live as long as the process: a full
                      # collection must not walk them mid-stream
         return await producer.run(source)

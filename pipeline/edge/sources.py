@@ -29,7 +29,7 @@ from pipeline.errors import DataError, SourceError
 from pipeline.protocol.timing import backoff_delays
 
 __all__ = ["Frame", "Source", "LatestFrame", "Shard", "open_source", "to_model_input",
-           "SourceError", "IMAGE_EXTENSIONS", "STREAM_SCHEMES"]
+           "as_pixels", "SourceError", "IMAGE_EXTENSIONS", "STREAM_SCHEMES"]
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,11 @@ def _cv2() -> Any:
 
 def to_model_input(image: np.ndarray) -> np.ndarray:
     """Turn a uint8 BGR, BGRA or gray image of any size into pixels the head was trained on."""
-    cv2 = _cv2()
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
+    if image.shape == (SIDE, SIDE):   # already the model's size: no OpenCV needed
+        return image.reshape(-1).astype(np.float32) / np.float32(255)
+    cv2 = _cv2()
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
@@ -83,6 +85,20 @@ def to_model_input(image: np.ndarray) -> np.ndarray:
         # INTER_AREA averages the pixels it shrinks; others alias on large frames
         image = cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
     return image.reshape(-1).astype(np.float32) / np.float32(255)
+
+
+def as_pixels(image: np.ndarray) -> np.ndarray:
+    """A frame as the library takes it: a uint8 image as OpenCV reads it (gray, BGR or BGRA,
+    any size), or pixels already in the model's form (float, SIDE x SIDE or flat, in [0, 1])."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8 and image.size and (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+        return to_model_input(image)
+    if image.dtype.kind == "f" and image.size == SIDE * SIDE and image.ndim in (1, 2):
+        return np.ascontiguousarray(image, np.float32).reshape(-1)
+    raise ValueError(f"a frame of dtype {image.dtype} and shape {image.shape}: give a uint8 "
+                     f"image (H x W gray, H x W x 3 BGR or x 4 BGRA) or float pixels in "
+                     f"[0, 1] of shape ({SIDE}, {SIDE}) or ({SIDE * SIDE},)")
 
 
 class Pacer:
