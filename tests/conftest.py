@@ -4,6 +4,8 @@ other processes: on what their metrics say (`Observed`), never on a sleep."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import shutil
 import socket
 import subprocess
@@ -70,11 +72,32 @@ def tiny_config_path(tmp_path, idx_dir) -> Path:
     return path
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed out below the kernel's ephemeral range, each once per session, from a start of
+# this process's own (two suites at once rarely meet).
+_PORT_LOW, _PORT_HIGH = 10000, _ephemeral_low()
+_start = _PORT_LOW + os.getpid() * 7919 % (_PORT_HIGH - _PORT_LOW)
+_next_ports = itertools.cycle([*range(_start, _PORT_HIGH), *range(_PORT_LOW, _start)])
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on right now, and that the kernel will not give away:
+    a port from bind(0) comes from the ephemeral range, which is also where the next outgoing
+    connection (a ZeroMQ connect, a scrape) gets its own port, and under load one did take a
+    port before the broker it was meant for bound it."""
+    for port in _next_ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue   # in use (or lingering): the next one
+            return port
 
 
 @pytest.fixture(scope="session")

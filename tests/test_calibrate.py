@@ -87,6 +87,17 @@ def test_fit_temperature_recovers_the_temperature_that_was_applied(temperature):
     assert cal.fit_temperature(z, y) == pytest.approx(temperature, rel=0.05)
 
 
+def test_calibrated_nll_ignores_overconfidence_but_not_wrong_answers():
+    """What training keeps an epoch by: the same logits, overconfident by any factor, are
+    worth the same once their temperature is fitted; shuffled labels are worth less."""
+    z, y = calibrated_logits(seed=4)
+    raw = cal._nll(z * 3, y, 1.0)
+    assert cal.calibrated_nll(z * 3, y) == pytest.approx(cal.calibrated_nll(z, y), rel=1e-4)
+    assert cal.calibrated_nll(z * 3, y) < raw
+    assert cal.calibrated_nll(z, np.random.default_rng(5).permutation(y)) \
+        > cal.calibrated_nll(z, y) + 0.5
+
+
 def test_calibration_quality_reports_the_test_ece_before_and_after():
     zv, yv = calibrated_logits(temperature=2.5, seed=2)   # overconfident
     zt, yt = calibrated_logits(temperature=2.5, seed=3)

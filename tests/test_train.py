@@ -97,3 +97,38 @@ def test_mismatched_and_corrupt_artifacts_are_one_line_errors(tiny_config_path, 
         load_edge(tmp_path / "a" / "server.pt")
     with pytest.raises(ArtifactError, match="no such artifact"):
         load_server(tmp_path / "missing")
+
+
+def test_the_weights_kept_are_a_moving_average_that_leaves_training_alone():
+    """WeightAverage: each update moves the average toward the weights by 1 - decay, the
+    decay ramping up so the initial weights are soon forgotten; inside swapped_in the model
+    holds the average, and its own weights come back after."""
+    from pipeline.model.train import WeightAverage
+
+    layer = torch.nn.Linear(3, 2)
+    average = WeightAverage(layer, decay=0.5)
+    trained = [p.detach().clone() for p in layer.parameters()]
+    expected = [t.clone() for t in trained]
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(1.0)
+        decay = min(0.5, (1 + step) / (10 + step))   # 0.1818.., 0.25, .., then 0.5
+        expected = [e * decay + p.detach() * (1 - decay)
+                    for e, p in zip(expected, layer.parameters())]
+        average.update(layer)
+    own = [p.detach().clone() for p in layer.parameters()]
+    with average.swapped_in(layer):
+        for p, e in zip(layer.parameters(), expected):
+            torch.testing.assert_close(p.detach(), e)
+            assert not torch.equal(p.detach(), own[0 if p.dim() == 2 else 1])
+    for p, o in zip(layer.parameters(), own):
+        assert torch.equal(p.detach(), o)
+
+
+def test_an_average_decay_outside_0_to_1_is_a_one_line_error(tiny_config_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.ema_decay = 1.0 must be in \[0, 1\) \(0: "
+                                          r"keep the weights as trained"):
+        load_config(tiny_config_path, ["train.ema_decay=1.0"])

@@ -222,6 +222,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(1 / math.exp((lo + hi) / 2))
 
 
+def nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The mean negative log-likelihood of softmax(logits): the cross-entropy."""
+    return _nll(np.asarray(logits, np.float64), labels, 1.0)
+
+
+def calibrated_nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The negative log-likelihood after the best temperature: what the logits are worth
+    once calibrated, as they are shipped; overconfidence alone does not count against it."""
+    z = np.asarray(logits, np.float64)
+    return _nll(z, labels, 1 / fit_temperature(z, labels))
+
+
 def calibration_quality(val_logits: np.ndarray, val_labels: np.ndarray,
                         test_logits: np.ndarray, test_labels: np.ndarray) -> dict:
     """A temperature fitted on validation, the test set's ECE before and after it, and the

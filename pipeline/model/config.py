@@ -27,6 +27,7 @@ CONFIG_DIR = Path(str(resources.files("pipeline") / "configs"))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 SCORES = ("max_softmax", "margin", "entropy")
 POLICIES = ("offload", "max_drop")
+SELECT_BY = ("calibrated_loss", "loss")   # train.select_by: how the epoch kept is chosen
 UPLINK_BITS = (8, 4, 2)   # what model.uplink_bits may train for (pipeline/model/uplink.py)
 
 
@@ -66,6 +67,14 @@ class TrainConfig:
     weight_decay: float = 1e-4  # decoupled L2 (AdamW)
     exit_weight: float = 1.0   # loss = exit_weight * CE(exit) + CE(final)
     label_smoothing: float = 0.0
+    # The weights evaluated and kept are an exponential moving average of the trained ones
+    # (pipeline.model.train.WeightAverage): over about the last ninth of the steps so far, and
+    # at most 1 / (1 - ema_decay) steps; 0 = the weights as trained.
+    ema_decay: float = 0.999
+    # The epoch kept is the one with the lowest validation objective, its cross-entropy
+    # taken after each classifier's temperature (calibrated_loss) or as trained (loss); see
+    # pipeline.model.train._validation_loss.
+    select_by: str = "calibrated_loss"
     # Weight of the mean |split feature| in the loss: a rate penalty that trades accuracy for
     # sparser features, which the uplink's static code sends in fewer bits. 0 = off.
     rate_weight: float = 0.0
@@ -134,6 +143,12 @@ class Config:
         if t.lr <= 0 or t.weight_decay < 0 or t.exit_weight < 0 or t.rate_weight < 0:
             raise ConfigError("train.lr must be > 0, weight_decay, exit_weight and rate_weight "
                               ">= 0")
+        if t.select_by not in SELECT_BY:
+            raise ConfigError(f"train.select_by = {t.select_by!r}: choose one of "
+                              f"{', '.join(SELECT_BY)}")
+        if not 0 <= t.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay = {t.ema_decay} must be in [0, 1) (0: keep the "
+                              f"weights as trained, no average)")
         if not 0 <= t.val_fraction < 1 or t.val_min < 1:
             raise ConfigError(f"train.val_fraction = {t.val_fraction} must be in [0, 1) and "
                               f"train.val_min = {t.val_min} at least 1")
