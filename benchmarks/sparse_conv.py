@@ -1,0 +1,86 @@
+"""SparseConv2d against its dense twin (nn.Conv2d), on the clock, in torch and in NumPy.
+
+Prints, per shape and batch: multiply-adds, median time of a forward and of a training step
+(forward + backward) for the sparse conv and for nn.Conv2d, the sparse/dense time ratio
+beside the ideal (the density), and the NumPy twin's forward (pipeline/edge/numpy_conv.py,
+what a torch-free edge would run) against a dense NumPy conv of the same code path.
+
+    python benchmarks/sparse_conv.py             # 2 threads
+    python benchmarks/sparse_conv.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch.utils import benchmark
+
+from pipeline.edge.numpy_conv import sparse_conv2d
+from pipeline.model.sparse_conv import SparseConv2d
+
+# (name, C_in, C_out, channel fan-out, kernel, side): shapes a small camera head would have.
+SHAPES = [
+    ("8->32 @25% 14x14", 8, 32, 8, 3, 14),
+    ("32->32 @12.5% 7x7", 32, 32, 4, 3, 7),
+    ("32->64 @12.5% 28x28", 32, 64, 8, 3, 28),
+    ("64->64 @6.25% 28x28", 64, 64, 4, 3, 28),
+]
+BATCHES = (1, 64)
+
+
+def timed(fn, seconds: float = 0.3) -> float:
+    """Median seconds per call."""
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(
+        min_run_time=seconds).median
+
+
+def numpy_timed(fn, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads\n")
+    print("| shape | batch | MACs sparse / dense | fwd sparse ms | fwd dense ms | ratio "
+          "(ideal) | step sparse ms | step dense ms | ratio | NumPy fwd sparse ms | "
+          "NumPy fwd dense ms |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, c_in, c_out, fan_out, k, side in SHAPES:
+        sparse = SparseConv2d(c_in, c_out, fan_out, k, padding=k // 2, seed=0)
+        dense = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2)
+        density = sparse.fan_in / c_in
+        np_weight = sparse.weight.detach().numpy()
+        np_index = sparse.indices.numpy()
+        np_bias = sparse.bias.detach().numpy()
+        dense_weight = dense.weight.detach().numpy()
+        dense_index = np.tile(np.arange(c_in), (c_out, 1))
+        for batch in BATCHES:
+            x = torch.randn(batch, c_in, side, side)
+            with torch.inference_mode():
+                fwd = [timed(lambda m=m: m(x)) for m in (sparse, dense)]
+            xg = x.clone().requires_grad_()
+            step = [timed(lambda m=m: m(xg).sum().backward()) for m in (sparse, dense)]
+            xn = x.numpy()
+            np_fwd = [numpy_timed(lambda w=w, i=i: sparse_conv2d(xn, w, i, np_bias, 1, k // 2))
+                      for w, i in ((np_weight, np_index), (dense_weight, dense_index))]
+            macs = sparse.macs(side, side)
+            print(f"| {name} | {batch} | {macs / 1e3:.0f}k / {macs / density / 1e3:.0f}k | "
+                  f"{fwd[0] * 1e3:.3f} | {fwd[1] * 1e3:.3f} | {fwd[0] / fwd[1]:.2f} "
+                  f"({density:.3f}) | {step[0] * 1e3:.2f} | {step[1] * 1e3:.2f} | "
+                  f"{step[0] / step[1]:.2f} | {np_fwd[0] * 1e3:.2f} | {np_fwd[1] * 1e3:.2f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
