@@ -46,10 +46,6 @@ class Edge:
             raise
 
     @property
-    def head(self):
-        return self._edge.head
-
-    @property
     def summary(self) -> Summary:
         return self._edge.summary
 

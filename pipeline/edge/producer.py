@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -262,11 +263,11 @@ class AsyncEdge:
         if o.reason:
             self.m_fallbacks[o.reason].inc()
         answer = self._answers.pop(id(frame), None)   # the frame lives until here (the
-        if answer is not None and not answer.done():   # table or the batch holds it)
-            try:
+        if answer is not None:                          # table or the batch holds it)
+            # its caller may have cancelled it, from another thread at any moment
+            with contextlib.suppress(asyncio.InvalidStateError,
+                                     concurrent.futures.InvalidStateError):
                 answer.set_result(o)
-            except (asyncio.InvalidStateError, concurrent.futures.InvalidStateError):
-                pass  # cancelled by its caller meanwhile (another thread)
 
     def _resolve(self, r: Resolution) -> None:
         """Carry out what the in-flight table decided."""

@@ -30,7 +30,8 @@ from torch import nn
 
 from pipeline.model import ell_native
 
-__all__ = ["SparsityError", "fan_in_for", "draw_connectivity", "SparseLinear", "make_junction"]
+__all__ = ["SparsityError", "fan_in_for", "nearby_fan_outs", "draw_connectivity", "SparseLinear",
+           "make_junction"]
 
 # Kernel choice, from benchmarks/sparse_layer.py on 2 cores (see the README's table):
 # - at or above this batch, embedding_bag (one fused gather-multiply-sum) beats CSR spmm
@@ -50,8 +51,10 @@ class SparsityError(ValueError):
     """A junction's degrees are impossible; the message names nearby valid choices."""
 
 
-def _valid_fan_outs(n_in: int, n_out: int) -> list[int]:
-    return [f for f in range(1, n_out + 1) if (n_in * f) % n_out == 0]
+def nearby_fan_outs(n_in: int, n_out: int, fan_out: int) -> list[int]:
+    """The valid fan-outs closest to an impossible one: two below it, two above."""
+    valid = [f for f in range(1, n_out + 1) if (n_in * f) % n_out == 0]
+    return [f for f in valid if f < fan_out][-2:] + [f for f in valid if f > fan_out][:2]
 
 
 def fan_in_for(n_in: int, n_out: int, fan_out: int, input_layer: bool = True) -> int:
@@ -69,15 +72,13 @@ def fan_in_for(n_in: int, n_out: int, fan_out: int, input_layer: bool = True) ->
         )
     if (n_in * fan_out) % n_out == 0:
         return n_in * fan_out // n_out
-    valid = _valid_fan_outs(n_in, n_out)
-    below = [f for f in valid if f < fan_out][-2:]
-    above = [f for f in valid if f > fan_out][:2]
     pad = next(p for p in range(n_in + 1, n_in + n_out + 1) if (p * fan_out) % n_out == 0)
     widen = (f"pad the input to {pad} (input_pad = {pad})" if input_layer
              else f"make the layer before it {pad} wide")
     raise SparsityError(
         f"junction {n_in}->{n_out} cannot have fan-out {fan_out}: {n_in}*{fan_out} is not "
-        f"divisible by {n_out}; valid fan-outs nearby are {', '.join(map(str, below + above))}"
+        f"divisible by {n_out}; valid fan-outs nearby are "
+        f"{', '.join(map(str, nearby_fan_outs(n_in, n_out, fan_out)))}"
         f", or {widen} to keep fan-out {fan_out}"
     )
 

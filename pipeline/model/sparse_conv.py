@@ -35,19 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.sparse import SparsityError, draw_connectivity, fan_in_for
+from pipeline.model.sparse import SparsityError, draw_connectivity, nearby_fan_outs
 
 __all__ = ["SparseConv2d", "make_conv", "channel_fan_in"]
-
-# How many valid alternatives an impossible-degree message names on each side.
-NEARBY_CHOICES = 2
-
-
-def _nearest(valid: list[int], target: int) -> tuple[list[int], list[int]]:
-    below = [v for v in valid if v < target][-NEARBY_CHOICES:]
-    above = [v for v in valid if v > target][:NEARBY_CHOICES]
-    return below, above
-
 
 def channel_fan_in(in_channels: int, out_channels: int, fan_out: int) -> int:
     """Return the exact channel fan-in, or raise a one-line SparsityError about channels.
@@ -57,30 +47,24 @@ def channel_fan_in(in_channels: int, out_channels: int, fan_out: int) -> int:
     out_channels (or the fan-out) works for every conv, so that is what the message offers.
     """
     name = f"conv {in_channels}->{out_channels} channels"
-    try:
-        return fan_in_for(in_channels, out_channels, fan_out, input_layer=False)
-    except SparsityError:
-        pass
     if in_channels < 1 or out_channels < 1:
-        raise SparsityError(f"{name}: channel counts must be positive") from None
+        raise SparsityError(f"{name}: channel counts must be positive")
     if not 1 <= fan_out <= out_channels:
         raise SparsityError(
             f"{name}: channel fan-out {fan_out} must be between 1 and {out_channels} (each "
-            f"input channel feeds distinct output channels; {out_channels} means dense)"
-        ) from None
-    fan_outs = [f for f in range(1, out_channels + 1) if (in_channels * f) % out_channels == 0]
-    below, above = _nearest(fan_outs, fan_out)
-    # out_channels that keep this fan-out: divisors of C_in*d_out no smaller than d_out.
+            f"input channel feeds distinct output channels; {out_channels} means dense)")
     edges = in_channels * fan_out
+    if edges % out_channels == 0:
+        return edges // out_channels
+    # out_channels that keep this fan-out: divisors of C_in*d_out no smaller than d_out.
     widths = [c for c in range(fan_out, edges + 1) if edges % c == 0]
-    w_below, w_above = _nearest(widths, out_channels)
-    w_near = [*w_below[-1:], *w_above[:1]]
+    near = ([c for c in widths if c < out_channels][-1:]
+            + [c for c in widths if c > out_channels][:1])
     raise SparsityError(
         f"{name} cannot have channel fan-out {fan_out}: {in_channels}*{fan_out} is not "
         f"divisible by {out_channels}; valid fan-outs nearby are "
-        f"{', '.join(map(str, below + above))}, or change out_channels to "
-        f"{' or '.join(map(str, w_near))} to keep fan-out {fan_out}"
-    ) from None
+        f"{', '.join(map(str, nearby_fan_outs(in_channels, out_channels, fan_out)))}, or "
+        f"change out_channels to {' or '.join(map(str, near))} to keep fan-out {fan_out}")
 
 
 class SparseConv2d(nn.Module):
