@@ -267,14 +267,14 @@ def _calibration_frames(args: argparse.Namespace):
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipeline.edge.export_c import C_VARIANTS, export_c
     from pipeline.edge.export_onnx import export_onnx
-    from pipeline.edge.numpy_head import load_numpy_head
+    from pipeline.edge.numpy_head import load_numpy_head, require_mlp
 
     if args.target not in EXPORT_TARGETS:
         raise UserError(f"--target {args.target!r}: choose one of {', '.join(EXPORT_TARGETS)}")
     if args.variant not in C_VARIANTS or (args.target == "onnx" and args.variant != "float32"):
         raise UserError(f"--variant {args.variant!r}: choose one of {', '.join(C_VARIANTS)} "
                         f"(the ONNX export is float32)")
-    head = load_numpy_head(args.dir)
+    head = require_mlp(load_numpy_head(args.dir), f"the {args.target} export")
     name = args.target if args.target == "onnx" else f"{args.target}-{args.variant}"
     out = Path(args.out or Path(args.dir) / f"export-{name}")
     if out.exists() and not out.is_dir():
@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
                    help="TOML file or shipped config name (default: %(default)s)")
     t.add_argument("--out", help="output directory (default: runs/<model name>)")
-    t.add_argument("--data", help="folder with the IDX files (default: Debian's Fashion-MNIST)")
+    t.add_argument("--data", help="folder with the IDX files, or an image folder: one "
+                   "subfolder of pictures per class (default: Debian's Fashion-MNIST)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-offload", type=float, help="fraction of frames to offload")
     c.add_argument("--max-drop", type=float, help="accuracy points allowed below the full model")
     c.add_argument("--score", choices=["max_softmax", "margin", "entropy"])
-    c.add_argument("--data", help="folder with the IDX files (default: the training's)")
+    c.add_argument("--data", help="IDX or image folder (default: the training's)")
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c.set_defaults(func=_cmd_calibrate)
 

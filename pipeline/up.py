@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from monitoring.exposition import DEFAULT_ADDR, METRICS_PORTS, MetricsServer, \
 from monitoring.metrics import PROMQL
 from pipeline.edge.config import EdgeConfig
 from pipeline.model.config import CONFIG_DIR, METRICS_FILE
+from pipeline.protocol.frames import DEFAULT_SHAPE
 from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup, check_exits, start_server
 
@@ -30,7 +32,6 @@ __all__ = ["UpConfig", "up", "read_results", "format_run_report"]
 
 log = logging.getLogger(__name__)
 
-RAW_FRAME_BYTES = 28 * 28     # one uint8 Fashion-MNIST frame
 STATUS_EVERY_S = 2.0          # status line period when stderr is not a terminal
 
 
@@ -66,6 +67,20 @@ def _ensure_artifacts(cfg: UpConfig) -> None:
     log.info(f"no artifacts in {art}: training the recommended default first")
     overrides = [f"data.dir={cfg.data_dir!r}"] if cfg.data_dir else []
     print(format_report(run(load_config("default", overrides), art)), flush=True)
+
+
+def _trained_on(artifacts: Path) -> str | None:
+    """The data folder the model was trained on (its test split is what the edges replay),
+    from its metrics.json; None (Fashion-MNIST) if it names none that is here."""
+    metrics = artifacts / METRICS_FILE
+    if not metrics.is_file():
+        return None
+    folder = json.loads(metrics.read_text()).get("config", {}).get("data", {}).get("dir")
+    if folder and not Path(folder).is_dir():
+        log.warning(f"{artifacts} was trained on {folder}, which is not here: replaying "
+                    f"Fashion-MNIST's test split instead (--data DIR names another)")
+        return None
+    return folder
 
 
 class ResultTail:
@@ -118,10 +133,11 @@ def up(cfg: UpConfig) -> dict:
         log.info(f"broker and {cfg.workers} workers ready ({time.monotonic() - started:.1f} s);"
                  f" starting {cfg.producers} edge producers")
         started = time.monotonic()  # the replay's rate counts from here
+        data_dir = cfg.data_dir or _trained_on(Path(cfg.artifacts))
         producers = [group.start(f"edge-{i}", run_producer, cfg.artifacts,
                                  replace(cfg.edge, broker=cfg.broker.frontend, producer_id=i,
                                          results=str(results[i])).validate(),
-                                 "dataset", cfg.fps or None, cfg.limit, cfg.data_dir,
+                                 "dataset", cfg.fps or None, cfg.limit, data_dir,
                                  (i, cfg.producers)) for i in range(cfg.producers)]
         tail = ResultTail(results)
         tty = sys.stderr.isatty()
@@ -175,8 +191,11 @@ def read_results(paths: list[Path], artifacts: Path, elapsed_s: float) -> dict:
     labelled = [o for o in outcomes if o["label"] is not None]
     training = {}
     metrics_file = artifacts / METRICS_FILE
+    input_shape = DEFAULT_SHAPE
     if metrics_file.is_file():
-        training = json.loads(metrics_file.read_text())["calibration"]["test"]
+        trained = json.loads(metrics_file.read_text())
+        training = trained["calibration"]["test"]
+        input_shape = trained["config"]["model"].get("input_shape", DEFAULT_SHAPE)
     return {
         "frames": n,
         "unique_frames": len({(o["source"], o["frame"]) for o in outcomes}),
@@ -191,7 +210,7 @@ def read_results(paths: list[Path], artifacts: Path, elapsed_s: float) -> dict:
                                              / len(offloaded) if offloaded else None),
         "uplink_bytes_per_frame": (sum(o["uplink_bytes"] for o in offloaded) / n
                                    if n else None),
-        "raw_frame_bytes": RAW_FRAME_BYTES,
+        "raw_frame_bytes": math.prod(input_shape),   # one uint8 frame as the model reads it
         "latency_ms": {path: _quantiles([o["latency_ms"] for o in outcomes if o["path"] == path])
                        for path in ("exit", "offload", "fallback")},
         "workers": dict(Counter(o["worker"] for o in outcomes if o["worker"])),

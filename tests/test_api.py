@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from monitoring.exposition import total
 from pipeline import AsyncEdge, Edge, LocalAnswer
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
-from pipeline.edge.sources import to_model_input
+from pipeline.protocol.frames import to_pixels
 from pipeline.errors import ConfigError, UserError
 from pipeline.model.data import load_test_split
 from tests.conftest import ROOT, free_port
@@ -79,7 +79,7 @@ def test_the_readme_opencv_loop_answers_every_frame_of_a_video(served, artifacts
     assert [int(a[0]) for a in answers] == list(range(FRAMES))   # one answer each, in order
     # The exit answers exactly the frames it is sure of; the rest went to the server.
     video, head = cv2.VideoCapture(str(cwd / "clip.avi")), load_numpy_head(artifacts)
-    decoded = np.stack([to_model_input(video.read()[1]) for _ in range(FRAMES)])
+    decoded = np.stack([to_pixels(video.read()[1]) for _ in range(FRAMES)])
     logits, _ = head.run_exit(decoded)
     sure = exit_scores(logits, head.score, head.temperature) >= head.threshold
     assert [a[1] == "exit" for a in answers] == sure.tolist()
@@ -126,7 +126,7 @@ def test_classify_is_the_exit_alone_and_submit_falls_back_without_a_server(artif
     assert total(registry, "splitexit_edge_frames_total", path="fallback") \
         == sum(not a.sure for a in local)
     # The same image as float pixels in [0, 1] (the model's own form) gives the same answer.
-    assert edge.classify(to_model_input(images[0]).reshape(28, 28)) == local[0]
+    assert edge.classify(to_pixels(images[0]).reshape(28, 28)) == local[0]
     with pytest.raises(UserError, match="closed"):
         edge.submit(images[0])
 

@@ -42,7 +42,7 @@ def test_validation_is_held_out_from_train_and_test_untouched(tmp_path):
     folder = make_idx_dataset(tmp_path / "d", n_train=300, n_test=50, gz=False)
     data = load_dataset(folder, val_fraction=0.2, seed=1, val_min=1)
     assert (len(data.train), len(data.val), len(data.test)) == (240, 60, 50)
-    assert data.image_shape == (28, 28) and data.train.images.shape[1] == 784
+    assert data.image_shape == (1, 28, 28) and data.train.images.shape[1] == 784
     everything = np.concatenate([data.train.images, data.val.images])
     original = read_idx(folder / "train-images-idx3-ubyte").reshape(300, -1)
     assert sorted(map(bytes, everything)) == sorted(map(bytes, original))

@@ -19,7 +19,7 @@ from tests.conftest import free_port
 from pipeline.errors import SourceError, UserError
 from workers.pool import START_TIMEOUT_S, wait_until
 from pipeline.edge.sources import (LatestFrame, LiveSource, Pacer, open_source,
-                              to_model_input)
+                              as_pixels)
 
 cv2 = pytest.importorskip("cv2")
 
@@ -145,11 +145,12 @@ def test_image_folder_sorted_skips_undecodable(tmp_path, caplog):
         f"skipping {tmp_path / 'c.png'}: OpenCV cannot decode it"]
 
 
-def test_to_model_input_handles_gray_colour_and_alpha():
+def test_as_pixels_handles_gray_colour_and_alpha():
     for image in (np.zeros((10, 12), np.uint8), np.zeros((10, 12, 1), np.uint8),
                   np.zeros((10, 12, 3), np.uint8), np.zeros((10, 12, 4), np.uint8)):
-        pixels = to_model_input(image)
+        pixels = as_pixels(image)
         assert pixels.shape == (784,) and pixels.dtype == np.float32
+        assert as_pixels(image, (3, 8, 6)).shape == (3 * 8 * 6,)
 
 
 # --- errors ------------------------------------------------------------------------------

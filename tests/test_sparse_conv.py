@@ -100,11 +100,15 @@ CONV_CASES = [(3, 12, 4, 3, 1, 0, 9, 8), (3, 12, 8, 3, 2, 1, 11, 10), (16, 32, 4
               (8, 8, 8, 3, 1, 1, 6, 6)]  # the last one dense
 
 
+@pytest.mark.parametrize("train_dense", [False, True], ids=["gather", "train-dense"])
 @pytest.mark.parametrize("c_in,c_out,fan_out,k,stride,padding,h,w", CONV_CASES)
 def test_forward_and_gradients_match_masked_dense(c_in, c_out, fan_out, k, stride, padding,
-                                                  h, w):
+                                                  h, w, train_dense):
+    """Both ways of computing it: the gather + grouped conv (proportional to the kernels, what
+    inference runs) and training's pass through the dense equivalent."""
     torch.manual_seed(0)
     conv = SparseConv2d(c_in, c_out, fan_out, k, stride, padding, seed=3).double()
+    conv.train_dense = train_dense
     with torch.no_grad():
         conv.bias.normal_()
     x = torch.randn(3, c_in, h, w, dtype=torch.float64, requires_grad=True)

@@ -58,7 +58,7 @@ class TailWorker:
         self.model_tag = wire.model_tag(server.model_id)
         self.code = server.code  # the model's static uplink code, or None
         model = server.config.model
-        self.width = model.widths[model.split]
+        self.width = model.split_width
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.credit = cfg.credit or 2 * cfg.max_batch
         self.ctx = ctx or zmq.Context.instance()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.edge.numpy_head import Junction, load_numpy_head
+from pipeline.edge.numpy_head import Junction, load_numpy_head, require_mlp
 from pipeline.edge.quantize import int8_tables, junction_rows
 
 __all__ = ["export_c", "C_VARIANTS", "C_FILE", "H_FILE"]
@@ -104,7 +104,7 @@ def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
     `calibration` frames (pixels in [0, 1]) make the rounding error-compensating."""
     if variant not in C_VARIANTS:
         raise ValueError(f"variant {variant!r}: choose one of {', '.join(C_VARIANTS)}")
-    head = load_numpy_head(artifact, dense_max_elements=0)
+    head = require_mlp(load_numpy_head(artifact, dense_max_elements=0), "the C export")
     int8: list = [None] * (len(head.layers) + 1)
     kind = variant
     if variant == "int8":

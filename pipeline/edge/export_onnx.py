@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.edge.numpy_head import Junction, load_numpy_head
+from pipeline.edge.numpy_head import Junction, load_numpy_head, require_mlp
 from pipeline.errors import UserError
 
 __all__ = ["export_onnx", "ONNX_FILE"]
@@ -66,7 +66,7 @@ def export_onnx(artifact: str | Path, out_dir: Path) -> list[Path]:
     """Write splitexit_head.onnx for the edge artifact (DIR or DIR/edge.npz) into out_dir."""
     onnx, helper, numpy_helper = _onnx()
     # The tables as stored, without the input padding (its inputs are always 0).
-    head = load_numpy_head(artifact, dense_max_elements=0)
+    head = require_mlp(load_numpy_head(artifact, dense_max_elements=0), "the ONNX export")
     nodes: list = [helper.make_node("Sub", ["pixels", "pixel_mean"], ["centered"]),
                    helper.make_node("Div", ["centered", "pixel_std"], ["x"])]
     inits = [numpy_helper.from_array(np.array(head.pixel_mean, np.float32), "pixel_mean"),

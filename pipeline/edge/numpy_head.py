@@ -1,7 +1,8 @@
 """The head and its exit in NumPy: what an edge device runs, without torch.
 
 It runs the edge artifact DIR/edge.npz (its layout: pipeline.protocol.edge_artifact). A
-sparse junction is a gather, a multiply and a sum over d_in: storage and work scale with the
+sparse junction is a gather, a multiply and a sum over d_in; a sparse conv a channel gather
+and one product per kernel offset (pipeline.edge.numpy_conv): storage and work scale with the
 real weights, never with N_in x N_out.
 """
 
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.edge.numpy_conv import adaptive_avg_pool2d, max_pool2d, sparse_conv2d
 from pipeline.errors import ArtifactError
 from pipeline.protocol.edge_artifact import UPLINK_CODE, read_edge_npz
 from pipeline.protocol.static_code import StaticCode
 
-__all__ = ["Junction", "NumpyHead", "load_numpy_head", "exit_scores", "SCORES"]
+__all__ = ["Junction", "ConvStage", "NumpyHead", "load_numpy_head", "require_mlp", "exit_scores",
+           "SCORES"]
 
 SCORES = ("max_softmax", "margin", "entropy")
 # A junction this small is all per-call overhead in NumPy (~1 µs a call): one dense product
@@ -53,11 +56,35 @@ class Junction:
 
 
 @dataclass(frozen=True)
+class ConvStage:
+    """A conv ("same" padding unless strided) and its max pool; NCHW in and out."""
+    weight: np.ndarray          # (C_out, d_in, k, k); d_in = C_in when dense
+    indices: np.ndarray | None  # (C_out, d_in) channel each kernel reads, None when dense
+    bias: np.ndarray            # (C_out,)
+    stride: int
+    pool: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = sparse_conv2d(x, self.weight, self.indices, self.bias, self.stride,
+                          self.weight.shape[-1] // 2)
+        return max_pool2d(y, self.pool) if self.pool > 1 else y
+
+
+Layer = Junction | ConvStage
+
+
+def _relu_stack(layers, x: np.ndarray) -> np.ndarray:
+    for layer in layers:
+        x = np.maximum(layer(x if isinstance(layer, ConvStage) else x.reshape(len(x), -1)), 0)
+    return x
+
+
+@dataclass(frozen=True)
 class NumpyHead:
-    layers: tuple[Junction, ...]
+    layers: tuple[Layer, ...]
     exit: Junction
-    pixel_mean: np.float32
-    pixel_std: np.float32
+    pixel_mean: np.ndarray      # () for an MLP, (C,) per channel for convs
+    pixel_std: np.ndarray
     input_size: int
     input_pad: int
     model_id: str
@@ -69,43 +96,61 @@ class NumpyHead:
     uplink_bits: int            # 0, or the unsigned bits the uplink was trained for
     code: StaticCode | None     # the uplink's static entropy code, if trained for one
     temperature: float = 1.0    # scores are computed on softmax(exit logits / temperature)
+    input_shape: tuple[int, int, int] = (1, 28, 28)  # what frames are fitted to (C, H, W)
+    resize: str = "stretch"     # how (pipeline.protocol.frames)
+    exit_pool: int = 0          # a conv exit averages its input to exit_pool^2 bins first
+    width: int = 0              # features per frame at the split (what goes on the wire)
 
     @property
-    def width(self) -> int:
-        """Features per frame at the split (what goes on the wire)."""
-        return self.layers[-1].bias.shape[0]
+    def convolutional(self) -> bool:
+        return isinstance(self.layers[0], ConvStage)
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels in [0, 1] (B, input_size) -> (exit logits (B, C), features (B, W)). The
-        input padding is never built: the first junction reads no padded input (`_unpad`),
-        and it reads raw pixels: the standardization is folded into its weights."""
+        """Pixels in [0, 1] (B, input_size) -> (exit logits (B, C), features (B, W)). An
+        MLP's input padding is never built: the first junction reads no padded input
+        (`_unpad`), and it reads raw pixels: the standardization is folded into its
+        weights."""
         exit_logits, hidden = self.run_exit(pixels)
         return exit_logits, self.run_uplink(hidden)
 
     def run_exit(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(exit logits (B, C), the activations the exit read): all a confident frame needs."""
         x = np.asarray(pixels, dtype=np.float32)
-        for layer in (self._first, *self.layers[1:self.exit_layer]):
-            x = np.maximum(layer(x), 0)
-        return self.exit(x), x
+        if self.convolutional:   # zero padding is of standardized pixels: nothing to fold
+            x = ((x.reshape(-1, *self.input_shape) - self.pixel_mean[:, None, None])
+                 / self.pixel_std[:, None, None])
+        x = _relu_stack((self._first, *self.layers[1:self.exit_layer]), x)
+        seen = adaptive_avg_pool2d(x, self.exit_pool) if self.exit_pool else x
+        return self.exit(seen.reshape(len(seen), -1)), x
 
     def run_uplink(self, hidden: np.ndarray) -> np.ndarray:
-        """The split features from run_exit's activations, for the frames sent up: a
+        """The split features (B, W) from run_exit's activations, for the frames sent up: a
         bottleneck after the exit costs nothing on frames answered locally."""
-        for layer in self.layers[self.exit_layer:]:
-            hidden = np.maximum(layer(hidden), 0)
-        return hidden
+        hidden = _relu_stack(self.layers[self.exit_layer:], hidden)
+        return hidden.reshape(len(hidden), -1)
 
     @functools.cached_property
-    def _first(self) -> Junction:
-        """layers[0] on raw pixels: sum w (p - mean) / std + b = sum (w / std) p + b', with
-        b' = b - mean / std * sum w. One NumPy pass less a frame; `layers` stay as trained
-        (the exports standardize as torch does)."""
+    def _first(self) -> Layer:
+        """An MLP's layers[0] on raw pixels: sum w (p - mean) / std + b = sum (w / std) p +
+        b', with b' = b - mean / std * sum w. One NumPy pass less a frame; `layers` stay as
+        trained (the exports standardize as torch does)."""
         j = self.layers[0]
+        if self.convolutional:
+            return j
         per_output = j.values.sum(axis=0 if j.indices is None else 1, dtype=np.float64)
         bias = j.bias - (float(self.pixel_mean) / float(self.pixel_std)) * per_output
         return Junction((j.values / self.pixel_std).astype(np.float32), j.indices,
                         bias.astype(np.float32))
+
+
+def require_mlp(head: NumpyHead, purpose: str) -> NumpyHead:
+    """The head, if `purpose` (an export) can take it: those cover fully connected heads
+    only so far; a conv head runs in NumPy, here."""
+    if head.convolutional:
+        raise ArtifactError(f"{head.path}: {purpose} covers MLP heads only, and this head has "
+                            f"conv layers; run it with the NumPy edge (`splitexit edge`, or "
+                            f"`from pipeline import Edge`)")
+    return head
 
 
 def exit_scores(logits: np.ndarray, score: str, temperature: float = 1.0) -> np.ndarray:
@@ -152,30 +197,59 @@ def _unpad(j: Junction, input_size: int) -> Junction:
                     np.where(padded, 0, j.indices), j.bias)
 
 
+def _conv(arrays, name: str, n_in: int, layout: dict) -> ConvStage:
+    weight = arrays[f"{name}.values"].astype(np.float32)
+    indices, bias = arrays.get(f"{name}.indices"), arrays[f"{name}.bias"].astype(np.float32)
+    if weight.ndim != 4 or weight.shape[2] != weight.shape[3] or \
+            weight.shape[1] != (n_in if indices is None else indices.shape[1]):
+        raise ValueError(f"{name}: kernels {weight.shape} do not fit {n_in} input channels")
+    if indices is not None and (indices.shape != weight.shape[:2] or indices.size and not
+                                0 <= indices.min() <= indices.max() < n_in):
+        raise ValueError(f"{name}: channel indices {indices.shape} do not fit kernels "
+                         f"{weight.shape} and {n_in} input channels")
+    return ConvStage(weight, None if indices is None else indices.astype(np.intp), bias,
+                     int(layout["stride"]), int(layout["pool"]))
+
+
 def load_numpy_head(path: str | Path, dense_max_elements: int = DENSE_MAX_ELEMENTS) -> NumpyHead:
     """The edge artifact (DIR or DIR/edge.npz) as a NumPy head; one-line errors. ELL
     junctions of at most `dense_max_elements` weights run dense (0: every junction as
     stored, what an export wants)."""
     meta, arrays, path = read_edge_npz(path)
     try:
-        n_in = int(meta["input_pad"]) or int(meta["input_size"])
-        widths, layers = [n_in], []
+        convs = meta.get("convs", [])   # absent: an MLP, or trained before convs existed
+        shape = tuple(int(v) for v in meta.get("input_shape", (1, 28, 28)))
+        n_in = shape[0] if convs else int(meta["input_pad"]) or int(meta["input_size"])
+        x = np.zeros((1, *shape), np.float32) if convs else np.zeros((1, n_in), np.float32)
+        layers, outputs = [], []    # outputs: each layer's output on a blank frame (shapes)
         for i in range(meta["split"]):
-            layers.append(_junction(arrays, f"layer{i}", n_in, dense_max_elements))
-            n_in = layers[-1].bias.shape[0]
-            widths.append(n_in)
-        layers[0] = _unpad(layers[0], int(meta["input_size"]))
+            if i < len(convs):
+                layers.append(_conv(arrays, f"layer{i}", n_in, convs[i]))
+            else:
+                x = x.reshape(1, -1)
+                layers.append(_junction(arrays, f"layer{i}", x.shape[1], dense_max_elements))
+            x = layers[-1](x)
+            outputs.append(x)
+            n_in = x.shape[1]
+        if not convs:
+            layers[0] = _unpad(layers[0], int(meta["input_size"]))
         exit_layer = int(meta.get("exit_layer", meta["split"]))
         if not 1 <= exit_layer <= len(layers):
             raise ValueError(f"exit layer {exit_layer} is not one of the {len(layers)} layers")
-        exit_ = _junction(arrays, "exit", widths[exit_layer], dense_max_elements)
+        exit_pool = int(meta.get("exit_pool", 0))
+        seen = outputs[exit_layer - 1]
+        seen = adaptive_avg_pool2d(seen, exit_pool) if exit_pool else seen
+        exit_ = _junction(arrays, "exit", seen.size, dense_max_elements)
         head = NumpyHead(tuple(layers), exit_,
-                         np.float32(arrays["pixel_mean"]), np.float32(arrays["pixel_std"]),
+                         np.asarray(arrays["pixel_mean"], np.float32),
+                         np.asarray(arrays["pixel_std"], np.float32),
                          int(meta["input_size"]), int(meta["input_pad"]), str(meta["model_id"]),
                          float(meta["threshold"]), str(meta["score"]), tuple(meta["classes"]),
                          path, exit_layer, int(meta.get("uplink_bits", 0)),
                          StaticCode(arrays[UPLINK_CODE]) if UPLINK_CODE in arrays else None,
-                         float(meta.get("temperature", 1.0)))  # absent: before calibration
+                         float(meta.get("temperature", 1.0)),   # absent: before calibration
+                         shape, str(meta.get("resize", "stretch")), exit_pool,
+                         outputs[-1].size)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ArtifactError(f"{path}: edge artifact is incomplete ({e}); re-create it with "
                             f"`splitexit train`") from None

@@ -168,7 +168,7 @@ class AsyncEdge:
 
     def classify(self, image: np.ndarray) -> LocalAnswer:
         """The exit's answer for one frame, here and now: no network, nothing recorded."""
-        logits, _ = self.head.run_exit(as_pixels(image)[None])
+        logits, _ = self.head.run_exit(self._pixels(image)[None])
         score = float(exit_scores(logits, self.score, self.head.temperature)[0])
         return LocalAnswer(int(logits[0].argmax()), score, score >= self.threshold_now)
 
@@ -200,7 +200,10 @@ class AsyncEdge:
     def frame(self, image: np.ndarray, label: int | None = None,
               source: str = API_SOURCE) -> Frame:
         """A frame of this edge's own numbering, captured now."""
-        return Frame(next(self._frame_ids), as_pixels(image), label, source, time.time())
+        return Frame(next(self._frame_ids), self._pixels(image), label, source, time.time())
+
+    def _pixels(self, image: np.ndarray) -> np.ndarray:
+        return as_pixels(image, self.head.input_shape, self.head.resize)
 
     def put_threadsafe(self, frame: Frame | None,
                        answer: concurrent.futures.Future | None = None) -> None:
@@ -537,10 +540,15 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
                  shard: tuple[int, int] | None = None, loop: bool = False) -> Summary:
     """Process entry point for one producer: open the source, run it to its end."""
     from pipeline.edge.sources import Shard, open_source
+    from pipeline.protocol.edge_artifact import read_edge_npz
+    from pipeline.protocol.frames import DEFAULT_SHAPE
 
     count = shard[1] if shard else 1
+    meta, _, _ = read_edge_npz(artifact_dir)   # frames are fitted to what the head reads
     source = open_source(spec, fps=fps * count if fps else None, limit=limit,
-                         data_dir=data_dir, loop=loop)
+                         data_dir=data_dir, loop=loop,
+                         shape=tuple(meta.get("input_shape", DEFAULT_SHAPE)),
+                         resize=meta.get("resize", "stretch"))
     if shard:
         source = Shard(source, *shard)
 

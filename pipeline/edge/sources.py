@@ -1,9 +1,10 @@
 """Frame sources for edge producers: camera, video file, stream URL, image folder, replay.
 
-Every source yields `Frame`s whose pixels are what training feeds the head: a 28x28
-grayscale image, row-major, float32 in [0, 1] (uint8 / 255). OpenCV is imported only when a
-camera, video, stream or folder is opened, so dataset replay works without the `camera`
-extra.
+Every source yields `Frame`s whose pixels are what training feeds the head: the picture
+fitted to the model's input shape (C x H x W, grey or RGB, stretched or cropped) by the one
+conversion training uses too (pipeline.protocol.frames), flat, float32 in [0, 1]. OpenCV is
+imported only when a camera, video, stream or folder is opened, so replaying Fashion-MNIST
+to a 28x28 grey model works without the `camera` extra.
 
 Live sources (camera, stream) read in a background thread that keeps only the newest frame:
 OpenCV backends buffer frames, and a reader slower than the camera would otherwise fall
@@ -14,7 +15,6 @@ is delivered, paced at `fps` if given.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -26,15 +26,15 @@ import numpy as np
 from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.model.data import load_test_split
 from pipeline.errors import DataError, SourceError
+from pipeline.protocol.frames import (DEFAULT_SHAPE, IMAGE_EXTENSIONS, opencv,
+                                      to_pixels)
 from pipeline.protocol.timing import backoff_delays
 
-__all__ = ["Frame", "Source", "LatestFrame", "Shard", "open_source", "to_model_input",
-           "as_pixels", "SourceError", "IMAGE_EXTENSIONS", "STREAM_SCHEMES"]
+__all__ = ["Frame", "Source", "LatestFrame", "Shard", "open_source", "as_pixels",
+           "SourceError", "IMAGE_EXTENSIONS", "STREAM_SCHEMES"]
 
 log = logging.getLogger(__name__)
 
-SIDE = 28                  # the model reads SIDE x SIDE grayscale pixels
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff")
 STREAM_SCHEMES = ("rtsp", "http", "https", "udp", "tcp")
 OPEN_TIMEOUT_MS = 5000     # a dead stream URL fails after this instead of hanging
 READ_TIMEOUT_MS = 5000     # a stalled stream counts as lost after this and is reconnected
@@ -42,8 +42,6 @@ RECONNECT_START_S = 0.5    # first back-off; doubles per failed attempt
 RECONNECT_MAX_S = 8.0      # back-off cap
 MAX_RECONNECTS = 5         # consecutive failed attempts before a live source gives up
 CLOSE_TIMEOUT_S = 1.0      # a read stuck in a driver must not hang shutdown (thread is daemon)
-AV_LOG_FATAL = 8           # FFmpeg log level: only fatal errors
-CAMERA_EXTRA_HINT = "pip install 'splitexit[camera]'"
 # pixels, label, capture_ts of one frame, and its own name where the source has one per
 # frame (an image folder: the file), else None (the source's spec names it)
 Item = tuple[np.ndarray, int | None, float, str | None]
@@ -54,51 +52,27 @@ ACCEPTED = ("a camera index (0), a video file, a stream URL (rtsp://, http://, .
 @dataclass(frozen=True)
 class Frame:
     frame_id: int          # 0, 1, 2, ... per source, in delivery order
-    pixels: np.ndarray     # float32 (784,) in [0, 1]
+    pixels: np.ndarray     # float32 (C*H*W,) in [0, 1], the model's input shape
     label: int | None      # known for dataset replay, else None
     source: str            # the spec string it came from, or its file in an image folder
     capture_ts: float      # time.time() when captured
 
 
-def _cv2() -> Any:
-    # FFmpeg logs every failed connection itself; we report one line instead. It reads this
-    # once, when OpenCV first uses it; a value the user set wins.
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", str(AV_LOG_FATAL))
-    try:
-        import cv2
-    except ImportError:
-        raise SourceError(f"OpenCV is not installed: {CAMERA_EXTRA_HINT}") from None
-    return cv2
-
-
-def to_model_input(image: np.ndarray) -> np.ndarray:
-    """Turn a uint8 BGR, BGRA or gray image of any size into pixels the head was trained on."""
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.shape == (SIDE, SIDE):   # already the model's size: no OpenCV needed
-        return image.reshape(-1).astype(np.float32) / np.float32(255)
-    cv2 = _cv2()
-    if image.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        image = cv2.cvtColor(image, code)
-    if image.shape != (SIDE, SIDE):
-        # INTER_AREA averages the pixels it shrinks; others alias on large frames
-        image = cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
-    return image.reshape(-1).astype(np.float32) / np.float32(255)
-
-
-def as_pixels(image: np.ndarray) -> np.ndarray:
+def as_pixels(image: np.ndarray, shape: tuple[int, int, int] = DEFAULT_SHAPE,
+              resize: str = "stretch") -> np.ndarray:
     """A frame as the library takes it: a uint8 image as OpenCV reads it (gray, BGR or BGRA,
-    any size), or pixels already in the model's form (float, SIDE x SIDE or flat, in [0, 1])."""
+    any size), fitted to `shape`; or pixels already in the model's form (float in [0, 1],
+    C*H*W of them, flat or shaped)."""
     image = np.asarray(image)
     if image.dtype == np.uint8 and image.size and (
             image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
-        return to_model_input(image)
-    if image.dtype.kind == "f" and image.size == SIDE * SIDE and image.ndim in (1, 2):
+        return to_pixels(image, shape, resize)
+    size = int(np.prod(shape))
+    if image.dtype.kind == "f" and image.size == size and image.ndim in (1, 2, 3):
         return np.ascontiguousarray(image, np.float32).reshape(-1)
     raise ValueError(f"a frame of dtype {image.dtype} and shape {image.shape}: give a uint8 "
                      f"image (H x W gray, H x W x 3 BGR or x 4 BGRA) or float pixels in "
-                     f"[0, 1] of shape ({SIDE}, {SIDE}) or ({SIDE * SIDE},)")
+                     f"[0, 1], {size} of them (the model reads {' x '.join(map(str, shape))})")
 
 
 class Pacer:
@@ -215,8 +189,14 @@ class Source:
     dropped = 0                # frames a live source skipped to stay current
     reconnects = 0             # times a live source was lost and reopened
 
-    def __init__(self, spec: str, fps: float | None, limit: int | None, loop: bool):
+    def __init__(self, spec: str, fps: float | None, limit: int | None, loop: bool,
+                 shape: tuple[int, int, int] = DEFAULT_SHAPE, resize: str = "stretch"):
         self.spec, self.fps, self.limit, self.loop = spec, fps, limit, loop
+        self.shape, self.resize = tuple(shape), resize
+
+    def fit(self, image: np.ndarray) -> np.ndarray:
+        """A captured image as the model's pixels."""
+        return to_pixels(image, self.shape, self.resize)
 
     def frames(self) -> Iterator[Frame]:
         """Yield frames (blocking), paced at fps when set, at most `limit` of them."""
@@ -254,12 +234,13 @@ class Source:
 
 
 class ReplaySource(Source):
-    """The Fashion-MNIST test split with its labels, for accuracy checks and load tests."""
+    """A data set's test split with its labels (Fashion-MNIST unless told), for accuracy
+    checks and load tests; fitted to the model's input as training fitted it."""
 
     def __init__(self, spec: str, data_dir: str | None, **kw: Any):
         super().__init__(spec, **kw)
         try:
-            test = load_test_split(data_dir or FASHION_MNIST_DIR)
+            test = load_test_split(data_dir or FASHION_MNIST_DIR, self.shape, self.resize)
         except DataError as e:
             raise SourceError(f"dataset replay: {e}") from None
         self.images, self.labels = test.images, test.labels
@@ -270,38 +251,43 @@ class ReplaySource(Source):
 
 
 class FolderSource(Source):
-    """Image files sorted by name; one OpenCV cannot decode is skipped with a warning."""
+    """Image files sorted by name; one OpenCV cannot decode is skipped with a warning. Read
+    as training reads an image folder (IMREAD_UNCHANGED: no EXIF rotation, alpha kept)."""
 
     def __init__(self, spec: str, **kw: Any):
         super().__init__(spec, **kw)
-        cv2 = _cv2()
+        cv2 = opencv()
         try:
             self.paths = sorted(p for p in Path(spec).iterdir()
                                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         except OSError as e:
             raise SourceError(f"cannot read image folder {spec}: {e.strerror}") from None
         self._bad: set[Path] = set()  # warned about once, then skipped on later loops
-        if not any(cv2.imread(str(p)) is not None for p in self.paths):
+        if not any(cv2.imread(str(p), cv2.IMREAD_UNCHANGED) is not None for p in self.paths):
             raise SourceError(f"image folder {spec} has no readable images ({len(self.paths)} "
                               f"files with extensions {'/'.join(IMAGE_EXTENSIONS)}): add some")
 
     def _one_pass(self) -> Iterator[Item]:
-        cv2 = _cv2()
+        cv2 = opencv()
         for path in self.paths:
             if path in self._bad:
                 continue
-            image = cv2.imread(str(path))
-            if image is None:
-                log.warning(f"skipping {path}: OpenCV cannot decode it")
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            try:
+                if image is None:
+                    raise ValueError("OpenCV cannot decode it")
+                pixels = self.fit(image)
+            except ValueError as e:   # undecodable, or a 16-bit picture
+                log.warning(f"skipping {path}: {e}")
                 self._bad.add(path)
                 continue
-            yield to_model_input(image), None, time.time(), str(path)
+            yield pixels, None, time.time(), str(path)
 
 
 def _open_capture(target: int | str, error: str, params: tuple[int, ...] = ()) -> Any:
     """An opened VideoCapture, else SourceError(error): OpenCV's backends each warn on a
     failed probe, so they are silenced and the user gets one line."""
-    cv2 = _cv2()
+    cv2 = opencv()
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
@@ -315,7 +301,7 @@ def _open_capture(target: int | str, error: str, params: tuple[int, ...] = ()) -
 
 
 def _stream_params() -> tuple[int, ...]:
-    cv2, params = _cv2(), []
+    cv2, params = opencv(), []
     for prop, value in (("CAP_PROP_OPEN_TIMEOUT_MSEC", OPEN_TIMEOUT_MS),
                         ("CAP_PROP_READ_TIMEOUT_MSEC", READ_TIMEOUT_MS)):
         if hasattr(cv2, prop):  # older builds lack them and hang on a dead URL instead
@@ -338,7 +324,7 @@ class VideoFileSource(Source):
                 ok, image = capture.read()
                 if not ok:
                     return
-                yield to_model_input(image), None, time.time(), None
+                yield self.fit(image), None, time.time(), None
         finally:
             capture.release()
 
@@ -364,7 +350,7 @@ class LiveSource(Source):
     def _one_pass(self) -> Iterator[Item]:
         while (item := self.latest.take()) is not None:
             image, capture_ts = item
-            yield to_model_input(image), None, capture_ts, None
+            yield self.fit(image), None, capture_ts, None
 
     def close(self) -> None:
         self.latest.close()
@@ -372,13 +358,15 @@ class LiveSource(Source):
 
 def open_source(spec: str, fps: float | None = None, limit: int | None = None,
                 data_dir: str | None = None, loop: bool = False,
-                max_reconnects: int = MAX_RECONNECTS) -> Source:
-    """Open the source a spec string names; anything unusable is a one-line SourceError."""
+                max_reconnects: int = MAX_RECONNECTS, shape: tuple[int, int, int] = DEFAULT_SHAPE,
+                resize: str = "stretch") -> Source:
+    """Open the source a spec string names, its frames fitted to `shape` (the model's C x H x
+    W) as `resize` says; anything unusable is a one-line SourceError."""
     if fps is not None and fps <= 0:
         raise SourceError(f"fps = {fps} must be > 0 (leave it unset for as fast as possible)")
     if limit is not None and limit < 1:
         raise SourceError(f"limit = {limit} must be at least 1 (leave it unset for no limit)")
-    kw = dict(fps=fps, limit=limit, loop=loop)
+    kw = dict(fps=fps, limit=limit, loop=loop, shape=shape, resize=resize)
     spec = spec.strip()
     scheme = spec.partition("://")[0].lower() if "://" in spec else ""
     if spec in ("dataset", "dataset:test"):

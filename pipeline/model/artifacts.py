@@ -33,7 +33,7 @@ from pipeline.model.config import Config, from_dict
 from pipeline.errors import ArtifactError, UserError
 from pipeline.protocol.edge_artifact import EDGE_NPZ, UPLINK_CODE, write_edge_npz
 from pipeline.protocol.static_code import StaticCode
-from pipeline.model.split_model import Head, SplitModel, Tail
+from pipeline.model.split_model import ConvLayer, Head, SplitModel, Tail
 
 __all__ = ["EDGE_FILE", "SERVER_FILE", "compute_model_id", "save_artifacts", "save_edge_npz",
            "ensure_edge_npz", "EdgeArtifact",
@@ -44,8 +44,10 @@ FORMAT = 1
 MODEL_ID_BYTES = 8  # 16 hex characters; collisions among a fleet's models are not a concern
 
 
-def compute_model_id(model: SplitModel, cfg: Config) -> str:
-    h = hashlib.sha256(json.dumps(cfg.to_dict()["model"], sort_keys=True).encode())
+def compute_model_id(model: SplitModel, layout: dict) -> str:
+    """`layout`: the [model] section as the artifact stores it -- not as this version would
+    fill it in, so that a folder trained before a layout key existed keeps its id."""
+    h = hashlib.sha256(json.dumps(layout, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().contiguous().numpy().tobytes())
@@ -61,11 +63,18 @@ def _atomic_save(obj: dict, path: Path) -> int:
 
 
 def _junction_arrays(name: str, layer: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A junction's or a conv's values (ELL rows / real kernels), bias, and its index table
+    where sparse."""
+    if isinstance(layer, ConvLayer):
+        layer = layer.conv
+        n_in = layer.in_channels
+    else:
+        n_in = layer.in_features
     values = layer.weight.detach().numpy().astype(np.float32)
     out = {f"{name}.values": values, f"{name}.bias": layer.bias.detach().numpy()}
     indices = getattr(layer, "indices", None)
     if indices is not None:  # no wider than the input needs
-        dtype = np.uint16 if layer.in_features <= 1 << 16 else np.int32
+        dtype = np.uint16 if n_in <= 1 << 16 else np.int32
         out[f"{name}.indices"] = indices.numpy().astype(dtype)
     return out
 
@@ -79,7 +88,12 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
             "classes": edge["classes"], "split": layout["split"],
             "input_size": layout["input_size"], "input_pad": layout["input_pad"],
             "exit_layer": head.exit_layer,
-            "uplink_bits": layout.get("uplink_bits", 0)}  # absent: trained before it existed
+            "uplink_bits": layout.get("uplink_bits", 0),  # absent: trained before it existed
+            "input_shape": list(head.input_shape), "resize": layout.get("resize", "stretch"),
+            "exit_pool": head.exit_pool,
+            "convs": [{"stride": layer.conv.stride if isinstance(layer.conv.stride, int)
+                       else layer.conv.stride[0], "pool": layer.pool}
+                      for layer in head.layers if isinstance(layer, ConvLayer)]}
     arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
     if edge.get(UPLINK_CODE) is not None:
         arrays[UPLINK_CODE] = edge[UPLINK_CODE].numpy().astype(np.uint16)
@@ -94,7 +108,7 @@ def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: flo
     """Write edge.pt, edge.npz and server.pt; return their sizes in bytes and the model id.
     `temperatures`: (exit, tail), what each side divides its logits by."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_id = compute_model_id(model, cfg)
+    model_id = compute_model_id(model, cfg.to_dict()["model"])
     common = {"format": FORMAT, "model_id": model_id, "config": cfg.to_dict()}
     if code is not None:
         common[UPLINK_CODE] = torch.from_numpy(code.frequencies.astype(np.int16))
@@ -152,6 +166,7 @@ class EdgeArtifact:
     classes: list[str]
     path: Path
     temperature: float = 1.0    # the exit's score is computed on softmax(logits / this)
+    layout: dict | None = None  # the [model] section as stored (what the model id hashed)
 
 
 @dataclass
@@ -169,7 +184,7 @@ def load_edge(path: str | Path) -> EdgeArtifact:
     cfg, head = _build(blob, Head)
     return EdgeArtifact(head, cfg, blob["model_id"], float(blob["threshold"]), blob["score"],
                         list(blob["classes"]), blob["path"],
-                        _temperature(blob))
+                        _temperature(blob), blob["config"]["model"])
 
 
 def load_server(path: str | Path) -> ServerArtifact:

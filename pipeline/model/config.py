@@ -9,6 +9,7 @@ names: `--set train.epochs=5`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.model.data import VAL_FRACTION, VAL_MIN
+from pipeline.protocol.frames import RESIZE_MODES
 
 __all__ = ["ModelConfig", "TrainConfig", "CalibrationConfig", "DataConfig", "Config",
            "load_config", "apply_overrides", "CONFIG_DIR", "resolve_config_path"]
@@ -33,16 +35,34 @@ UPLINK_BITS = (8, 4, 2)   # what model.uplink_bits may train for (pipeline/model
 
 @dataclass
 class ModelConfig:
-    widths: list[int]          # neurons per layer: [padded input, hidden..., classes]
+    # Neurons per fully connected layer: [input, hidden..., classes]. The input is the padded
+    # pixels of an MLP, or the last conv's output flattened (channels x height x width).
+    widths: list[int]
     fan_out: list[int]         # per junction; equal to the next width means dense
     name: str = "model"
-    input_size: int = 784      # pixels per frame (28x28 grayscale)
+    # Frames are fitted to channels x height x width (1: grey, 3: colour) the same way in
+    # training and on the edge (pipeline/protocol/frames.py); `resize`: stretch or crop.
+    input_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
+    resize: str = "stretch"
+    input_size: int = 0        # pixels per frame; 0 = channels x height x width
     input_pad: int = 0         # zero-pad the input to this width (paper: 800); 0 = no padding
-    split: int = 1             # junctions on the edge; the exit and the uplink read layer `split`
+    # Convolutions before the fully connected layers, one entry each (none: an MLP). A conv
+    # keeps the frame's size ("same" padding) unless strided; it is followed by a ReLU and,
+    # where pool > 1, a max pool of that side.
+    channels: list[int] = field(default_factory=list)         # output channels
+    channel_fan_out: list[int] = field(default_factory=list)  # = channels: dense
+    kernel: list[int] = field(default_factory=list)           # side; empty = 3 each
+    stride: list[int] = field(default_factory=list)           # empty = 1 each
+    pool: list[int] = field(default_factory=list)             # empty = 1 each (no pool)
+    # Layers (convs, then junctions) on the edge; the uplink sends layer `split`'s output.
+    split: int = 1
     exit_fan_out: int = 0      # exit classifier fan-out; 0 = dense
     # The layer the exit reads; 0 = the split layer. Smaller puts the exit before the split:
-    # the junctions from it to the split (a bottleneck) run only for frames sent up.
+    # the layers from it to the split (a bottleneck) run only for frames sent up.
     exit_at: int = 0
+    # A conv layer's output is average-pooled to exit_pool x exit_pool before the exit
+    # classifier reads it (0: read all of it).
+    exit_pool: int = 0
     # 0: the uplink is not trained for (the edge sends int8 unless told otherwise); 8, 4 or
     # 2: trained through the wire's unsigned quantization at that many bits, which the edge
     # then sends (pipeline/model/uplink.py).
@@ -53,6 +73,19 @@ class ModelConfig:
     def exit_layer(self) -> int:
         """The layer the exit classifier reads (1 = the first hidden layer)."""
         return self.exit_at or self.split
+
+    @property
+    def split_width(self) -> int:
+        """Features per frame the uplink sends: layer `split`'s output, flattened."""
+        convs = len(self.channels)
+        if self.split > convs:
+            return self.widths[self.split - convs]
+        return math.prod(conv_shapes(self)[self.split])
+
+    @property
+    def layers(self) -> int:
+        """Convs and junctions, the final classifier included (not the exit)."""
+        return len(self.channels) + len(self.fan_out)
 
 
 @dataclass
@@ -115,19 +148,13 @@ class Config:
 
     def validate(self) -> "Config":
         m, t, c = self.model, self.train, self.calibrate
-        if len(m.widths) < 3 or len(m.fan_out) != len(m.widths) - 1:
-            raise ConfigError(f"model.widths needs at least 3 layers and model.fan_out one entry "
-                              f"per junction ({len(m.widths) - 1}), got {len(m.fan_out)}")
-        expected_in = m.input_pad or m.input_size
-        if m.input_pad and m.input_pad < m.input_size:
-            raise ConfigError(f"model.input_pad = {m.input_pad} is smaller than "
-                              f"model.input_size = {m.input_size}; use 0 for no padding")
-        if m.widths[0] != expected_in:
-            raise ConfigError(f"model.widths[0] = {m.widths[0]} must equal the (padded) input "
-                              f"width {expected_in}; set input_pad = {m.widths[0]} to pad")
-        if not 1 <= m.split <= len(m.fan_out) - 1:
-            raise ConfigError(f"model.split = {m.split} must leave at least one junction on each "
-                              f"side: choose 1..{len(m.fan_out) - 1}")
+        _check_layout(m)
+        if not 1 <= m.split <= m.layers - 1:
+            raise ConfigError(f"model.split = {m.split} must leave at least one layer on each "
+                              f"side: choose 1..{m.layers - 1}")
+        if m.exit_pool < 0 or m.exit_pool and m.exit_layer > len(m.channels):
+            raise ConfigError(f"model.exit_pool = {m.exit_pool} pools a conv layer's output: "
+                              f"use 0, or an exit_at among the {len(m.channels)} convs")
         if not 0 <= m.exit_at <= m.split:
             raise ConfigError(f"model.exit_at = {m.exit_at} must be a layer on the edge: 1.."
                               f"{m.split} (model.split), or 0 for the split layer itself")
@@ -162,6 +189,71 @@ class Config:
         if not 0.0 <= c.max_drop <= 100.0:
             raise ConfigError(f"calibrate.max_drop = {c.max_drop} must be in [0, 100] points")
         return self
+
+
+def _check_layout(m: ModelConfig) -> None:
+    """Layer counts, the input, and that each layer fits the one before it."""
+    if len(m.input_shape) != 3 or m.input_shape[0] not in (1, 3) or min(m.input_shape) < 1:
+        raise ConfigError(f"model.input_shape = {m.input_shape} must be [channels, height, "
+                          f"width] with 1 (grey) or 3 (colour) channels")
+    if m.resize not in RESIZE_MODES:
+        raise ConfigError(f"model.resize = {m.resize!r}: choose one of "
+                          f"{', '.join(RESIZE_MODES)}")
+    pixels = math.prod(m.input_shape)
+    m.input_size = m.input_size or pixels
+    if m.input_size != pixels:
+        raise ConfigError(f"model.input_size = {m.input_size} must be {pixels}, the pixels of "
+                          f"model.input_shape = {m.input_shape} (or 0)")
+    convs = len(m.channels)
+    for name in ("channel_fan_out", "kernel", "stride", "pool"):
+        given = len(getattr(m, name))
+        if given != convs and (given or name == "channel_fan_out"):
+            raise ConfigError(f"model.{name} has {given} entries: give one per conv "
+                              f"({convs}, as model.channels)"
+                              + ("" if name == "channel_fan_out" else ", or none"))
+        if any(v < 1 for v in getattr(m, name)):
+            raise ConfigError(f"model.{name} = {getattr(m, name)} must be positive")
+    if any(c < 1 for c in m.channels):
+        raise ConfigError(f"model.channels = {m.channels} must be positive")
+    if len(m.fan_out) != len(m.widths) - 1 or len(m.widths) < (2 if convs else 3):
+        raise ConfigError(f"model.widths needs at least {2 if convs else 3} layers and "
+                          f"model.fan_out one entry per junction ({len(m.widths) - 1}), got "
+                          f"{len(m.fan_out)}")
+    if convs:
+        if m.input_pad:
+            raise ConfigError("model.input_pad pads an MLP's pixels; a conv model reads "
+                              "them as an image: set it to 0")
+        c, h, w = conv_shapes(m)[-1]
+        if m.widths[0] != c * h * w:
+            raise ConfigError(f"model.widths[0] = {m.widths[0]} must be the last conv's "
+                              f"output flattened: {c} x {h} x {w} = {c * h * w}")
+        return
+    expected_in = m.input_pad or m.input_size
+    if m.input_pad and m.input_pad < m.input_size:
+        raise ConfigError(f"model.input_pad = {m.input_pad} is smaller than "
+                          f"model.input_size = {m.input_size}; use 0 for no padding")
+    if m.widths[0] != expected_in:
+        raise ConfigError(f"model.widths[0] = {m.widths[0]} must equal the (padded) input "
+                          f"width {expected_in}; set input_pad = {m.widths[0]} to pad")
+
+
+def conv_shapes(m: ModelConfig) -> list[tuple[int, int, int]]:
+    """(channels, height, width) of the input and of each conv layer's output (after its
+    pool); one-line error where a frame has shrunk away."""
+    shapes = [tuple(m.input_shape)]
+    for i, channels in enumerate(m.channels):
+        k = m.kernel[i] if m.kernel else 3
+        s = m.stride[i] if m.stride else 1
+        p = m.pool[i] if m.pool else 1
+        _, h, w = shapes[-1]
+        h, w = ((h + 2 * (k // 2) - k) // s + 1) // p, ((w + 2 * (k // 2) - k) // s + 1) // p
+        if h < 1 or w < 1:
+            raise ConfigError(f"model: conv {i + 1} gets a {shapes[-1][1]} x "
+                              f"{shapes[-1][2]} input, which its stride {s} and pool {p} "
+                              f"shrink to nothing; use a larger model.input_shape or fewer "
+                              f"strides and pools")
+        shapes.append((channels, h, w))
+    return shapes
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "calibrate": CalibrationConfig,

@@ -1,18 +1,22 @@
-"""Fashion-MNIST (or any MNIST-format set) from standard IDX files, gzipped or not.
+"""Training data: Fashion-MNIST (or any MNIST-format set) from standard IDX files, gzipped
+or not, or the user's own pictures in one folder per class (pipeline.model.image_folder).
 
 Debian's `dataset-fashion-mnist` puts the four files in /usr/share/datasets/fashion-mnist.
 The validation split is held out from train with a seed; test is only read for evaluation.
+Images come fitted to the model's input shape by the conversion the edge applies to its
+frames (pipeline.protocol.frames), so both see the same pixels.
 """
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.protocol.frames import DEFAULT_SHAPE, fit_frame
 
 __all__ = ["Split", "Dataset", "read_idx", "write_idx", "load_dataset", "load_test_split",
            "validation_size", "VAL_FRACTION", "VAL_MIN",
@@ -31,7 +35,7 @@ INSTALL_HINT = "install them with `apt-get install dataset-fashion-mnist` or pas
 
 @dataclass
 class Split:
-    images: np.ndarray  # (N, H*W) uint8
+    images: np.ndarray  # (N, C*H*W) uint8, channel-major (pipeline.protocol.frames)
     labels: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
@@ -43,7 +47,8 @@ class Dataset:
     train: Split
     val: Split
     test: Split
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, int, int]   # (C, H, W) the images were fitted to
+    classes: list[str] = field(default_factory=lambda: list(FASHION_CLASSES))
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -84,18 +89,29 @@ def _find(folder: Path, stem: str) -> Path:
     raise DataError(f"no {stem}[.gz] in {folder}: {INSTALL_HINT}")
 
 
-def load_test_split(folder: str | Path) -> Split:
+def _fitted(images: np.ndarray, shape, resize: str) -> np.ndarray:
+    """(N, H, W) uint8 images as (N, C*H*W) pixels of the model's input shape."""
+    if tuple(shape) == (1, *images.shape[1:]):
+        return images.reshape(len(images), -1).copy()   # writable, not the file's buffer
+    return np.stack([fit_frame(image, tuple(shape), resize) for image in images])
+
+
+def load_test_split(folder: str | Path, shape=DEFAULT_SHAPE, resize: str = "stretch") -> Split:
     """Only the test split (an edge replaying it needs neither the training set's memory nor
-    its time)."""
+    its time), fitted to `shape` (channels, height, width)."""
+    from pipeline.model.image_folder import is_image_folder, load_image_folder_test
+
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist: {INSTALL_HINT}")
+    if is_image_folder(folder):
+        return load_image_folder_test(folder, tuple(shape), resize)[0]
     images = read_idx(_find(folder, FILES["test_images"]))
     labels = read_idx(_find(folder, FILES["test_labels"]))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{folder}: test images {images.shape} and labels {labels.shape} do "
                         f"not match (want (N, H, W) and (N,))")
-    return Split(images.reshape(len(images), -1), labels.astype(np.int64))
+    return Split(_fitted(images, shape, resize), labels.astype(np.int64))
 
 
 def validation_size(train_frames: int, fraction: float = VAL_FRACTION,
@@ -112,12 +128,18 @@ def validation_size(train_frames: int, fraction: float = VAL_FRACTION,
 
 
 def load_dataset(folder: str | Path, val_fraction: float = VAL_FRACTION, seed: int = 0,
-                 val_min: int = VAL_MIN) -> Dataset:
-    """Load the four IDX files; hold out a random `val_fraction` of the training frames (at
-    least `val_min`) for validation."""
+                 val_min: int = VAL_MIN, shape=DEFAULT_SHAPE, resize: str = "stretch"
+                 ) -> Dataset:
+    """Load the four IDX files, or an image folder; hold out a random `val_fraction` of the
+    training frames (at least `val_min`) for validation. Images are fitted to `shape`
+    (channels, height, width) as `resize` says."""
+    from pipeline.model.image_folder import is_image_folder, load_image_folder
+
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist: {INSTALL_HINT}")
+    if is_image_folder(folder):
+        return load_image_folder(folder, tuple(shape), resize, val_fraction, seed, val_min)
     arrays = {key: read_idx(_find(folder, stem)) for key, stem in FILES.items()}
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
@@ -128,14 +150,13 @@ def load_dataset(folder: str | Path, val_fraction: float = VAL_FRACTION, seed: i
     val_size = validation_size(len(train_labels), val_fraction, val_min)
     order = np.random.default_rng(seed).permutation(len(train_labels))
     val_idx, train_idx = order[:val_size], order[val_size:]
-    image_shape = tuple(train_images.shape[1:])
 
     def split(images, labels, idx=None):
         if idx is not None:
             images, labels = images[idx], labels[idx]
-        return Split(images.reshape(len(images), -1).copy(), labels.astype(np.int64))
+        return Split(_fitted(images, shape, resize), labels.astype(np.int64))
 
     return Dataset(train=split(train_images, train_labels, train_idx),
                    val=split(train_images, train_labels, val_idx),
                    test=split(arrays["test_images"], arrays["test_labels"]),
-                   image_shape=image_shape)
+                   image_shape=tuple(shape))

@@ -12,11 +12,13 @@ def _pct(x: float) -> str:
 def format_report(m: dict) -> str:
     s, c = m["structure"], m["calibration"]
     lines = [f"model {m['model']}  id {m['model_id']}", "",
-             "| side | junction | in->out | fan-out | density | stored weights | MACs/frame |",
+             "| side | layer | in->out (a conv: channels) | fan-out | density | stored weights "
+             "| MACs/frame |",
              "|---|---|---|---|---|---|---|"]
     for side in ("head", "tail"):
         for r in s[side]:
-            lines.append(f"| {'edge' if side == 'head' else 'server'} | {r['junction']} | "
+            kind = " (conv)" if r.get("kind") == "conv" else ""
+            lines.append(f"| {'edge' if side == 'head' else 'server'} | {r['junction']}{kind} | "
                          f"{r['n_in']}->{r['n_out']} | {r['fan_out']} | {r['density']:.3f} | "
                          f"{r['weights']} | {r['macs']} |")
     uplink = s.get("uplink_macs", 0)

@@ -1,69 +1,157 @@
 """The split model: a head (edge) and a tail (server) cut from one layer layout.
 
-    pixels (B, 784) -> standardize, pad (B, 800) -> head junctions -> features (B, W_split)
+    pixels (B, C*H*W) -> standardize (an MLP: pad to widths[0]; convs: as C x H x W)
+        -> head layers -> features (B, W_split), flattened
         edge:   layer `exit_layer` (the split layer unless a bottleneck follows it)
-                -> exit classifier -> exit logits (B, C)
-        server: features (as the wire delivers them) -> tail junctions -> final logits (B, C)
+                -> [average pool] -> exit classifier -> exit logits (B, classes)
+        server: features (as the wire delivers them) -> tail layers -> final logits
 
-Submodule names are the contract between the training checkpoint and the two artifacts: the
-edge file holds `head.*`, the server file `tail.*`.
+Layers are convs (pipeline.model.sparse_conv, each with its ReLU and max pool) then fully
+connected junctions (pipeline.model.sparse); an MLP has no convs. Submodule names are the
+contract between the training checkpoint and the two artifacts: the edge file holds
+`head.*`, the server file `tail.*`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.model.config import ModelConfig, conv_shapes
 from pipeline.model.sparse import SparseLinear, SparsityError, fan_in_for, make_junction
+from pipeline.model.sparse_conv import SparseConv2d, channel_fan_in, make_conv
 from pipeline.model.uplink import fake_quantize
 
-__all__ = ["Head", "Tail", "SplitModel", "junction_specs"]
+__all__ = ["Head", "Tail", "SplitModel", "ConvLayer", "ConvSpec", "layer_specs", "describe"]
+
+EXIT_SEED_OFFSET = 1000   # the exit's pattern seed: model seed + this
 
 
-def junction_specs(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
-    """(name, N_in, N_out, fan_out) of every junction, the exit classifier included."""
+@dataclass(frozen=True)
+class ConvSpec:
+    name: str
+    in_shape: tuple[int, int, int]   # (channels, height, width) it reads
+    channels: int
+    fan_out: int
+    kernel: int
+    stride: int
+    pool: int
+
+
+# (name, N_in, N_out, fan_out) of a fully connected junction
+Spec = ConvSpec | tuple[str, int, int, int]
+
+
+def layer_specs(cfg: ModelConfig) -> list[Spec]:
+    """Every layer in order, the exit classifier placed right after the split; impossible
+    degrees are one ConfigError naming the layer."""
+    shapes, convs = conv_shapes(cfg), len(cfg.channels)
+    specs: list[Spec] = [
+        ConvSpec(f"layer{i + 1}", shapes[i], c, cfg.channel_fan_out[i],
+                 cfg.kernel[i] if cfg.kernel else 3, cfg.stride[i] if cfg.stride else 1,
+                 cfg.pool[i] if cfg.pool else 1)
+        for i, c in enumerate(cfg.channels)]
     w, classes = cfg.widths, cfg.widths[-1]
-    specs = [(f"layer{i + 1}", w[i], w[i + 1], f) for i, f in enumerate(cfg.fan_out)]
-    exit_spec = ("exit", w[cfg.exit_layer], classes, cfg.exit_fan_out or classes)
-    for name, n_in, n_out, fan_out in specs + [exit_spec]:
+    specs += [(f"layer{convs + i + 1}", w[i], w[i + 1], f) for i, f in enumerate(cfg.fan_out)]
+    specs.insert(cfg.split, ("exit", _exit_inputs(cfg, shapes), classes,
+                             cfg.exit_fan_out or classes))
+    for spec in specs:
         try:
-            fan_in_for(n_in, n_out, fan_out, input_layer=name == "layer1")
+            if isinstance(spec, ConvSpec):
+                channel_fan_in(spec.in_shape[0], spec.channels, spec.fan_out)
+            else:
+                name, n_in, n_out, fan_out = spec
+                fan_in_for(n_in, n_out, fan_out, input_layer=name == "layer1")
         except SparsityError as e:
+            name = spec.name if isinstance(spec, ConvSpec) else spec[0]
             raise ConfigError(f"model {cfg.name}, {name}: {e}") from None
-    return specs[:cfg.split] + [exit_spec] + specs[cfg.split:]
+    return specs
 
 
-def _stack(specs, seed: int) -> nn.ModuleList:
-    return nn.ModuleList(make_junction(n_in, n_out, f, seed + i)
-                         for i, (_, n_in, n_out, f) in enumerate(specs))
+def _exit_inputs(cfg: ModelConfig, shapes: list[tuple[int, int, int]]) -> int:
+    if cfg.exit_layer > len(cfg.channels):
+        return cfg.widths[cfg.exit_layer - len(cfg.channels)]
+    c, h, w = shapes[cfg.exit_layer]
+    if cfg.exit_pool > min(h, w):
+        raise ConfigError(f"model.exit_pool = {cfg.exit_pool} is larger than the {h} x {w} "
+                          f"layer the exit reads; choose 1..{min(h, w)}, or 0 for no pool")
+    return c * (cfg.exit_pool ** 2 if cfg.exit_pool else h * w)
 
 
-def _relu_stack(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+class ConvLayer(nn.Module):
+    """A conv with "same" padding, then a max pool where pool > 1 (the ReLU is the stack's:
+    max pool and ReLU commute)."""
+
+    def __init__(self, spec: ConvSpec, seed: int):
+        super().__init__()
+        self.in_shape, self.pool = spec.in_shape, spec.pool
+        self.conv = make_conv(spec.in_shape[0], spec.channels, spec.fan_out, spec.kernel,
+                              spec.stride, spec.kernel // 2, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return F.max_pool2d(x, self.pool) if self.pool > 1 else x
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per frame: stored kernels x k*k x output pixels."""
+        conv, (_, h, w) = self.conv, self.in_shape
+        k, s, p = conv.kernel_size, conv.stride, conv.padding
+        k, s, p = (v[0] if isinstance(v, tuple) else v for v in (k, s, p))
+        pixels = ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+        return self.kernels * k * k * pixels
+
+    @property
+    def kernels(self) -> int:
+        """k x k kernels stored (C_out x channel fan-in)."""
+        conv = self.conv
+        return conv.kernels if isinstance(conv, SparseConv2d) else \
+            conv.out_channels * conv.in_channels
+
+
+def _build(spec: Spec, seed: int) -> nn.Module:
+    if isinstance(spec, ConvSpec):
+        return ConvLayer(spec, seed)
+    _, n_in, n_out, fan_out = spec
+    return make_junction(n_in, n_out, fan_out, seed)
+
+
+def _relu_stack(layers, x: torch.Tensor) -> torch.Tensor:
     for layer in layers:
-        x = F.relu(layer(x))
+        x = F.relu(layer(x if isinstance(layer, ConvLayer) else x.flatten(1)))
     return x
 
 
 class Head(nn.Module):
-    """Runs on the edge: preprocessing, the junctions before the split, the exit classifier."""
+    """Runs on the edge: preprocessing, the layers before the split, the exit classifier."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        specs = junction_specs(cfg)
+        specs = layer_specs(cfg)
+        self.input_shape = tuple(cfg.input_shape)
         self.input_size, self.input_pad = cfg.input_size, cfg.input_pad
-        # Standardization statistics of the training pixels; set by training, saved with it.
-        self.register_buffer("pixel_mean", torch.tensor(0.0))
-        self.register_buffer("pixel_std", torch.tensor(1.0))
-        self.layers = _stack(specs[:cfg.split], cfg.seed)
+        self.convolutional = bool(cfg.channels)
+        # Standardization statistics of the training pixels (per channel for convs); set by
+        # training, saved with it.
+        stats = (cfg.input_shape[0],) if self.convolutional else ()
+        self.register_buffer("pixel_mean", torch.zeros(stats))
+        self.register_buffer("pixel_std", torch.ones(stats))
+        self.layers = nn.ModuleList(_build(s, cfg.seed + i) for i, s in enumerate(specs[:cfg.split]))
         self.exit_layer = cfg.exit_layer
-        exit_spec = specs[cfg.split]
-        self.exit = make_junction(exit_spec[1], exit_spec[2], exit_spec[3], cfg.seed + 1000)
+        self.exit_pool = cfg.exit_pool if cfg.exit_layer <= len(cfg.channels) else 0
+        _, n_in, n_out, fan_out = specs[cfg.split]
+        self.exit = make_junction(n_in, n_out, fan_out, cfg.seed + EXIT_SEED_OFFSET)
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] (B, input_size) -> standardized, zero-padded (B, widths[0])."""
+        """Pixels in [0, 1] (B, input_size) -> standardized: (B, C, H, W) for convs, else
+        zero-padded (B, widths[0])."""
+        if self.convolutional:
+            x = pixels.reshape(-1, *self.input_shape)
+            return (x - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
         x = (pixels - self.pixel_mean) / self.pixel_std
         if self.input_pad:
             x = F.pad(x, (0, self.input_pad - self.input_size))
@@ -73,21 +161,27 @@ class Head(nn.Module):
         """(exit logits (B, C), split features (B, W_split)). The exit reads layer
         `exit_layer`; the layers after it (a bottleneck) matter only to offloaded frames."""
         x = _relu_stack(self.layers[:self.exit_layer], self.preprocess(pixels))
-        exit_logits = self.exit(x)
-        return exit_logits, _relu_stack(self.layers[self.exit_layer:], x)
+        seen = F.adaptive_avg_pool2d(x, self.exit_pool) if self.exit_pool else x
+        exit_logits = self.exit(seen.flatten(1))
+        return exit_logits, _relu_stack(self.layers[self.exit_layer:], x).flatten(1)
 
 
 class Tail(nn.Module):
-    """Runs on the server: the junctions after the split, ending in the final classifier."""
+    """Runs on the server: the layers after the split, ending in the final classifier."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        specs = junction_specs(cfg)[cfg.split + 1:]
-        self.layers = _stack(specs, cfg.seed + cfg.split)
+        specs = layer_specs(cfg)[cfg.split + 1:]
+        self.layers = nn.ModuleList(_build(s, cfg.seed + cfg.split + i)
+                                    for i, s in enumerate(specs))
+        # Features arrive flat; a conv tail reads them as the split layer's C x H x W.
+        convs = len(cfg.channels)
+        self.feature_shape = conv_shapes(cfg)[cfg.split] if cfg.split < convs else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = _relu_stack(self.layers[:-1], features)
-        return self.layers[-1](x)  # (B, C) logits
+        x = features.reshape(-1, *self.feature_shape) if self.feature_shape else features
+        x = _relu_stack(self.layers[:-1], x)
+        return self.layers[-1](x.flatten(1))  # (B, C) logits
 
 
 class SplitModel(nn.Module):
@@ -111,9 +205,21 @@ class SplitModel(nn.Module):
 
 
 def describe(module: nn.Module) -> list[dict]:
-    """Per-junction structure: density, stored parameters, multiply-adds per frame."""
+    """Per-layer structure: density, stored parameters, multiply-adds per frame. A conv's
+    n_in / n_out / fan_out are channels, its weights k x k x kernels."""
     rows = []
     for name, layer in module.named_modules():
+        if isinstance(layer, ConvLayer):
+            conv = layer.conv
+            n_in, n_out = conv.in_channels, conv.out_channels
+            sparse = isinstance(conv, SparseConv2d)
+            side = conv.kernel_size if sparse else conv.kernel_size[0]
+            weights = layer.kernels * side * side
+            rows.append({"junction": name, "kind": "conv", "n_in": n_in, "n_out": n_out,
+                         "fan_out": conv.fan_out if sparse else n_out,
+                         "density": layer.kernels / (n_in * n_out), "weights": weights,
+                         "params": weights + n_out, "macs": layer.macs})
+            continue
         if isinstance(layer, SparseLinear):
             n_in, n_out, edges = layer.in_features, layer.out_features, layer.edges
             fan_out = layer.fan_out
@@ -122,7 +228,7 @@ def describe(module: nn.Module) -> list[dict]:
             edges, fan_out = n_in * n_out, n_out
         else:
             continue
-        rows.append({"junction": name, "n_in": n_in, "n_out": n_out, "fan_out": fan_out,
-                     "density": edges / (n_in * n_out), "weights": edges,
+        rows.append({"junction": name, "kind": "linear", "n_in": n_in, "n_out": n_out,
+                     "fan_out": fan_out, "density": edges / (n_in * n_out), "weights": edges,
                      "params": edges + n_out, "macs": edges})
     return rows

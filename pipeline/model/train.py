@@ -24,8 +24,8 @@ from pipeline.model import calibrate as cal
 from pipeline.model import ell_native
 from pipeline.model.artifacts import compute_model_id, load_model, save_artifacts, set_threshold
 from pipeline.model.config import METRICS_FILE, Config, TrainConfig
-from pipeline.model.data import FASHION_CLASSES, Dataset, Split, load_dataset
-from pipeline.errors import ArtifactError
+from pipeline.model.data import Dataset, Split, load_dataset
+from pipeline.errors import ArtifactError, DataError
 from pipeline.model.split_model import SplitModel, describe
 from pipeline.protocol.static_code import StaticCode
 from pipeline.protocol.wire import quantize_unsigned
@@ -45,8 +45,15 @@ def _pixels(split: Split) -> torch.Tensor:
 
 def dataset(cfg: Config) -> Dataset:
     """The config's data folder, split as its [train] section says."""
-    t = cfg.train
-    return load_dataset(cfg.data.dir, t.val_fraction, t.seed, t.val_min)
+    t, m = cfg.train, cfg.model
+    data = load_dataset(cfg.data.dir, t.val_fraction, t.seed, t.val_min, m.input_shape,
+                        m.resize)
+    outputs, needed = m.widths[-1], 1 + max(int(part.labels.max(initial=0))
+                                            for part in (data.train, data.val, data.test))
+    if needed > outputs or len(data.classes) < outputs:
+        raise DataError(f"{cfg.data.dir} has {needed} classes but model {m.name} has "
+                        f"{outputs} outputs (model.widths[-1]): set it to {needed}")
+    return data
 
 
 def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, list[float]]:
@@ -58,9 +65,15 @@ def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, 
     torch.manual_seed(t.seed)
     model = SplitModel(cfg.model)
     x, y = _pixels(data.train), torch.from_numpy(data.train.labels)
-    with torch.no_grad():
-        model.head.pixel_mean.fill_(x.mean())
-        model.head.pixel_std.fill_(x.std())
+    with torch.no_grad():   # per channel for convs, over all pixels for an MLP
+        if model.head.convolutional:
+            channels = cfg.model.input_shape[0]
+            x_c = x.reshape(len(x), channels, -1).transpose(0, 1).reshape(channels, -1)
+            mean, std = x_c.mean(1), x_c.std(1)
+        else:
+            mean, std = x.mean(), x.std()
+        model.head.pixel_mean.copy_(mean)
+        model.head.pixel_std.copy_(std)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = math.ceil(len(y) / t.batch_size)
     total = t.epochs * steps_per_epoch if t.epochs else t.steps
@@ -261,7 +274,8 @@ def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
     calibration = _calibrate(model, cfg, data, out_dir)
     code = uplink_code(model, data.train) if cfg.model.uplink_bits else None
     sizes = save_artifacts(out_dir, model, cfg, calibration["threshold"],
-                           FASHION_CLASSES[:cfg.model.widths[-1]], code, temperatures(calibration))
+                           data.classes[:cfg.model.widths[-1]], code,
+                           temperatures(calibration))
     metrics = {"model": cfg.model.name, "model_id": sizes["model_id"],
                "config": cfg.to_dict(), "structure": _structure(model),
                "artifact_bytes": {"edge": sizes["edge_bytes"], "server": sizes["server_bytes"]},
@@ -280,7 +294,7 @@ def calibrate_dir(out_dir: Path, cfg: Config, data_dir: str | None = None) -> di
     if data_dir:
         cfg.data.dir = data_dir
     data = dataset(cfg)
-    if compute_model_id(model, edge.config) != edge.model_id:
+    if compute_model_id(model, edge.layout) != edge.model_id:
         raise ArtifactError(f"{edge.path}: stored model id {edge.model_id} does not match its "
                             f"weights; re-create the directory with `splitexit train`")
     calibration = _calibrate(model, cfg, data, out_dir)

@@ -6,11 +6,16 @@ C/ONNX export). Plain arrays, read with allow_pickle=False: no code crosses to a
                          temperature (the score is on softmax(exit logits / it); absent: 1),
                          classes, split (junctions on the edge), input_size, input_pad,
                          exit_layer (the layer the exit reads; absent: the split layer),
-                         uplink_bits (0, or the unsigned bits the uplink was trained for)
-    pixel_mean, pixel_std
-    layer{i}.values      (N_out, d_in) float32 ELL values, or (N_out, N_in) when dense
-    layer{i}.indices     (N_out, d_in) input of each value, uint16 when N_in <= 65536;
-                         absent for a dense junction
+                         uplink_bits (0, or the unsigned bits the uplink was trained for),
+                         input_shape [C, H, W] and resize (how frames are fitted: see
+                         pipeline/protocol/frames.py; absent: [1, 28, 28], stretch),
+                         convs (per conv layer, first on the edge: stride and pool; absent
+                         or empty: an MLP), exit_pool (a conv exit's average pool side)
+    pixel_mean, pixel_std   () over all pixels, or (C,) per channel for a conv model
+    layer{i}.values      (N_out, d_in) float32 ELL values, or (N_out, N_in) when dense;
+                         a conv: (C_out, d_in, k, k) real kernels ("same" padding k // 2)
+    layer{i}.indices     (N_out, d_in) input (a conv: input channel) of each value, uint16
+                         when N_in <= 65536; absent when dense
     layer{i}.bias        (N_out,)
     exit.values / exit.indices / exit.bias
     uplink.code          (W_split, 2^uplink_bits) symbol frequencies of the static entropy
