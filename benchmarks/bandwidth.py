@@ -82,8 +82,14 @@ GRID = {
     "x4 rate1.0 tail256x2": uint4(1.0, (256, 256)),
     "x4 rate1.0 tail512x2": uint4(1.0, (512, 512)),
     "x4 rate0.8 tail1024": uint4(0.8, (1024,)),
+    # conv heads (#15): predefined-sparse channel connectivity, and its dense twin
+    "conv-sparse": ("conv-sparse", []),
+    "conv-dense": ("conv-dense", []),
 }
-DENSE_TWIN_PARAMS = 32_450
+# What a row's head is compared with: its dense twin's (head params, head MACs); the MLPs'
+# is paper-dense (800-40 dense, exit 40-10).
+DENSE_TWINS = {"conv-sparse": "conv-dense"}
+DENSE_TWIN_PARAMS, DENSE_TWIN_MACS = 32_450, 32_400
 GOAL_ACCURACY = 88.1  # % split+exit: the dense twin's full model (notes/accuracy-study.md)
 
 
@@ -130,7 +136,9 @@ def measure(out: Path, pixels: np.ndarray, labels: np.ndarray) -> dict:
     answers = exit_logits.argmax(1)
     answers[sent] = tail_cls
     best = min(sizes.values())
-    return {"head_params": metrics["structure"]["edge_params"], "bytes": sizes,
+    return {"head_params": metrics["structure"]["edge_params"],
+            "head_macs": metrics["structure"]["edge_macs"],
+            "edge_bytes": (out / "edge.npz").stat().st_size, "bytes": sizes,
             "best_bytes": best, "per_frame": best * len(sent) / len(pixels),
             "local": float(local.mean()), "accuracy": float((answers == labels).mean()),
             "dtype": dtype.name.lower()}
@@ -168,15 +176,22 @@ def main() -> None:
 
     print(f"\nFashion-MNIST test set, {args.seeds} seed(s) each (mean ± sd); bytes count every "
           f"ZeroMQ frame; raw frame 784 B, deflate {deflate:.0f} B")
-    print("| model | head params | vs dense twin | uplink | B/offloaded: none | lz4 | static | "
-          "best | B per frame | answered on edge | split+exit accuracy % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | head params | head MACs | vs dense twin (params / MACs) | edge.npz B | "
+          "uplink | B/offloaded: none | lz4 | static | best | B per frame | answered on edge | "
+          "split+exit accuracy % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, rs in results.items():
-        params = rs[0]["head_params"]
+        params, macs = rs[0]["head_params"], rs[0]["head_macs"]
+        twin = results.get(DENSE_TWINS.get(n, ""))
+        twin_params, twin_macs = ((twin[0]["head_params"], twin[0]["head_macs"]) if twin
+                                  else (DENSE_TWIN_PARAMS, DENSE_TWIN_MACS))
+        versus = ("—" if n in DENSE_TWINS.values() or n == "paper-dense" or
+                  (n in DENSE_TWINS and not twin) else
+                  f"{twin_params / params:.1f}x / {twin_macs / macs:.1f}x fewer")
         by = {c: mean_sd([r["bytes"][c] for r in rs]) if c in rs[0]["bytes"] else "-"
               for c in ("none", "lz4", "static")}
-        print(f"| {n} | {params} | {DENSE_TWIN_PARAMS / params:.1f}x fewer | {rs[0]['dtype']} | "
-              f"{by['none']} | {by['lz4']} | {by['static']} | "
+        print(f"| {n} | {params} | {macs} | {versus} | {rs[0]['edge_bytes']} | "
+              f"{rs[0]['dtype']} | {by['none']} | {by['lz4']} | {by['static']} | "
               f"{mean_sd([r['best_bytes'] for r in rs])} | "
               f"{mean_sd([r['per_frame'] for r in rs])} | "
               f"{mean_sd([100 * r['local'] for r in rs])} % | "

@@ -7,6 +7,11 @@ what a torch-free edge would run) against a dense NumPy conv of the same code pa
 
     python benchmarks/sparse_conv.py             # 2 threads
     python benchmarks/sparse_conv.py --threads 1
+    python benchmarks/sparse_conv.py --heads runs/conv-sparse runs/conv-dense
+
+With --heads: whole trained heads instead (head + exit + bottleneck, what an edge runs on an
+offloaded frame), per frame at batch 1 and 64 on Fashion-MNIST test frames: the NumPy head
+from edge.npz, and torch's (the gather + grouped conv of inference) from edge.pt.
 """
 
 from __future__ import annotations
@@ -47,12 +52,41 @@ def numpy_timed(fn, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
+def heads(dirs: list[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from pipeline.edge.numpy_head import load_numpy_head
+    from pipeline.model.artifacts import load_edge
+    from pipeline.model.config import FASHION_MNIST_DIR
+    from pipeline.model.data import load_test_split
+
+    pixels = load_test_split(FASHION_MNIST_DIR).images[:256].astype(np.float32) / 255
+    print("| head | MACs (every frame + offloaded only) | batch | NumPy ms/frame | torch "
+          "ms/frame |\n|---|---|---|---|---|")
+    for folder in dirs:
+        numpy_head, torch_head = load_numpy_head(folder), load_edge(folder).head.eval()
+        s = json.loads((Path(folder) / "metrics.json").read_text())["structure"]
+        macs = f"{s['edge_macs'] - s['uplink_macs']} + {s['uplink_macs']}"
+        for batch in BATCHES:
+            x = pixels[:batch]
+            np_s = numpy_timed(lambda: numpy_head(x))
+            with torch.inference_mode():
+                t = torch.from_numpy(x)
+                torch_s = timed(lambda: torch_head(t))
+            print(f"| {Path(folder).name} | {macs} | {batch} | {np_s * 1e3 / batch:.3f} | "
+                  f"{torch_s * 1e3 / batch:.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heads", nargs="+", metavar="DIR", help="trained folders to time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads\n")
+    if args.heads:
+        return heads(args.heads)
     print("| shape | batch | MACs sparse / dense | fwd sparse ms | fwd dense ms | ratio "
           "(ideal) | step sparse ms | step dense ms | ratio | NumPy fwd sparse ms | "
           "NumPy fwd dense ms |\n|---|---|---|---|---|---|---|---|---|---|---|")

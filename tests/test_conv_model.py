@@ -199,3 +199,17 @@ def test_a_folder_trained_before_conv_layouts_existed_keeps_its_model_id(artifac
     metrics = calibrate_dir(tmp_path, edge.config, str(idx_dir))
     assert load_numpy_head(tmp_path).model_id == old_id
     assert metrics["calibration"]["threshold"] > 0
+
+
+def test_the_readmes_conv_config_is_valid_and_its_error_example_is_what_a_user_sees():
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("```toml\n[model]\ninput_shape") + len("```toml\n"):]
+    raw = tomllib.loads(block[:block.index("```")])
+    model = SplitModel(from_dict(raw).model)
+    assert model.head(torch.rand(2, 3 * 96 * 128))[1].shape == (2, 4 * 12 * 16)
+    raw["model"]["widths"][0] = 100
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw)
+    assert f"`{e.value}`" in readme.replace("\n", " ")

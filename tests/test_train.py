@@ -5,7 +5,7 @@ import torch
 
 from pipeline.model.artifacts import load_edge, load_model, load_server, save_artifacts
 from pipeline.model.config import from_dict, load_config
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.model.split_model import SplitModel, describe
 from pipeline.model.train import dataset, fit, predict, run
 
@@ -132,3 +132,27 @@ def test_an_average_decay_outside_0_to_1_is_a_one_line_error(tiny_config_path):
     with pytest.raises(ConfigError, match=r"train.ema_decay = 1.0 must be in \[0, 1\) \(0: "
                                           r"keep the weights as trained"):
         load_config(tiny_config_path, ["train.ema_decay=1.0"])
+
+
+def test_augmentation_flips_and_shifts_each_frame_on_its_own_draw():
+    from pipeline.model.config import TrainConfig
+    from pipeline.model.train import augment
+
+    frames = torch.arange(2 * 3 * 4, dtype=torch.float).reshape(2, 12)   # two 1 x 3 x 4 frames
+    t = TrainConfig(augment="flip+shift", shift=1)
+    out = augment(frames, (1, 3, 4), t, torch.Generator().manual_seed(0)).reshape(2, 3, 4)
+    again = augment(frames, (1, 3, 4), t, torch.Generator().manual_seed(0)).reshape(2, 3, 4)
+    assert torch.equal(out, again)                                        # a seed decides
+    # seed 0: the first frame flipped and moved up a row, the second moved down and right
+    assert out[0].tolist() == [[7, 6, 5, 4], [11, 10, 9, 8], [0, 0, 0, 0]]
+    assert out[1].tolist() == [[0, 0, 0, 0], [0, 12, 13, 14], [0, 16, 17, 18]]
+    flipped = augment(frames, (1, 3, 4), TrainConfig(augment="flip"),
+                      torch.Generator().manual_seed(3)).reshape(2, 3, 4)
+    for frame, result in zip(frames.reshape(2, 3, 4), flipped):          # whole frames only
+        assert torch.equal(result, frame) or torch.equal(result, frame.flip(-1))
+
+
+def test_an_unknown_augmentation_is_a_one_line_error(tiny_config_path):
+    with pytest.raises(ConfigError, match="train.augment = 'rotate': choose one of none, flip, "
+                                        "shift, flip\\+shift"):
+        load_config(str(tiny_config_path), ["train.augment='rotate'"])

@@ -30,6 +30,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fash
 SCORES = ("max_softmax", "margin", "entropy")
 POLICIES = ("offload", "max_drop")
 SELECT_BY = ("calibrated_loss", "loss")   # train.select_by: how the epoch kept is chosen
+AUGMENTS = ("none", "flip", "shift", "flip+shift")   # train.augment
 UPLINK_BITS = (8, 4, 2)   # what model.uplink_bits may train for (pipeline/model/uplink.py)
 
 
@@ -100,6 +101,10 @@ class TrainConfig:
     weight_decay: float = 1e-4  # decoupled L2 (AdamW)
     exit_weight: float = 1.0   # loss = exit_weight * CE(exit) + CE(final)
     label_smoothing: float = 0.0
+    # Each training frame, each step: flipped left-right with probability 1/2 (flip), and/or
+    # moved by up to `shift` pixels each way, zeros filling in (shift); none: as stored.
+    augment: str = "none"
+    shift: int = 2
     # The weights evaluated and kept are an exponential moving average of the trained ones
     # (pipeline.model.train.WeightAverage): over about the last ninth of the steps so far, and
     # at most 1 / (1 - ema_decay) steps; 0 = the weights as trained.
@@ -173,6 +178,9 @@ class Config:
         if t.select_by not in SELECT_BY:
             raise ConfigError(f"train.select_by = {t.select_by!r}: choose one of "
                               f"{', '.join(SELECT_BY)}")
+        if t.augment not in AUGMENTS or t.shift < 0:
+            raise ConfigError(f"train.augment = {t.augment!r}: choose one of "
+                              f"{', '.join(AUGMENTS)} (and train.shift >= 0 pixels)")
         if not 0 <= t.ema_decay < 1:
             raise ConfigError(f"train.ema_decay = {t.ema_decay} must be in [0, 1) (0: keep the "
                               f"weights as trained, no average)")

@@ -81,6 +81,7 @@ def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     gen = torch.Generator().manual_seed(t.seed)
+    augmenting = t.augment != "none"
     average = WeightAverage(model, t.ema_decay) if t.ema_decay else None
     epoch_seconds = []
     best, best_loss, best_epoch = None, math.inf, 0
@@ -94,7 +95,8 @@ def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, 
         steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
         for i in range(steps):
             idx = order[i * t.batch_size:(i + 1) * t.batch_size]
-            exit_logits, features, final_logits = model.run(x[idx])
+            batch = augment(x[idx], cfg.model.input_shape, t, gen) if augmenting else x[idx]
+            exit_logits, features, final_logits = model.run(batch)
             loss = (t.exit_weight * F.cross_entropy(exit_logits, y[idx],
                                                     label_smoothing=t.label_smoothing)
                     + F.cross_entropy(final_logits, y[idx], label_smoothing=t.label_smoothing))
@@ -120,6 +122,26 @@ def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, 
     model.load_state_dict(best)
     model.best_epoch, model.epochs_run = best_epoch, epochs
     return model.eval(), epoch_seconds
+
+
+def augment(pixels: torch.Tensor, shape, t: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """A batch (B, C*H*W) flipped left-right at random and/or moved by up to t.shift pixels
+    (zeros fill in), each frame its own draw from `gen`: the same picture never looks the
+    same twice, which is what keeps a conv net from learning the training set by heart."""
+    x = pixels.reshape(-1, *shape)
+    n, _, h, w = x.shape
+    if "flip" in t.augment:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if "shift" in t.augment and t.shift:
+        s = t.shift
+        padded = F.pad(x, (s, s, s, s))
+        dy, dx = (torch.randint(0, 2 * s + 1, (n,), generator=gen) for _ in range(2))
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]          # (B, H, 1)
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]          # (B, 1, W)
+        x = padded[torch.arange(n)[:, None, None], :, rows, cols]   # (B, H, W, C)
+        x = x.permute(0, 3, 1, 2)
+    return x.reshape(n, -1)
 
 
 class WeightAverage:
