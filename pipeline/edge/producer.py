@@ -540,27 +540,22 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
                  shard: tuple[int, int] | None = None, loop: bool = False) -> Summary:
     """Process entry point for one producer: open the source, run it to its end."""
     from pipeline.edge.sources import Shard, open_source
-    from pipeline.protocol.edge_artifact import read_edge_npz
-    from pipeline.protocol.frames import DEFAULT_SHAPE
 
     count = shard[1] if shard else 1
-    meta, _, _ = read_edge_npz(artifact_dir)   # frames are fitted to what the head reads
-    source = open_source(spec, fps=fps * count if fps else None, limit=limit,
-                         data_dir=data_dir, loop=loop,
-                         shape=tuple(meta.get("input_shape", DEFAULT_SHAPE)),
-                         resize=meta.get("resize", "stretch"))
-    if shard:
-        source = Shard(source, *shard)
 
     async def main():
         producer = AsyncEdge(artifact_dir, cfg)
-        gc.freeze()  # the head and the libraries live as long as the process: a full
-                     # collection must not walk them mid-stream
-        return await producer.run(source)
+        # frames are fitted to what the head reads
+        source = open_source(spec, fps=fps * count if fps else None, limit=limit,
+                             data_dir=data_dir, loop=loop, shape=producer.head.input_shape,
+                             resize=producer.head.resize)
+        try:
+            gc.freeze()  # the head and the libraries live as long as the process: a full
+                         # collection must not walk them mid-stream
+            return await producer.run(Shard(source, *shard) if shard else source)
+        finally:
+            source.close()
 
-    try:
-        summary = asyncio.run(main())
-    finally:
-        source.close()
+    summary = asyncio.run(main())
     log_summary(summary)
     return summary

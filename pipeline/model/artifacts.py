@@ -91,8 +91,7 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
             "uplink_bits": layout.get("uplink_bits", 0),  # absent: trained before it existed
             "input_shape": list(head.input_shape), "resize": layout.get("resize", "stretch"),
             "exit_pool": head.exit_pool,
-            "convs": [{"stride": layer.conv.stride if isinstance(layer.conv.stride, int)
-                       else layer.conv.stride[0], "pool": layer.pool}
+            "convs": [{"stride": layer.spec.stride, "pool": layer.spec.pool}
                       for layer in head.layers if isinstance(layer, ConvLayer)]}
     arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
     if edge.get(UPLINK_CODE) is not None:

@@ -17,7 +17,7 @@ class folder names; files are taken in sorted order; names starting with "." are
 from __future__ import annotations
 
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -151,11 +151,9 @@ def _progress(total: int) -> Iterator:
     """A tqdm bar for long loads; nothing for short ones or without tqdm."""
     bar = None
     if total > PROGRESS_MIN_FILES:
-        try:
+        with suppress(ImportError):
             from tqdm import tqdm
             bar = tqdm(total=total, desc="decoding images", unit="img", leave=False)
-        except ImportError:
-            pass
     try:
         yield bar
     finally:

@@ -88,21 +88,19 @@ class ConvLayer(nn.Module):
 
     def __init__(self, spec: ConvSpec, seed: int):
         super().__init__()
-        self.in_shape, self.pool = spec.in_shape, spec.pool
+        self.spec = spec
         self.conv = make_conv(spec.in_shape[0], spec.channels, spec.fan_out, spec.kernel,
                               spec.stride, spec.kernel // 2, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
-        return F.max_pool2d(x, self.pool) if self.pool > 1 else x
+        return F.max_pool2d(x, self.spec.pool) if self.spec.pool > 1 else x
 
     @property
     def macs(self) -> int:
-        """Multiply-adds per frame: stored kernels x k*k x output pixels."""
-        conv, (_, h, w) = self.conv, self.in_shape
-        k, s, p = conv.kernel_size, conv.stride, conv.padding
-        k, s, p = (v[0] if isinstance(v, tuple) else v for v in (k, s, p))
-        pixels = ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+        """Multiply-adds per frame: stored kernels x k*k x output pixels (before the pool)."""
+        (_, h, w), k, s = self.spec.in_shape, self.spec.kernel, self.spec.stride
+        pixels = ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
         return self.kernels * k * k * pixels
 
     @property
@@ -212,11 +210,9 @@ def describe(module: nn.Module) -> list[dict]:
         if isinstance(layer, ConvLayer):
             conv = layer.conv
             n_in, n_out = conv.in_channels, conv.out_channels
-            sparse = isinstance(conv, SparseConv2d)
-            side = conv.kernel_size if sparse else conv.kernel_size[0]
-            weights = layer.kernels * side * side
+            weights = layer.kernels * layer.spec.kernel ** 2
             rows.append({"junction": name, "kind": "conv", "n_in": n_in, "n_out": n_out,
-                         "fan_out": conv.fan_out if sparse else n_out,
+                         "fan_out": layer.spec.fan_out,
                          "density": layer.kernels / (n_in * n_out), "weights": weights,
                          "params": weights + n_out, "macs": layer.macs})
             continue
