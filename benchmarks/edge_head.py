@@ -4,6 +4,10 @@ default; and the edge process itself: resident memory and time from start to fir
 
     python benchmarks/edge_head.py            # runs/paper-sparse, runs/paper-dense, runs/default
     python benchmarks/edge_head.py --frames 2000 --repeats 5
+    python benchmarks/edge_head.py --conv runs/bandwidth/conv-sparse-s0 runs/bandwidth/conv-dense-s0
+
+--conv: trained conv heads only, their float32 C export (called through ctypes, as a
+Python edge would) beside the NumPy head: does the C head's time follow the real kernels?
 
 Missing artifact folders are trained first (`splitexit train NAME`). One thread everywhere.
 """
@@ -187,13 +191,97 @@ def process_start(script: str, art: Path, data: str, runs: int = 3) -> tuple[flo
     return best_s, rss
 
 
+def conv_macs(head) -> int:
+    """Multiply-adds per frame of the edge layers and the exit: a conv's real kernels x k*k
+    x its output pixels (before the pool), as `splitexit train` counts them."""
+    from pipeline.edge.numpy_head import ConvStage
+
+    shape, macs = head.input_shape, head.exit.macs
+    for layer in head.layers:
+        if not isinstance(layer, ConvStage):
+            macs += layer.macs
+            continue
+        k, s = layer.weight.shape[-1], layer.stride
+        h, w = ((side + 2 * (k // 2) - k) // s + 1 for side in shape[1:])
+        macs += layer.weight.size * h * w
+        shape = (layer.weight.shape[0], h // layer.pool, w // layer.pool)
+    return macs
+
+
+def conv_table(folders: list[Path], data: str, n: int, repeats: int, cflags: list[str],
+               work: Path) -> None:
+    """Per frame at batch 1: each conv head in NumPy and as its float32 C export, compiled
+    with `cflags` and called through ctypes; the C outputs checked against NumPy first."""
+    import ctypes
+    import shutil
+
+    from pipeline.edge.export_c import C_FILE, export_c
+    from pipeline.model.data import load_test_split
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("no C compiler (cc/gcc) on this machine")
+    p = ctypes.POINTER(ctypes.c_float)
+    rows = []
+    for art in folders:
+        head = load_numpy_head(art)
+        if head.input_shape == (1, 28, 28) and Path(data).is_dir():
+            frames, source = load_test_split(data).images[:n].astype(np.float32) / 255, \
+                "Fashion-MNIST test frames"
+        else:
+            frames = np.random.default_rng(0).random((n, head.input_size), dtype=np.float32)
+            source = "random frames"
+        out = work / f"{art.name}-c"
+        export_c(art, out, "float32")
+        subprocess.run([cc, "-std=c99", *cflags, "-shared", "-fPIC", "-o", str(out / "head.so"),
+                        str(out / C_FILE)], check=True)
+        lib = ctypes.CDLL(str(out / "head.so"))
+        features = np.zeros((len(frames), head.width), np.float32)
+        logits = np.zeros((len(frames), head.exit.bias.shape[0]), np.float32)
+        calls = [(f.ctypes.data_as(p), g.ctypes.data_as(p), l.ctypes.data_as(p))
+                 for f, g, l in zip(frames, features, logits)]
+        for call in calls:
+            lib.splitexit_head(*call)
+        ref_logits, ref_features = head(frames)
+        assert np.allclose(logits, ref_logits, atol=1e-4) and \
+            np.allclose(features, ref_features, atol=1e-4), f"{art}: C differs from NumPy"
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for call in calls:
+                lib.splitexit_head(*call)
+            best = min(best, (time.perf_counter() - start) / len(calls))
+        head(frames[:1])
+        rows.append((art.name, conv_macs(load_numpy_head(art, dense_max_elements=0)),
+                     per_frame_us(head, frames, repeats) / 1000, best * 1000))
+        print(f"I: {rows[-1]}", flush=True)
+    print(f"\nconv head + exit per frame at batch 1, 1 thread, {n} {source}, best of "
+          f"{repeats}; C: float32 export, `cc {' '.join(cflags)}`, called through ctypes")
+    print("| head | head MACs | NumPy ms/frame | C ms/frame | C vs NumPy | C MACs/ns | "
+          f"MACs, C time vs {rows[0][0]} |\n|---|---|---|---|---|---|---|")
+    for name, macs, numpy_ms, c_ms in rows:
+        print(f"| {name} | {macs} | {numpy_ms:.3f} | {c_ms:.4f} | {numpy_ms / c_ms:.1f}x | "
+              f"{macs / (c_ms * 1e6):.1f} | {macs / rows[0][1]:.2f}x, {c_ms / rows[0][3]:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs", help="folder holding the trained heads")
     ap.add_argument("--data", default=FASHION_MNIST_DIR)
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--conv", nargs="+", type=Path, metavar="DIR",
+                    help="time these trained conv heads (NumPy and the C export) instead")
+    ap.add_argument("--cflags", default="-O2 -march=native",
+                    help="compiler flags for --conv's C heads, as --cflags=\"-O3 ...\" "
+                         "(default: %(default)s)")
     args = ap.parse_args()
+    if args.conv:
+        import tempfile
+
+        conv_table(args.conv, args.data, args.frames, args.repeats, args.cflags.split(),
+                   Path(tempfile.mkdtemp(prefix="edge-head-conv-")))
+        return
 
     import torch
 

@@ -17,15 +17,18 @@ from edge.npz, and torch's (the gather + grouped conv of inference) from edge.pt
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import numpy as np
-import torch
-from torch.utils import benchmark
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # NumPy's BLAS on one thread, as on an edge
 
-from pipeline.edge.numpy_conv import sparse_conv2d
-from pipeline.model.sparse_conv import SparseConv2d
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils import benchmark  # noqa: E402
+
+from pipeline.edge.numpy_conv import input_major, sparse_conv2d  # noqa: E402
+from pipeline.model.sparse_conv import SparseConv2d  # noqa: E402
 
 # (name, C_in, C_out, channel fan-out, kernel, side): shapes a small camera head would have.
 SHAPES = [
@@ -70,7 +73,7 @@ def heads(dirs: list[str]) -> None:
         macs = f"{s['edge_macs'] - s['uplink_macs']} + {s['uplink_macs']}"
         for batch in BATCHES:
             x = pixels[:batch]
-            np_s = numpy_timed(lambda: numpy_head(x))
+            np_s = timed(lambda: numpy_head(x))
             with torch.inference_mode():
                 t = torch.from_numpy(x)
                 torch_s = timed(lambda: torch_head(t))
@@ -106,7 +109,8 @@ def main() -> None:
             xg = x.clone().requires_grad_()
             step = [timed(lambda m=m: m(xg).sum().backward()) for m in (sparse, dense)]
             xn = x.numpy()
-            np_fwd = [numpy_timed(lambda w=w, i=i: sparse_conv2d(xn, w, i, np_bias, 1, k // 2))
+            np_fwd = [numpy_timed(lambda w=w, i=i, p=input_major(w, i, c_in):
+                                  sparse_conv2d(xn, w, i, np_bias, 1, k // 2, p))
                       for w, i in ((np_weight, np_index), (dense_weight, dense_index))]
             macs = sparse.macs(side, side)
             print(f"| {name} | {batch} | {macs / 1e3:.0f}k / {macs / density / 1e3:.0f}k | "

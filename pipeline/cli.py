@@ -274,7 +274,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if args.variant not in C_VARIANTS or (args.target == "onnx" and args.variant != "float32"):
         raise UserError(f"--variant {args.variant!r}: choose one of {', '.join(C_VARIANTS)} "
                         f"(the ONNX export is float32)")
-    head = require_mlp(load_numpy_head(args.dir), f"the {args.target} export")
+    head = load_numpy_head(args.dir)
+    if args.target == "onnx":
+        require_mlp(head, "the ONNX export")
     name = args.target if args.target == "onnx" else f"{args.target}-{args.variant}"
     out = Path(args.out or Path(args.dir) / f"export-{name}")
     if out.exists() and not out.is_dir():

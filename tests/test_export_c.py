@@ -1,5 +1,6 @@
 """`splitexit export --target c`: the head as C99, compiled with the system compiler and
-called through ctypes. float32 equals the torch head; the dense twin exports the same way."""
+called through ctypes. float32 equals the torch head; the dense twin exports the same way;
+a conv head (float32) equals the NumPy head."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import torch
 from pipeline.edge.export_c import C_FILE, H_FILE, export_c
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.quantize import compensated_rows, quantize_rows
-from pipeline.model.artifacts import load_edge
+from pipeline.errors import ArtifactError
+from pipeline.model.artifacts import load_edge, save_artifacts
 from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.model.data import load_dataset, load_test_split
+from pipeline.model.split_model import SplitModel
 from pipeline.protocol.wire import DType, dequantize, quantize
 from tests.test_cli import one_line_failure, splitexit
+from tests.test_conv_model import conv_config
 
 CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler (cc/gcc) on this machine")
@@ -157,3 +161,71 @@ def test_compensated_rounding_cancels_error_where_nearest_does_not():
     assert np.array_equal(s_near, s_comp) and q_comp.dtype == np.int8
     assert (q_comp[3, :4] == 0).all()
     assert output_error(q_comp, s_comp) < 0.5 * output_error(q_near, s_near)
+
+
+# Overrides of test_conv_model's tiny colour conv (3x24x32: conv 3->8, pool 2; sparse conv
+# 8->16 reading 2 channels each, pool 2; the exit on that, pooled to 2x2; a sparse 1x1
+# bottleneck 16->4 after it), and whether its layer1 has a channel index table.
+CONV_LAYOUTS = {
+    "sparse-colour-pooled-exit": ([], True),
+    "dense-5x5-ragged-pools": (["model.channel_fan_out=[8, 16, 4, 16]", "model.kernel=[5, 3, 1, 3]",
+                                "model.input_shape=[3, 25, 31]", "model.widths=[144, 3]"], False),
+    "strided-grey-overlapping-exit-bins": (["model.stride=[2, 1, 1, 1]", "model.pool=[1, 2, 1, 2]",
+                                            "model.input_shape=[1, 28, 20]", "model.exit_pool=5",
+                                            "model.widths=[96, 3]", "model.split=2"], True),
+    "1x1-first-then-edge-junctions": (["model.kernel=[1, 3, 1, 3]", "model.widths=[192, 24, 12, 3]",
+                                       "model.fan_out=[6, 6, 3]", "model.split=6",
+                                       "model.exit_at=5", "model.exit_pool=0",
+                                       "model.exit_fan_out=1"], True),
+}
+
+
+def conv_artifact(folder, *overrides: str):
+    """An untrained conv head saved as artifacts, its weights, biases and per-channel
+    standardization moved off their initial values (a trained head's are not symmetric)."""
+    cfg = conv_config(*overrides)
+    torch.manual_seed(1)
+    model = SplitModel(cfg.model).eval()
+    with torch.no_grad():
+        model.head.pixel_mean.uniform_(0.3, 0.6)
+        model.head.pixel_std.uniform_(0.2, 0.3)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_artifacts(folder, model, cfg, 0.5, ["a", "b", "c"])
+    return folder
+
+
+@needs_cc
+@pytest.mark.parametrize("layout", CONV_LAYOUTS)
+def test_a_conv_c_head_equals_the_numpy_head(layout, tmp_path):
+    overrides, sparse = CONV_LAYOUTS[layout]
+    art = conv_artifact(tmp_path / "art", *overrides)
+    head = load_numpy_head(art)
+    lib = compiled(art, tmp_path / "c", "float32")
+    pixels = np.random.default_rng(0).random((6, head.input_size), dtype=np.float32)
+    logits, features = run_c(lib, head, pixels)
+    ref_logits, ref_features = head(pixels)
+    assert 0 < (ref_features > 0).mean() < 1   # the ReLUs cut somewhere: a real comparison
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(features, ref_features, atol=1e-4, rtol=1e-4)
+    c, h, w = head.input_shape
+    header = (tmp_path / "c" / H_FILE).read_text()
+    assert f"#define SPLITEXIT_CHANNELS {c}\n#define SPLITEXIT_HEIGHT {h}\n" \
+           f"#define SPLITEXIT_WIDTH {w}\n" in header and "CHW, row-major" in header
+    assert "static" in header and "not reentrant" in header.lower()
+    source = (tmp_path / "c" / C_FILE).read_text()
+    # a sparse conv loops over its real kernels only: d_in of them, read through the table
+    assert ("layer1_index" in source) == sparse
+    d_in = head.layers[1].weight.shape[1]
+    assert f"for (int j = 0; j < {d_in}; ++j)" in source and (d_in < 8) == sparse
+
+
+def test_int8_on_a_conv_head_is_refused_in_one_line(tmp_path):
+    art = conv_artifact(tmp_path / "art")
+    with pytest.raises(ArtifactError, match=r"int8 variant covers MLP heads only.*"
+                                            r"`--variant float32`") as e:
+        export_c(art, tmp_path / "c", "int8")
+    assert "\n" not in str(e.value) and not (tmp_path / "c").exists()
+    r = splitexit("export", str(art), "--variant", "int8", "--out", str(tmp_path / "c"))
+    one_line_failure(r)
+    assert "MLP heads only" in r.stderr.splitlines()[-1]

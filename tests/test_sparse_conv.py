@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.edge.numpy_conv import max_pool2d, relu, sparse_conv2d
+from pipeline.edge.numpy_conv import input_major, max_pool2d, relu, sparse_conv2d
 from pipeline.model.sparse import SparsityError
 from pipeline.model.sparse_conv import SparseConv2d, channel_fan_in, make_conv
 
@@ -186,6 +186,28 @@ def test_numpy_conv_equals_the_torch_module(c_in, c_out, fan_out, k, stride, pad
                         stride, padding)
     assert got.dtype == np.float32 and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_conv_takes_any_channel_table_and_a_ready_plan():
+    """input_major pads channels that feed fewer outputs (and one that feeds none); a plan
+    made once gives what a fresh one gives. The reference: the same kernels scattered into a
+    dense weight, through torch's conv."""
+    rng = np.random.default_rng(5)
+    c_in, c_out, d_in = 6, 5, 3
+    indices = np.stack([rng.choice(c_in - 1, d_in, replace=False) for _ in range(c_out)])
+    weight = rng.standard_normal((c_out, d_in, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    dense = np.zeros((c_out, c_in, 3, 3), np.float32)
+    dense[np.arange(c_out)[:, None], indices] = weight
+    x = rng.standard_normal((2, c_in, 7, 9)).astype(np.float32)
+    expected = F.conv2d(torch.from_numpy(x), torch.from_numpy(dense), torch.from_numpy(bias),
+                        stride=2, padding=1).numpy()
+    plan = input_major(weight, indices, c_in)
+    assert plan[0].shape == (c_in, np.bincount(indices.ravel()).max(), 9)
+    assert not plan[0][c_in - 1].any()       # never read: zero kernels, never gathered
+    for made in (None, plan):
+        got = sparse_conv2d(x, weight, indices, bias, 2, 1, made)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("k,h,w", [(2, 8, 8), (2, 9, 7), (3, 10, 12)])

@@ -4,8 +4,7 @@
     cc -O2 -c head/splitexit_head.c                          # no libc beyond <stdint.h>
 
 The tables are `const` arrays (flash on a microcontroller); the one function takes a frame
-and writes the split features and the exit logits, allocating nothing (its scratch is two
-stack buffers as wide as the widest edge layer, plus the standardized frame):
+and writes the split features and the exit logits, allocating nothing:
 
     void splitexit_head(const float pixels[SPLITEXIT_INPUT],
                         float features[SPLITEXIT_FEATURES], float exit_logits[SPLITEXIT_CLASSES]);
@@ -14,6 +13,17 @@ A sparse junction is ELL: for each output, d_in (value, input index) pairs, indi
 as the input width allows. `int8` stores each junction's values as int8 with one float scale
 per output row (4x smaller tables); inputs and accumulators stay float. Given calibration
 frames, the integers are chosen so rounding errors cancel on such frames (quantize.py).
+An MLP head's scratch is two stack buffers as wide as the widest edge layer, plus the
+standardized frame: a few KiB.
+
+A conv head (float32 only: quantize.py rounds junction rows, not conv kernels) keeps the
+same signature, the frame CHW. A sparse conv stores, per output channel, its d_in
+kernels and the input channel each reads, and loops over those only: its work is C_out x
+d_in x k x k per output pixel, what the NumPy head and the MAC counts say, not C_out x C_in
+x k x k. Its scratch -- the padded input, one output channel's sums, two activation maps --
+is tens of KiB (16 x 28 x 28 floats is 49 KiB), more than many microcontroller stacks (1-8
+KiB, overflowing silently), so it is `static`: sized at link time, where the linker says
+when RAM is short. The price, stated in the header: the function is not reentrant.
 """
 
 from __future__ import annotations
@@ -22,14 +32,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.edge.numpy_head import Junction, load_numpy_head, require_mlp
+from pipeline.edge.numpy_head import ConvStage, Junction, NumpyHead, load_numpy_head
 from pipeline.edge.quantize import int8_tables, junction_rows
+from pipeline.errors import ArtifactError
 
 __all__ = ["export_c", "C_VARIANTS", "C_FILE", "H_FILE"]
 
 C_FILE, H_FILE = "splitexit_head.c", "splitexit_head.h"
 C_VARIANTS = ("float32", "int8")
 PER_LINE = 8
+VECTOR = 16  # floats: a multiple of every SIMD width up to 512 bits
+# Partial sums of a conv head's junctions: its exit reads thousands of inputs an output
+# (3136 on conv-sparse), and 4 chains of dependent adds made it a third of the head's time.
+LANES = 16
 
 
 def _float(v: float) -> str:
@@ -59,8 +74,10 @@ def _index_type(n_in: int) -> tuple[str, type]:
 
 
 def _junction(name: str, j: Junction, n_in: int, src: str, dst: str,
-              int8: tuple[np.ndarray, np.ndarray] | None, relu: bool) -> tuple[str, str]:
-    """(tables, loop) computing dst[o] from src for one junction; int8: (values, scales)."""
+              int8: tuple[np.ndarray, np.ndarray] | None, relu: bool,
+              lanes: int = 4) -> tuple[str, str]:
+    """(tables, loop) computing dst[o] from src for one junction; int8: (values, scales);
+    `lanes` partial sums where d_in allows (else 4, else 1)."""
     values, _ = junction_rows(j)   # (N_out, d_in or N_in)
     n_out, d_in = values.shape
     tables, scaled = "", ""
@@ -81,8 +98,8 @@ def _junction(name: str, j: Junction, n_in: int, src: str, dst: str,
         def read(k: str) -> str:
             return f"{src}[{name}_index[o * {d_in} + {k}]]"
     out = "acc > 0.0f ? acc : 0.0f" if relu else "acc"
-    # Four partial sums: one running sum makes every multiply-add wait for the last add.
-    lanes = 4 if d_in % 4 == 0 else 1
+    # Partial sums: one running sum makes every multiply-add wait for the last add.
+    lanes = next(n for n in (lanes, 4, 1) if d_in % n == 0)
     ks = ["k"] + [f"k + {lane}" for lane in range(1, lanes)]
     body = "".join(f"            s{lane} += {name}_values[o * {d_in} + {k}] * {read(k)};\n"
                    for lane, k in enumerate(ks))
@@ -97,14 +114,167 @@ def _junction(name: str, j: Junction, n_in: int, src: str, dst: str,
     return tables, loop
 
 
-def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
-             calibration: np.ndarray | None = None) -> list[Path]:
-    """Write splitexit_head.c and .h for the edge artifact (DIR or DIR/edge.npz) into
-    out_dir, its junctions as stored (ELL stays ELL); returns their paths. For int8,
-    `calibration` frames (pixels in [0, 1]) make the rounding error-compensating."""
-    if variant not in C_VARIANTS:
-        raise ValueError(f"variant {variant!r}: choose one of {', '.join(C_VARIANTS)}")
-    head = require_mlp(load_numpy_head(artifact, dense_max_elements=0), "the C export")
+def _conv(name: str, conv: ConvStage, shape: tuple[int, ...], src: str, dst: str,
+          first: bool, scratch: dict[str, int]) -> tuple[str, str, tuple[int, int, int]]:
+    """(tables, loops, output shape) for one conv, its max pool and ReLU, CHW in and out.
+    The input is staged once into `padded` with its zero border (the first layer's
+    standardized there), so the tap loops run branch-free over whole rows."""
+    c_in, h, w = shape
+    c_out, d_in, k, _ = conv.weight.shape
+    pad, s, pool = k // 2, conv.stride, conv.pool
+    hp, wp = h + 2 * pad, w + 2 * pad
+    ho, wo = (hp - k) // s + 1, (wp - k) // s + 1
+    hq, wq = ho // pool, wo // pool
+    tables = _array("float", f"{name}_weight", conv.weight) + _array("float", f"{name}_bias",
+                                                                        conv.bias)
+    if conv.indices is None:
+        channel, reads = "j", f"dense: all {c_in}"
+    else:
+        ctype, np_type = _index_type(c_in)
+        tables += _array(ctype, f"{name}_index", conv.indices.astype(np_type))
+        channel, reads = f"{name}_index[o * {d_in} + j]", f"{d_in} of {c_in}"
+    loop = (f"    /* {name}: conv {c_in}x{h}x{w} -> {c_out}x{ho}x{wo}, {k}x{k} stride {s}, "
+            f"{reads} input channels each{f', max pool {pool}' if pool > 1 else ''}, ReLU */\n")
+    if first or pad:
+        value = "(pixels[i] - pixel_mean[c]) * pixel_scale[c]" if first else f"{src}[i]"
+        if pad:
+            loop += (f"    for (int i = 0; i < {c_in * hp * wp}; ++i)\n"
+                     f"        padded[i] = 0.0f;\n")
+        loop += (f"    for (int c = 0; c < {c_in}; ++c)\n"
+                 f"        for (int y = 0; y < {h}; ++y)\n"
+                 f"            for (int x = 0; x < {w}; ++x) {{\n"
+                 f"                int i = (c * {h} + y) * {w} + x;\n"
+                 f"                padded[(c * {hp} + y + {pad}) * {wp} + x + {pad}] = {value};\n"
+                 f"            }}\n")
+        src = "padded"
+    # One kernel row (k taps) per pass over the outputs: k multiply-adds per load and store
+    # of the sums. Tap by tap was 1.2-1.7x slower at -O2, and -O3 interchanged that nest
+    # into a scalar loop (5x slower).
+    if s == 1:
+        # Over the padded width: one flat run of (ho - 1) * wp + wo outputs, rounded up to a
+        # multiple of VECTOR, the columns past wo wasted (never read). A long run no SIMD
+        # width leaves a remainder of is what -O2 vectorizes (GCC's cheap cost model wants
+        # no epilogue), even where a row is only 7 wide.
+        row, span = wp, -(-((ho - 1) * wp + wo) // VECTOR) * VECTOR
+        reach = (c_in - 1) * hp * wp + (k - 1) * wp + k - 1 + span   # the last read + 1
+        outputs, at, target = [f"for (int i = 0; i < {span}; ++i)"], "i", "sums[i]"
+    else:
+        row, span, reach = wo, ho * wo, c_in * hp * wp
+        outputs = [f"for (int y = 0; y < {ho}; ++y)", f"for (int x = 0; x < {wo}; ++x)"]
+        at, target = f"y * {s * wp} + x * {s}", f"sums[y * {wo} + x]"
+    indent = 16 + 4 * len(outputs)
+    terms = f"\n{' ' * (indent + 4)}+ ".join(
+        f"{name}_weight[tap + {kx}] * {src}[base + {at} + {kx}]" for kx in range(k))
+    taps = "".join(f"{' ' * (16 + 4 * n)}{line}\n" for n, line in enumerate(outputs)) + \
+        f"{' ' * indent}{target} += {terms};\n"
+    scratch["sums"] = max(scratch.get("sums", 0), span)
+    scratch[src] = max(scratch.get(src, 0), reach)
+    if pool > 1:
+        out = (f"        for (int y = 0; y < {hq}; ++y)\n"
+               f"            for (int x = 0; x < {wq}; ++x) {{\n"
+               f"                float m = sums[y * {pool * row} + x * {pool}];\n"
+               f"                for (int dy = 0; dy < {pool}; ++dy)\n"
+               f"                    for (int dx = 0; dx < {pool}; ++dx) {{\n"
+               f"                        float v = sums[(y * {pool} + dy) * {row} + x * {pool}"
+               f" + dx];\n"
+               f"                        m = v > m ? v : m;\n"
+               f"                    }}\n"
+               f"                {dst}[(o * {hq} + y) * {wq} + x] = m > 0.0f ? m : 0.0f;\n"
+               f"            }}\n")
+    else:
+        out = (f"        for (int y = 0; y < {ho}; ++y)\n"
+               f"            for (int x = 0; x < {wo}; ++x) {{\n"
+               f"                float v = sums[y * {row} + x];\n"
+               f"                {dst}[(o * {ho} + y) * {wo} + x] = v > 0.0f ? v : 0.0f;\n"
+               f"            }}\n")
+    loop += (f"    for (int o = 0; o < {c_out}; ++o) {{\n"
+             f"        for (int i = 0; i < {span}; ++i)\n"
+             f"            sums[i] = {name}_bias[o];\n"
+             f"        for (int j = 0; j < {d_in}; ++j) {{\n"
+             f"            const int c = {channel};\n"
+             f"            for (int ky = 0; ky < {k}; ++ky) {{\n"
+             f"                const int tap = ((o * {d_in} + j) * {k} + ky) * {k};\n"
+             f"                const int base = c * {hp * wp} + ky * {wp};\n"
+             f"{taps}"
+             f"            }}\n"
+             f"        }}\n{out}    }}\n")
+    return tables, loop, (c_out, hq, wq)
+
+
+def _exit_pool(src: str, shape: tuple[int, ...], side: int) -> str:
+    """The exit's input averaged over side x side bins, drawn as adaptive_avg_pool2d draws
+    them (bin i: floor(i*H/side) to ceil((i+1)*H/side); they overlap where side does not
+    divide H)."""
+    c, h, w = shape
+    return (f"    for (int c = 0; c < {c}; ++c)  /* the exit's average pool: {h}x{w} -> "
+            f"{side}x{side} */\n"
+            f"        for (int i = 0; i < {side}; ++i)\n"
+            f"            for (int j = 0; j < {side}; ++j) {{\n"
+            f"                const int top = i * {h} / {side}, "
+            f"bottom = ((i + 1) * {h} + {side - 1}) / {side};\n"
+            f"                const int left = j * {w} / {side}, "
+            f"right = ((j + 1) * {w} + {side - 1}) / {side};\n"
+            f"                float sum = 0.0f;\n"
+            f"                for (int y = top; y < bottom; ++y)\n"
+            f"                    for (int x = left; x < right; ++x)\n"
+            f"                        sum += {src}[(c * {h} + y) * {w} + x];\n"
+            f"                pooled[(c * {side} + i) * {side} + j] = "
+            f"sum / (float)((bottom - top) * (right - left));\n"
+            f"            }}\n")
+
+
+def _conv_source(head: NumpyHead) -> tuple[str, str, int]:
+    """(tables, function body, scratch floats) of a conv head: convs, then any junctions,
+    the exit reading its layer (pooled first if it says so) before a later one runs."""
+    tables, loops, scratch = "", "", {}
+    shape: tuple[int, ...] = tuple(head.input_shape)
+    src = "pixels"
+    for i, layer in enumerate(head.layers):
+        dst = "features" if i == len(head.layers) - 1 else ("a" if i % 2 == 0 else "b")
+        if isinstance(layer, ConvStage):
+            t, loop, shape = _conv(f"layer{i}", layer, shape, src, dst, i == 0, scratch)
+        else:
+            t, loop = _junction(f"layer{i}", layer, int(np.prod(shape)), src, dst, None, True,
+                                LANES)
+            shape = (layer.bias.shape[0],)
+        if dst != "features":
+            scratch[dst] = max(scratch.get(dst, 0), int(np.prod(shape)))
+        tables, loops, src = tables + t, loops + loop, dst
+        if i + 1 == head.exit_layer:  # before a later layer can overwrite what it reads
+            seen, n_seen = src, int(np.prod(shape))
+            if head.exit_pool:
+                loops += _exit_pool(src, shape, head.exit_pool)
+                seen, n_seen = "pooled", shape[0] * head.exit_pool ** 2
+                scratch["pooled"] = n_seen
+            t, loop = _junction("exit", head.exit, n_seen, seen, "exit_logits", None, False,
+                                LANES)
+            tables, loops = tables + t, loops + loop
+    buffers = "".join(f"static float {name}[{size}];\n" for name, size in scratch.items())
+    return tables + "\n" + buffers, loops, sum(scratch.values())
+
+
+def _header(head: NumpyHead, kind: str, features: int, frame: str, note: str = "") -> str:
+    guard = "SPLITEXIT_HEAD_H"
+    return (f"/* splitexit head {head.model_id} ({kind}): generated by `splitexit export`."
+            f" */\n#ifndef {guard}\n#define {guard}\n\n"
+            f"#define SPLITEXIT_MODEL_ID \"{head.model_id}\"\n{frame}"
+            f"#define SPLITEXIT_FEATURES {features}   /* sent to the server when unsure */\n"
+            f"#define SPLITEXIT_CLASSES {head.exit.bias.shape[0]}\n"
+            f"#define SPLITEXIT_EXIT_TEMPERATURE {_float(np.float32(head.temperature))}\n"
+            f"#define SPLITEXIT_THRESHOLD {_float(head.threshold)}  /* exit if {head.score} "
+            f"of softmax(exit_logits / SPLITEXIT_EXIT_TEMPERATURE) >= this */\n\n{note}"
+            f"void splitexit_head(const float pixels[SPLITEXIT_INPUT],\n"
+            f"                    float features[SPLITEXIT_FEATURES],\n"
+            f"                    float exit_logits[SPLITEXIT_CLASSES]);\n\n#endif\n")
+
+
+SIGNATURE = ("void splitexit_head(const float pixels[SPLITEXIT_INPUT],\n"
+             "                    float features[SPLITEXIT_FEATURES],\n"
+             "                    float exit_logits[SPLITEXIT_CLASSES]) {\n")
+
+
+def _mlp_files(head: NumpyHead, variant: str, calibration: np.ndarray | None) -> tuple[str,
+                                                                                       str]:
     int8: list = [None] * (len(head.layers) + 1)
     kind = variant
     if variant == "int8":
@@ -112,7 +282,6 @@ def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
         kind += (", rounded to nearest" if calibration is None else
                  f", rounding compensated on {len(calibration)} training frames")
     widths = [head.input_pad or head.input_size] + [j.bias.shape[0] for j in head.layers]
-    classes = head.exit.bias.shape[0]
     scratch = max(widths[1:])
     tables, loops = "", ""
     src = "x"
@@ -124,19 +293,8 @@ def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
             t, loop = _junction("exit", head.exit, widths[i + 1], src, "exit_logits",
                                 int8[-1], relu=False)
             tables, loops = tables + t, loops + loop
-    guard = "SPLITEXIT_HEAD_H"
-    header = (f"/* splitexit head {head.model_id} ({kind}): generated by `splitexit export`."
-              f" */\n#ifndef {guard}\n#define {guard}\n\n"
-              f"#define SPLITEXIT_MODEL_ID \"{head.model_id}\"\n"
-              f"#define SPLITEXIT_INPUT {head.input_size}      /* pixels in [0, 1], row-major */\n"
-              f"#define SPLITEXIT_FEATURES {widths[-1]}   /* sent to the server when unsure */\n"
-              f"#define SPLITEXIT_CLASSES {classes}\n"
-              f"#define SPLITEXIT_EXIT_TEMPERATURE {_float(np.float32(head.temperature))}\n"
-              f"#define SPLITEXIT_THRESHOLD {_float(head.threshold)}  /* exit if {head.score} "
-              f"of softmax(exit_logits / SPLITEXIT_EXIT_TEMPERATURE) >= this */\n\n"
-              f"void splitexit_head(const float pixels[SPLITEXIT_INPUT],\n"
-              f"                    float features[SPLITEXIT_FEATURES],\n"
-              f"                    float exit_logits[SPLITEXIT_CLASSES]);\n\n#endif\n")
+    frame = f"#define SPLITEXIT_INPUT {head.input_size}      /* pixels in [0, 1], row-major */\n"
+    header = _header(head, kind, widths[-1], frame)
     pad = ""
     if head.input_pad:
         pad = (f"    for (int i = {head.input_size}; i < {head.input_pad}; ++i)\n"
@@ -146,13 +304,51 @@ def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
               f"static const float pixel_mean = {_float(head.pixel_mean)};\n"
               f"static const float pixel_scale = {_float(np.float32(1) / head.pixel_std)};"
               f"  /* 1 / std: a multiply, not a divide, per pixel */\n\n{tables}\n"
-              f"void splitexit_head(const float pixels[SPLITEXIT_INPUT],\n"
-              f"                    float features[SPLITEXIT_FEATURES],\n"
-              f"                    float exit_logits[SPLITEXIT_CLASSES]) {{\n"
+              f"{SIGNATURE}"
               f"    float x[{widths[0]}], a[{scratch}], b[{scratch}];\n"
               f"    (void)a; (void)b;\n"
               f"    for (int i = 0; i < {head.input_size}; ++i)\n"
               f"        x[i] = (pixels[i] - pixel_mean) * pixel_scale;\n{pad}{loops}}}\n")
+    return header, source
+
+
+def _conv_files(head: NumpyHead) -> tuple[str, str]:
+    c, h, w = head.input_shape
+    tables, loops, scratch = _conv_source(head)
+    kind = "float32"
+    frame = (f"#define SPLITEXIT_INPUT {head.input_size}      /* pixels in [0, 1]: CHW, "
+             f"row-major, RGB order for 3 channels */\n"
+             f"#define SPLITEXIT_CHANNELS {c}\n#define SPLITEXIT_HEIGHT {h}\n"
+             f"#define SPLITEXIT_WIDTH {w}\n")
+    note = (f"/* Not reentrant: its scratch ({scratch} floats) is static, not on the stack; "
+            f"one call at a time. */\n")
+    header = _header(head, kind, head.width, frame, note)
+    scale = (np.float32(1) / head.pixel_std).astype(np.float32)
+    source = (f"/* splitexit head {head.model_id} ({kind}): generated by `splitexit export`."
+              f" */\n#include <stdint.h>\n#include \"{H_FILE}\"\n\n"
+              f"{_array('float', 'pixel_mean', head.pixel_mean.astype(np.float32))}"
+              f"/* 1 / std per channel: a multiply, not a divide, per pixel */\n"
+              f"{_array('float', 'pixel_scale', scale)}\n{tables}\n{SIGNATURE}{loops}}}\n")
+    return header, source
+
+
+def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
+             calibration: np.ndarray | None = None) -> list[Path]:
+    """Write splitexit_head.c and .h for the edge artifact (DIR or DIR/edge.npz) into
+    out_dir, its junctions as stored (ELL stays ELL); returns their paths. For int8,
+    `calibration` frames (pixels in [0, 1]) make the rounding error-compensating; a conv
+    head exports as float32 only."""
+    if variant not in C_VARIANTS:
+        raise ValueError(f"variant {variant!r}: choose one of {', '.join(C_VARIANTS)}")
+    head = load_numpy_head(artifact, dense_max_elements=0)
+    if head.convolutional:
+        if variant != "float32":
+            raise ArtifactError(f"{head.path}: the C export's {variant} variant covers MLP "
+                                f"heads only, and this head has conv layers; export it with "
+                                f"`--variant float32`")
+        header, source = _conv_files(head)
+    else:
+        header, source = _mlp_files(head, variant, calibration)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / H_FILE).write_text(header)
     (out_dir / C_FILE).write_text(source)

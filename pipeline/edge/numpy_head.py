@@ -1,9 +1,9 @@
 """The head and its exit in NumPy: what an edge device runs, without torch.
 
 It runs the edge artifact DIR/edge.npz (its layout: pipeline.protocol.edge_artifact). A
-sparse junction is a gather, a multiply and a sum over d_in; a sparse conv a channel gather
-and one product per kernel offset (pipeline.edge.numpy_conv): storage and work scale with the
-real weights, never with N_in x N_out.
+sparse junction is a gather, a multiply and a sum over d_in; a sparse conv one product per
+input channel with the kernels that read it (pipeline.edge.numpy_conv): storage and work
+scale with the real weights, never with N_in x N_out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.edge.numpy_conv import adaptive_avg_pool2d, max_pool2d, sparse_conv2d
+from pipeline.edge.numpy_conv import (adaptive_avg_pool2d, input_major, max_pool2d,
+                                      sparse_conv2d)
 from pipeline.errors import ArtifactError
 from pipeline.protocol.edge_artifact import UPLINK_CODE, read_edge_npz
 from pipeline.protocol.static_code import StaticCode
@@ -63,10 +64,11 @@ class ConvStage:
     bias: np.ndarray            # (C_out,)
     stride: int
     pool: int
+    plan: tuple[np.ndarray, np.ndarray] | None = None  # numpy_conv.input_major, made once
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = sparse_conv2d(x, self.weight, self.indices, self.bias, self.stride,
-                          self.weight.shape[-1] // 2)
+                          self.weight.shape[-1] // 2, self.plan)
         return max_pool2d(y, self.pool) if self.pool > 1 else y
 
 
@@ -144,12 +146,12 @@ class NumpyHead:
 
 
 def require_mlp(head: NumpyHead, purpose: str) -> NumpyHead:
-    """The head, if `purpose` (an export) can take it: those cover fully connected heads
-    only so far; a conv head runs in NumPy, here."""
+    """The head, if `purpose` (the ONNX export) can take it: that covers fully connected
+    heads only so far; a conv head runs in NumPy, here, or as exported C."""
     if head.convolutional:
         raise ArtifactError(f"{head.path}: {purpose} covers MLP heads only, and this head has "
                             f"conv layers; run it with the NumPy edge (`splitexit edge`, or "
-                            f"`from pipeline import Edge`)")
+                            f"`from pipeline import Edge`) or export it to C (`--target c`)")
     return head
 
 
@@ -207,8 +209,11 @@ def _conv(arrays, name: str, n_in: int, layout: dict) -> ConvStage:
                                 0 <= indices.min() <= indices.max() < n_in):
         raise ValueError(f"{name}: channel indices {indices.shape} do not fit kernels "
                          f"{weight.shape} and {n_in} input channels")
-    return ConvStage(weight, None if indices is None else indices.astype(np.intp), bias,
-                     int(layout["stride"]), int(layout["pool"]))
+    if indices is None:
+        return ConvStage(weight, None, bias, int(layout["stride"]), int(layout["pool"]))
+    indices = indices.astype(np.intp)
+    return ConvStage(weight, indices, bias, int(layout["stride"]), int(layout["pool"]),
+                     input_major(weight, indices, n_in))
 
 
 def load_numpy_head(path: str | Path, dense_max_elements: int = DENSE_MAX_ELEMENTS) -> NumpyHead:
