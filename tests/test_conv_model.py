@@ -100,6 +100,22 @@ def test_macs_and_stored_weights_count_only_the_real_kernels():
     assert sparse["layers.0"]["macs"] == dense["layers.0"]["macs"] == 8 * 3 * 9 * 24 * 32
 
 
+def conv_artifact(folder, *overrides: str):
+    """An untrained conv model (conv_config) saved as artifacts in `folder`, its weights,
+    biases and per-channel standardization moved off their initial values (a trained head's
+    are not symmetric); (its config, the model)."""
+    cfg = conv_config(*overrides)
+    torch.manual_seed(1)
+    model = SplitModel(cfg.model).eval()
+    with torch.no_grad():
+        model.head.pixel_mean.uniform_(0.3, 0.6)
+        model.head.pixel_std.uniform_(0.2, 0.3)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_artifacts(folder, model, cfg, 0.5, ["a", "b", "c"])
+    return cfg, model
+
+
 @pytest.mark.parametrize("override", [[], ["model.channel_fan_out=[8, 16, 4, 16]"],
                                       ["model.exit_pool=0", "model.exit_fan_out=0"],
                                       ["model.exit_pool=5", "model.stride=[2, 1, 1, 1]",
@@ -108,15 +124,7 @@ def test_macs_and_stored_weights_count_only_the_real_kernels():
                                        "model.exit_at=0", "model.input_shape=[1, 28, 20]"]],
                          ids=["sparse", "dense", "unpooled-exit", "strided-grey"])
 def test_the_numpy_head_computes_what_torch_computes(tmp_path, override):
-    cfg = conv_config(*override)
-    torch.manual_seed(1)
-    model = SplitModel(cfg.model).eval()
-    with torch.no_grad():
-        model.head.pixel_mean.uniform_(0.3, 0.6)
-        model.head.pixel_std.uniform_(0.2, 0.3)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_artifacts(tmp_path, model, cfg, 0.5, ["a", "b", "c"])
+    cfg, model = conv_artifact(tmp_path, *override)
     head = load_numpy_head(tmp_path)
     pixels = np.random.default_rng(0).random((4, cfg.model.input_size), dtype=np.float32)
     exit_logits, features = head(pixels)

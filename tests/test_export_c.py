@@ -16,13 +16,12 @@ from pipeline.edge.export_c import C_FILE, H_FILE, export_c
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.quantize import compensated_rows, quantize_rows
 from pipeline.errors import ArtifactError
-from pipeline.model.artifacts import load_edge, save_artifacts
+from pipeline.model.artifacts import load_edge
 from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.model.data import load_dataset, load_test_split
-from pipeline.model.split_model import SplitModel
 from pipeline.protocol.wire import DType, dequantize, quantize
 from tests.test_cli import one_line_failure, splitexit
-from tests.test_conv_model import conv_config
+from tests.test_conv_model import conv_artifact
 
 CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler (cc/gcc) on this machine")
@@ -180,26 +179,12 @@ CONV_LAYOUTS = {
 }
 
 
-def conv_artifact(folder, *overrides: str):
-    """An untrained conv head saved as artifacts, its weights, biases and per-channel
-    standardization moved off their initial values (a trained head's are not symmetric)."""
-    cfg = conv_config(*overrides)
-    torch.manual_seed(1)
-    model = SplitModel(cfg.model).eval()
-    with torch.no_grad():
-        model.head.pixel_mean.uniform_(0.3, 0.6)
-        model.head.pixel_std.uniform_(0.2, 0.3)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_artifacts(folder, model, cfg, 0.5, ["a", "b", "c"])
-    return folder
-
-
 @needs_cc
 @pytest.mark.parametrize("layout", CONV_LAYOUTS)
 def test_a_conv_c_head_equals_the_numpy_head(layout, tmp_path):
     overrides, sparse = CONV_LAYOUTS[layout]
-    art = conv_artifact(tmp_path / "art", *overrides)
+    art = tmp_path / "art"
+    conv_artifact(art, *overrides)
     head = load_numpy_head(art)
     lib = compiled(art, tmp_path / "c", "float32")
     pixels = np.random.default_rng(0).random((6, head.input_size), dtype=np.float32)
@@ -221,7 +206,8 @@ def test_a_conv_c_head_equals_the_numpy_head(layout, tmp_path):
 
 
 def test_int8_on_a_conv_head_is_refused_in_one_line(tmp_path):
-    art = conv_artifact(tmp_path / "art")
+    art = tmp_path / "art"
+    conv_artifact(art)
     with pytest.raises(ArtifactError, match=r"int8 variant covers MLP heads only.*"
                                             r"`--variant float32`") as e:
         export_c(art, tmp_path / "c", "int8")
