@@ -15,6 +15,7 @@ Missing artifact folders are trained first (`splitexit train NAME`). One thread 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -191,23 +192,6 @@ def process_start(script: str, art: Path, data: str, runs: int = 3) -> tuple[flo
     return best_s, rss
 
 
-def conv_macs(head) -> int:
-    """Multiply-adds per frame of the edge layers and the exit: a conv's real kernels x k*k
-    x its output pixels (before the pool), as `splitexit train` counts them."""
-    from pipeline.edge.numpy_head import ConvStage
-
-    shape, macs = head.input_shape, head.exit.macs
-    for layer in head.layers:
-        if not isinstance(layer, ConvStage):
-            macs += layer.macs
-            continue
-        k, s = layer.weight.shape[-1], layer.stride
-        h, w = ((side + 2 * (k // 2) - k) // s + 1 for side in shape[1:])
-        macs += layer.weight.size * h * w
-        shape = (layer.weight.shape[0], h // layer.pool, w // layer.pool)
-    return macs
-
-
 def conv_table(folders: list[Path], data: str, n: int, repeats: int, cflags: list[str],
                work: Path) -> None:
     """Per frame at batch 1: each conv head in NumPy and as its float32 C export, compiled
@@ -251,8 +235,8 @@ def conv_table(folders: list[Path], data: str, n: int, repeats: int, cflags: lis
             for call in calls:
                 lib.splitexit_head(*call)
             best = min(best, (time.perf_counter() - start) / len(calls))
-        head(frames[:1])
-        rows.append((art.name, conv_macs(load_numpy_head(art, dense_max_elements=0)),
+        structure = json.loads((art / "metrics.json").read_text())["structure"]
+        rows.append((art.name, structure["edge_macs"],   # as `splitexit train` counted them
                      per_frame_us(head, frames, repeats) / 1000, best * 1000))
         print(f"I: {rows[-1]}", flush=True)
     print(f"\nconv head + exit per frame at batch 1, 1 thread, {n} {source}, best of "
