@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.protocol import wire
+from pipeline.protocol import native, wire
 from pipeline.protocol.static_code import MAX_CODE_BITS, CodeError, StaticCode
 from pipeline.protocol.wire import Codec, DType, WireError
 
@@ -148,3 +148,107 @@ def test_the_smallest_encoding_is_chosen_without_always_running_both(channels, s
     huffman, rans = code.encode(codes), code.encode_rans(codes)
     expected = (huffman, False) if len(huffman) <= len(rans) else (rans, True)
     assert code.encode_smallest(codes) == expected
+
+
+# -- the native coder against the Python reference ----------------------------------------------
+
+needs_native = pytest.mark.skipif(native.coder() is None, reason=native.coder_status())
+
+
+def random_code(rng: np.random.Generator, channels: int, symbols: int) -> StaticCode:
+    """A code fitted on skewed random symbols: some channels nearly constant (long codes for
+    the rest), some spread out."""
+    skew = rng.uniform(0.0, 0.999, size=channels)
+    training = np.where(rng.random((300, channels)) < skew, 0,
+                        rng.integers(0, symbols, (300, channels))).astype(np.uint8)
+    return StaticCode.fit(training, symbols)
+
+
+def outcome(decode, data: bytes, frames: int):
+    """What a decoder makes of the bytes: its symbols, or its error's text."""
+    try:
+        return decode(data, frames).tobytes()
+    except CodeError as e:
+        return str(e)
+
+
+def damaged(data: bytes, rng: np.random.Generator) -> list[bytes]:
+    """Truncated, one byte extra, the last bit flipped (padding, or the final state), the
+    first byte flipped (the rANS start state), random bytes of the same length, empty."""
+    flip_last = data[:-1] + bytes([data[-1] ^ 1]) if data else b"\x01"
+    flip_first = bytes([data[0] ^ 0x80]) + data[1:] if data else b"\x80"
+    return [data[:-1], data + b"\x00", data + b"\xff", flip_last, flip_first,
+            rng.bytes(len(data)), b"", data[:len(data) // 2]]
+
+
+@needs_native
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.sampled_from([2, 4, 16, 256]),
+       st.integers(1, 6))
+def test_the_native_coder_decodes_exactly_as_the_reference(seed, channels, symbols, frames):
+    rng = np.random.default_rng(seed)
+    code = random_code(rng, channels, symbols)
+    codes = np.where(rng.random((frames, channels)) < 0.5, code.lengths.argmax(axis=1),
+                     rng.integers(0, symbols, (frames, channels))).astype(np.uint8)
+    for encode, fast, reference in ((code.encode, code.decode, code.decode_reference),
+                                    (code.encode_rans, code.decode_rans,
+                                     code.decode_rans_reference)):
+        data = encode(codes)
+        assert np.array_equal(fast(data, frames), codes)
+        assert np.array_equal(reference(data, frames), codes)
+        for bad in damaged(data, rng):
+            for n in (frames, frames + 1):
+                assert outcome(fast, bad, n) == outcome(reference, bad, n)
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80), st.integers(1, 4), st.sampled_from(["huffman", "rans"]))
+def test_the_native_coder_refuses_arbitrary_bytes_as_the_reference_does(data, frames, coder):
+    code = StaticCode(np.array([[2048, 1024, 512, 512], [1, 1, 1, 4093], [1024] * 4]))
+    fast, reference = ((code.decode, code.decode_reference) if coder == "huffman"
+                       else (code.decode_rans, code.decode_rans_reference))
+    assert outcome(fast, data, frames) == outcome(reference, data, frames)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 60), st.sampled_from([2, 4, 16]),
+       st.integers(1, 40), st.sampled_from(["random", "longest", "shortest", "dearest"]))
+def test_every_honest_encoding_is_within_the_payload_budget(seed, channels, symbols, frames,
+                                                            pattern):
+    rng = np.random.default_rng(seed)
+    code = random_code(rng, channels, symbols)
+    pick = {"longest": code.lengths.argmax(axis=1), "shortest": code.lengths.argmin(axis=1),
+            "dearest": code.frequencies.argmin(axis=1)}
+    codes = (rng.integers(0, symbols, (frames, channels)) if pattern == "random"
+             else np.tile(pick[pattern], (frames, 1))).astype(np.uint8)
+    for rans, data in ((False, code.encode(codes)), (True, code.encode_rans(codes))):
+        low, high = code.payload_bounds(frames, rans)
+        assert low <= len(data) <= high, (rans, low, len(data), high)
+
+
+def test_the_reference_heartbeats_once_a_frame(code4):
+    codes, _ = wire.quantize_unsigned(relu_features(9, seed=2), 4)
+    for encode, decode in ((code4.encode, code4.decode_reference),
+                           (code4.encode_rans, code4.decode_rans_reference)):
+        ticks = []
+        decode(encode(codes), 9, lambda: ticks.append(1))
+        assert len(ticks) == 9
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"SPLITEXIT_NATIVE": "0"}, "Python coder (SPLITEXIT_NATIVE=0)"),
+    ({"CC": "/nonexistent/cc"}, "Python coder (no C compiler: install gcc or set CC"),
+])
+def test_without_the_native_coder_the_reference_decodes(env, message, monkeypatch, tmp_path,
+                                                        code4):
+    monkeypatch.setattr(native, "_coder", {})
+    monkeypatch.setenv("SPLITEXIT_CACHE", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert native.coder() is None
+    status = native.coder_status()
+    assert status.startswith(message) and "\n" not in status
+    codes, _ = wire.quantize_unsigned(relu_features(5, seed=3), 4)
+    assert np.array_equal(code4.decode(code4.encode(codes), 5), codes)
+    assert np.array_equal(code4.decode_rans(code4.encode_rans(codes), 5), codes)

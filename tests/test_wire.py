@@ -243,3 +243,33 @@ def test_nonzero_padding_bits_are_rejected():
     msg = wire.encode_request(1, TAG, features(1, 33), DType.UINT4, Codec.NONE)
     tampered = msg[0][:-1] + bytes([msg[0][-1] | 0xF0])  # the 34th nibble does not exist
     reject([tampered], "field")
+
+
+def test_the_size_caps_hold_the_largest_legal_messages():
+    # the largest request: 4 MiB of features lz4 cannot shrink, with a scale per frame
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (256, 16384), dtype=np.uint8).astype(np.float32)
+    [biggest] = wire.encode_request(1, TAG, noise, DType.INT8, Codec.LZ4)
+    assert wire.MAX_REQUEST_BYTES >= len(biggest) + 16384 // 255 * 256  # lz4's worst too
+    [reply] = wire.encode_reply(1, "w" * 300, np.zeros(256), np.ones(256), 1, 1, 256)
+    [error] = wire.encode_error(wire.MAX_MSG_ID, Refusal.BAD_REQUEST, "\u20ac" * 500)
+    [ready] = wire.encode_ready("w" * wire.MAX_DETAIL_CHARS, TAG, 1 << 16)
+    assert max(len(reply), len(error), len(ready)) <= wire.MAX_REPLY_BYTES
+
+
+def test_entropy_coded_requests_are_budgeted_before_decoding():
+    from pipeline.protocol.static_code import StaticCode
+
+    wide = StaticCode(np.full((2048, 16), 256))   # every symbol 4 bits, so never smaller
+    x = features(200, 2048)                       # 409 600 features > MAX_CODED_SYMBOLS
+    msg = wire.encode_request(1, TAG, x, DType.UINT4, Codec.STATIC, wide)
+    assert request_codec(msg) == Codec.NONE       # an edge sends so many packed
+    over = request(dtype=DType.UINT4, codec=Codec.STATIC, frames=200, width=2048,
+                   scales=bytes(400), payload=bytes(100))
+    reject(over, "size", lambda f: wire.decode_request(f, wide))   # ... and refuses them coded
+    code = StaticCode(np.array([[2045, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1, 1, 1, 1,
+                                 1]] * 40))
+    low, high = code.payload_bounds(3, rans=False)
+    for n, reason in ((low - 1, "size"), (low, "decompress"), (min(high, 59) + 1, "size")):
+        reject(request(dtype=DType.UINT4, codec=Codec.STATIC, frames=3, scales=bytes(6),
+                       payload=b"\xff" * n), reason, lambda f: wire.decode_request(f, code))

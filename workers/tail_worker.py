@@ -10,6 +10,15 @@ pure object; this module is the I/O around it.
 Credit: the worker tells the broker how many requests it may hold at once, so the broker
 never queues work on a busy worker while another is idle.
 
+Decoding never silences the heartbeats. A request's entropy-coded payload is budgeted from
+its header before it is decoded (pipeline.protocol.wire), and decoding is linear: the C coder
+spends at most 2.7 ms of CPU on the largest legal message of the default's shape (256 frames
+x 400 features, 51.7 KB) and 6.4 ms at MAX_CODED_SYMBOLS (256 x 1024, 132 KB), on a busy
+2-core machine (benchmarks/decode_worst.py). The Python fallback (no C compiler) spends
+0.1 s and 0.25 s of CPU on them, but up to 1.4 s of wall time under load: more than a
+heartbeat interval (0.5 s), so a worker also beats between the frames it decodes and between
+the messages of a burst (a thousand cheap ones back to back add up as well).
+
 SIGTERM drains: the worker says DISCONNECT (the broker sends nothing new), answers what it
 holds and what is still in transit for a short grace period, then exits. Anything it could
 not answer is redelivered by the broker when the worker's heartbeats stop.
@@ -32,7 +41,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from monitoring.metrics import ProcessMetrics, WorkerMetrics, for_registry
 from pipeline import __version__
 from pipeline.model.artifacts import load_server
-from pipeline.protocol import wire
+from pipeline.protocol import native, wire
 from pipeline.protocol.security import watch_handshake
 from pipeline.protocol.timing import DRAIN_GRACE_S, Backoff
 from pipeline.protocol.wire import Kind, Refusal, WireError
@@ -44,6 +53,9 @@ __all__ = ["WorkerConfig", "TailWorker", "run_worker"]
 log = logging.getLogger(__name__)
 
 RECEIVE_BURST = 1000   # messages read per wake-up before a due batch runs
+# ZMQ_MAXMSGSIZE, checked per frame as it comes off the wire: the largest legal request, and
+# room for CURVE's 33 B around it (the routing frame, an edge id, is at most 255 B)
+MAX_RECEIVE_BYTES = wire.MAX_REQUEST_BYTES + 256
 
 
 class TailWorker:
@@ -57,6 +69,7 @@ class TailWorker:
         self.model_id = server.model_id
         self.model_tag = wire.model_tag(server.model_id)
         self.code = server.code  # the model's static uplink code, or None
+        self.decoders = native.coder_status() if self.code is not None else "no static code"
         model = server.config.model
         self.width = model.split_width
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -80,6 +93,7 @@ class TailWorker:
         self.m_batch, self.m_queue = self.m.batch.labels(w), self.m.queue.labels(w)
         self.m_held = self.m.held.labels(w)
         self.ready, self.held = False, 0   # what the gauges say, so only changes are written
+        self.heartbeat_at = 0.0
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -90,6 +104,8 @@ class TailWorker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.identity = self.worker_id.encode()
+        # libzmq drops a peer that sends a larger frame, before it is read into memory
+        self.sock.maxmsgsize = MAX_RECEIVE_BYTES
         self.cfg.security.client_socket(self.sock)
         if self.cfg.security.curve and not self.watching:
             watch_handshake(self.sock, f"worker {self.worker_id}",
@@ -118,13 +134,13 @@ class TailWorker:
         interval = self.cfg.heartbeat_interval_s
         liveness = self.cfg.heartbeat_liveness
         backoff = Backoff()
-        heartbeat_at = time.monotonic() + interval
+        self.heartbeat_at = time.monotonic() + interval
         while True:
             now = time.monotonic()
             draining = self.draining_since is not None
             if draining and not self.batcher and now - self.draining_since >= DRAIN_GRACE_S:
                 return
-            wake = heartbeat_at
+            wake = self.heartbeat_at
             if self.batcher:
                 wake = min(wake, self.batcher.next_due())
             if self.sock.poll(max(0.0, wake - now) * 1000, zmq.POLLIN):
@@ -137,8 +153,8 @@ class TailWorker:
             if len(self.batcher) != self.held:  # once a pass, and only on a change
                 self.held = len(self.batcher)
                 self.m_held.set(self.held)
-            if now >= heartbeat_at:
-                heartbeat_at = now + interval
+            if now >= self.heartbeat_at:
+                self.heartbeat_at = now + interval
                 self.sock.send_multipart(wire.HEARTBEAT)
                 liveness -= 1
                 if liveness <= 0 and self.draining_since is None:
@@ -149,6 +165,15 @@ class TailWorker:
                     self.connect()
                     liveness = self.cfg.heartbeat_liveness
 
+    def _beat(self) -> None:
+        """Heartbeat now if one is due. The main loop beats between polls; this also runs
+        between the messages of a burst and between the frames the Python decoder reads, so
+        neither a long burst nor the slow fallback decoder makes a live worker look dead."""
+        now = time.monotonic()
+        if now >= self.heartbeat_at:
+            self.heartbeat_at = now + self.cfg.heartbeat_interval_s
+            self.sock.send_multipart(wire.HEARTBEAT)
+
     def _set_ready(self, ready: bool) -> None:
         if ready != self.ready:  # a metric write only on a change: it may be a file write
             self.ready = ready
@@ -156,6 +181,7 @@ class TailWorker:
 
     def _receive(self) -> None:
         for _ in range(RECEIVE_BURST):
+            self._beat()
             try:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -176,7 +202,7 @@ class TailWorker:
 
     def _on_request(self, edge: bytes, parts: list) -> None:
         try:
-            request = wire.decode_request(parts, self.code)
+            request = wire.decode_request(parts, self.code, self._beat)
         except WireError as e:
             self._count(e.reason)
             try:
@@ -245,7 +271,8 @@ def run_worker(artifact_dir: str, cfg: WorkerConfig, worker_id: str | None = Non
     signal.signal(signal.SIGTERM, lambda *_: worker.drain())
     signal.signal(signal.SIGINT, lambda *_: worker.drain())
     log.info(f"worker {worker.worker_id}: model {worker.model_id}, broker {cfg.broker}, "
-             f"max_batch {cfg.max_batch}, max_wait {cfg.max_wait_ms} ms")
+             f"max_batch {cfg.max_batch}, max_wait {cfg.max_wait_ms} ms, "
+             f"decoders: {worker.decoders}")
     try:
         worker.run()
     finally:

@@ -17,17 +17,35 @@ bytes raise CodeError, and never allocate more than the symbols asked for.
 
 from __future__ import annotations
 
+import ctypes
 import heapq
+import math
+from typing import Callable
 
 import numpy as np
 
-__all__ = ["StaticCode", "CodeError", "MAX_CODE_BITS", "PROB_BITS"]
+from pipeline.protocol import native
+
+__all__ = ["StaticCode", "CodeError", "MAX_CODE_BITS", "PROB_BITS", "ERRORS"]
 
 MAX_CODE_BITS = 24
 PROB_BITS = 12                      # frequencies of a channel sum to 2^12
 _TOTAL = 1 << PROB_BITS
 _LOW = 1 << 23                      # rANS state lives in [2^23, 2^31)
 _SLACK_BYTES = 0.25                 # rANS's rounding costs under 2^-11 bits a symbol
+
+Tick = Callable[[], None]
+# What a decoder refuses, by the code coder.c returns (0 is success); the Python reference
+# raises the same text, so both give one outcome for any bytes.
+HUFFMAN_CODE, HUFFMAN_TAIL, RANS_SHORT, RANS_RANGE, RANS_END, RANS_FINAL = range(1, 7)
+ERRORS = {
+    HUFFMAN_CODE: "the bits end inside a code, or no code matches",
+    HUFFMAN_TAIL: "bytes left over after the last frame, or padding bits not zero",
+    RANS_SHORT: "an rANS payload holds at least its 4-byte state",
+    RANS_RANGE: "the coder state left its range",
+    RANS_END: "the bytes end inside a frame",
+    RANS_FINAL: "the final state or the byte count is not what the encoder left",
+}
 
 
 class CodeError(ValueError):
@@ -47,7 +65,6 @@ class StaticCode:
         self.channels, self.symbols = freq.shape
         self.lengths = np.array([_limited_lengths(row) for row in freq.tolist()], np.uint8)
         self._codes = [self._canonical(row) for row in self.lengths.tolist()]
-        self._decode = [{(n, c): s for s, (c, n) in enumerate(codes)} for codes in self._codes]
         rows = self.frequencies.astype(np.int64)
         self._bits = -np.log2(rows / _TOTAL)  # what rANS spends on each (channel, symbol)
         self._channel = np.arange(self.channels)
@@ -55,6 +72,12 @@ class StaticCode:
                                     np.cumsum(rows, axis=1)], axis=1).tolist()
         self._freq = rows.tolist()
         self._slot = [np.repeat(np.arange(self.symbols), row).tolist() for row in rows]
+        self._tables = _CanonicalTables(self.lengths, self.frequencies)
+        # the fewest and most bits one frame can cost: the bounds of an honest payload
+        self._huffman_bits = (int(self.lengths.min(axis=1).sum()),
+                              int(self.lengths.max(axis=1).sum()))
+        self._rans_bits = (float(self._bits.min(axis=1).sum()),
+                           float(self._bits.max(axis=1).sum()))
 
     @staticmethod
     def _canonical(lengths: list[int]) -> list[tuple[int, int]]:
@@ -95,36 +118,84 @@ class StaticCode:
     # -- Huffman ---------------------------------------------------------------------------
 
     def encode(self, codes: np.ndarray) -> bytes:
-        """Huffman: (frames, channels) symbols -> one bit string, MSB first, zero-padded."""
-        acc, bits = 0, 0
+        """Huffman: (frames, channels) symbols -> one bit string, MSB first, zero-padded.
+        Whole bytes leave the accumulator once it holds 64 bits, so it never grows with the
+        message (shifting one integer as long as the message made encoding quadratic)."""
+        out, acc, bits = bytearray(), 0, 0
         tables = self._codes
         for row in np.asarray(codes).tolist():
             for channel, symbol in enumerate(row):
                 code, n = tables[channel][symbol]
                 acc, bits = (acc << n) | code, bits + n
+                if bits >= 64:
+                    whole, bits = bits // 8, bits % 8
+                    out += (acc >> bits).to_bytes(whole, "big")
+                    acc &= (1 << bits) - 1
         pad = -bits % 8
-        return (acc << pad).to_bytes((bits + pad) // 8, "big")
+        out += (acc << pad).to_bytes((bits + pad) // 8, "big")
+        return bytes(out)
 
-    def decode(self, data: bytes, frames: int) -> np.ndarray:
-        """Inverse of encode for `frames` frames; the bytes must hold exactly them."""
+    def decode(self, data: bytes, frames: int, tick: Tick | None = None) -> np.ndarray:
+        """Inverse of encode for `frames` frames; the bytes must hold exactly them. Native
+        when the C coder is built (pipeline.protocol.native), else the Python reference,
+        which calls `tick` after each frame (a worker heartbeats from it)."""
+        lib = native.coder()
+        if lib is None:
+            return self.decode_reference(data, frames, tick)
+        t = self._tables
+        return self._native(lib.huffman_decode, data, frames, t.limit, t.base, t.order,
+                            t.minimum)
+
+    def decode_reference(self, data: bytes, frames: int, tick: Tick | None = None) -> np.ndarray:
+        """Canonical decoding in Python, linear in the bytes: a bit buffer of at most 31 bits
+        refilled a byte at a time; a window of MAX_CODE_BITS bits, compared against each
+        length's limit, gives the length and then the symbol (what coder.c does)."""
         out = np.empty((frames, self.channels), np.uint8)
-        value = int.from_bytes(data, "big")
-        left = 8 * len(data)  # bits not yet read
-        tables = self._decode
+        limits, bases, orders, minimums = self._tables.lists()
+        acc = bits = pos = 0
+        size, top = len(data), MAX_CODE_BITS
         for f in range(frames):
+            row = []
             for channel in range(self.channels):
-                table, code, n = tables[channel], 0, 0
-                while True:
-                    if n == MAX_CODE_BITS or left == 0:
-                        raise CodeError("the bits end inside a code, or no code matches")
-                    left -= 1
-                    code, n = (code << 1) | ((value >> left) & 1), n + 1
-                    symbol = table.get((n, code))
-                    if symbol is not None:
-                        out[f, channel] = symbol
-                        break
-        if left >= 8 or value & ((1 << left) - 1):
-            raise CodeError("bytes left over after the last frame, or padding bits not zero")
+                while bits < top and pos < size:
+                    acc, bits, pos = (acc << 8) | data[pos], bits + 8, pos + 1
+                window = acc << (top - bits) if bits < top else acc >> (bits - top)
+                limit, n = limits[channel], minimums[channel]
+                while n <= top and window >= limit[n]:
+                    n += 1
+                if n > top or n > bits:
+                    raise CodeError(ERRORS[HUFFMAN_CODE])
+                bits -= n
+                acc &= (1 << bits) - 1
+                row.append(orders[channel][bases[channel][n] + (window >> (top - n))])
+            out[f] = row
+            if tick is not None:
+                tick()
+        if bits + 8 * (size - pos) >= 8 or acc:
+            raise CodeError(ERRORS[HUFFMAN_TAIL])
+        return out
+
+    def payload_bounds(self, frames: int, rans: bool) -> tuple[int, int]:
+        """(fewest, most) bytes the encoder can write for `frames` frames: a payload outside
+        is refused before decoding. Huffman writes its bits rounded up to a byte. rANS
+        writes its 4-byte state plus the bits its symbols cost beyond the 23 of the start
+        state (up to 8 fewer, as the final state holds them), each step off by at most
+        2^-11 of the state: less than 2^-8 bits a symbol, counted on both sides."""
+        if not rans:
+            low, high = self._huffman_bits
+            return -(-frames * low // 8), -(-frames * high // 8)
+        low, high = self._rans_bits
+        slack = frames * self.channels / 256
+        return (4 + max(0, math.floor((frames * low - slack - 8) / 8)),
+                4 + math.ceil((frames * high + slack) / 8))
+
+    def _native(self, function, data: bytes, frames: int, *tables: np.ndarray) -> np.ndarray:
+        out = np.empty((frames, self.channels), np.uint8)
+        pointer = ctypes.c_void_p
+        rc = function(data, len(data), frames, self.channels, self.symbols,
+                      *(pointer(t.ctypes.data) for t in tables), pointer(out.ctypes.data))
+        if rc:
+            raise CodeError(ERRORS[rc])
         return out
 
     # -- rANS ------------------------------------------------------------------------------
@@ -147,29 +218,79 @@ class StaticCode:
         out.reverse()
         return bytes(out)
 
-    def decode_rans(self, data: bytes, frames: int) -> np.ndarray:
-        """Inverse of encode_rans; the bytes must hold exactly `frames` frames."""
+    def decode_rans(self, data: bytes, frames: int, tick: Tick | None = None) -> np.ndarray:
+        """Inverse of encode_rans; the bytes must hold exactly `frames` frames. Native when
+        the C coder is built, else the Python reference (which calls `tick` per frame)."""
+        lib = native.coder()
+        if lib is None:
+            return self.decode_rans_reference(data, frames, tick)
+        return self._native(lib.rans_decode, data, frames, self._tables.freq,
+                            self._tables.cum)
+
+    def decode_rans_reference(self, data: bytes, frames: int,
+                              tick: Tick | None = None) -> np.ndarray:
+        """rANS decoding in Python: each step checks the state's range and the bytes left."""
         if len(data) < 4:
-            raise CodeError("an rANS payload holds at least its 4-byte state")
+            raise CodeError(ERRORS[RANS_SHORT])
         out = np.empty((frames, self.channels), np.uint8)
         x, pos = int.from_bytes(data[:4], "big"), 4
         freq, cum, slots = self._freq, self._cum, self._slot
         mask = _TOTAL - 1
         for f in range(frames):
+            row = []
             for channel in range(self.channels):
                 if not _LOW <= x < _LOW << 8:
-                    raise CodeError("the coder state left its range")
+                    raise CodeError(ERRORS[RANS_RANGE])
                 slot = x & mask
                 symbol = slots[channel][slot]
-                out[f, channel] = symbol
+                row.append(symbol)
                 x = freq[channel][symbol] * (x >> PROB_BITS) + slot - cum[channel][symbol]
                 while x < _LOW:
                     if pos == len(data):
-                        raise CodeError("the bytes end inside a frame")
+                        raise CodeError(ERRORS[RANS_END])
                     x, pos = (x << 8) | data[pos], pos + 1
+            out[f] = row
+            if tick is not None:
+                tick()
         if x != _LOW or pos != len(data):
-            raise CodeError("the final state or the byte count is not what the encoder left")
+            raise CodeError(ERRORS[RANS_FINAL])
         return out
+
+
+class _CanonicalTables:
+    """The arrays both decoders read (coder.c takes them as they are, row-major):
+    per channel and code length n (1 .. MAX_CODE_BITS), `limit[n]`: the first window of
+    MAX_CODE_BITS bits, read MSB first, that a code of length n is too short for (canonical
+    codes of one length are consecutive, shorter ones sort first); `base[n]`: where the
+    codes of length n start in `order`, minus the first of them; `order`: the symbols in
+    code order; `minimum`: the shortest length. rANS: `freq` and `cum` (cumulative
+    frequencies, a leading 0)."""
+
+    def __init__(self, lengths: np.ndarray, frequencies: np.ndarray):
+        channels, symbols = lengths.shape
+        top = MAX_CODE_BITS
+        self.limit = np.zeros((channels, top + 1), np.uint32)
+        self.base = np.zeros((channels, top + 1), np.int32)
+        self.order = np.argsort(lengths, axis=1, kind="stable").astype(np.uint8)
+        self.minimum = lengths.min(axis=1).astype(np.uint8)
+        for c, row in enumerate(lengths.tolist()):
+            first = offset = 0
+            for n in range(1, top + 1):
+                count = row.count(n)
+                self.base[c, n] = offset - first
+                self.limit[c, n] = (first + count) << (top - n)
+                first, offset = (first + count) << 1, offset + count
+        self.freq = np.ascontiguousarray(frequencies, np.uint16)
+        self.cum = np.concatenate([np.zeros((channels, 1), np.uint16),
+                                   np.cumsum(frequencies, axis=1).astype(np.uint16)], axis=1)
+        self._lists: tuple | None = None
+
+    def lists(self) -> tuple[list, list, list, list]:
+        """The Huffman tables as Python lists (what the reference indexes fastest)."""
+        if self._lists is None:
+            self._lists = (self.limit.tolist(), self.base.tolist(), self.order.tolist(),
+                           self.minimum.tolist())
+        return self._lists
 
 
 def _limited_lengths(freq: list[int]) -> list[int]:

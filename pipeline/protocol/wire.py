@@ -27,12 +27,21 @@ each. An edge may pack up to 256 frames into one request; answers come back in t
 Decoding trusts nothing: sizes are capped before anything is decompressed, shape x dtype must
 equal the payload length, values must be finite. Every bad input raises WireError with a
 short reason (a bounded metric label), never anything else.
+
+An entropy-coded payload (STATIC, RANS) has a budget the header sets before a bit of it is
+decoded: at most MAX_CODED_SYMBOLS features (an edge sends a larger pack as packed codes),
+fewer bytes than those packed codes (the edge codes only when that shrinks them), and within
+what the model's code can write for that many frames (StaticCode.payload_bounds). Both
+decoders are linear, so the largest legal message costs a worker a few ms of CPU (see
+workers/tail_worker.py). MAX_REQUEST_BYTES and MAX_REPLY_BYTES are the largest legal
+messages each way: the ZMQ_MAXMSGSIZE of the sockets that receive them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Callable
 
 import struct
 
@@ -40,7 +49,7 @@ import lz4.block
 import msgpack
 import numpy as np
 
-from pipeline.protocol.static_code import MAX_CODE_BITS, PROB_BITS, CodeError, StaticCode
+from pipeline.protocol.static_code import CodeError, StaticCode
 
 __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
@@ -49,7 +58,8 @@ __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "peek", "stamp_load", "REQUEST_KINDS", "quantize", "quantize_unsigned",
            "dequantize", "row_bytes", "wire_bytes",
            "model_tag", "MODEL_TAG_BYTES", "SCALE_BYTES", "frame_scales",
-           "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES"]
+           "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES",
+           "MAX_CODED_SYMBOLS", "MAX_REQUEST_BYTES", "MAX_REPLY_BYTES"]
 
 # 1 was the msgpack-array layout, 2 had an 8-byte tag and float32 scales, 3 replies without
 # the broker's load; a peer speaking another version is told "version"
@@ -59,6 +69,8 @@ MAX_FRAMES_PER_REQUEST = 256       # what one edge packs into a message
 MAX_WIDTH = 1 << 16                # features per frame at the split
 MAX_PAYLOAD_BYTES = 4 << 20        # decoded payload cap; a 400-wide float32 batch of 256 is 400 KB
 MAX_HEADER_BYTES = 4096            # an ERROR or READY message
+MAX_CODED_SYMBOLS = 1 << 18        # features one entropy-coded request may carry (256 x 1024);
+                                   # an edge sends a larger pack as packed bits
 MAX_DETAIL_CHARS = 200             # error detail text
 UINT64_MAX = (1 << 64) - 1
 
@@ -264,6 +276,16 @@ _LOAD_OFFSET = struct.calcsize("<BBIHII")   # after version, kind, msg_id, batch
 REQUEST_HEADER_BYTES = _REQUEST.size           # 14
 MAX_MSG_ID = (1 << 32) - 1                     # msg ids are u32; an edge wraps to 1 after this
 U32_MAX = (1 << 32) - 1
+_REPLY_MAX_WORKER_BYTES = 255
+# ZMQ_MAXMSGSIZE for whoever receives requests (broker frontend, worker): the header, a scale
+# per frame, and lz4's worst case for the largest payload (an entropy-coded payload is always
+# shorter than the packed codes it replaces, so it is smaller still).
+MAX_REQUEST_BYTES = (REQUEST_HEADER_BYTES + SCALE_BYTES * MAX_FRAMES_PER_REQUEST
+                     + MAX_PAYLOAD_BYTES + MAX_PAYLOAD_BYTES // 255 + 16)
+# ... and for whoever receives from workers: a REPLY (header, worker id, 3 B a frame), or an
+# ERROR / READY, which decoding refuses above MAX_HEADER_BYTES.
+MAX_REPLY_BYTES = max(MAX_HEADER_BYTES, _REPLY.size + _REPLY_MAX_WORKER_BYTES
+                      + 3 * MAX_FRAMES_PER_REQUEST)
 
 
 def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
@@ -281,8 +303,9 @@ def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
         bits = UNSIGNED_BITS[dtype]
         symbols, s = quantize_unsigned(np.ascontiguousarray(features, dtype=np.float32), bits)
         scales = s.tobytes()
-        coded, is_rans = code.encode_smallest(symbols)
-        if len(coded) < frames * row_bytes(dtype, width):
+        coded, is_rans = (code.encode_smallest(symbols) if frames * width <= MAX_CODED_SYMBOLS
+                          else (b"", False))   # too many to decode at once: send them packed
+        if coded and len(coded) < frames * row_bytes(dtype, width):
             payload, codec = coded, Codec.RANS if is_rans else Codec.STATIC
         else:
             payload, codec = _pack_bits(symbols, bits).tobytes(), Codec.NONE
@@ -301,7 +324,7 @@ def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
 
 def encode_reply(msg_id: int, worker_id: str, classes: np.ndarray, confidences: np.ndarray,
                  queue_us: int, tail_us: int, batch: int) -> list[bytes]:
-    worker = worker_id.encode()[:255]
+    worker = worker_id.encode()[:_REPLY_MAX_WORKER_BYTES]
     return [_REPLY.pack(VERSION, Kind.REPLY, msg_id, min(int(batch), 0xFFFF),
                         min(int(queue_us), U32_MAX), min(int(tail_us), U32_MAX), 0, 0,
                         len(worker))
@@ -423,8 +446,11 @@ def peek(frame) -> tuple[Kind, int]:
     return kind, 0
 
 
-def decode_request(frames: list, code: StaticCode | None = None) -> Request:
-    """The request in `frames`; `code` is this side's model's static code, if it has one."""
+def decode_request(frames: list, code: StaticCode | None = None,
+                   tick: Callable[[], None] | None = None) -> Request:
+    """The request in `frames`; `code` is this side's model's static code, if it has one;
+    `tick` is called between frames while the Python reference decodes an entropy-coded
+    payload (a worker heartbeats from it; the C coder never runs long enough to need it)."""
     data, kind = _single(frames, "a request")
     if kind not in REQUEST_KINDS or len(data) < _REQUEST.size:
         raise WireError("kind", "not a request")
@@ -443,7 +469,7 @@ def decode_request(frames: list, code: StaticCode | None = None) -> Request:
     payload = data[_REQUEST.size + scale_bytes:]
     codes = None  # the entropy codecs give codes, the others bytes in the dtype's layout
     if codec in (Codec.STATIC, Codec.RANS):
-        codes = _static_decode(payload, code, codec, dtype, n, width)
+        codes = _static_decode(payload, code, codec, dtype, n, width, tick)
     else:
         if codec == Codec.LZ4:
             if len(payload) > expected + expected // 255 + 16:  # lz4's worst case for it
@@ -467,20 +493,26 @@ def decode_request(frames: list, code: StaticCode | None = None) -> Request:
 
 
 def _static_decode(payload: bytes, code: StaticCode | None, codec: Codec, dtype: DType,
-                   n: int, width: int) -> np.ndarray:
-    """The unsigned codes (n, width) a STATIC or RANS payload encodes, checked like any."""
+                   n: int, width: int, tick: Callable[[], None] | None) -> np.ndarray:
+    """The unsigned codes (n, width) a STATIC or RANS payload encodes, checked like any.
+    The budget comes first, from the header alone: no more symbols than MAX_CODED_SYMBOLS,
+    fewer bytes than the packed codes (an edge codes only when that shrinks them), and as
+    many as this code can write for n frames; the decoders then cost one pass each."""
     if code is None or dtype not in UNSIGNED_BITS or code.channels != width or \
             code.symbols != 1 << UNSIGNED_BITS[dtype]:
         raise WireError("codec", "static code payload for a model whose code this side lacks")
-    # No symbol costs more than MAX_CODE_BITS (Huffman) or PROB_BITS (rANS, + its state).
-    longest = (n * width * (MAX_CODE_BITS if codec == Codec.STATIC else PROB_BITS) + 7) // 8
-    if len(payload) > longest + 4:
-        raise WireError("size", f"static-coded payload {len(payload)} B too large")
+    if n * width > MAX_CODED_SYMBOLS:
+        raise WireError("size", f"{n}x{width} coded features exceed {MAX_CODED_SYMBOLS}; "
+                                f"send fewer frames a message")
+    low, high = code.payload_bounds(n, codec == Codec.RANS)
+    high = min(high, n * row_bytes(dtype, width) - 1)
+    if not low <= len(payload) <= high:
+        raise WireError("size", f"static-coded payload of {len(payload)} B: {n} frames take "
+                                f"{low}..{high} B")
     try:
-        symbols = (code.decode if codec == Codec.STATIC else code.decode_rans)(payload, n)
+        return (code.decode if codec == Codec.STATIC else code.decode_rans)(payload, n, tick)
     except CodeError as e:
         raise WireError("decompress", str(e)) from None
-    return symbols
 
 
 def decode_answer(frames: list) -> Reply | Error:
