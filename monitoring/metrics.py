@@ -128,6 +128,11 @@ class EdgeMetrics:
         self.duplicates = Counter("splitexit_edge_duplicate_answers",
                                   "Answers for frames already final (late or redelivered), "
                                   "discarded", ["producer"], registry=registry)
+        self.bad_replies = Counter("splitexit_edge_bad_replies",
+                                   "Replies dropped as untrue, by reason: class_range, "
+                                   "confidence_range, answer_count, unknown_msg_id (their "
+                                   "frames wait for the deadline)", ["producer", "reason"],
+                                   registry=registry)
 
 
 class WorkerMetrics:
@@ -152,7 +157,8 @@ class BrokerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         self.requests = Counter("splitexit_broker_requests",
                                 "Edge requests by status: dispatched, busy, shadows_refused, "
-                                "expired",
+                                "duplicate (msg_id already in flight), expired (in the queue), "
+                                "expired_held (in a worker's hands)",
                                 ["status"], registry=registry)
         self.queue_depth = Gauge("splitexit_broker_queue_depth", "Requests waiting for a "
                                  "worker", multiprocess_mode="livesum", registry=registry)
@@ -167,6 +173,11 @@ class BrokerMetrics:
         self.redeliveries = Counter("splitexit_broker_redeliveries",
                                     "Requests sent again after their worker went silent",
                                     registry=registry)
+        self.replies_dropped = Counter("splitexit_broker_replies_dropped",
+                                       "Worker replies not forwarded: unknown_worker (no "
+                                       "READY), not_held (not given that request, or it went "
+                                       "to another), late (it expired in that worker's hands)",
+                                       ["reason"], registry=registry)
 
 
 _built: dict[tuple[type, int], object] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from monitoring.exposition import METRICS_PORTS, MetricsError
@@ -100,26 +101,44 @@ def _security(args: argparse.Namespace, broker: bool):
     from pipeline.protocol.security import Security
 
     if broker:
-        return Security(secret=args.broker_secret, allow=args.allow, insecure=args.insecure)
+        if args.allow:
+            raise UserError(f"--allow ({options.env_name('--allow')}) was split in two, one "
+                            f"folder per role: pass --allow-edges DIR (the edges' keys) and "
+                            f"--allow-workers DIR (the workers' keys)")
+        return Security(secret=args.broker_secret, allow_edges=args.allow_edges,
+                        allow_workers=args.allow_workers, insecure=args.insecure)
     return Security(secret=args.curve_secret, server=args.curve_server, insecure=args.insecure)
 
 
 def _cmd_keys(args: argparse.Namespace) -> None:
     from pipeline.protocol.security import create_keys
 
-    public, secret = create_keys(args.dir, args.name)
-    log.info(f"wrote {public} (public: give it to the broker's --allow folder, or to clients "
-             f"as --curve-server) and {secret} (secret: keep it on this host)")
+    public, secret = create_keys(args.dir, args.name, args.force)
+    log.info(f"wrote {public} (public: give it to the broker's --allow-edges or "
+             f"--allow-workers folder, by its role, or to clients as --curve-server) and "
+             f"{secret} (secret: keep it on this host)")
 
 
 def _cmd_broker(args: argparse.Namespace) -> None:
-    from workers.config import BrokerConfig
     from workers.broker import run_broker
 
     security = _security(args, broker=True).check([args.frontend, args.backend], "broker")
     _start_metrics(args)
-    run_broker(BrokerConfig(args.frontend, args.backend, args.max_queue,
-                            _queue_timeout_s(args), security=security))
+    run_broker(_broker_config(args, security))
+
+
+def _broker_config(args: argparse.Namespace, security=None,
+                   default_timeout_ms: float | None = None):
+    """The broker's settings from the options `broker`, `workers` and `up` share (plaintext
+    on loopback unless `security` says otherwise)."""
+    from workers.config import BrokerConfig
+
+    if not args.max_held_mb > 0:
+        raise UserError(f"--max-held-mb {args.max_held_mb} must be positive")
+    cfg = BrokerConfig(args.frontend, args.backend, args.max_queue,
+                       _queue_timeout_s(args, default_timeout_ms),
+                       max_held_bytes=int(args.max_held_mb * (1 << 20)))
+    return cfg if security is None else replace(cfg, security=security)
 
 
 def _queue_timeout_s(args: argparse.Namespace, default_ms: float | None = None) -> float:
@@ -145,7 +164,6 @@ def _worker_config(args: argparse.Namespace, backend: str):
 
 def _cmd_workers(args: argparse.Namespace) -> None:
     from pipeline.model.artifacts import load_server
-    from workers.config import BrokerConfig
     from workers.broker import run_broker
     from workers.pool import ProcessGroup, stop_on_sigterm
     from workers.tail_worker import run_worker
@@ -162,9 +180,7 @@ def _cmd_workers(args: argparse.Namespace) -> None:
     group = ProcessGroup()
     try:
         if not args.broker:
-            group.start("broker", run_broker, BrokerConfig(
-                args.frontend, args.backend, args.max_queue, _queue_timeout_s(args),
-                security=broker_security))
+            group.start("broker", run_broker, _broker_config(args, broker_security))
         workers = [group.start(f"worker-{i}", run_worker, args.artifacts, cfg)
                    for i in range(args.n)]
         log.info(f"{args.n} workers on {backend}" + ("" if args.broker else
@@ -180,7 +196,7 @@ def _cmd_edge(args: argparse.Namespace) -> None:
     from pipeline.edge.config import EdgeConfig
     from pipeline.edge.numpy_head import load_numpy_head
     from pipeline.edge.producer import run_producer
-    from workers.pool import ProcessGroup, check_exits, stop_on_sigterm
+    from workers.pool import STOP_TIMEOUT_S, ProcessGroup, check_exits, stop_on_sigterm
 
     if args.n < 1:
         raise UserError("-n must be at least 1")
@@ -199,22 +215,22 @@ def _cmd_edge(args: argparse.Namespace) -> None:
     _, announce = _start_metrics(args, {"edge": args.n})
     stop_on_sigterm()
     group = ProcessGroup()
+    procs = []
     try:
         procs = [group.start(f"edge-{i}", run_producer, args.artifacts, cfg, args.source,
                              args.fps, args.limit, args.data, (i, args.n) if args.shard else None)
                  for i, cfg in enumerate(configs)]
         group.wait(procs, on_tick=announce)
-        check_exits(procs)
     except KeyboardInterrupt:
-        pass
-    finally:
-        group.stop()
+        pass   # SIGTERM or Ctrl-C: each producer stops on the SIGTERM `stop` sends it
+    finally:   # a stopping producer answers what it holds within one deadline
+        group.stop(timeout_s=STOP_TIMEOUT_S + args.deadline_ms / 1000)
+    check_exits(procs)
 
 
 def _cmd_up(args: argparse.Namespace) -> None:
     from pipeline.edge.config import EdgeConfig
     from pipeline.up import UpConfig, format_run_report, up
-    from workers.config import BrokerConfig
     from workers.config import WorkerConfig
 
     if args.workers < 1 or args.producers < 1 or (args.limit is not None and args.limit < 1):
@@ -223,8 +239,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
         raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
     cfg = UpConfig(args.artifacts, args.workers, args.producers, args.fps, args.limit,
                    args.data, args.run_dir, args.metrics_port, args.metrics_addr, args.hold,
-                   BrokerConfig(args.frontend, args.backend, args.max_queue,
-                                _queue_timeout_s(args, args.deadline_ms)),
+                   _broker_config(args, default_timeout_ms=args.deadline_ms),
                    WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                 threads=args.threads),
                    EdgeConfig(deadline_ms=args.deadline_ms, dtype=args.dtype, codec=args.codec,
@@ -417,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="make a CURVE key pair for a broker, worker or edge")
     k.add_argument("dir", help="folder to write NAME.key and NAME.key_secret into")
     k.add_argument("--name", required=True, help="e.g. broker, worker1, camera-7")
+    k.add_argument("--force", action="store_true",
+                   help="replace an existing pair of that name (the old key stops working)")
     k.set_defaults(func=_cmd_keys)
 
     t = sub.add_parser("top", help="live summary from /metrics endpoints")

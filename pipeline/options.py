@@ -65,9 +65,14 @@ def add_security_options(p: argparse.ArgumentParser, client: bool, broker: bool)
         p.add_argument(*names, dest="broker_secret", metavar="NAME.key_secret",
                        default=from_env("--broker-secret"),
                        help=f"the broker's CURVE key pair (env {env_name('--broker-secret')})")
-        p.add_argument("--allow", metavar="DIR", default=from_env("--allow"),
-                       help=f"folder of client public keys (*.key) allowed to connect (env "
-                            f"{env_name('--allow')})")
+        # A key has one role: edges' and workers' keys live in two folders, one per socket.
+        p.add_argument("--allow-edges", metavar="DIR", default=from_env("--allow-edges"),
+                       help=f"folder of the public keys (*.key) of edges allowed on the "
+                            f"frontend (env {env_name('--allow-edges')})")
+        p.add_argument("--allow-workers", metavar="DIR", default=from_env("--allow-workers"),
+                       help=f"folder of the public keys (*.key) of workers allowed on the "
+                            f"backend (env {env_name('--allow-workers')})")
+        p.add_argument("--allow", default=from_env("--allow"), help=argparse.SUPPRESS)
 
 
 def add_broker_addresses(p: argparse.ArgumentParser) -> None:
@@ -81,9 +86,14 @@ def add_broker_addresses(p: argparse.ArgumentParser) -> None:
                         f"{env_name('--backend')}; default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=BrokerConfig.max_queue,
                    help="queued requests before edges are told BUSY (default: %(default)s)")
+    p.add_argument("--max-held-mb", type=float,
+                   default=BrokerConfig.max_held_bytes / (1 << 20),
+                   help="MiB of requests held at once, queued or in workers' hands, before "
+                        "edges are told BUSY (default: %(default)g)")
     p.add_argument("--queue-timeout-ms", type=float, default=None,
-                   help="a request queued longer is dropped (NO_WORKER): its edge has given up "
-                        "and serving it would only delay the next ones; set it to the edges' "
+                   help="a request older than this, queued or in a worker's hands, is "
+                        "dropped (NO_WORKER): its edge has given up and serving it would only "
+                        "delay the next ones; set it to the edges' "
                         f"--deadline-ms (default: {BrokerConfig.queue_timeout_s * 1000:.0f}; "
                         "`up`: its own --deadline-ms)")
 

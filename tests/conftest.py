@@ -159,16 +159,16 @@ def dense_twin(tmp_path_factory, idx_dir) -> Path:
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory) -> Path:
     """broker, worker, edge and a stranger's CURVE key pairs made by `splitexit keys`;
-    allow/ lists the worker and the edge."""
+    allow-edges/ lists the edge, allow-workers/ the worker."""
     folder = tmp_path_factory.mktemp("keys")
     for name in ("broker", "worker", "edge", "stranger"):
         r = subprocess.run([sys.executable, "-m", "pipeline.cli", "keys", str(folder),
                             "--name", name], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    allow = folder / "allow"
-    allow.mkdir()
-    for name in ("worker", "edge"):
-        shutil.copy(folder / f"{name}.key", allow)
+    for role in ("edge", "worker"):
+        allow = folder / f"allow-{role}s"
+        allow.mkdir()
+        shutil.copy(folder / f"{role}.key", allow)
     return folder
 
 

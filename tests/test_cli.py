@@ -62,7 +62,7 @@ def test_runtime_commands_reject_bad_input_in_one_line(tmp_path, tiny_config_pat
     one_line_failure(splitexit("edge", "--artifacts", str(out)))  # no keys, no --insecure
     one_line_failure(splitexit("broker", "--insecure", "--frontend", "tcp://0.0.0.0:5555"))
     one_line_failure(splitexit("broker", "--curve-secret", str(tmp_path / "none.key_secret"),
-                               "--allow", str(tmp_path)))
+                               "--allow-edges", str(tmp_path), "--allow-workers", str(tmp_path)))
     one_line_failure(splitexit("up", "--artifacts", str(out), "--workers", "0"))
     one_line_failure(splitexit("edge", "--artifacts", str(out), "--insecure",
                                "--target-offload", "1.5"))
@@ -107,3 +107,17 @@ def test_endpoints_and_keys_come_from_the_environment_and_flags_mean_one_thing(m
     assert build_parser().parse_args(
         ["broker", "--curve-secret", "b.key_secret"]).broker_secret == "b.key_secret"
     assert build_parser().parse_args(["workers"]).broker_secret == "keys/broker.key_secret"
+
+
+def test_allow_lists_come_from_the_environment_one_folder_per_role(monkeypatch):
+    from pipeline.cli import build_parser
+
+    monkeypatch.setenv("SPLITEXIT_ALLOW_EDGES", "/allow/edges")
+    monkeypatch.setenv("SPLITEXIT_ALLOW_WORKERS", "/allow/workers")
+    for command in ("broker", "workers"):
+        args = build_parser().parse_args([command])
+        assert (args.allow_edges, args.allow_workers) == ("/allow/edges", "/allow/workers")
+
+
+def test_the_brokers_byte_budget_must_be_positive():
+    one_line_failure(splitexit("broker", "--insecure", "--max-held-mb", "0"))

@@ -58,6 +58,12 @@ def mounted_file(c: dict, volumes: dict, path: str, secrets: dict) -> None:
     raise AssertionError(f"{path} is not in any volume mounted in {c['name']}")
 
 
+def mounted_secret(c: dict, volumes: dict, folder: str) -> set[str]:
+    """The files of the Secret mounted exactly at `folder` (an allow-list folder)."""
+    [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == folder]
+    return secret_files()[volumes[mount["name"]]["secret"]["secretName"]]
+
+
 def ports(c: dict) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in c["ports"]}
 
@@ -82,8 +88,10 @@ def test_the_broker_binds_what_its_service_and_container_expose(monkeypatch):
                         "metrics": args.metrics_port}
     assert args.metrics_addr == "0.0.0.0"        # probes and Prometheus come from outside
     mounted_file(c, volumes, args.broker_secret, secrets)
-    mounted_file(c, volumes, args.allow, secrets)
-    assert {"worker.key", "edge.key"} <= secrets["splitexit-broker-keys"]   # its allow-list
+    # one allow-list per role, each a Secret of public keys of that role only
+    assert mounted_secret(c, volumes, args.allow_edges) == {"edge.key"}
+    assert mounted_secret(c, volumes, args.allow_workers) == {"worker.key"}
+    assert args.allow is None
     service = m[("Service", "splitexit-broker")]
     pod_labels = m[("Deployment", "splitexit-broker")]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()

@@ -60,8 +60,9 @@ def in_ns(ns: str, *args: str, **kw) -> subprocess.Popen:
 def start_server(server_ns, artifacts, keys, metrics_dir):
     return in_ns(server_ns, "workers", "-n", "2", "--artifacts", str(artifacts),
                  "--frontend", f"tcp://{SERVER_IP}:5555", "--backend", "tcp://127.0.0.1:5556",
-                 "--broker-secret", str(keys / "broker.key_secret"), "--allow",
-                 str(keys / "allow"), "--curve-secret", str(keys / "worker.key_secret"),
+                 "--broker-secret", str(keys / "broker.key_secret"), "--allow-edges",
+                 str(keys / "allow-edges"), "--allow-workers", str(keys / "allow-workers"),
+                 "--curve-secret", str(keys / "worker.key_secret"),
                  "--curve-server", str(keys / "broker.key"), "--metrics-port", "0",
                  "--metrics-dir", str(metrics_dir),
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,19 +1,25 @@
 """The broker's rules as a pure object (no sockets, the clock passed in): credit, the bounded
-queue, expiry, heartbeats, draining and redelivery. Every rule the multi-process tests prove
-end to end is pinned here in-process, event by event."""
+queue, expiry, heartbeats, draining and redelivery, and what hostile peers cannot do (forge
+answers, hold requests forever, pin memory, reuse a msg_id). Every rule the multi-process
+tests prove end to end is pinned here in-process, event by event."""
 
 import pytest
 
 from pipeline.protocol import wire
 from pipeline.protocol.wire import Kind, Refusal
-from workers.scheduler import BACKEND, FRONTEND, Scheduler, WorkerTable
+from workers.config import MAX_CREDIT, START_CREDIT
+from workers.scheduler import BACKEND, FRONTEND, Request, Scheduler, WorkerTable
 
 LIVENESS_S = 2.0
 REQ = [b"header", b"payload"]   # the scheduler routes parts, it never decodes them
 
 
-def sched(max_queue=8, queue_timeout_s=1.0) -> Scheduler:
-    return Scheduler(max_queue, queue_timeout_s, LIVENESS_S)
+def sched(max_queue=8, queue_timeout_s=1.0, max_held_bytes=1 << 20) -> Scheduler:
+    return Scheduler(max_queue, queue_timeout_s, LIVENESS_S, max_held_bytes)
+
+
+def req(i: int, edge: bytes = b"edge", parts=(b"req",)) -> Request:
+    return Request(edge, i, list(parts), since=0.0, size=3)
 
 
 def refusal(send) -> Refusal:
@@ -36,11 +42,11 @@ def test_requests_go_to_free_credit_and_balance():
     picked = []
     for i in range(4):
         w = table.pick()
-        table.dispatch(w, (b"edge", i), [b"req"])
+        table.dispatch(w, req(i), now=0.0)
         picked.append(w.identity)
     assert sorted(picked) == [b"a", b"a", b"b", b"b"]
     assert table.pick() is None and table.free_credit == 0  # nobody has credit: queue it
-    assert table.complete(b"a", (b"edge", picked.index(b"a")))
+    assert table.answer(b"a", (b"edge", picked.index(b"a")), now=0.1) is None  # it held it
     assert table.pick().identity == b"a"
 
 
@@ -49,31 +55,31 @@ def test_a_silent_worker_is_purged_and_its_requests_come_back_in_order():
     table.ready(b"a", credit=4, now=0.0)
     w = table.pick()
     for i in range(3):
-        table.dispatch(w, (b"edge", i), [f"req{i}".encode()])
+        table.dispatch(w, req(i), now=0.0)
     table.ready(b"b", credit=4, now=1.5)
     assert table.purge(now=1.9) == []           # still within liveness
     table.seen(b"b", now=3.0)
     lost = table.purge(now=2.5)                  # a: last seen at 0.0, expired at 2.0
-    assert [key for key, _ in lost] == [(b"edge", 0), (b"edge", 1), (b"edge", 2)]
+    assert [r.key for r in lost] == [(b"edge", 0), (b"edge", 1), (b"edge", 2)]
     assert list(table.workers) == [b"b"]
-    assert not table.complete(b"a", (b"edge", 0))  # a late reply from the dead worker
+    assert table.answer(b"a", (b"edge", 0), now=2.6) == "unknown_worker"  # the dead one
 
 
 def test_a_worker_that_reannounces_itself_loses_what_it_held():
     table = WorkerTable(liveness_s=2.0)
     table.ready(b"a", credit=1, now=0.0)
-    table.dispatch(table.pick(), (b"e", 7), [b"r"])
+    table.dispatch(table.pick(), req(7, b"e"), now=0.0)
     lost = table.ready(b"a", credit=1, now=1.0)  # it restarted: redeliver
-    assert [key for key, _ in lost] == [(b"e", 7)] and table.free_credit == 1
+    assert [r.key for r in lost] == [(b"e", 7)] and table.free_credit == 1
 
 
 def test_a_draining_worker_gets_nothing_new_and_leaves_when_empty():
     table = WorkerTable(liveness_s=2.0)
     table.ready(b"a", credit=2, now=0.0)
-    table.dispatch(table.pick(), (b"e", 1), [b"r"])
+    table.dispatch(table.pick(), req(1, b"e"), now=0.0)
     table.drain(b"a")
     assert table.pick() is None and b"a" in table.workers
-    assert table.complete(b"a", (b"e", 1)) and b"a" not in table.workers
+    assert table.answer(b"a", (b"e", 1), now=0.1) is None and b"a" not in table.workers
 
 
 def test_ready_is_confirmed_at_once_and_queued_work_goes_to_the_new_worker():
@@ -138,7 +144,7 @@ def test_a_request_queued_past_its_timeout_is_answered_no_worker():
 
 
 def test_a_silent_workers_requests_go_to_another_in_their_order():
-    s = sched()
+    s = sched(queue_timeout_s=10.0)
     s.ready(b"a", credit=8, now=0.0)
     for i in range(3):
         s.request(b"e", i, REQ, now=0.0)
@@ -151,14 +157,15 @@ def test_a_silent_workers_requests_go_to_another_in_their_order():
     assert list(s.table.workers) == [b"b"]
 
 
-def test_a_late_reply_from_a_dropped_worker_is_still_forwarded_and_counted():
-    s = sched()
+def test_a_reply_from_a_dropped_worker_is_not_forwarded_but_counted():
+    """Only the worker holding a request answers it: once a worker is dropped, what it held
+    belongs to the queue (and then to another worker), not to it."""
+    s = sched(queue_timeout_s=10.0)
     s.ready(b"a", credit=1, now=0.0)
     s.request(b"e", 7, REQ, now=0.0)
     s.tick(now=3.0)                                           # a dropped, 7 requeued
-    sends = s.reply(b"a", b"e", 7, b"late", now=3.1)
-    assert sends == [(FRONTEND, [b"e", b"late"])]            # the edge drops duplicates
-    assert s.counts.late_replies == 1
+    assert s.reply(b"a", b"e", 7, b"late", now=3.1) == []
+    assert s.counts.dropped["unknown_worker"] == 1 and len(s.queue) == 1
 
 
 def test_a_heartbeat_from_an_unknown_worker_asks_it_to_announce_itself():
@@ -176,7 +183,7 @@ def test_a_draining_worker_gets_nothing_new_and_its_answers_still_count():
     assert s.disconnect(b"a", now=0.1) == []
     assert s.request(b"e", 2, REQ, now=0.2) == [] and len(s.queue) == 1  # not to a
     assert s.reply(b"a", b"e", 1, b"ok", now=0.3) == [(FRONTEND, [b"e", b"ok"])]
-    assert b"a" not in s.table.workers and s.counts.late_replies == 0
+    assert b"a" not in s.table.workers and not any(s.counts.dropped.values())
 
 
 @pytest.mark.parametrize("lose", ["gone", "reannounced"])
@@ -196,3 +203,128 @@ def test_heartbeats_go_to_every_known_worker():
     s.ready(b"b", 1, 0.0)
     assert s.heartbeats() == [(BACKEND, [b"a"] + wire.HEARTBEAT),
                               (BACKEND, [b"b"] + wire.HEARTBEAT)]
+
+
+# -- hostile peers (issue 25) ---------------------------------------------------------------------
+
+def answers(sends) -> list:
+    """(edge, answer parts) of every send to an edge."""
+    return [(parts[0], parts[1:]) for side, parts in sends if side == FRONTEND]
+
+
+def test_only_the_worker_holding_a_request_may_answer_it():
+    s = sched(queue_timeout_s=10.0)
+    s.ready(b"a", credit=4, now=0.0)
+    s.ready(b"b", credit=4, now=0.0)
+    [(holder, _)] = dispatched(s.request(b"e", 1, REQ, now=0.0))
+    other = b"b" if holder == b"a" else b"a"
+    assert s.reply(b"ghost", b"e", 1, b"forged", now=0.1) == []    # never sent READY
+    assert s.reply(other, b"e", 1, b"forged", now=0.1) == []       # not given it
+    assert s.reply(holder, b"e", 2, b"forged", now=0.1) == []      # never sent by the edge
+    assert s.counts.dropped == {"unknown_worker": 1, "not_held": 2, "late": 0}
+    assert answers(s.reply(holder, b"e", 1, b"true", now=0.2)) == [(b"e", [b"true"])]
+    assert s.reply(holder, b"e", 1, b"again", now=0.3) == []       # already answered
+    assert s.counts.dropped["not_held"] == 3 and s.counts.replies == 1
+
+
+def test_after_a_redelivery_only_the_new_holders_answer_is_forwarded():
+    s = sched(queue_timeout_s=10.0)
+    s.ready(b"a", credit=4, now=0.0)
+    s.request(b"e", 1, REQ, now=0.0)
+    s.ready(b"b", credit=4, now=1.0)
+    s.heartbeat(b"b", now=2.0)
+    assert dispatched(s.tick(now=2.1)) == [(b"b", b"e")]           # a silent: redelivered
+    s.ready(b"a", credit=4, now=2.2)                               # a is back, and answers
+    assert s.reply(b"a", b"e", 1, b"old", now=2.3) == []
+    assert answers(s.reply(b"b", b"e", 1, b"new", now=2.4)) == [(b"e", [b"new"])]
+    assert s.counts.dropped["not_held"] == 1
+
+
+def test_a_request_expires_in_a_workers_hands_and_keeps_its_deadline_across_redelivery():
+    s = sched(queue_timeout_s=3.0)
+    s.ready(b"a", credit=4, now=0.0)
+    s.request(b"e", 1, REQ, now=0.0)                               # arrives at 0: due at 3
+    s.ready(b"b", credit=4, now=2.0)
+    s.heartbeat(b"b", now=2.5)
+    assert dispatched(s.tick(now=2.1)) == [(b"b", b"e")]           # a silent since 0
+    s.heartbeat(b"b", now=2.9)
+    assert s.tick(now=2.9) == []
+    [(edge, expired)] = answers(s.tick(now=3.1))                   # not 3 s after 2.1
+    assert edge == b"e" and wire.decode_answer(expired).reason == Refusal.NO_WORKER
+    assert s.counts.expired_held == 1 and not s.requests and s.held_bytes == 0
+    # b's answer comes too late: dropped, and only then is its credit free again
+    assert s.table.workers[b"b"].free == 3
+    assert s.reply(b"b", b"e", 1, b"late", now=3.2) == []
+    assert s.counts.dropped["late"] == 1 and s.table.workers[b"b"].free == 4
+
+
+def test_a_silent_high_credit_worker_gets_little_and_is_dropped_while_a_real_one_serves():
+    """READY with credit 65 536, heartbeats, never answers: it is held to MAX_CREDIT and,
+    having answered nothing, to START_CREDIT requests; they expire (NO_WORKER), the real
+    worker serves everything else, and the silent one is dropped after a liveness period
+    of owing answers."""
+    s = sched(max_queue=1024, queue_timeout_s=1.0)
+    s.ready(b"silent", credit=65536, now=0.0)
+    s.ready(b"real", credit=128, now=0.0)
+    assert s.table.workers[b"silent"].credit == MAX_CREDIT
+    to_edge = []
+    for i in range(400):                          # 400 requests over 4 s
+        now = i * 0.01
+        s.heartbeat(b"silent", now)
+        s.heartbeat(b"real", now)
+        sends = s.request(b"e", i, REQ, now) + s.tick(now)
+        while sends:                              # the real worker answers what it gets
+            to_edge += [a for _, a in answers(sends)]
+            sends = [send for edge, msg_id in list(s.table.workers[b"real"].inflight)
+                     for send in s.reply(b"real", edge, msg_id, b"ok", now)]
+        silent = s.table.workers.get(b"silent")
+        assert silent is None or len(silent.inflight) + len(silent.late) <= START_CREDIT
+    assert b"silent" not in s.table.workers       # owed answers for over LIVENESS_S: dropped
+    refused = [a for a in to_edge if a != [b"ok"]]
+    assert {refusal((FRONTEND, [b"e"] + a)) for a in refused} == {Refusal.NO_WORKER}
+    assert 0 < len(refused) == s.counts.expired_held <= START_CREDIT
+    assert len(to_edge) == 400 - len(s.queue) - len(s.table.workers[b"real"].inflight)
+
+
+def test_a_reused_msg_id_is_refused_and_never_overwrites_the_request_in_flight():
+    s = sched(max_queue=1024)
+    s.ready(b"w", credit=4, now=0.0)
+    sent_to_worker, refusals = 0, []
+    for i in range(100):                           # ids 1..4 over and over
+        sends = s.request(b"e", 1 + i % 4, REQ, now=0.0)
+        sent_to_worker += len(dispatched(sends))
+        refusals += [a for _, a in answers(sends)]
+    assert sent_to_worker == 4 and len(refusals) == 96
+    assert {wire.decode_answer(a).reason for a in refusals} == {Refusal.BAD_REQUEST}
+    assert s.counts.duplicate == 96 and len(s.table.workers[b"w"].inflight) == 4
+    s.request(b"e", 5, REQ, now=0.0)                            # queued ...
+    [dup] = s.request(b"e", 5, REQ, now=0.0)                    # ... is in flight too
+    assert refusal(dup) == Refusal.BAD_REQUEST and len(s.queue) == 1
+    assert dispatched(s.request(b"other-edge", 1, REQ, now=0.0)) == []  # ids are per edge
+    assert len(s.queue) == 2
+
+
+def test_credit_is_capped_and_a_new_worker_starts_small():
+    table = WorkerTable(liveness_s=2.0)
+    table.ready(b"w", credit=1 << 16, now=0.0)
+    w = table.workers[b"w"]
+    assert w.credit == MAX_CREDIT and w.free == START_CREDIT
+    for i in range(START_CREDIT):
+        table.dispatch(w, req(i), now=0.0)
+    assert table.pick() is None
+    assert table.answer(b"w", (b"edge", 0), now=0.1) is None
+    assert w.free == 2                            # its slot back, and one more for answering
+
+
+def test_the_bytes_held_are_bounded_and_given_back():
+    s = sched(max_queue=100, max_held_bytes=1000)
+    big = [bytes(400)]
+    assert s.request(b"e", 1, big, now=0.0) == [] and s.request(b"e", 2, big, now=0.0) == []
+    [busy] = s.request(b"e", 3, big, now=0.0)
+    assert refusal(busy) == Refusal.BUSY and s.held_bytes == 800
+    s.ready(b"w", credit=4, now=0.1)                             # held by a worker: still held
+    assert s.held_bytes == 800 and refusal(s.request(b"e", 3, big, now=0.1)[0]) == Refusal.BUSY
+    s.reply(b"w", b"e", 1, b"ok", now=0.2)
+    assert s.held_bytes == 400 and s.request(b"e", 3, big, now=0.2) != [busy]
+    s.tick(now=5.0)                                              # the rest expire
+    assert s.held_bytes == 0 and not s.requests

@@ -9,6 +9,11 @@ object; this module is the I/O around it, in the zguide Paranoid-Pirate shape: p
 heartbeat interval -> backend -> frontend -> tick -> heartbeat. Each message is read, handed
 to the scheduler, and the sends it returns are made. Replies to an edge that is gone are
 dropped by the ROUTER and counted.
+
+Under CURVE the two ROUTERs authenticate against two allow-lists (ZAP domains "edges" and
+"workers"): an edge's key is refused on the backend, a worker's on the frontend. Each ROUTER
+refuses a frame larger than the largest legal message on its side (ZMQ_MAXMSGSIZE: libzmq
+drops the peer before the frame is read into memory).
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ __all__ = ["BrokerConfig", "Broker", "run_broker"]
 log = logging.getLogger(__name__)
 
 RECEIVE_BURST = 1000   # messages read from one socket before the other gets its turn
+# ZMQ_MAXMSGSIZE is checked per frame as it comes off the wire: a CURVE frame carries 33 B of
+# box and command name around the message; a routing frame (an edge id) is at most 255 B.
+FRAME_SLACK = 256
+# splitexit_broker_requests_total{status}, each the scheduler's count of that name
+REQUEST_STATUS = ("dispatched", "busy", "shadows_refused", "duplicate", "expired",
+                  "expired_held")
 
 
 class Broker:
@@ -43,8 +54,9 @@ class Broker:
         self.cfg = cfg
         cfg.security.check([cfg.frontend, cfg.backend], "broker")
         self.ctx = ctx or zmq.Context.instance()
-        self.frontend, self.backend = self._router(), self._router()
-        self.auth = cfg.security.server_sockets(self.ctx, [self.frontend, self.backend])
+        self.frontend = self._router(wire.MAX_REQUEST_BYTES)   # [request]
+        self.backend = self._router(wire.MAX_REPLY_BYTES)      # [edge, answer], or control
+        self.auth = cfg.security.server_sockets(self.ctx, self.frontend, self.backend)
         self.m = for_registry(BrokerMetrics, registry)   # before binding: close() uses them
         common = for_registry(ProcessMetrics, registry)
         self.m_ready, self.m_bad = common.ready.labels("broker"), common.bad_messages
@@ -52,14 +64,16 @@ class Broker:
         self._bind(self.frontend, cfg.frontend)
         self._bind(self.backend, cfg.backend)
         self.scheduler = Scheduler(cfg.max_queue, cfg.queue_timeout_s,
-                                   cfg.heartbeat_interval_s * cfg.heartbeat_liveness)
+                                   cfg.heartbeat_interval_s * cfg.heartbeat_liveness,
+                                   cfg.max_held_bytes)
         self.bad: dict[str, int] = {}
         self.running = True
         self._exported = Counts()
 
-    def _router(self) -> zmq.Socket:
+    def _router(self, max_message_bytes: int) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
+        sock.maxmsgsize = max_message_bytes + FRAME_SLACK
         sock.sndhwm = sock.rcvhwm = 100_000  # far above max_queue
         sock.router_mandatory = 1  # a full or vanished peer raises (counted), never a silent drop
         return sock
@@ -128,9 +142,11 @@ class Broker:
         worker = parts[0]
         if len(parts) == 3:  # [worker, edge, answer]
             try:
-                _, msg_id = wire.peek(parts[2])
+                kind, msg_id = wire.peek(parts[2])
             except WireError as e:
                 return self._bad("backend", e.reason)
+            if kind not in (Kind.REPLY, Kind.ERROR):
+                return self._bad("backend", "kind")
             return self.scheduler.reply(worker, parts[1], msg_id, parts[2], now)
         if len(parts) != 2:
             return self._bad("backend", "malformed")
@@ -162,13 +178,16 @@ class Broker:
         """Copy the scheduler's counts into the metrics: one write per pass, not per message
         (in multiprocess mode every metric write is a write to a shared file)."""
         c, last, m = self.scheduler.counts, self._exported, self.m
-        for status in ("dispatched", "busy", "shadows_refused", "expired"):
+        for status in REQUEST_STATUS:
             delta = getattr(c, status) - getattr(last, status)
             if delta:
                 m.requests.labels(status).inc(delta)
         if c.redelivered != last.redelivered:
             m.redeliveries.inc(c.redelivered - last.redelivered)
-        self._exported = replace(c)
+        for reason, n in c.dropped.items():
+            if n != last.dropped[reason]:
+                m.replies_dropped.labels(reason).inc(n - last.dropped[reason])
+        self._exported = replace(c, dropped=dict(c.dropped))
         table = self.scheduler.table
         m.queue_depth.set(len(self.scheduler.queue))
         m.workers.set(table.live)
@@ -199,5 +218,6 @@ def run_broker(cfg: BrokerConfig) -> None:
         broker.close()
         s = broker.scheduler.counts
         log.info(f"broker: {s.requests} requests, {s.replies} replies, {s.busy} busy, "
-                 f"{s.expired} expired, {s.redelivered} redelivered, bad {broker.bad}")
+                 f"{s.expired + s.expired_held} expired, {s.redelivered} redelivered, "
+                 f"{s.duplicate} duplicates, replies dropped {s.dropped}, bad {broker.bad}")
 

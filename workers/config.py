@@ -9,7 +9,15 @@ from pipeline.protocol.endpoints import BACKEND, FRONTEND
 from pipeline.protocol.security import PLAINTEXT_LOOPBACK, Security
 from pipeline.protocol.timing import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
-__all__ = ["BrokerConfig", "WorkerConfig"]
+__all__ = ["BrokerConfig", "WorkerConfig", "MAX_CREDIT", "START_CREDIT"]
+
+# A READY may offer up to 65 536; the broker holds a worker to this many requests at once, so
+# one peer cannot attract the pool's whole traffic (a worker's own default is 2 x max_batch).
+MAX_CREDIT = 1024
+# A worker that has answered nothing yet is given at most this many requests; each answer it
+# returns lets it hold one more, up to its credit (TCP's slow start): a peer that heartbeats
+# but never answers pins little and attracts little.
+START_CREDIT = 8
 
 
 @dataclass
@@ -17,7 +25,10 @@ class BrokerConfig:
     frontend: str = FRONTEND                 # edges connect here
     backend: str = BACKEND                   # workers connect here
     max_queue: int = 1024                    # queued requests before BUSY
-    queue_timeout_s: float = 2.0             # queued longer than this: NO_WORKER
+    queue_timeout_s: float = 2.0             # older than this (queued, or held by a worker:
+                                             # the deadline stays across redelivery): NO_WORKER
+    max_held_bytes: int = 64 << 20           # request bytes held, queued or in workers' hands,
+                                             # before BUSY (a legal request is at most ~4 MiB)
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     security: Security = PLAINTEXT_LOOPBACK
