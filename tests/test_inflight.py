@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.protocol.wire import MAX_MSG_ID
-from pipeline.edge.inflight import InFlight, Status, shares
+from pipeline.edge.inflight import InFlight, Status, reply_fault, shares
 from pipeline.protocol import wire
 from pipeline.protocol.wire import Refusal
 
@@ -43,9 +43,9 @@ CASES = [
     ("refusal after an answer", ["answer", "refuse"], [Status.ANSWERED, Status.DUPLICATE],
      "offload"),
     ("mis-sized answer, then the deadline", ["bad_size", "expire"],
-     [Status.MIS_SIZED, Status.DEADLINE], "fallback"),
+     [Status.REJECTED, Status.DEADLINE], "fallback"),
     ("mis-sized answer, then a good one", ["bad_size", "answer"],
-     [Status.MIS_SIZED, Status.ANSWERED], "offload"),
+     [Status.REJECTED, Status.ANSWERED], "offload"),
     ("send failed", ["fail", "answer"], [Status.UNREACHABLE, Status.DUPLICATE], "fallback"),
 ]
 
@@ -95,12 +95,39 @@ def test_deadlines_expire_in_order_and_only_when_due():
     assert table.expire(now=9.0) == [] and table.next_deadline() is None
 
 
-def test_unknown_ids_are_duplicates_and_ids_are_unique():
+def test_ids_no_longer_in_flight_are_duplicates_never_given_ids_are_rejected():
     table = InFlight(deadline_s=1.0)
-    assert table.answer(reply(99)).status is Status.DUPLICATE
-    assert table.refuse(error(99)).status is Status.DUPLICATE
+    for status, reason in ((Status.REJECTED, "unknown_msg_id"), (Status.DUPLICATE, None)):
+        assert (table.answer(reply(99)).status, table.answer(reply(99)).reason) \
+            == (status, reason)
+        assert (table.refuse(error(99)).status, table.refuse(error(99)).reason) \
+            == (status, reason)
+        assert table.answer(reply(0)).reason == "unknown_msg_id"
+        while table.next_id() <= 99:   # then 99 was given out, and answered
+            table.answer(reply(opened(table)))
     ids = {opened(table) for _ in range(100)}
     assert len(ids) == 100 and table.next_id() not in ids
+
+
+def test_a_wrong_sized_answer_is_rejected_and_the_request_waits_for_its_deadline():
+    table = InFlight(deadline_s=1.0)
+    msg_id = opened(table)
+    for n in (1, 3):
+        r = table.answer(reply(msg_id, n=n))
+        assert (r.status, r.reason, r.finals) == (Status.REJECTED, "answer_count", ())
+    assert len(table) == 1 and table.expire(now=1.0)[0].status is Status.DEADLINE
+
+
+@pytest.mark.parametrize("classes,confidences,fault", [
+    ([9, 0], [0.9, 0.0], None), ([9, 1], [1.0, 0.5], None),
+    ([10, 1], [0.9, 0.9], "class_range"), ([200], [0.9], "class_range"),
+    ([1, 2], [0.9, 1.5], "confidence_range"), ([1], [-0.25], "confidence_range"),
+    ([1], [float("nan")], "confidence_range")])
+def test_a_reply_naming_a_class_the_model_lacks_or_an_odd_confidence_is_faulted(
+        classes, confidences, fault):
+    r = wire.Reply(1, "w0", np.array(classes, np.uint8), np.array(confidences, np.float32),
+                   10, 20, 1)
+    assert reply_fault(r, classes=10) == fault
 
 
 def test_a_request_needs_an_exit_answer_per_frame():

@@ -17,7 +17,7 @@ from monitoring.exposition import mark_dead
 from pipeline.errors import UserError
 
 __all__ = ["ProcessGroup", "guarded", "check_exits", "USER_ERROR_EXIT", "stop_on_sigterm",
-           "wait_until", "NotReady", "START_TIMEOUT_S"]
+           "wait_until", "NotReady", "START_TIMEOUT_S", "STOP_TIMEOUT_S"]
 
 USER_ERROR_EXIT = 2
 STOP_TIMEOUT_S = 5.0
@@ -75,11 +75,14 @@ def stop_on_sigterm() -> None:
 
 def check_exits(procs: list) -> None:
     """After children ended: a user error was already printed by the child, exit the same
-    way without repeating it; a crash is a one-line error naming the process."""
+    way without repeating it; a crash is a one-line error naming the process. SIGTERM is
+    how a launcher stops its children: one that it ended before it could drain (still
+    starting) did not fail."""
     codes = {p.name: p.exitcode for p in procs}
     if USER_ERROR_EXIT in codes.values():
         sys.exit(USER_ERROR_EXIT)
-    crashed = {name: code for name, code in codes.items() if code not in (0, None)}
+    crashed = {name: code for name, code in codes.items()
+               if code not in (0, None, -signal.SIGTERM)}
     if crashed:
         raise UserError(f"processes failed: {crashed} (exit codes; see their output above)")
 

@@ -6,6 +6,7 @@ A pure object (h11's shape): no sockets, no torch, no asyncio; the clock comes i
     open(frames, exit answers, uplink bytes, now) -> msg_id     a request was sent
     answer(reply)  -> Resolution                                a worker answered
     refuse(error)  -> Resolution                                broker or worker refused
+    reply_fault(reply, classes) -> reason | None                before either: believable?
     fail(msg_id, "unreachable")  -> Resolution                  the send itself failed
     expire(now)    -> [Resolution]                              deadlines that passed
     next_deadline()                                             when expire has work next
@@ -13,8 +14,11 @@ A pure object (h11's shape): no sockets, no torch, no asyncio; the clock comes i
 The rule: a request leaves the table exactly once, and only the event that removes it
 finalizes its frames. Whatever comes later for the same msg_id (a second answer after a
 redelivery, a late reply after the deadline, a refusal after the answer) finds nothing and
-resolves as DUPLICATE with no finals. An answer whose frame count does not match its
-request is MIS_SIZED and finalizes nothing: the request stays, and its deadline decides.
+resolves as DUPLICATE with no finals. A reply that cannot be true (a frame count other
+than its request's, a msg_id this table never gave out, or what `reply_fault` finds: a class
+the model lacks, a confidence outside [0, 1]) is REJECTED with its reason and finalizes
+nothing: a broken or hostile peer cannot answer for a frame, the request stays, and its
+deadline decides.
 
 Every request gets the same deadline_s, so insertion order is deadline order: the first entry
 is always the next to expire, and `expire` stops at the first live one.
@@ -29,11 +33,17 @@ from typing import Any, Sequence
 from pipeline.protocol.wire import MAX_MSG_ID, REFUSAL_NAMES, Error, Reply
 
 __all__ = ["InFlight", "Resolution", "Status", "Final", "DEADLINE", "UNREACHABLE",
-           "FALLBACK_REASONS"]
+           "FALLBACK_REASONS", "BAD_REPLY_REASONS", "reply_fault"]
 
 DEADLINE = "deadline"          # no answer in time: the exit's answer stands
 UNREACHABLE = "unreachable"    # the request could not even be queued for sending
 FALLBACK_REASONS = (*REFUSAL_NAMES.values(), DEADLINE, UNREACHABLE)
+# Why a reply was not believed (the metric's reason label)
+CLASS_RANGE = "class_range"            # a class index the model does not have
+CONFIDENCE_RANGE = "confidence_range"  # not in [0, 1] (the decoder already refuses NaN, Inf)
+ANSWER_COUNT = "answer_count"          # not one answer per frame of the request
+UNKNOWN_MSG_ID = "unknown_msg_id"      # an id this edge never sent
+BAD_REPLY_REASONS = (CLASS_RANGE, CONFIDENCE_RANGE, ANSWER_COUNT, UNKNOWN_MSG_ID)
 
 
 class Status(Enum):
@@ -41,8 +51,8 @@ class Status(Enum):
     REFUSED = "refused"        # an ERROR: the exit's answers are final
     DEADLINE = DEADLINE
     UNREACHABLE = UNREACHABLE
-    DUPLICATE = "duplicate"    # nothing in flight under that id: discarded
-    MIS_SIZED = "mis_sized"    # an answer for the wrong number of frames: discarded
+    DUPLICATE = "duplicate"    # nothing in flight under that id (any more): discarded
+    REJECTED = "rejected"      # a reply that cannot be true (its reason says why): discarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +73,7 @@ class Resolution:
     finals: tuple[Final, ...] = ()
     reply: Reply | None = None
     note: Any = None           # what the caller attached at `open` (the edge: head time)
+    reason: str | None = None  # REJECTED: one of BAD_REPLY_REASONS
 
 
 @dataclass(slots=True)
@@ -73,6 +84,17 @@ class _Request:
     deadline: float
     uplink_bytes: int
     note: Any
+
+
+def reply_fault(reply: Reply, classes: int) -> str | None:
+    """Why the fields of `reply` cannot be a model's answer whatever it answers (a class
+    index of `classes` or more, a confidence outside [0, 1]), or None."""
+    if (reply.classes >= classes).any():
+        return CLASS_RANGE
+    c = reply.confidences
+    if not ((c >= 0) & (c <= 1)).all():
+        return CONFIDENCE_RANGE
+    return None
 
 
 def shares(total: int, n: int) -> list[int]:
@@ -87,6 +109,7 @@ class InFlight:
         self.deadline_s = deadline_s
         self._requests: dict[int, _Request] = {}   # insertion order = deadline order
         self._next_id = 1
+        self._wrapped = False   # every u32 id has been given out once
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -110,7 +133,13 @@ class InFlight:
         """A msg_id no request in the table will have, for a message outside it (a shadow)."""
         msg_id = self._next_id
         self._next_id = msg_id % MAX_MSG_ID + 1
+        self._wrapped = self._wrapped or self._next_id == 1
         return msg_id
+
+    def issued(self, msg_id: int) -> bool:
+        """Whether this table ever gave out `msg_id` (a late answer's id was; a forged one
+        may not have been)."""
+        return self._wrapped or 1 <= msg_id < self._next_id
 
     def next_deadline(self) -> float | None:
         for request in self._requests.values():
@@ -119,10 +148,12 @@ class InFlight:
 
     def answer(self, reply: Reply) -> Resolution:
         request = self._requests.get(reply.msg_id)
+        if request is None and not self.issued(reply.msg_id):
+            return Resolution(reply.msg_id, Status.REJECTED, reason=UNKNOWN_MSG_ID)
         if request is None:   # the reply rides along: a late answer still says the server
             return Resolution(reply.msg_id, Status.DUPLICATE, reply=reply)   # is there
         if len(reply.classes) != len(request.frames):
-            return Resolution(reply.msg_id, Status.MIS_SIZED)
+            return Resolution(reply.msg_id, Status.REJECTED, reason=ANSWER_COUNT)
         del self._requests[reply.msg_id]
         finals = tuple(Final(f, "offload", int(c), float(p), None, b) for f, c, p, b in zip(
             request.frames, reply.classes.tolist(), reply.confidences.tolist(),
@@ -130,6 +161,8 @@ class InFlight:
         return Resolution(reply.msg_id, Status.ANSWERED, finals, reply, request.note)
 
     def refuse(self, error: Error) -> Resolution:
+        if not self.issued(error.msg_id):
+            return Resolution(error.msg_id, Status.REJECTED, reason=UNKNOWN_MSG_ID)
         return self._fall_back(error.msg_id, Status.REFUSED, REFUSAL_NAMES[error.reason])
 
     def fail(self, msg_id: int, reason: str = UNREACHABLE) -> Resolution:

@@ -14,6 +14,11 @@ answer rule:
     receive  - poll, then read (never wait_for(recv): pyzmq #1925 loses the message) answers
     expire   - sleeps until the table's next deadline, then lets the table expire what is due
     watch    - the socket's handshake events: readiness, and a rejected CURVE key said once
+
+Answers go out in batches (`_deliver`): the results file's lines first, then the metrics, then
+the callers' futures, so a frame counted as answered is in the file (kill -9 included).
+`stop()` (SIGTERM, Ctrl-C for a producer) ends capture; the frames already taken get their
+answers, each by its deadline at the latest.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import itertools
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -43,7 +49,8 @@ from pipeline import __version__
 from pipeline.edge.config import EdgeConfig, wire_codec, wire_dtype
 from pipeline.edge.controller import Controller, State
 from pipeline.edge.shadows import ShadowCounts, Shadows
-from pipeline.edge.inflight import FALLBACK_REASONS, InFlight, Resolution, Status
+from pipeline.edge.inflight import BAD_REPLY_REASONS, FALLBACK_REASONS, InFlight, Resolution, \
+    Status, reply_fault
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.results import Outcome, Results, Summary, log_summary
 from pipeline.edge.sources import Frame, as_pixels
@@ -64,6 +71,7 @@ REQUEST_STATUSES = tuple(s.value for s in (Status.ANSWERED, Status.REFUSED, Stat
                                            Status.UNREACHABLE))
 LINK_EVENTS = HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 API_SOURCE = "python"           # the source name of frames submitted without one
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)   # a producer process stops on these
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class AsyncEdge:
         self.cfg = cfg
         self.head = load_numpy_head(artifacts)
         self.threshold, self.score = self.head.threshold, self.head.score
+        self.classes = len(self.head.classes)       # a reply's class index is below this
         self.model_tag = wire.model_tag(self.head.model_id)
         self.dtype = wire_dtype(cfg.dtype, self.head.uplink_bits)
         self.codec = wire_codec(cfg.codec, self.dtype, self.head.code)
@@ -113,6 +122,9 @@ class AsyncEdge:
         self._source = None                          # run()'s, for its drop counts
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._stopping = threading.Event()           # stop(): read by the capture thread
+        self._pending: list[tuple[Outcome, Frame]] = []   # finished, not yet delivered
+        self._arrived: asyncio.Event | None = None
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.sndhwm = cfg.send_queue
@@ -146,6 +158,7 @@ class AsyncEdge:
         self.m_requests = {s: m.requests.labels(p, s) for s in REQUEST_STATUSES}
         self.m_uplink, self.m_feature = m.uplink_bytes.labels(p), m.feature_bytes.labels(p)
         self.m_payload, self.m_duplicates = m.payload_bytes.labels(p), m.duplicates.labels(p)
+        self.m_bad_replies = {r: m.bad_replies.labels(p, r) for r in BAD_REPLY_REASONS}
         self.m_exit_confidence = m.exit_confidence.labels(p)
         self.m_shadows = {o: m.shadows.labels(p, o) for o in ("sent", "answered", "dropped")}
         self.m_shadow_agreements = m.shadow_agreements.labels(p)
@@ -252,6 +265,14 @@ class AsyncEdge:
                          name="capture").start()
         return await self._finish_run()
 
+    def stop(self) -> None:
+        """End run() early (SIGTERM, Ctrl-C): capture stops, the frames already taken get
+        their answers (each by its deadline at the latest), then run() returns as at the
+        source's end. From the loop's thread; a second call changes nothing."""
+        self._stopping.set()
+        if self._arrived is not None:
+            self._arrived.set()
+
     @property
     def threshold_now(self) -> float:
         """The trained threshold, or the controller's latest."""
@@ -260,17 +281,28 @@ class AsyncEdge:
     # -- the one place a frame is finished ----------------------------------------------------
 
     def _finish(self, o: Outcome, frame: Frame) -> None:
-        self.results.add(o)
-        self.m_frames[o.path].inc()
-        self.m_latency[o.path].observe(o.latency_ms / 1000)
-        if o.reason:
-            self.m_fallbacks[o.reason].inc()
-        answer = self._answers.pop(id(frame), None)   # the frame lives until here (the
-        if answer is not None:                          # table or the batch holds it)
-            # its caller may have cancelled it, from another thread at any moment
-            with contextlib.suppress(asyncio.InvalidStateError,
-                                     concurrent.futures.InvalidStateError):
-                answer.set_result(o)
+        self._pending.append((o, frame))   # the frame lives until delivered (the table or
+                                           # the batch held it so far)
+
+    def _deliver(self) -> None:
+        """Hand out the answers finished since the last call: their lines in the results
+        file first (one write), then the metrics, then the callers' futures. Every wake-up
+        that finishes frames ends here, before its next await."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self.results.add([o for o, _ in pending])
+        for o, frame in pending:
+            self.m_frames[o.path].inc()
+            self.m_latency[o.path].observe(o.latency_ms / 1000)
+            if o.reason:
+                self.m_fallbacks[o.reason].inc()
+            answer = self._answers.pop(id(frame), None)
+            if answer is not None:
+                # its caller may have cancelled it, from another thread at any moment
+                with contextlib.suppress(asyncio.InvalidStateError,
+                                         concurrent.futures.InvalidStateError):
+                    answer.set_result(o)
 
     def _resolve(self, r: Resolution) -> None:
         """Carry out what the in-flight table decided."""
@@ -280,8 +312,8 @@ class AsyncEdge:
             if self.controller and r.reply:
                 self._answered(r.reply, late=True)
             return
-        if r.status is Status.MIS_SIZED:
-            self.m_bad.labels("edge", "shape").inc()  # the request's deadline decides
+        if r.status is Status.REJECTED:
+            self.m_bad_replies[r.reason].inc()  # the request's deadline decides
             return
         self.m_requests[r.status.value].inc()
         if self.controller:
@@ -313,6 +345,7 @@ class AsyncEdge:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._deliver()
             for answer in self._answers.values():   # only if processing failed
                 if not answer.done():
                     answer.set_exception(RuntimeError("the edge stopped before answering"))
@@ -330,15 +363,23 @@ class AsyncEdge:
         self.sock.close()
 
     def _capture(self, source) -> None:
-        """Thread: read frames and hand them over; blocks only when the head falls behind."""
+        """Thread: read frames and hand them over; blocks only when the head falls behind.
+        After stop() it hands over nothing more: the run may be over, its loop closed."""
         try:
             for frame in source.frames():
+                if self._stopping.is_set():
+                    return
                 self.put_threadsafe(frame)
+        except RuntimeError:
+            if not self._stopping.is_set():   # else: stopped while handing over
+                raise
         finally:
-            self.put_threadsafe(None)
+            if not self._stopping.is_set():
+                self.put_threadsafe(None)
 
     async def _next_frames(self) -> list:
-        """Every frame waiting now (up to max_pack), or wait for one; None ends the queue."""
+        """Every frame waiting now (up to max_pack), or wait for one; None ends the queue,
+        as does an empty queue after stop()."""
         while True:
             self._arrived.clear()
             batch = []
@@ -346,6 +387,8 @@ class AsyncEdge:
                 try:
                     batch.append(self._frames.get_nowait())
                 except queue.Empty:
+                    if self._stopping.is_set():
+                        batch.append(None)
                     break
             if batch:
                 self._room.set()
@@ -398,6 +441,7 @@ class AsyncEdge:
                 exited.append(i)
             else:
                 unsure.append(i)
+        self._deliver()
         if exited:
             self.m_exit_confidence.inc(float(scores[exited].sum()))
         if self.shadows is not None and exited:
@@ -421,6 +465,7 @@ class AsyncEdge:
             await self.sock.send_multipart(request, flags=zmq.NOBLOCK)
         except zmq.Again:
             self._resolve(self.inflight.fail(msg_id))
+            self._deliver()
             sent = 0
         if self.controller:
             self.controller.sent(len(batch), len(unsure), sent, time.monotonic())
@@ -497,12 +542,17 @@ class AsyncEdge:
                     self.m_bad.labels("edge", e.reason).inc()
                     continue
                 refused = isinstance(answer, wire.Error)
+                fault = None if refused else reply_fault(answer, self.classes)
+                if fault:
+                    self.m_bad_replies[fault].inc()   # its frames wait for their deadline
+                    continue
                 if self.shadows is not None and (
                         self.shadows.refuse(answer) if refused else self.shadows.answer(answer)):
                     self._export_shadows()
                     continue
                 self._resolve(self.inflight.refuse(answer) if refused
                               else self.inflight.answer(answer))
+            self._deliver()
 
     async def _expire(self) -> None:
         """Wake at the next deadline, not on a polling tick."""
@@ -518,6 +568,7 @@ class AsyncEdge:
                 continue
             for r in self.inflight.expire(time.monotonic()):
                 self._resolve(r)
+            self._deliver()
 
     async def _watch(self) -> None:
         """Ready while the link to the broker is up; a rejected key looks like a silent
@@ -538,10 +589,15 @@ class AsyncEdge:
 def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | None = None,
                  limit: int | None = None, data_dir: str | None = None,
                  shard: tuple[int, int] | None = None, loop: bool = False) -> Summary:
-    """Process entry point for one producer: open the source, run it to its end."""
+    """Process entry point for one producer: open the source, run it to its end or to
+    SIGTERM / SIGINT (then the frames taken are answered, the summary logged as at the end).
+    A results file that failed (disk full) is a user error, after the run: every frame was
+    answered all the same."""
     from pipeline.edge.sources import Shard, open_source
 
     count = shard[1] if shard else 1
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main_thread else {}
 
     async def main():
         producer = AsyncEdge(artifact_dir, cfg)
@@ -549,13 +605,31 @@ def run_producer(artifact_dir: str, cfg: EdgeConfig, spec: str, fps: float | Non
         source = open_source(spec, fps=fps * count if fps else None, limit=limit,
                              data_dir=data_dir, loop=loop, shape=producer.head.input_shape,
                              resize=producer.head.resize)
+        if main_thread:   # only there can Python handle signals
+            _stop_on_signals(asyncio.get_running_loop(), producer)
         try:
             gc.freeze()  # the head and the libraries live as long as the process: a full
                          # collection must not walk them mid-stream
-            return await producer.run(Shard(source, *shard) if shard else source)
+            return await producer.run(Shard(source, *shard) if shard else source), \
+                producer.results
         finally:
             source.close()
 
-    summary = asyncio.run(main())
-    log_summary(summary)
+    try:
+        summary, results = asyncio.run(main())
+        log_summary(summary)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    results.check()
     return summary
+
+
+def _stop_on_signals(loop: asyncio.AbstractEventLoop, producer: AsyncEdge) -> None:
+    """SIGTERM and SIGINT stop the producer (signal.signal, not the loop's handlers: those
+    go with the loop, and a signal between its close and the summary would kill us)."""
+    def stop(*_):
+        with contextlib.suppress(RuntimeError):   # the loop has closed: the run is over
+            loop.call_soon_threadsafe(producer.stop)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO
 
 from pipeline.edge.shadows import ShadowCounts
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 
 __all__ = ["Outcome", "Summary", "Results", "log_summary"]
 
@@ -45,39 +45,87 @@ class Summary:
     correct: int = 0
     labelled: int = 0
     shadows: ShadowCounts | None = None     # with --shadow: how the exit measured up
+    unwritten: int = 0                      # answers the results file lacks (it failed)
 
 
 class Results:
-    """Counts every outcome and appends it to a JSONL file, if one was asked for."""
+    """Counts every outcome and appends it to a JSONL file, if one was asked for.
+
+    A batch of answers is one write() of whole lines on an O_APPEND descriptor, no buffer of
+    ours in between: once `add` returns its lines are the kernel's, and survive the process
+    (kill -9 included), so whatever is counted after `add` is in the file. A write that
+    fails (disk full) is cut back to its last whole line, said once, and ends the file: the
+    answers go on being counted (and delivered by the caller); `summary.unwritten` says how
+    many the file lacks."""
 
     def __init__(self, path: str | None):
         self.summary = Summary()
+        self.path = path
+        self.error: str | None = None      # why the file stopped, once it did
         try:
-            self._file: IO[str] | None = open(path, "a") if path else None
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) \
+                if path else None
         except OSError as e:
             raise ConfigError(f"cannot write results to {path}: {e.strerror}") from None
 
-    def add(self, o: Outcome) -> None:
+    def add(self, outcomes: list[Outcome]) -> None:
         s = self.summary
-        s.frames += 1
-        s.paths[o.path] += 1
-        if o.reason:
-            s.fallback_reasons[o.reason] += 1
-        if o.label is not None:
-            s.labelled += 1
-            s.correct += int(o.cls == o.label)
-        if self._file:
-            self._file.write(json.dumps(o.__dict__) + "\n")
+        for o in outcomes:
+            s.frames += 1
+            s.paths[o.path] += 1
+            if o.reason:
+                s.fallback_reasons[o.reason] += 1
+            if o.label is not None:
+                s.labelled += 1
+                s.correct += int(o.cls == o.label)
+        if self._fd is None:
+            s.unwritten += len(outcomes) if self.error else 0
+            return
+        data = "".join(json.dumps(o.__dict__) + "\n" for o in outcomes).encode()
+        kept, error = _append(self._fd, data)
+        if error is not None:
+            lost = data.count(b"\n", kept)
+            s.unwritten += lost
+            self.error = error.strerror or str(error)
+            self.close()
+            log.warning(f"results: cannot write {self.path}: {self.error}; answers from "
+                        f"here on (the first: frame {outcomes[-lost].frame}) are counted and "
+                        f"delivered but not written")
+
+    def check(self) -> None:
+        """After the run: a file that failed is the user's to fix, in one line."""
+        if self.error:
+            raise UserError(f"results file {self.path} lacks the last "
+                            f"{self.summary.unwritten} of {self.summary.frames} answers: "
+                            f"{self.error} (free space, or give --results another folder)")
 
     def close(self) -> None:
-        if self._file:
-            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _append(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    """Append `data` (whole lines): (bytes appended, None), or where a write fails (the
+    disk filled mid-line) the file cut back to its last whole line and (bytes kept, why).
+    A short write is retried: the retry says why it fell short."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    done = 0
+    try:
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError as e:
+        kept = data.rfind(b"\n", 0, done) + 1
+        os.ftruncate(fd, start + kept)
+        return kept, e
+    return done, None
 
 
 def log_summary(s: Summary) -> None:
     acc = f", accuracy {100 * s.correct / s.labelled:.2f}%" if s.labelled else ""
     log.info(f"edge: {s.frames} frames: {dict(s.paths)}, fallbacks {dict(s.fallback_reasons)}, "
-             f"duplicates {s.duplicates}{acc}")
+             f"duplicates {s.duplicates}{acc}"
+             + (f"; {s.unwritten} not in the results file" if s.unwritten else ""))
     sh = s.shadows
     if sh is not None and sh.sent:
         measured = (f": exit-vs-tail agreement {100 * sh.agreement:.2f}%, exit accuracy "
