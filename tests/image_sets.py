@@ -63,3 +63,21 @@ def write_colour_set(root: Path, classes: int = 3, per_class: int = 60,
             for i in range(count):
                 cv2.imwrite(str(folder / f"{name}_{i:03d}{ext}"), _image(rng, name, size))
     return names
+
+
+def huge_png(width: int, height: int, bit_depth: int = 1, colour: bool = False) -> bytes:
+    """A valid PNG of width x height black pixels, deflated by hand: a few tens of KB that
+    OpenCV would decode to gigabytes (1-bit gray, or 16-bit RGB with colour and bit_depth 16)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = b"\0" * (1 + (width * bit_depth * (3 if colour else 1) + 7) // 8)  # filter 0 + pixels
+    deflate = zlib.compressobj(9)
+    data = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2 if colour else 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))

@@ -118,3 +118,32 @@ def test_bad_bottleneck_settings_are_one_line(change, match):
 
 def test_a_negative_rate_weight_is_one_line():
     one_line_error({"model": MODEL, "train": {"rate_weight": -0.1}}, "rate_weight >= 0")
+
+
+@pytest.mark.parametrize("line,match", [
+    ("lr = nan", r"train.lr = nan must be a finite number"),
+    ("lr = inf", r"train.lr = inf must be a finite number"),
+    ("weight_decay = nan", r"train.weight_decay = nan must be a finite number"),
+    ("label_smoothing = 5", r"train.label_smoothing = 5.0 must be in \[0, 1\)"),
+    ("lr = 1e6", r"train.lr = 1000000.0 must be in \[0.0, 10.0\]"),
+    ("batch_size = 1_000_000_000_000", r"train.batch_size = 1000000000000 must be in \[1, "),
+])
+def test_non_finite_or_out_of_range_train_values_are_one_line(tmp_path, line, match):
+    """#25 finding 10: these passed validation and ended in tracebacks during training."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[model]\nwidths = [800, 40, 40, 10]\nfan_out = [2, 9, 10]\n"
+                    f"input_pad = 800\n[train]\n{line}\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(str(path))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"widths": [800, 10**13, 40, 10]}, r"model.widths = .* at most 16777216"),
+    ({"input_shape": [1, 100000, 100000]}, r"model.input_shape = .* sides in \[1, 2048\]"),
+    ({"widths": [2048 * 2048, 65536, 40, 10], "fan_out": [65536, 9, 10], "input_pad": 0,
+      "input_shape": [1, 2048, 2048]}, r"junction 1 \(4194304->65536, fan-out 65536\) has"),
+])
+def test_a_layout_too_large_to_build_is_refused_at_once(change, match):
+    """A width of 10^13 searched fan-outs for minutes; now it is one line, at once."""
+    one_line_error({"model": dict(MODEL, **change)}, match)

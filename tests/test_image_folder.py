@@ -16,7 +16,7 @@ from pipeline.model.image_folder import (is_image_folder, load_image_folder,
                                          load_image_folder_test)
 from pipeline.protocol import frames
 from pipeline.protocol.frames import fit_frame, to_pixels
-from tests.image_sets import write_colour_set
+from tests.image_sets import huge_png, write_colour_set
 
 SMALL_VAL = {"val_fraction": 0.1, "val_min": 10}  # 200 images do not hold VAL_MIN out
 
@@ -148,6 +148,9 @@ def make_bad_folder(root: Path, case: str) -> Path:
     elif case == "16-bit":
         write_colour_set(root, classes=2, per_class=3)
         cv2.imwrite(str(root / "circle" / "deep.png"), np.full((8, 8), 4000, np.uint16))
+    elif case == "huge":   # 48 KB that decodes to 400 MB: refused from its header
+        write_colour_set(root, classes=2, per_class=3)
+        (root / "circle" / "huge.png").write_bytes(huge_png(20000, 20000))
     return root
 
 
@@ -160,6 +163,7 @@ def make_bad_folder(root: Path, case: str) -> Path:
     ("no test folder", ["has train/ but no test/"]),
     ("undecodable", ["broken.png", "cannot decode", "delete or replace it"]),
     ("16-bit", ["deep.png", "16-bit", "8 bits"]),
+    ("huge", ["huge.png", "20000 x 20000 pixels", "scale it down"]),
 ])
 def test_a_bad_folder_is_one_data_error_saying_what_to_fix(tmp_path: Path, case, words):
     folder = make_bad_folder(tmp_path / "data", case)

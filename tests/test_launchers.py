@@ -82,6 +82,18 @@ def test_a_folder_with_other_files_is_refused_and_left_alone(tmp_path):
     assert precious.read_text() == "mine" and not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_foreign_db_file_survives(tmp_path):
+    """Finding 8 of #25: any *.db counted as a metric file, and a SQLite inventory.db
+    was deleted; only prometheus-client's own names (counter_PID.db, ...) are."""
+    inventory = tmp_path / "inventory.db"
+    inventory.write_bytes(b"SQLite format 3\x00")
+    (tmp_path / "counter_1234.db").write_bytes(b"stale")
+    with pytest.raises(MetricsError, match="inventory.db"):
+        claim_metrics_dir(tmp_path)
+    assert inventory.read_bytes() == b"SQLite format 3\x00"
+    assert (tmp_path / "counter_1234.db").exists() and not (tmp_path / LOCK_FILE).exists()
+
+
 def test_stale_metric_files_of_a_finished_launcher_are_cleared(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
     (tmp_path / "counter_1234.db").write_bytes(b"stale")

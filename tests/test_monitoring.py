@@ -244,3 +244,65 @@ def test_a_child_creating_its_metric_file_does_not_break_a_collection(tmp_path):
     (tmp_path / "counter_12345.db").write_bytes(b"")
     registry = exposition.multiprocess_registry(tmp_path)
     assert exposition.total(registry, "splitexit_ready") == 0
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        assert reply.status == 200
+        return reply.read().decode()
+
+
+def test_half_open_connections_hold_no_threads_and_a_scrape_is_still_served():
+    """#25 finding 10: 300 half-open requests held 300 threads. Now a peer that sends
+    nothing, or half a request line, costs no thread: the server's stay bounded, those
+    beyond MAX_CONNECTIONS are closed oldest first, and a real scrape is answered."""
+    import socket
+    import threading
+
+    server = exposition.MetricsServer(0).start()
+    peers = []
+    try:
+        _scrape(server.port)                               # the scrape pool exists now
+        before = threading.active_count()
+        for i in range(300):
+            peer = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            if i % 2:
+                peer.sendall(b"GET /metr")                 # a partial request line
+            peers.append(peer)
+        assert "python_gc_objects_collected_total" in _scrape(server.port)
+        assert threading.active_count() <= before + exposition.SCRAPE_THREADS
+        # the oldest were closed to make room: the server ends them (EOF), no thread did
+        closed = sum(peer.recv(1) == b"" for peer in peers[:300 - exposition.MAX_CONNECTIONS])
+        assert closed == 300 - exposition.MAX_CONNECTIONS
+    finally:
+        for peer in peers:
+            peer.close()
+        server.close()
+
+
+def test_a_peer_that_trickles_its_request_is_closed_after_the_head_timeout(monkeypatch):
+    """The deadline is for the whole request head, so a byte at a time does not renew it."""
+    import socket
+
+    monkeypatch.setattr(exposition, "HEAD_TIMEOUT_S", 0.5)
+    server = exposition.MetricsServer(0).start()
+    try:
+        peer = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        start = time.monotonic()
+        with peer:
+            peer.settimeout(0.1)
+            ended = False
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 20:   # bounded: ~6 s
+                try:
+                    peer.sendall(bytes([byte]))
+                    ended = peer.recv(1) == b""            # waits 0.1 s for the server
+                except TimeoutError:
+                    continue
+                except ConnectionError:
+                    ended = True
+                if ended:
+                    break
+        assert ended and time.monotonic() - start < 5
+        assert "python_gc_objects_collected_total" in _scrape(server.port)
+    finally:
+        server.close()

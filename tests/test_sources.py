@@ -1,5 +1,6 @@
 import asyncio
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +16,7 @@ from pipeline import __version__
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import AsyncEdge
 from pipeline.model.data import read_idx
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from pipeline.errors import SourceError, UserError
 from workers.pool import START_TIMEOUT_S, wait_until
 from pipeline.edge.sources import (LatestFrame, LiveSource, Pacer, open_source,
@@ -142,7 +143,80 @@ def test_image_folder_sorted_skips_undecodable(tmp_path, caplog):
     assert [Path(f.source).name for f in frames] == ["a.png", "b.png", "d.jpg"] * 2
     # one warning for the undecodable file, not one per loop
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        f"skipping {tmp_path / 'c.png'}: OpenCV cannot decode it"]
+        f"skipping {tmp_path / 'c.png'}: OpenCV cannot decode it (1 skipped so far)"]
+
+
+RSS_CHILD = """
+import resource, sys
+from pipeline.edge.sources import open_source
+source = open_source(sys.argv[1], loop=True, limit=4)
+names = [f.source.rsplit("/", 1)[-1] for f in source.frames()]
+print(names, source.skipped, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def _peak_rss_mb(folder) -> tuple[str, int, int, str]:
+    """(file names of 4 frames, skipped, peak RSS in MB, stderr) of a child reading `folder`."""
+    run = subprocess.run([sys.executable, "-c", RSS_CHILD, str(folder)], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    names, skipped, peak_mb = run.stdout.rsplit(" ", 2)
+    return names.strip(), int(skipped), int(peak_mb), run.stderr
+
+
+def test_images_too_large_to_decode_are_skipped_from_their_header(tmp_path):
+    """#25 finding 10: a 1 MB PNG reached 2.1 GB of memory decoded, a 16-bit one 4.2 GB.
+    Now each is skipped by its header's dimensions, warned about in one line and counted;
+    a child process's peak memory, against one that reads the good image alone, shows
+    nothing was decoded (the gray one alone is 400 MB decoded)."""
+    from tests.image_sets import huge_png
+    (tmp_path / "good").mkdir()
+    cv2.imwrite(str(tmp_path / "good" / "a.png"), np.full((40, 50, 3), 255, np.uint8))
+    _, _, baseline_mb, _ = _peak_rss_mb(tmp_path / "good")
+    (tmp_path / "good" / "b.png").write_bytes(huge_png(20000, 20000))                  # 400 MP
+    (tmp_path / "good" / "c.png").write_bytes(huge_png(12000, 12000, 16, colour=True))  # 864 MB
+    names, skipped, peak_mb, stderr = _peak_rss_mb(tmp_path / "good")
+    assert names == str(["a.png"] * 4) and skipped == 2
+    assert peak_mb < baseline_mb + 100, f"peak RSS {peak_mb} MB: something was decoded"
+    warnings = [line for line in stderr.splitlines() if "skipping" in line]
+    assert len(warnings) == 2 and "20000 x 20000 pixels" in warnings[0] \
+        and "(2 skipped so far)" in warnings[1]
+
+
+def test_opencv_is_capped_for_formats_without_a_header_check(tmp_path):
+    """Every decode through frames.opencv() runs under OPENCV_IO_MAX_IMAGE_PIXELS, which
+    OpenCV reads when it is imported (here: a fresh process)."""
+    from tests.image_sets import huge_png
+    (tmp_path / "b.png").write_bytes(huge_png(20000, 20000))
+    child = ("import sys\nfrom pipeline.protocol.frames import opencv\ncv2 = opencv()\n"
+             "try:\n    cv2.imread(sys.argv[1])\nexcept cv2.error as e:\n"
+             "    print('capped' if 'MAX_IMAGE_PIXELS' in str(e) else e)\n")
+    run = subprocess.run([sys.executable, "-c", child, str(tmp_path / "b.png")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.stdout.strip() == "capped", run.stdout + run.stderr
+
+
+def test_a_truncated_video_warns_with_its_counts(tmp_path, caplog):
+    """#25 finding 10: a truncated video ended silently. Its frames are all delivered, then
+    one warning says how many of the claimed frames there were."""
+    rng = np.random.default_rng(25)
+    write_video(tmp_path / "clip.avi", [rng.integers(0, 256, (48, 64, 3), np.uint8)
+                                        for _ in range(40)])
+    whole = (tmp_path / "clip.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(whole[:len(whole) // 2])
+    with open_source(str(tmp_path / "cut.avi"), loop=True, limit=100) as source:
+        read = len(list(source.frames()))       # three passes and a bit: one warning
+    assert read == 100 and source.truncated
+    with open_source(str(tmp_path / "cut.avi")) as source:
+        once = len(list(source.frames()))
+    assert 0 < once < 40
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"video file {tmp_path / 'cut.avi'} ended after {once} of the 40 "
+                        f"frames its header claims: it is truncated or corrupt"] * 2
+    caplog.clear()
+    with open_source(str(tmp_path / "clip.avi")) as source:   # whole: no warning
+        assert len(list(source.frames())) == 40 and not source.truncated
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_as_pixels_handles_gray_colour_and_alpha():

@@ -268,6 +268,12 @@ def _header(head: NumpyHead, kind: str, features: int, frame: str, note: str = "
             f"                    float exit_logits[SPLITEXIT_CLASSES]);\n\n#endif\n")
 
 
+def _static_assert(name: str, condition: str) -> str:
+    """A compile-time check in C99 (no _Static_assert there): an array of size -1 is an
+    error. Guards the buffers the loops index against a header edited by hand."""
+    return f"typedef char splitexit_{name}[({condition}) ? 1 : -1];\n\n"
+
+
 SIGNATURE = ("void splitexit_head(const float pixels[SPLITEXIT_INPUT],\n"
              "                    float features[SPLITEXIT_FEATURES],\n"
              "                    float exit_logits[SPLITEXIT_CLASSES]) {\n")
@@ -304,6 +310,7 @@ def _mlp_files(head: NumpyHead, variant: str, calibration: np.ndarray | None) ->
               f"static const float pixel_mean = {_float(head.pixel_mean)};\n"
               f"static const float pixel_scale = {_float(np.float32(1) / head.pixel_std)};"
               f"  /* 1 / std: a multiply, not a divide, per pixel */\n\n{tables}\n"
+              f"{_static_assert('input_fits', f'SPLITEXIT_INPUT <= {widths[0]}')}"
               f"{SIGNATURE}"
               f"    float x[{widths[0]}], a[{scratch}], b[{scratch}];\n"
               f"    (void)a; (void)b;\n"
@@ -328,7 +335,9 @@ def _conv_files(head: NumpyHead) -> tuple[str, str]:
               f" */\n#include <stdint.h>\n#include \"{H_FILE}\"\n\n"
               f"{_array('float', 'pixel_mean', head.pixel_mean.astype(np.float32))}"
               f"/* 1 / std per channel: a multiply, not a divide, per pixel */\n"
-              f"{_array('float', 'pixel_scale', scale)}\n{tables}\n{SIGNATURE}{loops}}}\n")
+              f"{_array('float', 'pixel_scale', scale)}\n{tables}\n"
+              f"{_static_assert('input_fits', f'SPLITEXIT_INPUT == {c * h * w}')}"
+              f"{SIGNATURE}{loops}}}\n")
     return header, source
 
 

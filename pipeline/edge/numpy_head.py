@@ -174,14 +174,11 @@ def exit_scores(logits: np.ndarray, score: str, temperature: float = 1.0) -> np.
 
 
 def _junction(arrays, name: str, n_in: int, dense_max_elements: int) -> Junction:
+    """Shapes and indices are checked already (read_edge_npz)."""
     values, bias = arrays[f"{name}.values"], arrays[f"{name}.bias"].astype(np.float32)
     indices = arrays.get(f"{name}.indices")
     if indices is None:
         return Junction(np.ascontiguousarray(values.T, dtype=np.float32), None, bias)
-    if indices.shape != values.shape or indices.size and not 0 <= indices.min() <= \
-            indices.max() < n_in:
-        raise ValueError(f"{name}: indices {indices.shape} do not fit values {values.shape} "
-                         f"and {n_in} inputs")
     if n_in * values.shape[0] <= dense_max_elements:
         dense = np.zeros((n_in, values.shape[0]), np.float32)       # (N_in, N_out)
         dense[indices, np.arange(values.shape[0])[:, None]] = values
@@ -200,15 +197,9 @@ def _unpad(j: Junction, input_size: int) -> Junction:
 
 
 def _conv(arrays, name: str, n_in: int, layout: dict) -> ConvStage:
+    """Shapes and channel indices are checked already (read_edge_npz)."""
     weight = arrays[f"{name}.values"].astype(np.float32)
     indices, bias = arrays.get(f"{name}.indices"), arrays[f"{name}.bias"].astype(np.float32)
-    if weight.ndim != 4 or weight.shape[2] != weight.shape[3] or \
-            weight.shape[1] != (n_in if indices is None else indices.shape[1]):
-        raise ValueError(f"{name}: kernels {weight.shape} do not fit {n_in} input channels")
-    if indices is not None and (indices.shape != weight.shape[:2] or indices.size and not
-                                0 <= indices.min() <= indices.max() < n_in):
-        raise ValueError(f"{name}: channel indices {indices.shape} do not fit kernels "
-                         f"{weight.shape} and {n_in} input channels")
     if indices is None:
         return ConvStage(weight, None, bias, int(layout["stride"]), int(layout["pool"]))
     indices = indices.astype(np.intp)

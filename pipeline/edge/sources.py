@@ -26,8 +26,8 @@ import numpy as np
 from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.model.data import load_test_split
 from pipeline.errors import DataError, SourceError
-from pipeline.protocol.frames import (DEFAULT_SHAPE, IMAGE_EXTENSIONS, opencv,
-                                      to_pixels)
+from pipeline.protocol.frames import (DEFAULT_SHAPE, IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS,
+                                      opencv, read_image, to_pixels)
 from pipeline.protocol.timing import backoff_delays
 
 __all__ = ["Frame", "Source", "LatestFrame", "Shard", "open_source", "as_pixels",
@@ -188,6 +188,8 @@ class Source:
     live = False               # True: the consumer sees the newest frame, stale ones are dropped
     dropped = 0                # frames a live source skipped to stay current
     reconnects = 0             # times a live source was lost and reopened
+    skipped = 0                # pictures an image folder could not use (warned about once each)
+    truncated = False          # a video file ended before the frames its header claims
 
     def __init__(self, spec: str, fps: float | None, limit: int | None, loop: bool,
                  shape: tuple[int, int, int] = DEFAULT_SHAPE, resize: str = "stretch"):
@@ -251,35 +253,33 @@ class ReplaySource(Source):
 
 
 class FolderSource(Source):
-    """Image files sorted by name; one OpenCV cannot decode is skipped with a warning. Read
-    as training reads an image folder (IMREAD_UNCHANGED: no EXIF rotation, alpha kept)."""
+    """Image files sorted by name; one that cannot be used (undecodable, 16-bit, or over
+    MAX_IMAGE_PIXELS by its header) is skipped with a one-line warning and counted in
+    `skipped`. Read as training reads an image folder (frames.read_image)."""
 
     def __init__(self, spec: str, **kw: Any):
         super().__init__(spec, **kw)
-        cv2 = opencv()
         try:
             self.paths = sorted(p for p in Path(spec).iterdir()
                                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         except OSError as e:
             raise SourceError(f"cannot read image folder {spec}: {e.strerror}") from None
         self._bad: set[Path] = set()  # warned about once, then skipped on later loops
-        if not any(cv2.imread(str(p), cv2.IMREAD_UNCHANGED) is not None for p in self.paths):
+        if next(self._one_pass(), None) is None:
             raise SourceError(f"image folder {spec} has no readable images ({len(self.paths)} "
-                              f"files with extensions {'/'.join(IMAGE_EXTENSIONS)}): add some")
+                              f"files with extensions {'/'.join(IMAGE_EXTENSIONS)}, "
+                              f"{self.skipped} skipped): add some")
 
     def _one_pass(self) -> Iterator[Item]:
-        cv2 = opencv()
         for path in self.paths:
             if path in self._bad:
                 continue
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             try:
-                if image is None:
-                    raise ValueError("OpenCV cannot decode it")
-                pixels = self.fit(image)
-            except ValueError as e:   # undecodable, or a 16-bit picture
-                log.warning(f"skipping {path}: {e}")
+                pixels = self.fit(read_image(path))
+            except ValueError as e:   # undecodable, too large, or a 16-bit picture
                 self._bad.add(path)
+                self.skipped = len(self._bad)
+                log.warning(f"skipping {path}: {e} ({self.skipped} skipped so far)")
                 continue
             yield pixels, None, time.time(), str(path)
 
@@ -315,18 +315,36 @@ class VideoFileSource(Source):
     def __init__(self, spec: str, **kw: Any):
         super().__init__(spec, **kw)
         self.error = f"cannot open video file {spec}: OpenCV cannot decode it (is it a video?)"
-        _open_capture(spec, self.error).release()  # fail now, not at the first frame
+        cv2, capture = opencv(), _open_capture(spec, self.error)  # fail now, not at frame 1
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        capture.release()
+        if width * height > MAX_IMAGE_PIXELS:
+            raise SourceError(f"video file {spec} has {width} x {height} frames, more than "
+                              f"the {MAX_IMAGE_PIXELS} pixels a frame may have: scale it down")
 
     def _one_pass(self) -> Iterator[Item]:
+        cv2 = opencv()
         capture = _open_capture(self.spec, self.error)
+        claimed, read = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0
         try:
             while True:
                 ok, image = capture.read()
                 if not ok:
-                    return
+                    break
+                read += 1
                 yield self.fit(image), None, time.time(), None
         finally:
             capture.release()
+        # A damaged file ends early and OpenCV just stops reading: say so, once.
+        if 0 < read < claimed and not self.truncated:
+            self.truncated = True
+            log.warning(f"video file {self.spec} ended after {read} of the {claimed} frames "
+                        f"its header claims: it is truncated or corrupt")
+        elif read == 0 and not self.truncated:
+            self.truncated = True
+            log.warning(f"video file {self.spec} gave no frame (its header claims "
+                        f"{max(claimed, 0)}): it is truncated or corrupt")
 
 
 class LiveSource(Source):
@@ -413,6 +431,14 @@ class Shard:
     @property
     def reconnects(self) -> int:
         return self.source.reconnects
+
+    @property
+    def skipped(self) -> int:
+        return self.source.skipped
+
+    @property
+    def truncated(self) -> bool:
+        return self.source.truncated
 
     def close(self) -> None:
         self.source.close()

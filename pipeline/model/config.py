@@ -18,6 +18,8 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.model.data import VAL_FRACTION, VAL_MIN
+from pipeline.protocol.edge_artifact import (MAX_ARRAY_BYTES, MAX_KERNEL, MAX_LAYERS, MAX_SIDE,
+                                             MAX_WIDTH)
 from pipeline.protocol.frames import RESIZE_MODES
 
 __all__ = ["ModelConfig", "TrainConfig", "CalibrationConfig", "DataConfig", "Config",
@@ -32,6 +34,12 @@ POLICIES = ("offload", "max_drop")
 SELECT_BY = ("calibrated_loss", "loss")   # train.select_by: how the epoch kept is chosen
 AUGMENTS = ("none", "flip", "shift", "flip+shift")   # train.augment
 UPLINK_BITS = (8, 4, 2)   # what model.uplink_bits may train for (pipeline/model/uplink.py)
+# Upper bounds: a typo (a width of 10^13) is refused at once, not after minutes of searching
+# fan-outs or a MemoryError. (key, lowest, highest) for [train]; the layout's in _check_layout.
+TRAIN_RANGES = (("lr", 0.0, 10.0), ("weight_decay", 0.0, 10.0), ("exit_weight", 0.0, 1e3),
+                ("rate_weight", 0.0, 1e3), ("steps", 1, 10**9), ("epochs", 0, 10**6),
+                ("batch_size", 1, 1 << 20), ("shift", 0, MAX_SIDE))
+MAX_WEIGHTS = MAX_ARRAY_BYTES // 4   # float32 weights in one layer: what edge.npz may hold
 
 
 @dataclass
@@ -175,6 +183,16 @@ class Config:
         if t.lr <= 0 or t.weight_decay < 0 or t.exit_weight < 0 or t.rate_weight < 0:
             raise ConfigError("train.lr must be > 0, weight_decay, exit_weight and rate_weight "
                               ">= 0")
+        for name, seed in (("model.seed", m.seed), ("train.seed", t.seed)):
+            if not 0 <= seed < 1 << 63:
+                raise ConfigError(f"{name} = {seed} must be in [0, 2^63)")
+        for name, low, high in TRAIN_RANGES:
+            value = getattr(t, name)
+            if not low <= value <= high:
+                raise ConfigError(f"train.{name} = {value} must be in [{low}, {high}]")
+        if not 0 <= t.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing = {t.label_smoothing} must be in [0, 1) "
+                              f"(0: none)")
         if t.select_by not in SELECT_BY:
             raise ConfigError(f"train.select_by = {t.select_by!r}: choose one of "
                               f"{', '.join(SELECT_BY)}")
@@ -201,9 +219,22 @@ class Config:
 
 def _check_layout(m: ModelConfig) -> None:
     """Layer counts, the input, and that each layer fits the one before it."""
-    if len(m.input_shape) != 3 or m.input_shape[0] not in (1, 3) or min(m.input_shape) < 1:
+    if len(m.input_shape) != 3 or m.input_shape[0] not in (1, 3) or min(m.input_shape) < 1 \
+            or max(m.input_shape) > MAX_SIDE:
         raise ConfigError(f"model.input_shape = {m.input_shape} must be [channels, height, "
-                          f"width] with 1 (grey) or 3 (colour) channels")
+                          f"width] with 1 (grey) or 3 (colour) channels and sides in [1, "
+                          f"{MAX_SIDE}]")
+    for name, high in (("widths", MAX_WIDTH), ("fan_out", MAX_WIDTH), ("channels", MAX_WIDTH),
+                       ("channel_fan_out", MAX_WIDTH), ("kernel", MAX_KERNEL),
+                       ("stride", MAX_SIDE), ("pool", MAX_SIDE)):
+        values = getattr(m, name)
+        if any(v > high for v in values) or len(values) > MAX_LAYERS:
+            raise ConfigError(f"model.{name} = {values} must hold at most {MAX_LAYERS} "
+                              f"values of at most {high}")
+    for name, high in (("input_pad", MAX_WIDTH), ("exit_fan_out", MAX_WIDTH),
+                       ("exit_pool", MAX_SIDE)):
+        if getattr(m, name) > high:
+            raise ConfigError(f"model.{name} = {getattr(m, name)} must be at most {high}")
     if m.resize not in RESIZE_MODES:
         raise ConfigError(f"model.resize = {m.resize!r}: choose one of "
                           f"{', '.join(RESIZE_MODES)}")
@@ -227,6 +258,12 @@ def _check_layout(m: ModelConfig) -> None:
         raise ConfigError(f"model.widths needs at least {2 if convs else 3} layers and "
                           f"model.fan_out one entry per junction ({len(m.widths) - 1}), got "
                           f"{len(m.fan_out)}")
+    pairs = zip(m.widths, m.widths[1:], m.fan_out)
+    for i, (n_in, n_out, fan_out) in enumerate(pairs):
+        if n_in * min(fan_out, n_out) > MAX_WEIGHTS:
+            raise ConfigError(f"model: junction {i + 1} ({n_in}->{n_out}, fan-out {fan_out}) "
+                              f"has {n_in * min(fan_out, n_out)} weights, over the "
+                              f"{MAX_WEIGHTS} one layer may hold")
     if convs:
         if m.input_pad:
             raise ConfigError("model.input_pad pads an MLP's pixels; a conv model reads "
@@ -260,6 +297,9 @@ def conv_shapes(m: ModelConfig) -> list[tuple[int, int, int]]:
                               f"{shapes[-1][2]} input, which its stride {s} and pool {p} "
                               f"shrink to nothing; use a larger model.input_shape or fewer "
                               f"strides and pools")
+        if channels * h * w > MAX_WIDTH:
+            raise ConfigError(f"model: conv {i + 1} outputs {channels} x {h} x {w} values, "
+                              f"over the {MAX_WIDTH} one layer may hold")
         shapes.append((channels, h, w))
     return shapes
 
@@ -272,9 +312,11 @@ def _check_type(where: str, value, annotation):
     hints = {"int": int, "float": float, "str": str, "list[int]": list}
     expected = hints[annotation]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(f"{where} = {value!r} must be of type {annotation}")
+    if expected is float and not math.isfinite(value):   # TOML has nan and inf
+        raise ConfigError(f"{where} = {value} must be a finite number")
     if annotation == "list[int]" and not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ConfigError(f"{where} = {value!r} must be a list of integers")

@@ -10,6 +10,7 @@ frames (pipeline.protocol.frames), so both see the same pixels.
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
               0x0E: ">f8"}
 VAL_FRACTION = 1 / 12   # 5 000 of Fashion-MNIST's 60 000 training images
 VAL_MIN = 200           # enough to place a threshold and stop early on a small data set
+MAX_IDX_BYTES = 1 << 32  # 4 GiB: 70x Fashion-MNIST's training images
 INSTALL_HINT = "install them with `apt-get install dataset-fashion-mnist` or pass --data DIR"
 
 
@@ -52,24 +54,33 @@ class Dataset:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse one IDX file (magic 0 0 dtype ndim, big-endian dims, then the data)."""
+    """Parse one IDX file (magic 0 0 dtype ndim, big-endian dims, then the data). The header
+    is read first and the data no further than it says (at most MAX_IDX_BYTES): a small
+    .gz that inflates to gigabytes is refused, not decompressed."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_DTYPES:
+                raise DataError(f"{path}: not an IDX file (bad magic number)")
+            ndim = magic[3]
+            dims_raw = f.read(4 * ndim)
+            dims = tuple(int.from_bytes(dims_raw[4 * i: 4 * i + 4], "big")
+                         for i in range(len(dims_raw) // 4))
+            dtype = np.dtype(IDX_DTYPES[magic[2]])
+            size = math.prod(dims) * dtype.itemsize
+            if len(dims) != ndim or size > MAX_IDX_BYTES:
+                raise DataError(f"{path}: an IDX header of shape {dims} ({size} bytes): "
+                                f"truncated, or over the {MAX_IDX_BYTES} bytes read")
+            data = f.read(size + 1)   # one byte more tells a padded file
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    ndim = raw[3]
     header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(IDX_DTYPES[raw[2]])
-    expected = header + int(np.prod(dims)) * dtype.itemsize
-    if len(raw) != expected:
-        raise DataError(f"{path}: truncated or padded IDX file ({len(raw)} bytes, header "
-                        f"says {expected})")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    if len(data) != size:
+        raise DataError(f"{path}: truncated or padded IDX file ({header + len(data)}"
+                        f"{'+' if len(data) > size else ''} bytes, header says "
+                        f"{header + size})")
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

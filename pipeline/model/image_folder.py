@@ -26,7 +26,7 @@ import numpy as np
 from pipeline.errors import DataError
 from pipeline.model.data import VAL_FRACTION, VAL_MIN, Dataset, Split, validation_size
 from pipeline.protocol.frames import (DEFAULT_SHAPE, IMAGE_EXTENSIONS, RESIZE_MODES,
-                                      check_shape, fit_frame, opencv)
+                                      check_shape, fit_frame, opencv, read_image)
 
 __all__ = ["is_image_folder", "load_image_folder", "load_image_folder_test", "TEST_FRACTION"]
 
@@ -162,15 +162,12 @@ def _progress(total: int) -> Iterator:
 
 
 def _decode(files: Files, shape: tuple[int, int, int], resize: str, bar) -> Split:
-    cv2 = opencv()
     images = np.empty((len(files), int(np.prod(shape))), np.uint8)
     for row, (path, _) in enumerate(files):
         try:
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        except cv2.error:
-            image = None
-        if image is None:
-            raise DataError(f"{path}: OpenCV cannot decode it; delete or replace it")
+            image = read_image(path)
+        except ValueError as e:   # undecodable, or too large to decode (from its header)
+            raise DataError(f"{path}: {e}; delete or replace it") from None
         if image.dtype != np.uint8:
             depth = "16-bit" if image.dtype.itemsize == 2 else f"{image.dtype}"
             raise DataError(f"{path} is a {depth} image: convert it to 8 bits per channel "

@@ -14,6 +14,8 @@ are already 28x28 gray, works without the `camera` extra.
 from __future__ import annotations
 
 import os
+import struct
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,13 +23,18 @@ import numpy as np
 from pipeline.errors import SourceError
 
 __all__ = ["DEFAULT_SHAPE", "RESIZE_MODES", "IMAGE_EXTENSIONS", "opencv", "check_shape",
-           "fit_frame", "to_pixels"]
+           "fit_frame", "to_pixels", "read_image", "image_size", "MAX_IMAGE_PIXELS"]
 
 DEFAULT_SHAPE = (1, 28, 28)         # Fashion-MNIST: 28x28 gray
 RESIZE_MODES = ("stretch", "crop")  # crop: centre region of the target's aspect ratio
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff")
 AV_LOG_FATAL = 8                    # FFmpeg log level: only fatal errors
 SOURCE_FORMS = "H x W gray, H x W x 1, H x W x 3 BGR or H x W x 4 BGRA"
+# The most pixels a decoded picture or video frame may have (8192 x 4096; a 16-bit BGRA one
+# is 256 MiB): a 1 MB PNG can claim 20000 x 20000 and cost gigabytes decoded. Checked from
+# the file's header before decoding (PNG, JPEG, BMP), and by OpenCV itself for every format
+# through OPENCV_IO_MAX_IMAGE_PIXELS, which it reads once, when first imported.
+MAX_IMAGE_PIXELS = 1 << 25
 
 
 def opencv() -> Any:
@@ -35,6 +42,7 @@ def opencv() -> Any:
     # FFmpeg logs every failed connection itself; callers report one line instead. It reads
     # this once, when OpenCV first uses it; a value the user set wins.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", str(AV_LOG_FATAL))
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
     try:
         import cv2
     except ImportError:
@@ -119,3 +127,50 @@ def to_pixels(image: np.ndarray, shape: tuple[int, int, int] = DEFAULT_SHAPE,
               resize: str = "stretch") -> np.ndarray:
     """The float32 (C*H*W,) pixels in [0, 1] a model is fed for `image` (see fit_frame)."""
     return fit_frame(image, shape, resize).astype(np.float32) / np.float32(255)
+
+
+def image_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first bytes of a PNG, JPEG or BMP file; None for another
+    format or a header it cannot read (OpenCV's own cap still applies when it decodes)."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    if head[:2] == b"BM" and len(head) >= 26:
+        width, height = struct.unpack("<ii", head[18:26])
+        return abs(width), abs(height)     # a negative height: rows stored top-down
+    if head[:2] == b"\xff\xd8":           # JPEG: walk the segments to a start of frame
+        at = 2
+        while at + 9 <= len(head) and head[at] == 0xFF:
+            marker, length = head[at + 1], struct.unpack(">H", head[at + 2:at + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", head[at + 5:at + 9])
+                return width, height
+            at += 2 + length
+    return None
+
+
+HEADER_BYTES = 1 << 16   # where a JPEG's frame header is found after its EXIF and tables
+
+
+def read_image(path: str | Path) -> Any:
+    """The picture at `path` as OpenCV reads it (IMREAD_UNCHANGED: no EXIF rotation, alpha
+    and 16 bits kept), or ValueError saying why not in a few words: unreadable, undecodable,
+    or more than MAX_IMAGE_PIXELS (refused from its header, before anything is decoded)."""
+    cv2 = opencv()
+    try:
+        with open(path, "rb") as f:
+            size = image_size(f.read(HEADER_BYTES))
+    except OSError as e:
+        raise ValueError(f"cannot read it ({e.strerror})") from None
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(f"it is {size[0]} x {size[1]} pixels, more than the "
+                         f"{MAX_IMAGE_PIXELS} a frame may have: scale it down")
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:   # OpenCV's own pixel cap, or a decoder that gave up
+        if "MAX_IMAGE_PIXELS" in str(e):
+            raise ValueError(f"it has more than the {MAX_IMAGE_PIXELS} pixels a frame may "
+                             f"have: scale it down") from None
+        image = None
+    if image is None:
+        raise ValueError("OpenCV cannot decode it")
+    return image
