@@ -117,15 +117,20 @@ def artifacts(tmp_path_factory, idx_dir) -> Path:
 def bottleneck_artifacts(tmp_path_factory, idx_dir) -> Path:
     """A head whose exit reads its 40-wide layer, then an 8-wide bottleneck trained to be
     sent as 4-bit codes: the exit runs on every frame, the bottleneck only for offloads."""
+    return train_bottleneck(tmp_path_factory.mktemp("bottleneck"), idx_dir, "bottleneck",
+                            [800, 40, 8, 20, 10], [2, 2, 20, 10], epochs=2)
+
+
+def train_bottleneck(out: Path, idx_dir: Path, name: str, widths: list[int],
+                     fan_out: list[int], epochs: int) -> Path:
+    """A paper-sparse head with its exit on layer 1 and its split on layer 2, a 4-bit uplink."""
     from pipeline.model.config import load_config
     from pipeline.model.train import run
 
-    out = tmp_path_factory.mktemp("bottleneck")
     cfg = load_config("paper-sparse", [
-        "model.name='bottleneck'", "model.widths=[800, 40, 8, 20, 10]",
-        "model.fan_out=[2, 2, 20, 10]", "model.split=2", "model.exit_at=1",
-        "model.uplink_bits=4", "train.epochs=2", "train.val_fraction=0.1",
-        "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
+        f"model.name='{name}'", f"model.widths={widths}", f"model.fan_out={fan_out}",
+        "model.split=2", "model.exit_at=1", "model.uplink_bits=4", f"train.epochs={epochs}",
+        "train.val_fraction=0.1", "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
     run(cfg, out, progress=False)
     return out
 

@@ -24,7 +24,7 @@ import zmq
 from benchmarks.decode_worst import longest_codes, message, worst_legal
 from pipeline.protocol import native, wire
 from pipeline.protocol.wire import Codec, DType, Refusal
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, train_bottleneck
 from workers.broker import run_broker
 from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup
@@ -38,17 +38,8 @@ VALID = 30          # the valid client's one-frame requests
 def wide_bottleneck(tmp_path_factory, idx_dir):
     """A bottleneck 256 wide sent as 4-bit codes (like the default's 400): 256 frames make
     65 536 coded features, enough for a quadratic decoder to take seconds."""
-    from pipeline.model.config import load_config
-    from pipeline.model.train import run
-
-    out = tmp_path_factory.mktemp("wide-bottleneck")
-    cfg = load_config("paper-sparse", [
-        "model.name='wide-bottleneck'", "model.widths=[800, 40, 256, 20, 10]",
-        "model.fan_out=[2, 32, 5, 10]", "model.split=2", "model.exit_at=1",
-        "model.uplink_bits=4", "train.epochs=1", "train.val_fraction=0.1",
-        "calibrate.target_offload=0.5", f"data.dir='{idx_dir}'"])
-    run(cfg, out, progress=False)
-    return out
+    return train_bottleneck(tmp_path_factory.mktemp("wide-bottleneck"), idx_dir,
+                            "wide-bottleneck", [800, 40, 256, 20, 10], [2, 32, 5, 10], epochs=1)
 
 
 def hostile(code, tag: bytes) -> tuple[list[bytes], list[bytes]]:

@@ -210,7 +210,7 @@ def train_steps(seed: int = 0) -> list[torch.Tensor]:
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """ell_native as on first use in a new process, with its cache under tmp_path."""
-    monkeypatch.setattr(ell_native, "_state", {})
+    monkeypatch.setattr(ell_native.KERNEL, "_state", {})
     monkeypatch.setenv("SPLITEXIT_CACHE", str(tmp_path / "cache"))
     return monkeypatch
 
@@ -230,7 +230,7 @@ def broken_compiler(tmp_path) -> str:
 def test_without_the_native_kernel_training_falls_back_to_pytorch(
         why, env, message, fresh_native, tmp_path):
     native = train_steps() if ell_native.library() is not None else None
-    fresh_native.setattr(ell_native, "_state", {})
+    fresh_native.setattr(ell_native.KERNEL, "_state", {})
     for name, value in env.items():
         fresh_native.setenv(name, value(tmp_path) if callable(value) else value)
     assert ell_native.library() is None
@@ -252,7 +252,7 @@ def test_the_kernel_is_built_once_then_loaded_from_the_cache(fresh_native, tmp_p
     fresh_native.setenv("CC", str(cc))
     assert ell_native.library() is not None
     assert log.read_text().count("build") == 1
-    fresh_native.setattr(ell_native, "_state", {})  # a new process, same machine
+    fresh_native.setattr(ell_native.KERNEL, "_state", {})  # a new process, same machine
     assert ell_native.library() is not None
     assert log.read_text().count("build") == 1
     assert len(list((tmp_path / "cache").glob("ell_kernel-*.so"))) == 1

@@ -242,7 +242,7 @@ def test_the_reference_heartbeats_once_a_frame(code4):
 ])
 def test_without_the_native_coder_the_reference_decodes(env, message, monkeypatch, tmp_path,
                                                         code4):
-    monkeypatch.setattr(native, "_coder", {})
+    monkeypatch.setattr(native.CODER, "_state", {})
     monkeypatch.setenv("SPLITEXIT_CACHE", str(tmp_path))
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -13,7 +13,6 @@ returns None, `status()` says why in one line, and SparseLinear runs its PyTorch
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 from pipeline.protocol import native
@@ -26,9 +25,6 @@ SOURCE = Path(__file__).with_name("ell_kernel.c")
 # without OpenMP still gets a working kernel, single-threaded in the last case).
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -39,18 +35,15 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+KERNEL = native.Library(SOURCE, _declare, FLAG_SETS, "gnu11", "native ELL kernel",
+                        "PyTorch kernels")
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, building it on first call; None when the fallback must run."""
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                lib, why = native.load(SOURCE, _declare, FLAG_SETS, "gnu11",
-                                       "native ELL kernel", "PyTorch kernels")
-                _state.update(lib=lib, status=why)
-    return _state["lib"]  # type: ignore[return-value]
+    return KERNEL.get()
 
 
 def status() -> str:
     """One line: which kernels SparseLinear trains with, and why."""
-    library()
-    return str(_state["status"])
+    return KERNEL.status()

@@ -24,16 +24,13 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["load", "cache_dir", "coder", "coder_status", "DISABLE_ENV"]
+__all__ = ["load", "Library", "cache_dir", "coder", "coder_status", "DISABLE_ENV"]
 
 DISABLE_ENV = "SPLITEXIT_NATIVE"  # "0": every native library falls back to its reference
 BUILD_TIMEOUT_S = 120
 CODER_SOURCE = Path(__file__).with_name("coder.c")
 # Tried in order: the first that builds is used.
 CODER_FLAGS = (["-O2", "-march=native"], ["-O2"])
-
-_lock = threading.Lock()
-_coder: dict[str, object] = {}
 
 
 def cache_dir() -> Path:
@@ -104,18 +101,39 @@ def _declare_coder(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+class Library:
+    """A C source built and loaded once per process, on first use (thread-safe); `status`
+    says in one line what runs: the library, or its fallback and why."""
+
+    def __init__(self, source: Path, declare: Callable[[ctypes.CDLL], ctypes.CDLL], flag_sets,
+                 std: str, what: str, fallback: str):
+        self._args = (source, declare, flag_sets, std, what, fallback)
+        self._lock = threading.Lock()
+        self._state: dict[str, object] = {}
+
+    def get(self) -> ctypes.CDLL | None:
+        """The loaded library, building it on first call; None: run the fallback."""
+        if "lib" not in self._state:
+            with self._lock:
+                if "lib" not in self._state:
+                    lib, status = load(*self._args)
+                    self._state.update(lib=lib, status=status)
+        return self._state["lib"]  # type: ignore[return-value]
+
+    def status(self) -> str:
+        self.get()
+        return str(self._state["status"])
+
+
+CODER = Library(CODER_SOURCE, _declare_coder, CODER_FLAGS, "c99", "native coder",
+                "Python coder")
+
+
 def coder() -> ctypes.CDLL | None:
     """The static code's C decoders (coder.c), built on first call; None: use Python's."""
-    if "lib" not in _coder:
-        with _lock:
-            if "lib" not in _coder:
-                lib, status = load(CODER_SOURCE, _declare_coder, CODER_FLAGS, "c99",
-                                   "native coder", "Python coder")
-                _coder.update(lib=lib, status=status)
-    return _coder["lib"]  # type: ignore[return-value]
+    return CODER.get()
 
 
 def coder_status() -> str:
     """One line: which decoders the static code runs, and why."""
-    coder()
-    return str(_coder["status"])
+    return CODER.status()
