@@ -131,6 +131,34 @@ def test_a_worker_refuses_another_models_features(system, artifacts, idx_dir, tm
     assert all(o["path"] == "fallback" and o["reason"] == "wrong_model" for o in outcomes)
 
 
+def test_features_coded_for_another_model_are_wrong_model_not_bad_bytes(system, artifacts):
+    """The worker's model has no static code; features coded with another model's code are
+    refused as that model's, from the header, before the payload is read."""
+    import zmq
+
+    from pipeline.protocol import wire
+    from pipeline.protocol.static_code import StaticCode
+
+    system.broker()
+    system.workers(artifacts, 1)
+    code = StaticCode(np.array([[2045, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1, 1, 1, 1,
+                                 1]] * 40))
+    [msg] = wire.encode_request(3, bytes(4), np.zeros((2, 40), np.float32), wire.DType.UINT4,
+                                wire.Codec.STATIC, code)
+    ctx = zmq.Context()
+    edge = ctx.socket(zmq.DEALER)
+    edge.linger = 0
+    try:
+        edge.connect(system.frontend)
+        edge.send(msg)
+        assert edge.poll(60_000), "no answer from the worker"
+        answer = wire.decode_answer(edge.recv_multipart())
+        assert isinstance(answer, wire.Error) and answer.reason == wire.Refusal.WRONG_MODEL
+    finally:
+        edge.close()
+        ctx.term()
+
+
 def test_a_full_queue_answers_busy_at_once(system, artifacts, idx_dir):
     system.broker(max_queue=4, queue_timeout_s=60.0)  # no workers: nothing drains the queue
     outcomes = system.edge(artifacts, data_dir=str(idx_dir), deadline_ms=3000, max_pack=1)

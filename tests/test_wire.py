@@ -273,3 +273,19 @@ def test_entropy_coded_requests_are_budgeted_before_decoding():
     for n, reason in ((low - 1, "size"), (low, "decompress"), (min(high, 59) + 1, "size")):
         reject(request(dtype=DType.UINT4, codec=Codec.STATIC, frames=3, scales=bytes(6),
                        payload=b"\xff" * n), reason, lambda f: wire.decode_request(f, code))
+
+
+def test_another_models_request_is_wrong_model_before_its_payload_is_read():
+    """A worker of another model lacks the code the features were coded with: it must say
+    wrong_model from the header, not that the payload is bad."""
+    from pipeline.protocol.static_code import StaticCode
+
+    code = StaticCode(np.array([[2045, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1, 1, 1, 1,
+                                 1]] * 40))
+    msg = wire.encode_request(7, TAG, np.zeros((4, 40), np.float32), DType.UINT4,
+                              Codec.STATIC, code)
+    assert request_codec(msg) in (Codec.STATIC, Codec.RANS)
+    other = bytes(wire.MODEL_TAG_BYTES)
+    reject(msg, "wrong_model", lambda f: wire.decode_request(f, None, serves=other))
+    reject(msg, "codec", lambda f: wire.decode_request(f, None, serves=TAG))  # its own tag
+    assert wire.decode_request(msg, code, serves=TAG).msg_id == 7

@@ -201,21 +201,19 @@ class TailWorker:
                 self._announce()  # the broker forgot us (it restarted, or thought us dead)
 
     def _on_request(self, edge: bytes, parts: list) -> None:
-        try:
-            request = wire.decode_request(parts, self.code, self._beat)
+        try:   # the model tag first: another model's payload is never decoded
+            request = wire.decode_request(parts, self.code, self._beat, self.model_tag)
         except WireError as e:
             self._count(e.reason)
             try:
                 _, msg_id = wire.peek(parts[0])
             except WireError:
                 return  # not even a header: nothing to answer
-            self._refuse(edge, msg_id, Refusal.BAD_REQUEST, e.detail)
-            return
-        if request.model_tag != self.model_tag:
-            self._count("wrong_model")
-            self._refuse(edge, request.msg_id, Refusal.WRONG_MODEL,
-                         f"worker serves model {self.model_id}, request is for model "
-                         f"{request.model_tag.hex()}")
+            if e.reason == "wrong_model":
+                self._refuse(edge, msg_id, Refusal.WRONG_MODEL,
+                             f"worker serves model {self.model_id}, {e.detail}")
+            else:
+                self._refuse(edge, msg_id, Refusal.BAD_REQUEST, e.detail)
             return
         if request.features.shape[1] != self.width:
             self._count("shape")

@@ -447,14 +447,20 @@ def peek(frame) -> tuple[Kind, int]:
 
 
 def decode_request(frames: list, code: StaticCode | None = None,
-                   tick: Callable[[], None] | None = None) -> Request:
+                   tick: Callable[[], None] | None = None,
+                   serves: bytes | None = None) -> Request:
     """The request in `frames`; `code` is this side's model's static code, if it has one;
     `tick` is called between frames while the Python reference decodes an entropy-coded
-    payload (a worker heartbeats from it; the C coder never runs long enough to need it)."""
+    payload (a worker heartbeats from it; the C coder never runs long enough to need it).
+    With `serves` (the model tag of this side), a request for another model raises
+    WireError("wrong_model") from its fixed header, before the payload is touched: another
+    model's features do not decode under this model's code, and must not read as bad bytes."""
     data, kind = _single(frames, "a request")
     if kind not in REQUEST_KINDS or len(data) < _REQUEST.size:
         raise WireError("kind", "not a request")
     _, _, types, n, msg_id, model_tag, width = _REQUEST.unpack_from(data)
+    if serves is not None and model_tag != serves:
+        raise WireError("wrong_model", f"request is for model {model_tag.hex()}")
     dtype, codec = _enum(types >> 4, DType, "dtype"), _enum(types & 0xF, Codec, "codec")
     n += 1
     if not 1 <= width <= MAX_WIDTH:
