@@ -215,3 +215,26 @@ def test_int8_on_a_conv_head_is_refused_in_one_line(tmp_path):
     r = splitexit("export", str(art), "--variant", "int8", "--out", str(tmp_path / "c"))
     one_line_failure(r)
     assert "MLP heads only" in r.stderr.splitlines()[-1]
+
+
+CXX = shutil.which("c++") or shutil.which("g++")
+
+
+@needs_cc
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler (c++/g++) on this machine")
+def test_a_cpp_program_links_the_c_head(artifacts, tmp_path):
+    """The header declares the function extern "C" for C++, so a C++ caller links to it."""
+    export_c(artifacts, tmp_path, "float32")
+    (tmp_path / "main.cpp").write_text(
+        f'#include "{H_FILE}"\n'
+        "int main() {\n"
+        "    static float pixels[SPLITEXIT_INPUT], features[SPLITEXIT_FEATURES],\n"
+        "        logits[SPLITEXIT_CLASSES];\n"
+        "    splitexit_head(pixels, features, logits);\n"
+        "    return 0;\n}\n")
+    subprocess.run([CC, "-std=c99", "-O2", "-c", "-o", str(tmp_path / "head.o"),
+                    str(tmp_path / C_FILE)], check=True, capture_output=True)
+    subprocess.run([CXX, "-O2", "-Wall", "-Werror", "-o", str(tmp_path / "main"),
+                    str(tmp_path / "main.cpp"), str(tmp_path / "head.o")],
+                   check=True, capture_output=True)
+    assert subprocess.run([str(tmp_path / "main")]).returncode == 0

@@ -44,3 +44,12 @@ def test_the_cli_exports_onnx(artifacts, tmp_path):
     r = splitexit("export", str(artifacts), "--target", "onnx", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "splitexit_head.onnx").is_file()
+
+
+def test_the_file_pins_an_ir_version_older_runtimes_load(artifacts, tmp_path):
+    """onnxruntime 1.17 (the oldest the onnx extra allows) loads IR <= 9; onnx itself would
+    stamp its newest."""
+    import onnx
+
+    [path] = export_onnx(artifacts, tmp_path)
+    assert onnx.load(path).ir_version <= 9

@@ -26,6 +26,9 @@ __all__ = ["export_onnx", "ONNX_FILE"]
 
 ONNX_FILE = "splitexit_head.onnx"
 OPSET = 17
+# The IR version opset 17 came with (ONNX 1.12): onnx would stamp its own newest (14 in
+# onnx 1.23), which the onnxruntime releases the `onnx` extra allows (>= 1.17, IR <= 9) refuse.
+IR_VERSION = 8
 
 
 def _onnx():
@@ -89,7 +92,7 @@ def export_onnx(artifact: str | Path, out_dir: Path) -> list[Path]:
                                        ["batch", classes])],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="splitexit")
+                              producer_name="splitexit", ir_version=IR_VERSION)
     model.metadata_props.add(key="model_id", value=head.model_id)
     model.metadata_props.add(key="threshold", value=repr(head.threshold))
     model.metadata_props.add(key="score", value=head.score)
