@@ -109,14 +109,13 @@ def _append(fd: int, data: bytes) -> tuple[int, OSError | None]:
     """Append `data` (whole lines): (bytes appended, None), or where a write fails (the
     disk filled mid-line) the file cut back to its last whole line and (bytes kept, why).
     A short write is retried: the retry says why it fell short."""
-    start = os.lseek(fd, 0, os.SEEK_END)
     done = 0
     try:
         while done < len(data):
             done += os.write(fd, data[done:])
-    except OSError as e:
+    except OSError as e:   # the file ends `done` bytes into this batch: cut back to a line
         kept = data.rfind(b"\n", 0, done) + 1
-        os.ftruncate(fd, start + kept)
+        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_END) - done + kept)
         return kept, e
     return done, None
 
