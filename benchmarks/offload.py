@@ -2,7 +2,8 @@
 
 Three tables, all on the Fashion-MNIST test set and a trained artifact directory:
 1. throughput: frames/s at 100 % offload through edge -> broker -> workers (real processes,
-   loopback tcp) vs head + tail called frame by frame in one process;
+   loopback tcp; the edge encodes and the workers decode with the native coder where it
+   builds, as its status line says) vs head + tail called frame by frame in one process;
 2. offload-hop latency at a low rate (batch of one, no batching wait): what the network
    hop adds to a frame over answering locally;
 3. uplink bytes per offloaded frame for float32/float16/int8, lz4 or not, and the accuracy
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from common import read_jsonl, start_pool
-from pipeline.protocol import wire
+from pipeline.protocol import native, wire
 from pipeline.model.artifacts import load_model, load_server, set_threshold
 from pipeline.model.calibrate import OFFLOAD_ALL
 from pipeline.model.config import FASHION_MNIST_DIR
@@ -86,7 +87,8 @@ def main() -> None:
             - min(o["capture_ts"] for o in outcomes))
     piped_fps = len(outcomes) / span
     print(f"\n1. throughput, {args.frames} frames, 100 % offload, {args.workers} worker(s), "
-          f"1 producer, torch 1 thread per process")
+          f"1 producer, torch 1 thread per process; static code: {native.coder_status()} "
+          f"(edge and workers build the same one)")
     print("| path | frames/s | ratio |\n|---|---|---|")
     print(f"| head + tail in one process, frame by frame | {local_fps:.0f} | 1.00 |")
     print(f"| edge -> broker -> worker (loopback tcp) | {piped_fps:.0f} | "

@@ -8,7 +8,7 @@ concurrent first users agree on one file.
 
 When a library cannot be used -- no compiler, a failed build, or SPLITEXIT_NATIVE=0 --
 `load` returns None and one line saying why; its caller runs the portable reference.
-This module is torch-free: the worker's coder (coder.c, `coder()`) and the training
+This module is torch-free: the static code's coder (coder.c, `coder()`) and the training
 kernel (pipeline/model/ell_native.py) share it.
 """
 
@@ -42,13 +42,29 @@ def cache_dir() -> Path:
     return Path(base) / "splitexit"
 
 
+def cpu_model() -> str:
+    """The CPU this process runs on, as the kernel reports it (model name and ISA flags: a VM
+    may name a CPU generically, "AMD EPYC", while hiding some of its instructions)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        import platform
+        return f"{platform.machine()} {platform.processor()}"
+    fields = dict(line.split(":", 1) for line in info if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return " ".join(fields.get(k, "") for k in ("model name", "flags", "Features", "CPU part"))
+
+
 def _build(cc: str, source: Path, flag_sets, std: str) -> tuple[Path | None, str]:
     """Compile (or find in the cache) the shared library; (path, how) or (None, why not)."""
     text = source.read_bytes()
     errors = []
     for flags in flag_sets:
         args = [*flags, f"-std={std}", "-Wall", "-Werror", "-fPIC", "-shared"]
-        key = hashlib.sha256(text + cc.encode() + " ".join(args).encode()).hexdigest()[:16]
+        # -march=native builds for this CPU: a cache shared with another CPU must not reuse it.
+        cpu = cpu_model() if "-march=native" in flags else ""
+        key = hashlib.sha256(text + cc.encode() + " ".join(args).encode()
+                             + cpu.encode()).hexdigest()[:16]
         target = cache_dir() / f"{source.stem}-{key}.so"
         how = f"{Path(cc).name} {' '.join(flags)}"
         if target.exists():
@@ -98,6 +114,16 @@ def _declare_coder(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.huffman_decode.restype = ctypes.c_int
     lib.rans_decode.argtypes = [*head, p, p, p]
     lib.rans_decode.restype = ctypes.c_int
+    codes = [p, i64, i64, i64]                      # codes, frames, channels, symbols
+    lib.huffman_encode.argtypes = [*codes, p, p, p, i64]   # code, length, out, cap
+    lib.rans_encode.argtypes = [*codes, p, p, p, i64]      # freq, cum, out, cap
+    tables = [p, p, p, p, p, p]     # code, length, freq, cum, rcp, cost
+    lib.static_encode_smallest.argtypes = [*codes, *tables, p, i64, p]    # out, cap, is_rans
+    # features, scales, levels, codes (out), frames, channels, symbols, tables, out, cap, is_rans
+    lib.static_quantize_encode.argtypes = [p, p, i64, *codes, *tables, p, i64, p]
+    for encoder in (lib.huffman_encode, lib.rans_encode, lib.static_encode_smallest,
+                    lib.static_quantize_encode):
+        encoder.restype = i64
     return lib
 
 
@@ -130,10 +156,10 @@ CODER = Library(CODER_SOURCE, _declare_coder, CODER_FLAGS, "c99", "native coder"
 
 
 def coder() -> ctypes.CDLL | None:
-    """The static code's C decoders (coder.c), built on first call; None: use Python's."""
+    """The static code's C coders (coder.c), built on first call; None: use Python's."""
     return CODER.get()
 
 
 def coder_status() -> str:
-    """One line: which decoders the static code runs, and why."""
+    """One line: which coders the static code runs, and why."""
     return CODER.status()

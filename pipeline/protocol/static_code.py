@@ -13,6 +13,11 @@ worker build the same two coders from them:
 
 The edge sends whichever is smaller for each message. Decoding checks every step: hostile
 bytes raise CodeError, and never allocate more than the symbols asked for.
+
+Both ways run in C (coder.c, through pipeline.protocol.native) where it builds: the edge
+quantizes and encodes a pack in one call, the worker decodes a pack in one call. The Python
+coders (`*_reference`) define the bytes: tests hold the C coder to them, and they run where
+no compiler is.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ import numpy as np
 
 from pipeline.protocol import native
 
-__all__ = ["StaticCode", "CodeError", "MAX_CODE_BITS", "PROB_BITS", "ERRORS"]
+__all__ = ["StaticCode", "CodeError", "MAX_CODE_BITS", "PROB_BITS", "ERRORS", "ENCODE_ERRORS"]
 
 MAX_CODE_BITS = 24
 PROB_BITS = 12                      # frequencies of a channel sum to 2^12
 _TOTAL = 1 << PROB_BITS
 _LOW = 1 << 23                      # rANS state lives in [2^23, 2^31)
-_SLACK_BYTES = 0.25                 # rANS's rounding costs under 2^-11 bits a symbol
+COST_BITS = 16                      # rANS's cost of a symbol, in 2^-16 bits (exact sums)
+_BYTE = 8 << COST_BITS
+# How far rANS's size may stray from its cost: a quarter byte, and 2^-8 bits a symbol (its
+# rounding costs under 2^-11; payload_bounds allows the same).
+_SLACK, _SLACK_PER_SYMBOL = _BYTE // 4, 1 << (COST_BITS - 8)
 
 Tick = Callable[[], None]
 # What a decoder refuses, by the code coder.c returns (0 is success); the Python reference
@@ -45,6 +54,13 @@ ERRORS = {
     RANS_RANGE: "the coder state left its range",
     RANS_END: "the bytes end inside a frame",
     RANS_FINAL: "the final state or the byte count is not what the encoder left",
+}
+# What an encoder refuses, by the negative code coder.c returns.
+ENCODE_CAP, ENCODE_SYMBOL, ENCODE_TABLE = -1, -2, -3
+ENCODE_ERRORS = {
+    ENCODE_CAP: "the output buffer is too small",
+    ENCODE_SYMBOL: "a code is not below the code's symbol count",
+    ENCODE_TABLE: "a code table entry no StaticCode builds",
 }
 
 
@@ -67,12 +83,14 @@ class StaticCode:
         self._codes = [self._canonical(row) for row in self.lengths.tolist()]
         rows = self.frequencies.astype(np.int64)
         self._bits = -np.log2(rows / _TOTAL)  # what rANS spends on each (channel, symbol)
-        self._channel = np.arange(self.channels)
         self._cum = np.concatenate([np.zeros((self.channels, 1), np.int64),
                                     np.cumsum(rows, axis=1)], axis=1).tolist()
         self._freq = rows.tolist()
         self._slot = [np.repeat(np.arange(self.symbols), row).tolist() for row in rows]
-        self._tables = _CanonicalTables(self.lengths, self.frequencies)
+        # rANS's cost of each (channel, symbol) in 2^-16 bits: the edge sizes both coders with
+        # exact integer sums, so native and reference make the same choice for any symbols
+        self._cost = np.rint(self._bits * (1 << COST_BITS)).astype(np.uint32)
+        self._tables = _CanonicalTables(self.lengths, self.frequencies, self._codes, self._cost)
         # the fewest and most bits one frame can cost: the bounds of an honest payload
         self._huffman_bits = (int(self.lengths.min(axis=1).sum()),
                               int(self.lengths.max(axis=1).sum()))
@@ -104,26 +122,102 @@ class StaticCode:
         """(the shorter of the Huffman and rANS encodings, whether it is rANS); Huffman on a
         tie. Both lengths are known before encoding, up to a byte for rANS (it writes
         between bits/8 + 3 and bits/8 + 4 bytes: the bits its 23-bit start state carries,
-        and a 4-byte flush), so only a close call pays for both encoders."""
-        codes = np.asarray(codes)
-        huffman = (int(self.lengths[self._channel, codes].sum()) + 7) // 8
-        rans = float(self._bits[self._channel, codes].sum()) / 8
-        if huffman <= rans + 3 - _SLACK_BYTES:
-            return self.encode(codes), False
-        if huffman > rans + 4 + _SLACK_BYTES:
-            return self.encode_rans(codes), True
-        coded, ransed = self.encode(codes), self.encode_rans(codes)
+        and a 4-byte flush), so only a close call pays for both encoders. One C call when
+        the native coder is built (coder.c's static_encode_smallest), the same decisions
+        in the same integers otherwise."""
+        lib = native.coder()
+        if lib is None:
+            return self.encode_smallest_reference(codes)
+        codes = self._checked(codes, in_c=True)
+        frames = len(codes)
+        cap = self._cap(frames, False) + self._cap(frames, True)
+        out, is_rans = np.empty(cap, np.uint8), ctypes.c_int32(0)
+        n = lib.static_encode_smallest(*self._args(codes), *self._tables.encoder, out.ctypes.data,
+                                       cap, ctypes.byref(is_rans))
+        return _written(out, n), bool(is_rans.value)
+
+    def encode_features(self, x: np.ndarray, scales: np.ndarray,
+                        levels: int) -> tuple[np.ndarray, bytes, bool] | None:
+        """(codes, payload, whether it is rANS) for float32 features (frames, channels) and
+        each frame's scale (float32 values of the wire's float16 ones): what
+        wire.quantize_unsigned and then encode_smallest give, bit for bit, in one C call
+        that also sizes both codes while it quantizes (the NumPy around the coder cost the
+        edge more than the coder). None without the native coder: the caller quantizes in
+        NumPy and calls encode_smallest."""
+        lib = native.coder()
+        if lib is None:
+            return None
+        frames = len(x)
+        if x.dtype != np.float32 or not x.flags.c_contiguous or x.shape != (frames, self.channels) \
+                or scales.dtype != np.float32 or scales.shape != (frames,):
+            raise ValueError(f"features must be C-contiguous float32 (frames, {self.channels}) "
+                             f"and scales float32 (frames,)")
+        scales = np.ascontiguousarray(scales)
+        codes = np.empty((frames, self.channels), np.uint8)
+        cap = self._cap(frames, False) + self._cap(frames, True)
+        out, is_rans = np.empty(cap, np.uint8), ctypes.c_int32(0)
+        n = lib.static_quantize_encode(x.ctypes.data, scales.ctypes.data, levels,
+                                       *self._args(codes), *self._tables.encoder,
+                                       out.ctypes.data, cap, ctypes.byref(is_rans))
+        return codes, _written(out, n), bool(is_rans.value)
+
+    def encode_smallest_reference(self, codes: np.ndarray) -> tuple[bytes, bool]:
+        """encode_smallest with the Python encoders; its decisions in the same integers."""
+        codes = self._checked(codes)
+        channel = np.arange(self.channels)
+        huffman = (int(self.lengths[channel, codes].sum(dtype=np.int64)) + 7) // 8 * _BYTE
+        rans = int(self._cost[channel, codes].sum(dtype=np.int64))
+        slack = _SLACK + codes.size * _SLACK_PER_SYMBOL
+        if huffman + slack <= rans + 3 * _BYTE:
+            return self.encode_reference(codes), False
+        if huffman > rans + 4 * _BYTE + slack:
+            return self.encode_rans_reference(codes), True
+        coded, ransed = self.encode_reference(codes), self.encode_rans_reference(codes)
         return (coded, False) if len(coded) <= len(ransed) else (ransed, True)
+
+    def _checked(self, codes: np.ndarray, in_c: bool = False) -> np.ndarray:
+        """(frames, channels) uint8 codes, C-contiguous; ValueError for a wrong shape or a
+        code out of range (uint8 codes going to the C coder: it checks the range itself)."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.channels:
+            raise ValueError(f"codes must be (frames, {self.channels}), not {codes.shape}")
+        if (codes.dtype != np.uint8 or not in_c) and codes.size and \
+                (codes.min() < 0 or codes.max() >= self.symbols):
+            raise ValueError(f"{ENCODE_ERRORS[ENCODE_SYMBOL]} ({self.symbols})")
+        return np.ascontiguousarray(codes, np.uint8)
+
+    def _cap(self, frames: int, rans: bool) -> int:
+        """Bytes that hold any encoding of `frames` frames (payload_bounds' most, and room
+        for its rounding)."""
+        return self.payload_bounds(frames, rans)[1] + 8
+
+    def _args(self, codes: np.ndarray) -> tuple:
+        return codes.ctypes.data, codes.shape[0], self.channels, self.symbols
+
+    def _encode_native(self, function, codes: np.ndarray, rans: bool, *tables: int) -> bytes:
+        codes = self._checked(codes, in_c=True)
+        cap = self._cap(len(codes), rans)
+        out = np.empty(cap, np.uint8)
+        return _written(out, function(*self._args(codes), *tables, out.ctypes.data, cap))
 
     # -- Huffman ---------------------------------------------------------------------------
 
     def encode(self, codes: np.ndarray) -> bytes:
         """Huffman: (frames, channels) symbols -> one bit string, MSB first, zero-padded.
-        Whole bytes leave the accumulator once it holds 64 bits, so it never grows with the
-        message (shifting one integer as long as the message made encoding quadratic)."""
+        Native when the C coder is built, else the Python reference."""
+        lib = native.coder()
+        if lib is None:
+            return self.encode_reference(codes)
+        return self._encode_native(lib.huffman_encode, codes, False,
+                                   *self._tables.encoder[:2])
+
+    def encode_reference(self, codes: np.ndarray) -> bytes:
+        """Huffman in Python. Whole bytes leave the accumulator once it holds 64 bits, so it
+        never grows with the message (shifting one integer as long as the message made
+        encoding quadratic)."""
         out, acc, bits = bytearray(), 0, 0
         tables = self._codes
-        for row in np.asarray(codes).tolist():
+        for row in self._checked(codes).tolist():
             for channel, symbol in enumerate(row):
                 code, n = tables[channel][symbol]
                 acc, bits = (acc << n) | code, bits + n
@@ -142,9 +236,7 @@ class StaticCode:
         lib = native.coder()
         if lib is None:
             return self.decode_reference(data, frames, tick)
-        t = self._tables
-        return self._native(lib.huffman_decode, data, frames, t.limit, t.base, t.order,
-                            t.minimum)
+        return self._native(lib.huffman_decode, data, frames, *self._tables.huffman_decoder)
 
     def decode_reference(self, data: bytes, frames: int, tick: Tick | None = None) -> np.ndarray:
         """Canonical decoding in Python, linear in the bytes: a bit buffer of at most 31 bits
@@ -189,11 +281,10 @@ class StaticCode:
         return (4 + max(0, math.floor((frames * low - slack - 8) / 8)),
                 4 + math.ceil((frames * high + slack) / 8))
 
-    def _native(self, function, data: bytes, frames: int, *tables: np.ndarray) -> np.ndarray:
+    def _native(self, function, data: bytes, frames: int, *tables: int) -> np.ndarray:
         out = np.empty((frames, self.channels), np.uint8)
-        pointer = ctypes.c_void_p
-        rc = function(data, len(data), frames, self.channels, self.symbols,
-                      *(pointer(t.ctypes.data) for t in tables), pointer(out.ctypes.data))
+        rc = function(data, len(data), frames, self.channels, self.symbols, *tables,
+                      out.ctypes.data)
         if rc:
             raise CodeError(ERRORS[rc])
         return out
@@ -201,11 +292,19 @@ class StaticCode:
     # -- rANS ------------------------------------------------------------------------------
 
     def encode_rans(self, codes: np.ndarray) -> bytes:
-        """rANS: symbols coded last to first, so the decoder reads them first to last."""
+        """rANS: symbols coded last to first, so the decoder reads them first to last.
+        Native when the C coder is built, else the Python reference."""
+        lib = native.coder()
+        if lib is None:
+            return self.encode_rans_reference(codes)
+        return self._encode_native(lib.rans_encode, codes, True, *self._tables.encoder[2:4])
+
+    def encode_rans_reference(self, codes: np.ndarray) -> bytes:
+        """rANS in Python (what coder.c's rans_encode does)."""
         out = bytearray()
         x = _LOW
         freq, cum = self._freq, self._cum
-        for row in reversed(np.asarray(codes).tolist()):
+        for row in reversed(self._checked(codes).tolist()):
             for channel in range(self.channels - 1, -1, -1):
                 symbol = row[channel]
                 f = freq[channel][symbol]
@@ -224,8 +323,7 @@ class StaticCode:
         lib = native.coder()
         if lib is None:
             return self.decode_rans_reference(data, frames, tick)
-        return self._native(lib.rans_decode, data, frames, self._tables.freq,
-                            self._tables.cum)
+        return self._native(lib.rans_decode, data, frames, *self._tables.encoder[2:4])
 
     def decode_rans_reference(self, data: bytes, frames: int,
                               tick: Tick | None = None) -> np.ndarray:
@@ -263,11 +361,17 @@ class _CanonicalTables:
     MAX_CODE_BITS bits, read MSB first, that a code of length n is too short for (canonical
     codes of one length are consecutive, shorter ones sort first); `base[n]`: where the
     codes of length n start in `order`, minus the first of them; `order`: the symbols in
-    code order; `minimum`: the shortest length. rANS: `freq` and `cum` (cumulative
-    frequencies, a leading 0)."""
+    code order; `minimum`: the shortest length. The Huffman encoder: each symbol's `code`
+    value (uint32) and `length`. rANS: `freq`, `cum` (cumulative frequencies, a leading 0)
+    and `rcp` (uint64, what its encoder multiplies by instead of dividing by freq). Sizing
+    both: `cost` (rANS's bits, 2^-16 units).
+    All channels x symbols unless said otherwise."""
 
-    def __init__(self, lengths: np.ndarray, frequencies: np.ndarray):
+    def __init__(self, lengths: np.ndarray, frequencies: np.ndarray,
+                 codes: list[list[tuple[int, int]]], cost: np.ndarray):
         channels, symbols = lengths.shape
+        self.code = np.array([[value for value, _ in row] for row in codes], np.uint32)
+        self.length = np.ascontiguousarray(lengths, np.uint8)
         top = MAX_CODE_BITS
         self.limit = np.zeros((channels, top + 1), np.uint32)
         self.base = np.zeros((channels, top + 1), np.int32)
@@ -283,6 +387,15 @@ class _CanonicalTables:
         self.freq = np.ascontiguousarray(frequencies, np.uint16)
         self.cum = np.concatenate([np.zeros((channels, 1), np.uint16),
                                    np.cumsum(frequencies, axis=1).astype(np.uint16)], axis=1)
+        # floor(2^43 / freq) + 1: rANS's encoder multiplies by it instead of dividing
+        self.rcp = (np.uint64(1 << 43) // self.freq.astype(np.uint64) + np.uint64(1))
+        self.cost = np.ascontiguousarray(cost, np.uint32)
+        # the addresses coder.c takes, once (numpy's .ctypes costs a microsecond a call); the
+        # arrays live as long as this object
+        self.encoder = tuple(a.ctypes.data for a in (self.code, self.length, self.freq,
+                                                       self.cum, self.rcp, self.cost))
+        self.huffman_decoder = tuple(a.ctypes.data for a in (self.limit, self.base,
+                                                               self.order, self.minimum))
         self._lists: tuple | None = None
 
     def lists(self) -> tuple[list, list, list, list]:
@@ -291,6 +404,13 @@ class _CanonicalTables:
             self._lists = (self.limit.tolist(), self.base.tolist(), self.order.tolist(),
                            self.minimum.tolist())
         return self._lists
+
+
+def _written(out: np.ndarray, n: int) -> bytes:
+    """The bytes a C encoder wrote, or its refusal as a ValueError."""
+    if n < 0:
+        raise ValueError(ENCODE_ERRORS.get(n, f"encoder error {n}"))
+    return out[:n].tobytes()
 
 
 def _limited_lengths(freq: list[int]) -> list[int]:

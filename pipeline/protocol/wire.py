@@ -217,12 +217,17 @@ def frame_scales(peak: np.ndarray, levels: int) -> np.ndarray:
 
 def quantize_unsigned(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(codes uint8 (frames, width), float16 scales (frames,)): x clipped at 0, each frame
-    scaled so its peak is the top code. The reference uplink.fake_quantize reproduces."""
+    scaled so its peak is the top code. The reference uplink.fake_quantize reproduces, and
+    so does the C coder (StaticCode.encode_features), from these scales."""
     levels = (1 << bits) - 1
-    x = np.maximum(x, 0)
-    scales = frame_scales(x.max(axis=1), levels)
-    q = np.clip(np.rint(x / scales[:, None].astype(np.float32)), 0, levels).astype(np.uint8)
-    return q, scales
+    scales = unsigned_scales(x, levels)
+    q = np.clip(np.rint(np.maximum(x, 0) / scales[:, None].astype(np.float32)), 0, levels)
+    return q.astype(np.uint8), scales
+
+
+def unsigned_scales(x: np.ndarray, levels: int) -> np.ndarray:
+    """Each frame's float16 scale for unsigned codes: its peak after clipping at 0."""
+    return frame_scales(np.maximum(x.max(axis=1), 0), levels)
 
 
 def _pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
@@ -301,10 +306,17 @@ def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
         if code is None or dtype not in UNSIGNED_BITS or code.channels != width:
             raise ValueError("the static codec needs the model's code and an unsigned dtype")
         bits = UNSIGNED_BITS[dtype]
-        symbols, s = quantize_unsigned(np.ascontiguousarray(features, dtype=np.float32), bits)
+        levels = (1 << bits) - 1
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        s = unsigned_scales(x, levels)
         scales = s.tobytes()
-        coded, is_rans = (code.encode_smallest(symbols) if frames * width <= MAX_CODED_SYMBOLS
-                          else (b"", False))   # too many to decode at once: send them packed
+        codable = frames * width <= MAX_CODED_SYMBOLS   # more: sent packed, as too many to decode
+        fused = code.encode_features(x, s.astype(np.float32), levels) if codable else None
+        if fused is not None:                           # quantized and coded in one C call
+            symbols, coded, is_rans = fused
+        else:
+            symbols, _ = quantize_unsigned(x, bits)
+            coded, is_rans = code.encode_smallest(symbols) if codable else (b"", False)
         if coded and len(coded) < frames * row_bytes(dtype, width):
             payload, codec = coded, Codec.RANS if is_rans else Codec.STATIC
         else:
