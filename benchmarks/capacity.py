@@ -1,44 +1,74 @@
-"""The offload hop against its floor, and how many cameras one broker + workers serve.
+"""How many cameras one broker and its tail workers serve with what the model's edge sends,
+and the offload hop against its floor.
 
-All in one run on this machine, loopback tcp, real processes:
+All in one run on this machine, loopback tcp, real processes. The requests are what the
+model's edge sends: real test frames through the edge's own NumPy head, only the frames its
+exit is unsure of (what it offloads), one frame a request (a 30-fps camera has one frame at a
+time), in the dtype and codec the edge artifact implies (the edge's `--dtype auto --codec
+auto`: for the default, 4-bit codes and the model's static code), made by
+wire.encode_request as the edge makes them (so the fastest coder installed is the one timed).
+Beside them, in the same run and through the same servers, the same dtype with `--codec
+none`: what the coder costs is a ratio measured side by side, not two runs on a busy machine.
+
+Paths (table 2):
   floor 1  direct DEALER <-> ROUTER echo (no broker)
-  floor 2  a minimal zguide-style Python load-balancing broker + echo workers
-  ours     our broker (heartbeats, credit, redelivery, metrics in multiprocess mode) with
-           echo workers that speak our protocol, and with our real tail workers
-Three tables:
-  1. hop round trip at a low rate (one request every 5 ms, one frame each): p50 / p99
-  2. messages/s through the broker with a window of requests in flight
-  3. simulated 30-fps cameras (pre-encoded features of real test frames, each camera
-     offloading `--offload` of its frames, one frame per request) that our broker and two
-     tail workers serve with a hop p99 <= 50 ms
+  floor 2  a minimal zguide-style Python load-balancing broker + an echo worker
+  ours     our broker (heartbeats, credit, redelivery, metrics in multiprocess mode) with an
+           echo worker that speaks our protocol, and with our real tail workers, once with
+           each uplink
+Tables:
+  1. each uplink: bytes per frame on the wire, the edge's encode time per frame
+  2. the hop's round trip at a low rate (one request every 5 ms): p50 / p99; and messages/s
+     with a window of requests in flight
+  3. cameras: the most 30-fps cameras (each offloading what the model's exit offloads on the
+     test set) that our broker and its tail workers serve with every request answered and a
+     hop p99 <= 50 ms (--budget-ms), searched for each uplink in turns (double until a count
+     fails, then bisect), against the README's 1 600 (measured before the bandwidth work)
+A step of table 3 repeats no message id (up to POOL requests), so the broker's duplicate rule
+refuses nothing that only a reused id made look in flight; each step starts with the servers
+idle (the previous step's answers all in, or given up on).
 
-    python benchmarks/capacity.py                        # uses runs/default
-    python benchmarks/capacity.py --artifacts runs/paper-sparse --seconds 3
+    python benchmarks/capacity.py                       # runs/default, a few minutes
+    python benchmarks/capacity.py --seconds 2 --low-rate-requests 500 --start-cameras 400
+    python benchmarks/capacity.py --dtype int8 --codec lz4     # another uplink beside none
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
+import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
 
 from common import free_port, metrics, start_pool
-from pipeline.model.artifacts import load_edge
+from monitoring.exposition import total
+from pipeline.edge.config import AUTO, wire_codec, wire_dtype
+from pipeline.edge.numpy_head import NumpyHead, exit_scores, load_numpy_head
+from pipeline.errors import UserError
 from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.model.data import load_test_split
-from pipeline.protocol import timing, wire
+from pipeline.protocol import native, timing, wire
+from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES, Codec, Kind
 from workers.broker import run_broker
 from workers.config import BrokerConfig
 from workers.pool import START_TIMEOUT_S, ProcessGroup, wait_until
 
 CAMERA_FPS = 30.0
 P99_BUDGET_MS = 50.0
+README_CAMERAS = 1600            # the README's figure, 30 % offloaded, before the bandwidth work
+README_OFFLOAD = 0.3
 LOW_RATE_PERIOD_S = 0.005
-WINDOW = 256                     # requests in flight for the messages/s table
-POOL = 4096                      # pre-encoded requests (msg_ids 0..POOL-1, reused in turn)
+WINDOW = 256                     # requests in flight for the messages/s column
+POOL = 32768                     # most distinct requests (message ids) encoded per uplink
+ECHO_CREDIT = 128
+# After a step's last request: what is not answered by then never will be (the broker answers
+# NO_WORKER for anything older than its queue timeout).
+DRAIN_S = BrokerConfig.queue_timeout_s + 1.0
 
 
 # -- servers: each runs in a process of its own ------------------------------------------------
@@ -79,36 +109,103 @@ def minimal_broker(frontend: str, backend: str) -> None:
 def minimal_echo_worker(backend: str) -> None:
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(backend)
-    sock.send_multipart([b"READY", b"128"])
+    sock.send_multipart([b"READY", str(ECHO_CREDIT).encode()])
     while True:
         sock.send_multipart(sock.recv_multipart())
 
 
 def protocol_echo_worker(backend: str, model_tag: bytes) -> None:
-    """Speaks our protocol (READY with credit, heartbeats, a REPLY per request) but runs no
-    tail: what is left of the hop is transport and broker."""
+    """Speaks our protocol as workers/tail_worker.py does -- READY with credit, a HEARTBEAT
+    every interval, READY again when the broker says DISCONNECT (it forgot us), a REPLY from
+    the worker the request was given to -- but runs no tail: what is left of the hop is
+    transport and broker."""
     sock = zmq.Context().socket(zmq.DEALER)
+    sock.linger = 0
     sock.identity = b"echo"
     sock.connect(backend)
-    sock.send_multipart(wire.encode_ready("echo", model_tag, 128))
-    classes, conf = np.zeros(1, np.uint8), np.ones(1, np.float32)
+    ready = wire.encode_ready("echo", model_tag, ECHO_CREDIT)
+    sock.send_multipart(ready)
+    classes, confidences = np.zeros(1, np.uint8), np.ones(1, np.float32)
     heartbeat_at = time.monotonic() + timing.HEARTBEAT_INTERVAL_S
     while True:
-        if sock.poll(max(0.0, heartbeat_at - time.monotonic()) * 1000):
-            parts = sock.recv_multipart()
-            if len(parts) == 3:
+        sock.poll(max(0.0, heartbeat_at - time.monotonic()) * 1000)
+        for _ in range(ECHO_CREDIT):   # what arrived, a burst at a time as the tail worker
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(parts) == 2:   # [edge, request]: one frame each, see requests_for
                 _, msg_id = wire.peek(parts[1])
-                sock.send_multipart([parts[0]] + wire.encode_reply(msg_id, "echo", classes, conf,
-                                                                    0, 0, 1))
+                sock.send_multipart([parts[0]] + wire.encode_reply(
+                    msg_id, "echo", classes, confidences, 0, 0, 1))
+            elif wire.decode_control(parts) == Kind.DISCONNECT:
+                sock.send_multipart(ready)
         if time.monotonic() >= heartbeat_at:
             sock.send_multipart(wire.HEARTBEAT)
             heartbeat_at = time.monotonic() + timing.HEARTBEAT_INTERVAL_S
 
 
+# -- what the edge sends ------------------------------------------------------------------------
+
+@dataclass
+class Uplink:
+    """One way of putting features on the wire, and POOL requests made that way."""
+    dtype: wire.DType
+    codec: Codec
+    requests: list = field(default_factory=list)   # [request] per message id 1..len
+    encode_us: float = 0.0                         # wire.encode_request per frame
+    wire_bytes: float = 0.0                        # per request, ZMTP framing included
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype.name.lower()} + {self.codec.name.lower()}"
+
+
+def unsure_features(artifacts: str, data: str) -> tuple[np.ndarray, float, NumpyHead]:
+    """(features of the test frames the exit is unsure of, the fraction it offloads, the
+    head): what the edge producer computes before it encodes a request."""
+    head = load_numpy_head(artifacts)
+    pixels = (load_test_split(data, head.input_shape, head.resize).images.astype(np.float32)
+              / np.float32(255))
+    logits, hidden = head.run_exit(pixels)
+    unsure = np.flatnonzero(exit_scores(logits, head.score, head.temperature) < head.threshold)
+    if len(unsure) == 0:   # an exit sure of every frame offloads none: send them all
+        unsure = np.arange(len(pixels))
+    return head.run_uplink(hidden[unsure]), len(unsure) / len(pixels), head
+
+
+def requests_for(uplink: Uplink, features: np.ndarray, tag: bytes, code, count: int) -> None:
+    """`count` one-frame requests, message ids 1..count, the unsure frames in turn."""
+    start = time.perf_counter()
+    uplink.requests = [wire.encode_request(i + 1, tag, features[i % len(features)][None],
+                                           uplink.dtype, uplink.codec, code)
+                       for i in range(count)]
+    uplink.encode_us = (time.perf_counter() - start) / count * 1e6
+    uplink.wire_bytes = float(np.mean([wire.wire_bytes(r) for r in uplink.requests]))
+
+
+def uplinks(args: argparse.Namespace, head: NumpyHead) -> list[Uplink]:
+    """The edge's uplink for --dtype/--codec (auto: what the artifact implies), then the
+    same dtype without a codec."""
+    dtype = wire_dtype(args.dtype, head.uplink_bits)
+    shipped = Uplink(dtype, wire_codec(args.codec, dtype, head.code))
+    return [shipped] if shipped.codec == Codec.NONE else [shipped, Uplink(dtype, Codec.NONE)]
+
+
 # -- clients (this process) ---------------------------------------------------------------------
 
-def msg_id_of(parts: list) -> int:
-    return wire.peek(parts[-1] if len(parts) == 1 else parts[0])[1]
+def dealer(address: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(address)
+    return sock
+
+
+def answer_of(sock: zmq.Socket) -> tuple[int, bool]:
+    """(msg_id, whether it is a prediction) of the next answer: a REPLY, or an echo of the
+    request on the floors; False for an ERROR (a refusal: busy, no worker, ...)."""
+    kind, msg_id = wire.peek(sock.recv_multipart()[-1])
+    return msg_id, kind != Kind.ERROR
 
 
 def low_rate_rtts(sock: zmq.Socket, requests: list, n: int) -> np.ndarray:
@@ -116,7 +213,9 @@ def low_rate_rtts(sock: zmq.Socket, requests: list, n: int) -> np.ndarray:
     rtts = []
     for i in range(n):
         start = time.perf_counter()
-        sock.send_multipart(requests[i % POOL])
+        sock.send_multipart(requests[i % len(requests)])
+        if not sock.poll(START_TIMEOUT_S * 1000):
+            raise RuntimeError("no reply at a low rate: the server side stalled")
         sock.recv_multipart()
         rtts.append(time.perf_counter() - start)
         pause = LOW_RATE_PERIOD_S - (time.perf_counter() - start)
@@ -126,10 +225,10 @@ def low_rate_rtts(sock: zmq.Socket, requests: list, n: int) -> np.ndarray:
 
 
 def window_rate(sock: zmq.Socket, requests: list, seconds: float) -> float:
-    """Replies per second with WINDOW requests kept in flight."""
+    """Answers per second with WINDOW requests kept in flight."""
     sent = answered = 0
     for _ in range(WINDOW):
-        sock.send_multipart(requests[sent % POOL])
+        sock.send_multipart(requests[sent % len(requests)])
         sent += 1
     start = time.perf_counter()
     end = start + seconds
@@ -138,7 +237,7 @@ def window_rate(sock: zmq.Socket, requests: list, seconds: float) -> float:
             raise RuntimeError("no reply for 5 s: the server side stalled")
         sock.recv_multipart()
         answered += 1
-        sock.send_multipart(requests[sent % POOL])
+        sock.send_multipart(requests[sent % len(requests)])
         sent += 1
     rate = answered / (time.perf_counter() - start)
     while answered < sent and sock.poll(5000):  # let the window drain before the next test
@@ -147,55 +246,118 @@ def window_rate(sock: zmq.Socket, requests: list, seconds: float) -> float:
     return rate
 
 
-def paced_rtts(sock: zmq.Socket, requests: list, rate: float, seconds: float) -> np.ndarray:
-    """Send `rate` requests/s (cameras x fps x offload) and time each answer; a request not
-    answered within 1 s counts as infinitely late."""
-    period = 1.0 / rate
-    n = max(1, int(rate * seconds))
-    sent_at = np.full(POOL, np.nan)
+@dataclass
+class Step:
+    cameras: int
+    rate: float            # requests/s sent
+    sent: int
+    replies: int           # answered with a prediction
+    p50: float             # ms; refused or unanswered requests count as infinitely late
+    p99: float
+    ok: bool               # every request answered, p99 within the budget
+
+
+def paced(address: str, requests: list, cameras: int, args) -> Step:
+    """Send cameras x fps x offload requests/s for `seconds` from a fresh DEALER, then wait
+    until every one is answered or DRAIN_S passed: each step starts with the servers idle."""
+    rate = cameras * CAMERA_FPS * args.offload
+    n = max(1, int(rate * args.seconds))
+    sent_at = np.full(len(requests) + 1, np.nan)   # by msg_id (1..), while unanswered
     rtts: list[float] = []
-    start = time.perf_counter()
-    for i in range(n):
-        due = start + i * period
-        while True:
-            now = time.perf_counter()
-            if now >= due:
-                break
-            if sock.poll(max(0.0, due - now) * 1000):
-                while sock.poll(0):
-                    m = msg_id_of(sock.recv_multipart())
-                    rtts.append(time.perf_counter() - sent_at[m])
-        sent_at[i % POOL] = time.perf_counter()
-        sock.send_multipart(requests[i % POOL])
-    while len(rtts) < n and sock.poll(1000):
-        m = msg_id_of(sock.recv_multipart())
-        rtts.append(time.perf_counter() - sent_at[m])
-    rtts += [float("inf")] * (n - len(rtts))
-    return np.array(rtts) * 1000
+    replies = waiting = 0
+    sock = dealer(address)
+
+    def receive() -> None:
+        nonlocal replies, waiting
+        msg_id, reply = answer_of(sock)
+        if math.isnan(sent_at[msg_id]):
+            return   # a second answer to it counts for nothing
+        if reply:
+            rtts.append(time.perf_counter() - sent_at[msg_id])
+            replies += 1
+        sent_at[msg_id] = np.nan
+        waiting -= 1
+
+    try:
+        start = time.perf_counter()
+        for i in range(n):
+            due = start + i / rate
+            while (now := time.perf_counter()) < due:
+                if sock.poll(max(0.0, due - now) * 1000):
+                    while sock.poll(0):
+                        receive()
+            slot = i % len(requests)
+            waiting += math.isnan(sent_at[slot + 1])   # else its id's last use goes unanswered
+            sent_at[slot + 1] = time.perf_counter()
+            sock.send_multipart(requests[slot])
+        end = time.perf_counter() + DRAIN_S
+        while waiting and (left := end - time.perf_counter()) > 0:
+            if sock.poll(left * 1000):
+                receive()
+    finally:
+        sock.close()
+    late = np.array(rtts + [math.inf] * (n - len(rtts))) * 1000
+    p50, p99 = (float(np.percentile(late, q, method="higher")) for q in (50, 99))  # inf, not nan
+    return Step(cameras, rate, n, replies, p50, p99, replies == n and p99 <= args.budget_ms)
+
+
+class Search:
+    """The most cameras that hold the budget: double from the start until a count fails (or
+    the maximum held), halve while nothing has held, then bisect between the most that held
+    and the fewest that failed until they are within `resolution` of each other. A count
+    fails only when all its `tries` failed: on a shared machine one step's p99 can be
+    another process's burst, not the servers' limit."""
+
+    def __init__(self, start: int, maximum: int, resolution: float, tries: int):
+        self.maximum, self.resolution, self.tries = maximum, resolution, tries
+        self.held, self.failed = 0, None
+        self.next: int | None = start
+        self.steps: list[Step] = []
+
+    def record(self, step: Step) -> None:
+        self.steps.append(step)
+        n = step.cameras
+        if not step.ok and sum(s.cameras == n for s in self.steps) < self.tries:
+            return   # self.next stays n: try it again
+        if step.ok:
+            self.held = max(self.held, n)
+        else:
+            self.failed = n if self.failed is None else min(self.failed, n)
+        if self.failed is None:
+            self.next = None if n >= self.maximum else min(2 * n, self.maximum)
+        elif self.held == 0:
+            self.next = n // 2 or None
+        elif self.failed - self.held <= max(1, self.resolution * self.held):
+            self.next = None
+        else:
+            self.next = (self.held + self.failed) // 2
+
+    @property
+    def at_capacity(self) -> Step | None:
+        """The step at the capacity (the last one run at that count)."""
+        return next((s for s in reversed(self.steps) if s.cameras == self.held and s.ok), None)
+
+
+def cameras(address: str, links: list[Uplink], args) -> list[Search]:
+    """One search per uplink, a step of each in turns (who goes first alternates), so that
+    a machine getting busier or quieter weighs on both alike."""
+    searches = [Search(args.start_cameras, args.max_cameras, args.resolution, args.tries)
+                for _ in links]
+    turn = 0
+    while any(s.next for s in searches):
+        order = list(zip(links, searches))
+        for link, search in order[::-1] if turn % 2 else order:
+            if search.next:
+                step = paced(address, link.requests, search.next, args)
+                search.record(step)
+                print(f"I: {link.name}: {step.cameras} cameras ({step.rate:.0f} requests/s): "
+                      f"{step.replies}/{step.sent} answered, p50 {step.p50:.2f} ms, "
+                      f"p99 {step.p99:.2f} ms", flush=True)
+        turn += 1
+    return searches
 
 
 # -- the run ------------------------------------------------------------------------------------
-
-def encoded_requests(artifacts: str, data_dir: str) -> tuple[list, bytes, int]:
-    """POOL requests of one frame each: real test frames through the real head, int8 + lz4."""
-    import torch
-
-    edge = load_edge(artifacts)
-    images = load_test_split(data_dir).images[:POOL]
-    with torch.inference_mode():
-        _, features = edge.head(torch.from_numpy(images).float() / 255)
-    tag = wire.model_tag(edge.model_id)
-    requests = [wire.encode_request(i, tag, features[i:i + 1].numpy())
-                for i in range(POOL)]
-    return requests, tag, features.shape[1]
-
-
-def dealer(address: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(address)
-    return sock
-
 
 def measure(name: str, address: str, requests: list, args, rows: list) -> None:
     sock = dealer(address)
@@ -203,8 +365,9 @@ def measure(name: str, address: str, requests: list, args, rows: list) -> None:
         # a first round trip proves the path is up (the broker has its workers)
         sock.send_multipart(requests[0])
         if not sock.poll(START_TIMEOUT_S * 1000):
-            raise RuntimeError(f"{name}: no answer")
-        sock.recv_multipart()
+            raise RuntimeError(f"{name}: no answer within {START_TIMEOUT_S:.0f} s")
+        if not answer_of(sock)[1]:
+            raise RuntimeError(f"{name}: the first request was refused")
         rtt = low_rate_rtts(sock, requests, args.low_rate_requests)
         rate = window_rate(sock, requests, args.seconds)
     finally:
@@ -214,50 +377,63 @@ def measure(name: str, address: str, requests: list, args, rows: list) -> None:
           flush=True)
 
 
-def cameras(address: str, requests: list, args) -> list:
-    """Double the cameras until the hop p99 passes the budget, then try halfway between
-    the last count that held it and the first that did not."""
-    sock = dealer(address)
-    out: list = []
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):   # one line, as the CLI's user errors
+            self.exit(2, f"capacity: error: {message} (see --help)\n")
 
-    def step(n: int) -> bool:
-        rate = n * CAMERA_FPS * args.offload
-        rtt = paced_rtts(sock, requests, rate, args.seconds)
-        p99 = float(np.percentile(rtt, 99))
-        out.append((n, rate, float(np.percentile(rtt, 50)), p99))
-        print(f"I: {n} cameras ({rate:.0f} requests/s): p50 {out[-1][2]:.2f} ms, "
-              f"p99 {p99:.2f} ms", flush=True)
-        return p99 <= P99_BUDGET_MS
-
-    try:
-        n = args.start_cameras
-        while step(n) and n < args.max_cameras:
-            n *= 2
-        if out[-1][3] > P99_BUDGET_MS and len(out) > 1:
-            step((n + n // 2) // 2)
-    finally:
-        sock.close()
-    return out
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifacts", default="runs/default")
-    ap.add_argument("--data", default=FASHION_MNIST_DIR)
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="runs/default", help="the trained model folder")
+    ap.add_argument("--data", default=FASHION_MNIST_DIR, help="the test frames' folder")
+    ap.add_argument("--dtype", default=AUTO, choices=[AUTO, *DTYPE_NAMES],
+                    help="as the edge's --dtype (auto: what the model's uplink was trained for)")
+    ap.add_argument("--codec", default=AUTO, choices=[AUTO, *CODEC_NAMES],
+                    help="as the edge's --codec (auto: the model's static code if it has one); "
+                         "the same dtype with codec none always runs beside it")
     ap.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
     ap.add_argument("--low-rate-requests", type=int, default=2000)
-    ap.add_argument("--offload", type=float, default=0.3, help="fraction a camera offloads")
-    ap.add_argument("--start-cameras", type=int, default=25)
+    ap.add_argument("--offload", type=float, help="fraction of its frames a camera offloads "
+                    "(default: what the model's exit offloads on the test frames)")
+    ap.add_argument("--budget-ms", type=float, default=P99_BUDGET_MS,
+                    help="the hop p99 a count of cameras must hold (default: %(default)s)")
+    ap.add_argument("--start-cameras", type=int, default=100)
     ap.add_argument("--max-cameras", type=int, default=6400)
-    ap.add_argument("--workers", type=int, default=2, help="tail workers for the camera table")
-    args = ap.parse_args()
+    ap.add_argument("--resolution", type=float, default=0.1, help="the search stops when the "
+                    "fewest cameras that failed are within this fraction of the most that held")
+    ap.add_argument("--tries", type=int, default=2,
+                    help="a count of cameras fails only when this many steps at it failed")
+    ap.add_argument("--workers", type=int, default=2, help="tail workers")
+    args = ap.parse_args(argv)
+    for wrong, rule in ((args.seconds <= 0, "--seconds must be positive"),
+                        (args.low_rate_requests < 10, "--low-rate-requests must be >= 10"),
+                        (args.offload is not None and not 0 < args.offload <= 1,
+                         "--offload must be in (0, 1]"),
+                        (args.budget_ms <= 0, "--budget-ms must be positive"),
+                        (not 1 <= args.start_cameras <= args.max_cameras,
+                         "want 1 <= --start-cameras <= --max-cameras"),
+                        (args.resolution <= 0, "--resolution must be positive"),
+                        (args.tries < 1, "--tries must be >= 1"),
+                        (args.workers < 1, "--workers must be >= 1")):
+        if wrong:
+            ap.error(rule)
+    return args
 
+
+def run(args: argparse.Namespace) -> None:
+    features, offload, head = unsure_features(args.artifacts, args.data)
+    args.offload = args.offload or offload
+    links = uplinks(args, head)
+    tag = wire.model_tag(head.model_id)
     registry = metrics()  # before any server starts: they write their metrics where it reads
-    requests, tag, width = encoded_requests(args.artifacts, args.data)
-    payload = np.mean([len(r[1]) for r in requests])
-    print(f"I: {POOL} requests of one {width}-wide int8 frame, {payload:.0f} B payload on "
-          f"average", flush=True)
+    most = args.max_cameras * CAMERA_FPS * args.offload * args.seconds
+    count = int(min(POOL, max(2 * WINDOW, args.low_rate_requests, math.ceil(most))))
+    for link in links:
+        requests_for(link, features, tag, head.code, count)
+    print(f"I: {args.artifacts}: {len(features)} test frames offloaded "
+          f"({100 * offload:.1f} %), {head.width} features; {count} requests per uplink; "
+          f"coder: {native.coder_status()}", flush=True)
     spawn = multiprocessing.get_context("spawn")
+    shipped = links[0].requests
     rows: list = []
 
     def run_server(name, targets, address):
@@ -265,7 +441,7 @@ def main() -> None:
         for p in procs:
             p.start()
         try:
-            measure(name, address, requests, args, rows)
+            measure(name, address, shipped, args, rows)
         finally:
             for p in procs:
                 p.kill()
@@ -282,31 +458,62 @@ def main() -> None:
         front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
         group.start("broker", run_broker, BrokerConfig(front, back))
         group.start("echo", protocol_echo_worker, back, tag)
-        wait_until(lambda: registry.get_sample_value("splitexit_broker_workers") == 1,
-                   START_TIMEOUT_S, "the echo worker known to the broker", group.procs)
-        measure("our broker + echo worker", front, requests, args, rows)
+        wait_until(lambda: total(registry, "splitexit_broker_workers") >= 1, START_TIMEOUT_S,
+                   "the echo worker known to the broker", group.procs)
+        measure("our broker + echo worker", front, shipped, args, rows)
     finally:
         group.stop()
     group = ProcessGroup()
-    try:  # ours, end to end on the server side: broker + real tail workers
+    try:  # ours, end to end on the server side: broker + real tail workers, each uplink
         front, _, _ = start_pool(group, args.artifacts, args.workers)
-        measure(f"our broker + {args.workers} tail workers", front, requests, args, rows)
-        camera_rows = cameras(front, requests, args)
+        for link in links:
+            measure(f"our broker + {args.workers} tail worker{'s' * (args.workers > 1)}, "
+                    f"{link.name}", front, link.requests, args, rows)
+        searches = cameras(front, links, args)
     finally:
         group.stop()
+    report(args, links, rows, searches)
 
+
+def report(args, links: list[Uplink], rows: list, searches: list[Search]) -> None:
+    print("\n| uplink | bytes a request on the wire | edge encode µs a frame |\n|---|---|---|")
+    for link in links:
+        print(f"| {link.name} | {link.wire_bytes:.1f} | {link.encode_us:.1f} |")
     floor_rtt, floor_rate = rows[1][1], rows[1][3]
     print("\n| path | hop p50 ms | hop p99 ms | vs minimal broker p50 | msg/s (window "
           f"{WINDOW}) | vs minimal broker msg/s |\n|---|---|---|---|---|---|")
     for name, p50, p99, rate in rows:
         print(f"| {name} | {p50:.3f} | {p99:.3f} | {p50 / floor_rtt:.2f}x | {rate:.0f} | "
               f"{100 * rate / floor_rate:.0f} % |")
-    print(f"\n| cameras at {CAMERA_FPS:g} fps, {100 * args.offload:.0f} % offloaded | requests/s "
-          f"| hop p50 ms | hop p99 ms | p99 <= {P99_BUDGET_MS:g} ms |\n|---|---|---|---|---|")
-    for n, rate, p50, p99 in camera_rows:
-        print(f"| {n} | {rate:.0f} | {p50:.2f} | {p99:.2f} | "
-              f"{'yes' if p99 <= P99_BUDGET_MS else 'no'} |")
+    print(f"\n| uplink | cameras at {CAMERA_FPS:g} fps, {100 * args.offload:.1f} % offloaded | "
+          f"requests/s | hop p50 ms | hop p99 ms | answered | p99 <= {args.budget_ms:g} ms |\n"
+          f"|---|---|---|---|---|---|---|")
+    for link, search in zip(links, searches):
+        for s in search.steps:
+            print(f"| {link.name} | {s.cameras} | {s.rate:.0f} | {s.p50:.2f} | {s.p99:.2f} | "
+                  f"{s.replies}/{s.sent} | {'yes' if s.ok else 'no'} |")
+    readme_rate = README_CAMERAS * CAMERA_FPS * README_OFFLOAD
+    print(f"\n| uplink | capacity, cameras | requests/s | vs {links[-1].name} | vs the README's "
+          f"{README_CAMERAS} cameras ({readme_rate:.0f} requests/s) |\n|---|---|---|---|---|")
+    for link, search in zip(links, searches):
+        at = search.at_capacity
+        rate = at.rate if at else 0.0
+        bound = "" if search.failed else f" (>=, --max-cameras {args.max_cameras} held)"
+        print(f"| {link.name} | {search.held}{bound} | {rate:.0f} | "
+              f"{search.held / max(1, searches[-1].held):.2f}x | {rate / readme_rate:.2f}x |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse(argv))
+    except UserError as e:     # no model, no data, a bad option: one line, no traceback
+        print(f"capacity: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a server that stopped answering
+        print(f"capacity: failed: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
