@@ -5,6 +5,11 @@ default; and the edge process itself: resident memory and time from start to fir
     python benchmarks/edge_head.py            # runs/paper-sparse, runs/paper-dense, runs/default
     python benchmarks/edge_head.py --frames 2000 --repeats 5
     python benchmarks/edge_head.py --conv runs/bandwidth/conv-sparse-s0 runs/bandwidth/conv-dense-s0
+    python benchmarks/edge_head.py --edge default   # only the C edge step beside the C head
+
+The C edge step (`splitexit export --target c`: head, exit score, quantizer, static code,
+wire-v4 REQUEST) is timed beside the C head alone in the same program, on the frames the
+exit sends up (unsure) and on those it answers: the goal is a step <= 3x the head, -O2.
 
 --conv: trained conv heads only, their float32 C export (called through ctypes, as a
 Python edge would) beside the NumPy head: does the C head's time follow the real kernels?
@@ -135,6 +140,117 @@ def c_head(art: Path, frames: np.ndarray, calibration: np.ndarray, repeats: int,
     return result
 
 
+EDGE_DRIVER = r"""
+#define _POSIX_C_SOURCE 199309L
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include "splitexit_edge.h"
+static double now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e9 + t.tv_nsec;
+}
+int main(int argc, char **argv) {
+    int n = atoi(argv[2]), repeats = atoi(argv[3]), unsure = 0, sure = 0;
+    float *pixels = malloc(sizeof(float) * SPLITEXIT_INPUT * n);
+    int *order = malloc(sizeof(int) * n);   /* unsure frames first, then the sure ones */
+    FILE *f = fopen(argv[1], "rb");
+    if (!f || fread(pixels, sizeof(float) * SPLITEXIT_INPUT, n, f) != (size_t)n) return 1;
+    fclose(f);
+    static uint8_t out[SPLITEXIT_EDGE_BUFFER_BYTES];
+    float *features = malloc(sizeof(float) * SPLITEXIT_FEATURES * n);
+    float logits[SPLITEXIT_CLASSES], sink = 0.0f;
+    splitexit_decision d;
+    double bytes = 0.0;
+    for (int i = 0; i < n; ++i) {
+        if (splitexit_edge_step(pixels + (size_t)i * SPLITEXIT_INPUT, i + 1, out, sizeof out,
+                                &d)) return 2;
+        if (d.offload) { order[unsure++] = i; bytes += d.bytes; }
+    }
+    for (int i = 0; i < n; ++i) {
+        splitexit_edge_step(pixels + (size_t)i * SPLITEXIT_INPUT, i + 1, out, sizeof out, &d);
+        if (!d.offload) order[unsure + sure++] = i;
+    }
+    /* per frame, best of `repeats`, alternating: the head alone, the step on unsure frames,
+       the request alone (from each frame's features, as the head wrote them), the step on
+       sure frames */
+    double best[4] = {1e30, 1e30, 1e30, 1e30};
+    for (int r = 0; r < repeats; ++r) {
+        for (int part = 0; part < 4; ++part) {
+            int from = part == 3 ? unsure : 0, to = part == 3 ? unsure + sure : unsure;
+            if (to == from) continue;
+            double a = now_ns();
+            for (int k = from; k < to; ++k) {
+                const float *px = pixels + (size_t)order[k] * SPLITEXIT_INPUT;
+                float *own = features + (size_t)k * SPLITEXIT_FEATURES;
+                if (part == 0) {
+                    splitexit_head(px, own, logits);
+                    sink += logits[0];
+                } else if (part == 2) {
+                    sink += (float)splitexit_encode_request(own, k + 1, out, sizeof out);
+                } else {
+                    splitexit_edge_step(px, k + 1, out, sizeof out, &d);
+                    sink += (float)d.bytes;
+                }
+            }
+            double ns = (now_ns() - a) / (to - from);
+            if (ns < best[part]) best[part] = ns;
+        }
+    }
+    printf("%d %d %f %f %f %f %f %f\n", unsure, sure, best[0], best[1], best[2], best[3],
+           unsure ? bytes / unsure : 0.0, sink);
+    return 0;
+}
+"""
+EDGE_FLAGS = {"-O2": ["-O2"], "-O2 native": ["-O2", "-march=native"]}
+
+
+def c_edge(art: Path, frames: np.ndarray, repeats: int, work: Path) -> dict:
+    """{flags: ns per frame of the C head alone and of the whole edge step (unsure frames,
+    their request alone, sure frames), bytes per request} for the float32 export."""
+    import shutil
+
+    from pipeline.edge.export_c import C_FILE, export_c
+    from pipeline.edge.export_edge import STEP_C
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return {}
+    frames_file = work / "frames.f32"
+    np.ascontiguousarray(frames, dtype=np.float32).tofile(frames_file)
+    out = work / f"{art.name}-edge"
+    export_c(art, out, "float32")
+    (out / "bench_edge.c").write_text(EDGE_DRIVER)
+    result = {}
+    for label, flags in EDGE_FLAGS.items():
+        exe = out / "bench_edge"
+        subprocess.run([cc, "-std=c99", *flags, "-I", str(out), str(out / "bench_edge.c"),
+                        str(out / C_FILE), str(out / STEP_C), "-lm", "-o", str(exe)],
+                       check=True)
+        run = subprocess.run([str(exe), str(frames_file), str(len(frames)), str(repeats)],
+                             capture_output=True, text=True, check=True)
+        unsure, sure, head, step, request, local, size, _ = run.stdout.split()
+        result[label] = {"unsure": int(unsure), "sure": int(sure), "head": float(head),
+                         "step": float(step), "request": float(request),
+                         "local": float(local), "bytes": float(size)}
+    return result
+
+
+def print_edge_table(rows: dict, frames: int, repeats: int) -> None:
+    print(f"\nthe C edge step (float32 export: head, exit score, quantizer, static code, "
+          f"wire-v4 REQUEST) against the C head alone, per frame, same program, best of "
+          f"{repeats}, {frames} Fashion-MNIST test frames")
+    print("| head | flags | unsure frames | head alone ns | edge step, unsure ns | step / head "
+          "(goal <= 3x) | request alone ns | edge step, answered here ns | B per request |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        for label, e in r.items():
+            print(f"| {name} | {label} | {e['unsure']} | {e['head']:.0f} | {e['step']:.0f} | "
+                  f"{e['step'] / e['head']:.2f}x | {e['request']:.0f} | {e['local']:.0f} | "
+                  f"{e['bytes']:.1f} |")
+
+
 def table_bytes(head) -> dict[str, int]:
     """Values + indices + biases as stored in edge.npz (what the compiled float32 head must
     hold), and the same with int8 values plus a float scale per row (the int8 head's)."""
@@ -248,6 +364,16 @@ def conv_table(folders: list[Path], data: str, n: int, repeats: int, cflags: lis
               f"{macs / (c_ms * 1e6):.1f} | {macs / rows[0][1]:.2f}x, {c_ms / rows[0][3]:.2f}x |")
 
 
+def trained(art: Path, name: str, data: str) -> Path:
+    """The artifact folder, trained first (`splitexit train NAME`) if it is missing."""
+    if not (art / "edge.npz").is_file():
+        print(f"I: training {name} into {art}", flush=True)
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "train", name, "--out",
+                        str(art), "--quiet", "--data", data], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+    return art
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs", help="folder holding the trained heads")
@@ -259,7 +385,20 @@ def main() -> None:
     ap.add_argument("--cflags", default="-O2 -march=native",
                     help="compiler flags for --conv's C heads, as --cflags=\"-O3 ...\" "
                          "(default: %(default)s)")
+    ap.add_argument("--edge", nargs="*", metavar="HEAD", choices=HEADS,
+                    help="only the C edge step against the C head alone (float32), for these "
+                         "heads (default: all)")
     args = ap.parse_args()
+    if args.edge is not None:
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="edge-step-"))
+        frames = load_dataset(args.data).test.images[:args.frames].astype(np.float32) / 255
+        print_edge_table({name: c_edge(trained(Path(args.runs) / name, name, args.data),
+                                       frames, 5 * args.repeats, work)
+                          for name in args.edge or HEADS},
+                         args.frames, 5 * args.repeats)
+        return
     if args.conv:
         import tempfile
 
@@ -280,12 +419,7 @@ def main() -> None:
     calibration = data.train.images[:CALIBRATION_FRAMES].astype(np.float32) / 255
     rows = {}
     for name in HEADS:
-        art = Path(args.runs) / name
-        if not (art / "edge.npz").is_file():
-            print(f"I: training {name} into {art}", flush=True)
-            subprocess.run([sys.executable, "-m", "pipeline.cli", "train", name, "--out",
-                            str(art), "--quiet", "--data", args.data], cwd=ROOT, check=True,
-                           stdout=subprocess.DEVNULL)
+        art = trained(Path(args.runs) / name, name, args.data)
         torch_head, numpy_head = load_edge(art).head.eval(), load_numpy_head(art)
         x = torch.from_numpy(frames)
 
@@ -305,6 +439,7 @@ def main() -> None:
                       "torch_edge": process_start(TORCH_EDGE, art, args.data),
                       "numpy_edge": process_start(NUMPY_EDGE, art, args.data),
                       "c": c_head(art, frames, calibration, 5 * args.repeats, work),
+                      "edge": c_edge(art, frames, 5 * args.repeats, work),
                       "table_bytes": table_bytes(stored)}
         print(f"I: {name}: {rows[name]}", flush=True)
 
@@ -334,6 +469,9 @@ def main() -> None:
                       f"{twin['ns'] / c['ns']:.1f}x | {cycles:.2f} | "
                       f"{r['torch'] * 1000 / c['ns']:.0f}x | {c['bytes']} | "
                       f"{c['bytes'] / r['table_bytes'][variant]:.2f}x |")
+    if all(r["edge"] for r in rows.values()):
+        print_edge_table({name: r["edge"] for name, r in rows.items()}, args.frames,
+                         5 * args.repeats)
     print("\nan edge process answering its first frame (best of 3 processes)")
     print("| head | torch edge: s to first answer | RSS MiB | torch-free edge: s | RSS MiB |"
           "\n|---|---|---|---|---|")

@@ -251,7 +251,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
              f"{cfg.run_dir}/report.json")
 
 
-def _calibration_frames(args: argparse.Namespace):
+def _calibration_frames(args: argparse.Namespace, head):
     """Training frames (never test frames) for the int8 rounding, or None with a warning:
     from --data, else the data folder the training folder's metrics.json names."""
     import json
@@ -270,7 +270,8 @@ def _calibration_frames(args: argparse.Namespace):
         return None
     try:   # the split it was trained with
         t = from_dict(trained, origin=str(metrics)).train if trained else TrainConfig()
-        data = load_dataset(folder, t.val_fraction, t.seed, t.val_min)
+        data = load_dataset(folder, t.val_fraction, t.seed, t.val_min, head.input_shape,
+                            head.resize)   # as the head reads them
     except DataError as e:
         if args.data:
             raise
@@ -282,7 +283,7 @@ def _calibration_frames(args: argparse.Namespace):
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipeline.edge.export_c import C_VARIANTS, export_c
     from pipeline.edge.export_onnx import export_onnx
-    from pipeline.edge.numpy_head import load_numpy_head, require_mlp
+    from pipeline.edge.numpy_head import load_numpy_head
 
     if args.target not in EXPORT_TARGETS:
         raise UserError(f"--target {args.target!r}: choose one of {', '.join(EXPORT_TARGETS)}")
@@ -290,8 +291,6 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise UserError(f"--variant {args.variant!r}: choose one of {', '.join(C_VARIANTS)} "
                         f"(the ONNX export is float32)")
     head = load_numpy_head(args.dir)
-    if args.target == "onnx":
-        require_mlp(head, "the ONNX export")
     name = args.target if args.target == "onnx" else f"{args.target}-{args.variant}"
     out = Path(args.out or Path(args.dir) / f"export-{name}")
     if out.exists() and not out.is_dir():
@@ -301,10 +300,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
         log.info(f"wrote {path} (model {head.model_id}): inputs pixels (batch, "
                  f"{head.input_size}), outputs features and exit_logits")
         return
-    calibration = _calibration_frames(args) if args.variant == "int8" else None
+    calibration = _calibration_frames(args, head) if args.variant == "int8" else None
     paths = export_c(args.dir, out, args.variant, calibration)
     log.info(f"wrote {', '.join(str(p) for p in paths)} (model {head.model_id}); build with "
-             f"`cc -O2 -c {paths[0]}`, call splitexit_head() as {paths[1]} says")
+             f"`cc -std=c99 -O2 -c {paths[0]} {out / 'edge_step.c'}` (link -lm), call "
+             f"splitexit_edge_step() as {out / 'splitexit_edge.h'} says (the head alone: "
+             f"splitexit_head(), {paths[1]})")
 
 
 def _cmd_top(args: argparse.Namespace) -> None:

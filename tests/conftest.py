@@ -150,6 +150,20 @@ def fashion_default(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def conv_sparse(tmp_path_factory, idx_dir) -> Path:
+    """The shipped conv-sparse layout trained one epoch on the generated data (seconds): a conv
+    head with trained weights and a calibrated threshold, for the exports. Its exit is pooled
+    to 2x2 (256 inputs, not 3136) so that the int8 export's calibration stays quick."""
+    from pipeline.model.config import load_config
+    from pipeline.model.train import run
+
+    out = tmp_path_factory.mktemp("conv-sparse")
+    run(load_config("conv-sparse", ["train.epochs=1", "train.val_fraction=0.1", "model.exit_pool=2",
+                                    f"data.dir='{idx_dir}'"]), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def dense_twin(tmp_path_factory, idx_dir) -> Path:
     """The paper's dense twin, one epoch on the generated data: exports compare like for like."""
     from pipeline.model.config import load_config

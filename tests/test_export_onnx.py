@@ -1,6 +1,7 @@
 """`splitexit export --target onnx`: the head as an ONNX graph with a dynamic batch, ELL kept
-as Gather/Mul/ReduceSum (the file stays near its tables' size), run by onnxruntime and
-checked against torch. Skips, saying why, where the onnx extra is not installed."""
+as Gather/Mul/ReduceSum and a sparse conv as Gather + grouped Conv (the file stays near its
+tables' size), run by onnxruntime and checked against torch (MLPs) or the NumPy head (convs).
+Skips, saying why, where the onnx extra is not installed."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.edge.export_onnx import export_onnx
+from pipeline.edge.export_onnx import IR_VERSION, OPSET, export_onnx
+from pipeline.edge.numpy_head import load_numpy_head
 from pipeline.model.artifacts import load_edge
 from pipeline.model.data import load_dataset
 from pipeline.protocol.edge_artifact import EDGE_NPZ
 from tests.test_cli import splitexit
+from tests.test_conv_model import conv_artifact
+from tests.test_export_c import CONV_LAYOUTS
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: "
                           "pip install 'splitexit[onnx]'")
@@ -53,3 +57,50 @@ def test_the_file_pins_an_ir_version_older_runtimes_load(artifacts, tmp_path):
 
     [path] = export_onnx(artifacts, tmp_path)
     assert onnx.load(path).ir_version <= 9
+
+
+def run_onnx(path, pixels):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    features, logits = session.run(["features", "exit_logits"], {"pixels": pixels})
+    return logits, features
+
+
+def test_a_trained_conv_sparse_head_exports_to_onnx_within_1e4(conv_sparse, idx_dir, tmp_path):
+    """The shipped conv-sparse layout, trained: onnxruntime's outputs on the test frames are
+    the NumPy head's within 1e-4, at any batch, and the sparse convs stay sparse (each output
+    channel's d_in kernels as stored, gathered channels, a grouped Conv)."""
+    import onnx
+
+    r = splitexit("export", str(conv_sparse), "--target", "onnx", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "splitexit_head.onnx"
+    head = load_numpy_head(conv_sparse)
+    pixels = load_dataset(idx_dir).test.images.astype(np.float32) / 255
+    ref_logits, ref_features = head(pixels)
+    assert 0 < (ref_features > 0).mean() < 1
+    for batch in (1, 7, len(pixels)):
+        logits, features = run_onnx(path, pixels[:batch])
+        np.testing.assert_allclose(features, ref_features[:batch], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits, ref_logits[:batch], atol=1e-4, rtol=1e-4)
+    model = onnx.load(path)
+    assert model.ir_version == IR_VERSION and model.opset_import[0].version == OPSET
+    groups = [next((a.i for a in node.attribute if a.name == "group"), 1)
+              for node in model.graph.node if node.op_type == "Conv"]
+    assert groups == [1, 32, 64, 1]   # the dense first conv and bottleneck, two sparse ones
+    weights = {t.name: t.dims for t in model.graph.initializer}
+    assert weights["layer1.weight"] == [32, 2, 3, 3]   # d_in = 2 of 16, never densified
+    assert path.stat().st_size <= 1.1 * (conv_sparse / EDGE_NPZ).stat().st_size
+
+
+@pytest.mark.parametrize("layout", CONV_LAYOUTS)
+def test_every_conv_layout_exports_to_onnx(layout, tmp_path):
+    """Colour, ragged pools, strides, overlapping exit bins (a MatMul by the bins' weights),
+    junctions after the convs: onnxruntime equals the NumPy head within 1e-4."""
+    conv_artifact(tmp_path / "art", *CONV_LAYOUTS[layout][0])
+    head = load_numpy_head(tmp_path / "art")
+    [path] = export_onnx(tmp_path / "art", tmp_path)
+    pixels = np.random.default_rng(0).random((5, head.input_size), dtype=np.float32)
+    logits, features = run_onnx(path, pixels)
+    ref_logits, ref_features = head(pixels)
+    np.testing.assert_allclose(features, ref_features, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)

@@ -16,14 +16,16 @@ frames, the integers are chosen so rounding errors cancel on such frames (quanti
 An MLP head's scratch is two stack buffers as wide as the widest edge layer, plus the
 standardized frame: a few KiB.
 
-A conv head (float32 only: quantize.py rounds junction rows, not conv kernels) keeps the
-same signature, the frame CHW. A sparse conv stores, per output channel, its d_in
-kernels and the input channel each reads, and loops over those only: its work is C_out x
-d_in x k x k per output pixel, what the NumPy head and the MAC counts say, not C_out x C_in
-x k x k. Its scratch -- the padded input, one output channel's sums, two activation maps --
-is tens of KiB (16 x 28 x 28 floats is 49 KiB), more than many microcontroller stacks (1-8
-KiB, overflowing silently), so it is `static`: sized at link time, where the linker says
-when RAM is short. The price, stated in the header: the function is not reentrant.
+A conv head keeps the same signature, the frame CHW; its int8 variant stores each conv's
+kernels as int8 with one float scale per output channel, rounded as a junction's rows are
+(quantize.py), and applies the scale once per pooled output, not per tap. A sparse conv
+stores, per output channel, its d_in kernels and the input channel each reads, and loops
+over those only: its work is C_out x d_in x k x k per output pixel, what the NumPy head and
+the MAC counts say, not C_out x C_in x k x k. Its scratch -- the padded input, one output
+channel's sums, two activation maps -- is tens of KiB (16 x 28 x 28 floats is 49 KiB), more
+than many microcontroller stacks (1-8 KiB, overflowing silently), so it is `static`: sized
+at link time, where the linker says when RAM is short. The price, stated in the header:
+the function is not reentrant.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.edge.export_edge import export_edge
 from pipeline.edge.numpy_head import ConvStage, Junction, NumpyHead, load_numpy_head
 from pipeline.edge.quantize import int8_tables, junction_rows
-from pipeline.errors import ArtifactError
 
 __all__ = ["export_c", "C_VARIANTS", "C_FILE", "H_FILE"]
 
@@ -115,18 +117,29 @@ def _junction(name: str, j: Junction, n_in: int, src: str, dst: str,
 
 
 def _conv(name: str, conv: ConvStage, shape: tuple[int, ...], src: str, dst: str,
-          first: bool, scratch: dict[str, int]) -> tuple[str, str, tuple[int, int, int]]:
-    """(tables, loops, output shape) for one conv, its max pool and ReLU, CHW in and out.
-    The input is staged once into `padded` with its zero border (the first layer's
-    standardized there), so the tap loops run branch-free over whole rows."""
+          first: bool, scratch: dict[str, int],
+          int8: tuple[np.ndarray, np.ndarray] | None = None
+          ) -> tuple[str, str, tuple[int, int, int]]:
+    """(tables, loops, output shape) for one conv, its max pool and ReLU, CHW in and out;
+    int8: (kernels as rows, one scale per output channel). The input is staged once into
+    `padded` with its zero border (the first layer's standardized there), so the tap loops
+    run branch-free over whole rows."""
     c_in, h, w = shape
     c_out, d_in, k, _ = conv.weight.shape
     pad, s, pool = k // 2, conv.stride, conv.pool
     hp, wp = h + 2 * pad, w + 2 * pad
     ho, wo = (hp - k) // s + 1, (wp - k) // s + 1
     hq, wq = ho // pool, wo // pool
-    tables = _array("float", f"{name}_weight", conv.weight) + _array("float", f"{name}_bias",
-                                                                        conv.bias)
+    if int8 is None:
+        tables, start = _array("float", f"{name}_weight", conv.weight), f"{name}_bias[o]"
+    else:  # the sums of int8 kernels: scaled and biased once, after the pool (scale > 0)
+        tables = _array("int8_t", f"{name}_weight", int8[0]) + \
+            _array("float", f"{name}_scale", int8[1])
+        start = "0.0f"
+    tables += _array("float", f"{name}_bias", conv.bias)
+
+    def scaled(v: str) -> str:
+        return v if int8 is None else f"{v} * {name}_scale[o] + {name}_bias[o]"
     if conv.indices is None:
         channel, reads = "j", f"dense: all {c_in}"
     else:
@@ -179,17 +192,18 @@ def _conv(name: str, conv: ConvStage, shape: tuple[int, ...], src: str, dst: str
                f" + dx];\n"
                f"                        m = v > m ? v : m;\n"
                f"                    }}\n"
+               + (f"                m = {scaled('m')};\n" if int8 is not None else "") +
                f"                {dst}[(o * {hq} + y) * {wq} + x] = m > 0.0f ? m : 0.0f;\n"
                f"            }}\n")
     else:
         out = (f"        for (int y = 0; y < {ho}; ++y)\n"
                f"            for (int x = 0; x < {wo}; ++x) {{\n"
-               f"                float v = sums[y * {row} + x];\n"
+               f"                float v = {scaled(f'sums[y * {row} + x]')};\n"
                f"                {dst}[(o * {ho} + y) * {wo} + x] = v > 0.0f ? v : 0.0f;\n"
                f"            }}\n")
     loop += (f"    for (int o = 0; o < {c_out}; ++o) {{\n"
              f"        for (int i = 0; i < {span}; ++i)\n"
-             f"            sums[i] = {name}_bias[o];\n"
+             f"            sums[i] = {start};\n"
              f"        for (int j = 0; j < {d_in}; ++j) {{\n"
              f"            const int c = {channel};\n"
              f"            for (int ky = 0; ky < {k}; ++ky) {{\n"
@@ -223,19 +237,22 @@ def _exit_pool(src: str, shape: tuple[int, ...], side: int) -> str:
             f"            }}\n")
 
 
-def _conv_source(head: NumpyHead) -> tuple[str, str, int]:
+def _conv_source(head: NumpyHead, int8: list | None = None) -> tuple[str, str, int]:
     """(tables, function body, scratch floats) of a conv head: convs, then any junctions,
-    the exit reading its layer (pooled first if it says so) before a later one runs."""
+    the exit reading its layer (pooled first if it says so) before a later one runs; int8:
+    each layer's (int8 rows, scales), the exit's last (None: float32)."""
+    int8 = int8 or [None] * (len(head.layers) + 1)
     tables, loops, scratch = "", "", {}
     shape: tuple[int, ...] = tuple(head.input_shape)
     src = "pixels"
     for i, layer in enumerate(head.layers):
         dst = "features" if i == len(head.layers) - 1 else ("a" if i % 2 == 0 else "b")
         if isinstance(layer, ConvStage):
-            t, loop, shape = _conv(f"layer{i}", layer, shape, src, dst, i == 0, scratch)
+            t, loop, shape = _conv(f"layer{i}", layer, shape, src, dst, i == 0, scratch,
+                                   int8[i])
         else:
-            t, loop = _junction(f"layer{i}", layer, int(np.prod(shape)), src, dst, None, True,
-                                LANES)
+            t, loop = _junction(f"layer{i}", layer, int(np.prod(shape)), src, dst, int8[i],
+                                True, LANES)
             shape = (layer.bias.shape[0],)
         if dst != "features":
             scratch[dst] = max(scratch.get(dst, 0), int(np.prod(shape)))
@@ -246,8 +263,8 @@ def _conv_source(head: NumpyHead) -> tuple[str, str, int]:
                 loops += _exit_pool(src, shape, head.exit_pool)
                 seen, n_seen = "pooled", shape[0] * head.exit_pool ** 2
                 scratch["pooled"] = n_seen
-            t, loop = _junction("exit", head.exit, n_seen, seen, "exit_logits", None, False,
-                                LANES)
+            t, loop = _junction("exit", head.exit, n_seen, seen, "exit_logits", int8[-1],
+                                False, LANES)
             tables, loops = tables + t, loops + loop
     buffers = "".join(f"static float {name}[{size}];\n" for name, size in scratch.items())
     return tables + "\n" + buffers, loops, sum(scratch.values())
@@ -281,19 +298,27 @@ SIGNATURE = ("void splitexit_head(const float pixels[SPLITEXIT_INPUT],\n"
              "                    float exit_logits[SPLITEXIT_CLASSES]) {\n")
 
 
-def _mlp_files(head: NumpyHead, variant: str, calibration: np.ndarray | None) -> tuple[str,
-                                                                                       str]:
-    int8: list = [None] * (len(head.layers) + 1)
-    kind = variant
-    if variant == "int8":
-        int8 = int8_tables(head, calibration)
-        kind += (", rounded to nearest" if calibration is None else
-                 f", rounding compensated on {len(calibration)} training frames")
+def _tables(head: NumpyHead, variant: str, calibration: np.ndarray | None
+            ) -> tuple[list, str]:
+    """(each layer's int8 (rows, scales), the exit's last, or None each for float32; the
+    variant as the files' first line names it)."""
+    if variant != "int8":
+        return [None] * (len(head.layers) + 1), variant
+    return int8_tables(head, calibration), variant + (
+        ", rounded to nearest" if calibration is None else
+        f", rounding compensated on {len(calibration)} training frames")
+
+
+def _mlp_files(head: NumpyHead, int8: list, kind: str) -> tuple[str, str]:
     widths = [head.input_pad or head.input_size] + [j.bias.shape[0] for j in head.layers]
     scratch = max(widths[1:])
     tables, loops = "", ""
     src = "x"
-    for i, layer in enumerate(head.layers):
+    # float32 reads raw pixels with the standardization folded into layer 0, as the NumPy
+    # edge does (its rounding, hence its bytes); int8 rows were fitted to the layer as trained.
+    folded = int8[0] is None
+    layers = [head._first, *head.layers[1:]] if folded else head.layers
+    for i, layer in enumerate(layers):
         dst = "features" if i == len(head.layers) - 1 else ("a" if i % 2 == 0 else "b")
         t, loop = _junction(f"layer{i}", layer, widths[i], src, dst, int8[i], relu=True)
         tables, loops, src = tables + t, loops + loop, dst
@@ -307,24 +332,30 @@ def _mlp_files(head: NumpyHead, variant: str, calibration: np.ndarray | None) ->
     if head.input_pad:
         pad = (f"    for (int i = {head.input_size}; i < {head.input_pad}; ++i)\n"
                f"        x[i] = 0.0f;  /* the input padding */\n")
+    if folded:
+        standardize, read = ("/* pixels are standardized by layer 0's weights and bias: "
+                             "(p - mean) / std folded in */\n"), "pixels[i]"
+    else:
+        standardize = (f"static const float pixel_mean = {_float(head.pixel_mean)};\n"
+                       f"static const float pixel_scale = "
+                       f"{_float(np.float32(1) / head.pixel_std)};"
+                       f"  /* 1 / std: a multiply, not a divide, per pixel */\n")
+        read = "(pixels[i] - pixel_mean) * pixel_scale"
     source = (f"/* splitexit head {head.model_id} ({kind}): generated by `splitexit export`."
               f" */\n#include <stdint.h>\n#include \"{H_FILE}\"\n\n"
-              f"static const float pixel_mean = {_float(head.pixel_mean)};\n"
-              f"static const float pixel_scale = {_float(np.float32(1) / head.pixel_std)};"
-              f"  /* 1 / std: a multiply, not a divide, per pixel */\n\n{tables}\n"
+              f"{standardize}\n{tables}\n"
               f"{_static_assert('input_fits', f'SPLITEXIT_INPUT <= {widths[0]}')}"
               f"{SIGNATURE}"
               f"    float x[{widths[0]}], a[{scratch}], b[{scratch}];\n"
               f"    (void)a; (void)b;\n"
               f"    for (int i = 0; i < {head.input_size}; ++i)\n"
-              f"        x[i] = (pixels[i] - pixel_mean) * pixel_scale;\n{pad}{loops}}}\n")
+              f"        x[i] = {read};\n{pad}{loops}}}\n")
     return header, source
 
 
-def _conv_files(head: NumpyHead) -> tuple[str, str]:
+def _conv_files(head: NumpyHead, int8: list, kind: str) -> tuple[str, str]:
     c, h, w = head.input_shape
-    tables, loops, scratch = _conv_source(head)
-    kind = "float32"
+    tables, loops, scratch = _conv_source(head, int8)
     frame = (f"#define SPLITEXIT_INPUT {head.input_size}      /* pixels in [0, 1]: CHW, "
              f"row-major, RGB order for 3 channels */\n"
              f"#define SPLITEXIT_CHANNELS {c}\n#define SPLITEXIT_HEIGHT {h}\n"
@@ -347,20 +378,15 @@ def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
              calibration: np.ndarray | None = None) -> list[Path]:
     """Write splitexit_head.c and .h for the edge artifact (DIR or DIR/edge.npz) into
     out_dir, its junctions as stored (ELL stays ELL); returns their paths. For int8,
-    `calibration` frames (pixels in [0, 1]) make the rounding error-compensating; a conv
-    head exports as float32 only."""
+    `calibration` frames (pixels in [0, 1], a conv head's CHW) make the rounding
+    error-compensating."""
     if variant not in C_VARIANTS:
         raise ValueError(f"variant {variant!r}: choose one of {', '.join(C_VARIANTS)}")
     head = load_numpy_head(artifact, dense_max_elements=0)
-    if head.convolutional:
-        if variant != "float32":
-            raise ArtifactError(f"{head.path}: the C export's {variant} variant covers MLP "
-                                f"heads only, and this head has conv layers; export it with "
-                                f"`--variant float32`")
-        header, source = _conv_files(head)
-    else:
-        header, source = _mlp_files(head, variant, calibration)
+    files = _conv_files if head.convolutional else _mlp_files
+    header, source = files(head, *_tables(head, variant, calibration))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / H_FILE).write_text(header)
     (out_dir / C_FILE).write_text(source)
-    return [out_dir / C_FILE, out_dir / H_FILE]
+    # the rest of the edge step (quantizer, coder, wire), which calls this head
+    return [out_dir / C_FILE, out_dir / H_FILE, *export_edge(head, out_dir, variant)]
