@@ -2,11 +2,13 @@
 
 Each run is a fresh process (1 torch thread unless --threads) that trains one model for
 --epochs epochs with pipeline.model.train.fit and reports its fastest epoch; the models run
-in alternation, --pairs times, so drift on a shared machine hits them alike. "native" is
-the ELL kernel of pipeline/model/ell_kernel.c, "pytorch" the fallback (SPLITEXIT_NATIVE=0).
+in alternation, --pairs times, so drift on a shared machine hits them alike. "auto" is what
+ships: each sparse layer's kernel chosen by timing on first use (kernel_choice.py, read
+from the cache after the first run); "native" forces the ELL kernel of
+pipeline/model/ell_kernel.c (SPLITEXIT_NATIVE=1), "pytorch" keeps it out (SPLITEXIT_NATIVE=0).
 
-    python benchmarks/train_epoch.py                   # paper-sparse, paper-dense, default
-    python benchmarks/train_epoch.py --pairs 1 --epochs 1
+    python -m benchmarks.train_epoch                   # paper-sparse, paper-dense, default
+    python -m benchmarks.train_epoch --pairs 1 --epochs 1
 """
 
 from __future__ import annotations
@@ -17,23 +19,32 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-RUNS = [("paper-dense", "native"), ("paper-sparse", "native"), ("paper-sparse", "pytorch"),
-        ("default", "native"), ("default", "pytorch")]
+RUNS = [("paper-dense", "auto"), ("paper-sparse", "auto"), ("paper-sparse", "native"),
+        ("paper-sparse", "pytorch"), ("default", "auto"), ("default", "native"),
+        ("default", "pytorch")]
+ENV = {"auto": None, "native": "1", "pytorch": "0"}  # SPLITEXIT_NATIVE
 
 
 def one(config: str, epochs: int, threads: int) -> None:
     import torch
 
-    from pipeline.model import ell_native
+    from pipeline.model import ell_native, kernel_choice
     from pipeline.model.config import load_config
     from pipeline.model.train import dataset, fit
 
     torch.set_num_threads(threads)
     cfg = load_config(config, [f"train.epochs={epochs}"])
     data = dataset(cfg)
+    cpu = time.process_time()
     _, seconds = fit(cfg, data, progress=False)
-    print(json.dumps({"seconds": min(seconds), "kernels": ell_native.status()}))
+    cpu = (time.process_time() - cpu) / len(seconds)
+    steps = sorted({f"{key.split()[0]}: {kernel}" for key, kernel in kernel_choice.made().items()
+                    if "batch<=256" in key and " step" in key})
+    print(json.dumps({"seconds": min(seconds), "cpu": cpu, "kernels": ell_native.status(),
+                      "chosen": "; ".join(steps) or "-"}))
 
 
 def main() -> None:
@@ -47,25 +58,37 @@ def main() -> None:
         one(args.one, args.epochs, args.threads)
         return
     times: dict[tuple[str, str], list[float]] = {run: [] for run in RUNS}
+    cpu: dict[tuple[str, str], list[float]] = {run: [] for run in RUNS}
     for round_ in range(args.pairs):
         for config, kernels in RUNS:
-            env = dict(os.environ, SPLITEXIT_NATIVE="1" if kernels == "native" else "0")
-            out = subprocess.run([sys.executable, __file__, "--one", config, "--epochs",
+            env = dict(os.environ)
+            env.pop("SPLITEXIT_NATIVE", None)
+            if ENV[kernels] is not None:
+                env["SPLITEXIT_NATIVE"] = ENV[kernels]
+            out = subprocess.run([sys.executable, "-m", "benchmarks.train_epoch", "--one", config,
+                                  "--epochs",
                                   str(args.epochs), "--threads", str(args.threads)],
-                                 env=env, check=True, capture_output=True, text=True).stdout
+                                 env=env, check=True, capture_output=True, text=True,
+                                 cwd=Path(__file__).resolve().parents[1]).stdout
             result = json.loads(out.strip().splitlines()[-1])
             times[(config, kernels)].append(result["seconds"])
+            cpu[(config, kernels)].append(result["cpu"])
             print(f"round {round_ + 1}: {config} ({kernels}): {result['seconds']:.3f} s "
-                  f"[{result['kernels']}]", file=sys.stderr)
-    dense = statistics.median(times[("paper-dense", "native")])
+                  f"[{result['kernels']}; training steps chose {result['chosen']}]",
+                  file=sys.stderr)
+    dense = statistics.median(times[("paper-dense", "auto")])
+    dense_cpu = statistics.median(cpu[("paper-dense", "auto")])
     print(f"\n{args.threads} thread(s), fastest of {args.epochs} epochs per run, "
-          f"{args.pairs} alternating runs")
-    print("| model | sparse kernels | s/epoch (median) | range | vs paper-dense |")
-    print("|---|---|---|---|---|")
+          f"{args.pairs} alternating runs; CPU s/epoch: the process's CPU time in fit per "
+          f"epoch (validation included), steadier than wall time on a shared machine")
+    print("| model | sparse kernels | s/epoch (median) | range | vs paper-dense | CPU s/epoch "
+          "| CPU vs paper-dense |")
+    print("|---|---|---|---|---|---|---|")
     for (config, kernels), ts in times.items():
-        med = statistics.median(ts)
+        med, med_cpu = statistics.median(ts), statistics.median(cpu[(config, kernels)])
         print(f"| {config} | {kernels if config != 'paper-dense' else '(dense)'} | {med:.3f} | "
-              f"{min(ts):.3f}–{max(ts):.3f} | {dense / med:.2f}x |")
+              f"{min(ts):.3f}–{max(ts):.3f} | {dense / med:.2f}x | {med_cpu:.3f} | "
+              f"{dense_cpu / med_cpu:.2f}x |")
 
 
 if __name__ == "__main__":

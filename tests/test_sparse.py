@@ -1,11 +1,12 @@
 import io
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.model import ell_native
+from pipeline.model import ell_native, kernel_choice
 from pipeline.model.sparse import SparseLinear, SparsityError, draw_connectivity, fan_in_for
 
 KERNELS = ("dense", "gather", "csr", "bag")
@@ -84,7 +85,7 @@ def masked_dense_reference(layer: SparseLinear, x: torch.Tensor, g: torch.Tensor
 def test_forward_and_gradients_match_masked_dense(kernel, batch, n_in, n_out, fan_out):
     torch.manual_seed(0)
     layer = SparseLinear(n_in, n_out, fan_out, seed=3).double()
-    layer.kernel_for = lambda batch, training: kernel
+    layer.force = kernel
     x = torch.randn(batch, n_in, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     g = torch.randn_like(y)
@@ -167,7 +168,7 @@ def test_native_kernel_matches_masked_dense(batch, n_in, n_out, fan_out):
     # Batches cross the kernel's 64-sample and 16-sample blocks, full and partial.
     torch.manual_seed(0)
     layer = SparseLinear(n_in, n_out, fan_out, seed=3)
-    layer.kernel_for = lambda batch, training: "native"
+    layer.force = "native"
     x = torch.randn(batch, n_in, requires_grad=True)
     y = layer(x)
     g = torch.randn_like(y)
@@ -183,16 +184,13 @@ def test_native_kernel_matches_masked_dense(batch, n_in, n_out, fan_out):
 
 
 @needs_native
-def test_native_kernel_is_what_sparse_layers_train_with():
-    assert ell_native.status().startswith("native ELL kernel")
-    big, paper = SparseLinear(2048, 2048, 102), SparseLinear(800, 40, 2)
-    assert big.kernel_for(256, training=True) == "native"
-    assert paper.kernel_for(256, training=True) == "native"
-    assert paper.kernel_for(1, training=False) == "dense"  # cached dense copy: one GEMM
-    assert SparseLinear(40, 40, 9).kernel_for(256, training=True) == "dense"  # tiny
-    assert big.double().kernel_for(256, training=True) == "bag"  # float32 only
-
-
+def test_native_kernel_is_forced_or_kept_out_by_the_environment(monkeypatch, choices):
+    big = SparseLinear(2048, 512, 25)
+    monkeypatch.setenv("SPLITEXIT_NATIVE", "1")
+    for batch, training in ((1, False), (256, True)):
+        assert big.kernel_for(batch, training) == "native"
+    assert not choices.exists()  # forced: nothing was timed
+    assert big.double().kernel_for(256, training=True) != "native"  # float32 only
 def train_steps(seed: int = 0) -> list[torch.Tensor]:
     """Three AdamW steps of a sparse two-layer net on a fixed batch; returns the weights."""
     torch.manual_seed(seed)
@@ -236,7 +234,7 @@ def test_without_the_native_kernel_training_falls_back_to_pytorch(
     assert ell_native.library() is None
     status = ell_native.status()
     assert status.startswith("PyTorch kernels") and message in status and "\n" not in status
-    assert SparseLinear(2048, 2048, 102).kernel_for(256, training=True) == "bag"
+    assert "native" not in SparseLinear(2048, 512, 25).candidates(256, training=True)
     fallback = train_steps()
     if native is not None:  # both paths train the same network
         for a, b in zip(native, fallback):
@@ -262,6 +260,7 @@ def test_the_kernel_is_built_once_then_loaded_from_the_cache(fresh_native, tmp_p
 def test_native_threads_split_the_batch_without_changing_the_answer():
     torch.manual_seed(0)
     layer = SparseLinear(2048, 1024, 50, seed=4)  # 300 x 1024 x 100 MACs: worth threads
+    layer.force = "native"
     x = torch.randn(300, 2048, requires_grad=True)
     results = []
     threads = torch.get_num_threads()
@@ -276,5 +275,129 @@ def test_native_threads_split_the_batch_without_changing_the_answer():
     finally:
         torch.set_num_threads(threads)
     (y1, gx1, gv1), (y3, gx3, gv3) = results
-    assert torch.equal(y1, y3) and torch.equal(gx1, gx3)  # same blocks, same sums
-    torch.testing.assert_close(gv1, gv3)  # summed per thread, then across threads
+    # Chunks are fixed by the batch, gv sums one accumulator per chunk in chunk order.
+    assert torch.equal(y1, y3) and torch.equal(gx1, gx3) and torch.equal(gv1, gv3)
+
+
+# --- the kernel chosen by measurement (pipeline/model/kernel_choice.py) ---
+
+@pytest.fixture
+def choices(monkeypatch, tmp_path):
+    """A machine on which no kernel was chosen yet: empty cache dir, nothing in memory; one
+    torch thread (on a busy machine, two threads make every multi-threaded op 10-100x slower
+    at random, which would blur 'clearly slower' kernels)."""
+    monkeypatch.setenv("SPLITEXIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SPLITEXIT_NATIVE", raising=False)
+    kernel_choice.forget()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield kernel_choice.choices_file()
+    finally:
+        torch.set_num_threads(threads)
+        kernel_choice.forget()
+
+
+class WithLoopKernel(SparseLinear):
+    """A layer with one more candidate: a Python loop over outputs and samples, which computes
+    the same y (and gradients, through autograd) many times slower than any real kernel."""
+
+    loop_calls = 0  # on the class: timing runs on a copy of the layer
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        WithLoopKernel.loop_calls = 0
+
+    def candidates(self, batch, training):
+        return ["loop", "bag"]
+
+    def run(self, kernel, x):
+        if kernel != "loop":
+            return super().run(kernel, x)
+        WithLoopKernel.loop_calls += 1
+        col = self.indices.long()
+        rows = [torch.stack([(x[b, col[o]] * self.weight[o]).sum()
+                             for o in range(self.out_features)]) for b in range(x.shape[0])]
+        return torch.stack(rows) + self.bias
+
+
+def test_the_faster_kernel_is_chosen_and_runs(choices):
+    layer = WithLoopKernel(200, 50, 5, seed=1)
+    x = torch.randn(16, 200, requires_grad=True)
+    y = layer(x)  # first use: times both, keeps bag
+    assert layer.kernel_for(16, training=True) == "bag" and WithLoopKernel.loop_calls >= 1
+    timed = json.loads(choices.read_text())
+    entry = timed["200->50/20 batch<=16 float32 threads=1 step+dx"]
+    assert entry["kernel"] == "bag" and entry["seconds"]["loop"] > entry["seconds"]["bag"]
+    layer.force = "loop"  # and the loop kernel is a real one: same answer
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_choice_is_reused_without_timing_again(choices):
+    layer = WithLoopKernel(200, 50, 5, seed=1)
+    with torch.no_grad():
+        layer(torch.randn(3, 200))
+    assert WithLoopKernel.loop_calls >= 1 and choices.exists()
+    kernel_choice.forget()  # a second process on the same machine
+    again = WithLoopKernel(200, 50, 5, seed=2)
+    with torch.no_grad():
+        again(torch.randn(4, 200))  # same shape, same batch bucket (<= 4)
+        assert WithLoopKernel.loop_calls == 0
+        again(torch.randn(5, 200))  # another bucket (<= 8): timed
+        assert WithLoopKernel.loop_calls >= 1
+
+
+def test_a_choice_is_per_thread_count(choices):
+    layer = WithLoopKernel(200, 50, 5, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                layer(torch.randn(2, 200))
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(k.split()[3] for k in json.loads(choices.read_text())) == [
+        "threads=1", "threads=2"]
+
+
+def test_choosing_leaves_gradients_and_random_numbers_alone(choices):
+    layer = SparseLinear(800, 40, 2, seed=1)
+    torch.manual_seed(0)
+    x = torch.randn(64, 800)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    torch.randn(64, 800)
+    layer(x).sum().backward()  # first use: timing runs on a copy
+    torch.testing.assert_close(torch.randn(3), expected)
+    grad = layer.weight.grad.clone()
+    layer.zero_grad()
+    layer(x).sum().backward()  # chosen already: one plain step
+    torch.testing.assert_close(layer.weight.grad, grad)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_every_candidate_gives_the_same_answer(batch, choices):
+    torch.manual_seed(0)
+    layer = SparseLinear(160, 200, 50, seed=3)  # 32 000 weights: dense and gather run too
+    x = torch.randn(batch, 160, requires_grad=True)
+    kernels = layer.candidates(batch, training=True)
+    assert {"csr", "bag", "dense", "gather"} <= set(kernels)
+    results = []
+    for kernel in [None, *kernels]:  # None: the automatic choice
+        layer.force = kernel
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.backward(torch.arange(y.numel(), dtype=y.dtype).view_as(y) / y.numel())
+        results.append((y.detach(), x.grad, layer.weight.grad, layer.bias.grad))
+    for kernel, result in zip(kernels, results[1:]):
+        for got, want in zip(result, results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=kernel)
+
+
+def test_an_unknown_forced_kernel_is_named():
+    layer = SparseLinear(800, 40, 2)
+    layer.force = "fast"
+    with pytest.raises(ValueError, match="unknown sparse kernel 'fast': one of native, csr"):
+        layer(torch.randn(2, 800))

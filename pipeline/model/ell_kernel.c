@@ -14,8 +14,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* VW: floats in one SIMD register of the target, so a vecw is one register. A vector wider
+ * than the target's (64 bytes on AVX2) is lowered through the stack: measured 3-10x slower
+ * on an AVX2 machine, where a fixed VW 16 made the kernel lose to the PyTorch ones. */
 #ifndef VW
+#if defined(__AVX512F__)
 #define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
 #endif
 typedef float vecw __attribute__((vector_size(VW * 4)));
 
@@ -67,43 +76,42 @@ static void untranspose_block(const float *yt, int64_t n, int64_t b0, int nb, in
 
 /* Gather-accumulate for one block: out[b0+t][o] = bias[o] + sum_k val[o][k] * xt[idx[o][k]][t]
  * (out row stride n_out). TILE is a compile-time constant so the accumulators stay in
- * registers. */
+ * registers: CH chains of NV vectors, CH*NV = 8 in all, enough independent FMAs to hide
+ * their latency without spilling (AVX2 has 16 registers). */
 #define DEFINE_GATHER(NAME, TILE)                                                            \
 static void NAME(const float *xt, int64_t n_out, int64_t d,                                  \
                           const int32_t *idx, const float *val, const float *bias,           \
                           float *yt, float *out, int64_t b0, int nb)                         \
 {                                                                                            \
-    enum { NV = TILE / VW };                                                                 \
+    enum { NV = TILE / VW, CH = NV >= 8 ? 1 : 8 / NV };                                      \
     for (int64_t o = 0; o < n_out; o++) {                                                    \
-        vecw even[NV], odd[NV];  /* two chains: an FMA's latency, not its issue, bound one */ \
+        vecw acc[CH][NV];                                                                    \
         float b = bias ? bias[o] : 0.0f;                                                     \
-        for (int v = 0; v < NV; v++) {                                                       \
-            even[v] = (vecw){0} + b;                                                         \
-            odd[v] = (vecw){0};                                                              \
-        }                                                                                    \
+        for (int c = 0; c < CH; c++)                                                         \
+            for (int v = 0; v < NV; v++)                                                     \
+                acc[c][v] = (vecw){0} + (c == 0 ? b : 0.0f);                                 \
         const int32_t *io = idx + o * d;                                                     \
         const float *vo = val + o * d;                                                       \
         int64_t k = 0;                                                                       \
-        for (; k + 1 < d; k += 2) {                                                          \
-            const vecw *r0 = (const vecw *)(xt + (int64_t)io[k] * TILE);                     \
-            const vecw *r1 = (const vecw *)(xt + (int64_t)io[k + 1] * TILE);                 \
-            float w0 = vo[k], w1 = vo[k + 1];                                                \
-            for (int v = 0; v < NV; v++) {                                                   \
-                even[v] += w0 * r0[v];                                                       \
-                odd[v] += w1 * r1[v];                                                        \
+        for (; k + CH <= d; k += CH)                                                         \
+            for (int c = 0; c < CH; c++) {                                                   \
+                const vecw *r = (const vecw *)(xt + (int64_t)io[k + c] * TILE);              \
+                float w = vo[k + c];                                                         \
+                for (int v = 0; v < NV; v++)                                                 \
+                    acc[c][v] += w * r[v];                                                   \
             }                                                                                \
-        }                                                                                    \
-        if (k < d) {                                                                         \
-            const vecw *r0 = (const vecw *)(xt + (int64_t)io[k] * TILE);                     \
+        for (; k < d; k++) {                                                                 \
+            const vecw *r = (const vecw *)(xt + (int64_t)io[k] * TILE);                      \
             for (int v = 0; v < NV; v++)                                                     \
-                even[v] += vo[k] * r0[v];                                                    \
+                acc[0][v] += vo[k] * r[v];                                                   \
         }                                                                                    \
-        vecw acc[NV];                                                                        \
-        for (int v = 0; v < NV; v++)                                                         \
-            acc[v] = even[v] + odd[v];                                                       \
         vecw *dst = (vecw *)(yt + o * TILE);                                                 \
-        for (int v = 0; v < NV; v++)                                                         \
-            dst[v] = acc[v];                                                                 \
+        for (int v = 0; v < NV; v++) {                                                       \
+            vecw sum = acc[0][v];                                                            \
+            for (int c = 1; c < CH; c++)                                                     \
+                sum += acc[c][v];                                                            \
+            dst[v] = sum;                                                                    \
+        }                                                                                    \
     }                                                                                        \
     untranspose_block(yt, n_out, b0, nb, TILE, out);                                         \
 }
@@ -147,46 +155,44 @@ static float *scratch(int64_t floats)
 /* Blocks of BIG samples while at least BIG remain, then blocks of SMALL. */
 static int tile_at(int64_t remaining) { return remaining >= BIG ? BIG : SMALL; }
 
-/* One call's arguments; a thread runs samples [b_begin, b_end) of it. */
+/* One call's arguments, shared by every thread. */
 struct job {
     const float *x, *g, *val, *bias, *t_val;
     const int32_t *idx, *t_idx;
     int64_t n_in, n_out, d, fan_out;
-    float *y, *gx, *gv; /* gv: this thread's own accumulator, zeroed */
-    int64_t b_begin, b_end;
-    int rc;
+    float *y, *gx, *gv;
 };
 
-static void *forward_range(void *arg)
+/* A thread's scratch: two [n_in][BIG] tiles and one [n_out][BIG]. */
+struct tiles {
+    float *in0, *in1, *out;
+};
+
+/* Samples [b_begin, b_end) of a forward call. */
+static void forward_range(const struct job *j, int64_t b_begin, int64_t b_end, float *gv,
+                          const struct tiles *s)
 {
-    struct job *j = arg;
-    float *xt = scratch(j->n_in * BIG), *yt = scratch(j->n_out * BIG);
-    j->rc = (xt && yt) ? 0 : -1;
-    for (int64_t b0 = j->b_begin; j->rc == 0 && b0 < j->b_end;) {
-        int tile = tile_at(j->b_end - b0);
-        int nb = (int)(j->b_end - b0 < tile ? j->b_end - b0 : tile);
-        transpose_block(j->x, j->n_in, b0, nb, tile, xt);
+    (void)gv;
+    for (int64_t b0 = b_begin; b0 < b_end;) {
+        int tile = tile_at(b_end - b0);
+        int nb = (int)(b_end - b0 < tile ? b_end - b0 : tile);
+        transpose_block(j->x, j->n_in, b0, nb, tile, s->in0);
         if (tile == BIG)
-            gather_big(xt, j->n_out, j->d, j->idx, j->val, j->bias, yt, j->y, b0, nb);
+            gather_big(s->in0, j->n_out, j->d, j->idx, j->val, j->bias, s->out, j->y, b0, nb);
         else
-            gather_small(xt, j->n_out, j->d, j->idx, j->val, j->bias, yt, j->y, b0, nb);
+            gather_small(s->in0, j->n_out, j->d, j->idx, j->val, j->bias, s->out, j->y, b0, nb);
         b0 += nb;
     }
-    free(xt);
-    free(yt);
-    return NULL;
 }
 
-static void *backward_range(void *arg)
+/* Samples [b_begin, b_end) of a backward call; grad-values accumulate into gv (zeroed). */
+static void backward_range(const struct job *j, int64_t b_begin, int64_t b_end, float *gv,
+                           const struct tiles *s)
 {
-    struct job *j = arg;
-    float *gt = scratch(j->n_out * BIG);
-    float *xt = j->gv ? scratch(j->n_in * BIG) : NULL;
-    float *gxt = j->gx ? scratch(j->n_in * BIG) : NULL;
-    j->rc = (gt && (!j->gv || xt) && (!j->gx || gxt)) ? 0 : -1;
-    for (int64_t b0 = j->b_begin; j->rc == 0 && b0 < j->b_end;) {
-        int tile = tile_at(j->b_end - b0);
-        int nb = (int)(j->b_end - b0 < tile ? j->b_end - b0 : tile);
+    float *gt = s->out, *xt = s->in0, *gxt = s->in1;
+    for (int64_t b0 = b_begin; b0 < b_end;) {
+        int tile = tile_at(b_end - b0);
+        int nb = (int)(b_end - b0 < tile ? b_end - b0 : tile);
         transpose_block(j->g, j->n_out, b0, nb, tile, gt);
         if (j->gx) {
             if (tile == BIG)
@@ -195,72 +201,81 @@ static void *backward_range(void *arg)
                 gather_small(gt, j->n_in, j->fan_out, j->t_idx, j->t_val, NULL, gxt, j->gx, b0,
                              nb);
         }
-        if (j->gv) {
+        if (gv) {
             transpose_block(j->x, j->n_in, b0, nb, tile, xt);
             if (tile == BIG)
-                grad_values_big(xt, gt, j->n_out, j->d, j->idx, j->gv);
+                grad_values_big(xt, gt, j->n_out, j->d, j->idx, gv);
             else
-                grad_values_small(xt, gt, j->n_out, j->d, j->idx, j->gv);
+                grad_values_small(xt, gt, j->n_out, j->d, j->idx, gv);
         }
         b0 += nb;
     }
-    free(gt);
-    free(xt);
-    free(gxt);
-    return NULL;
 }
+
+typedef void (*range_fn)(const struct job *, int64_t, int64_t, float *, const struct tiles *);
 
 /* Below this many multiply-adds a call, starting threads costs more than they save. */
 #define MIN_PARALLEL_MACS (1 << 21)
-#define MAX_THREADS 64
+/* The batch is cut into at most this many chunks of whole BIG blocks. */
+#define MAX_CHUNKS 64
+/* Grad-values keeps one accumulator per chunk, so it is cut into fewer. */
+#define GV_CHUNKS 8
 
-/* Run fn over [0, batch) split into whole BIG blocks among up to `threads` OpenMP threads.
+/* Run fn over [0, batch) on up to `threads` OpenMP threads that claim chunks one at a time.
  * OpenMP, not pthreads: loaded after torch, libgomp.so.1 resolves to torch's own copy, so
- * these are the threads torch's ops just used (still spinning, waiting for work), not two
- * more competing with them for the cores. Samples land in the same blocks whatever the
- * split, so y and gx do not depend on the thread count; gv sums one accumulator per
- * thread, in thread order. Built without OpenMP, the shares simply run one after another. */
-static int run_split(struct job base, int64_t batch, int threads, int64_t macs,
-                     void *(*fn)(void *))
+ * these are the threads torch's ops just used, not more competing with them for the cores.
+ * Claimed, not split in equal shares: on busy cores a thread the scheduler holds back runs
+ * fewer chunks instead of making every other thread wait for its share. The chunks are
+ * fixed by the batch alone and gv sums its per-chunk accumulators in chunk order, so y, gx
+ * and gv are bit for bit the same whatever the thread count and whichever thread ran what.
+ * Built without OpenMP, one thread runs every chunk. */
+static int run_split(struct job base, int64_t batch, int threads, int64_t macs, range_fn fn)
 {
     int64_t blocks = (batch + BIG - 1) / BIG;
-    if (threads > MAX_THREADS)
-        threads = MAX_THREADS;
-    if (threads > blocks)
-        threads = (int)blocks;
+    int64_t limit = base.gv ? GV_CHUNKS : MAX_CHUNKS;
+    int chunks = (int)(blocks < limit ? blocks : limit);
+    if (threads > chunks)
+        threads = chunks;
     if (threads < 1 || macs < MIN_PARALLEL_MACS)
         threads = 1;
-    struct job jobs[MAX_THREADS];
-    size_t gv_bytes = sizeof(float) * (size_t)(base.n_out * base.d);
-    int64_t b = 0;
-    int rc = 0;
-    if (base.gv)
-        memset(base.gv, 0, gv_bytes);
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = base;
-        jobs[t].rc = -1;  /* until its share has run */
-        jobs[t].b_begin = b;
-        b += (blocks / threads + (t < blocks % threads)) * BIG;
-        jobs[t].b_end = b < batch ? b : batch;
-        if (base.gv && t > 0 && !(jobs[t].gv = calloc(1, gv_bytes)))
-            rc = -1;
+    int64_t w = base.n_out * base.d;
+    float *gv[GV_CHUNKS] = {base.gv};
+    int ok = 1;
+    if (base.gv) {
+        memset(base.gv, 0, sizeof(float) * (size_t)w);
+        for (int c = 1; c < chunks; c++)
+            ok &= (gv[c] = calloc((size_t)w, sizeof(float))) != NULL;
     }
-    if (rc == 0) {
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-        for (int t = 0; t < threads; t++)
-            fn(&jobs[t]);
-    }
-    for (int t = 0; t < threads; t++) {
-        if (rc == 0 && jobs[t].rc)
-            rc = -1;
-        if (base.gv && t > 0) {
-            if (rc == 0)
-                for (int64_t e = 0; e < base.n_out * base.d; e++)
-                    base.gv[e] += jobs[t].gv[e];
-            free(jobs[t].gv);
+    int next = 0, done = 0;
+    if (ok) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+        {
+            struct tiles s = {scratch(base.n_in * BIG), base.gx ? scratch(base.n_in * BIG) : NULL,
+                              scratch(base.n_out * BIG)};
+            if (s.in0 && s.out && (s.in1 || !base.gx)) {
+                int c;
+                while ((c = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) < chunks) {
+                    fn(&base, blocks * c / chunks * BIG,
+                       (blocks * (c + 1) / chunks * BIG < batch ? blocks * (c + 1) / chunks * BIG
+                                                               : batch),
+                       base.gv ? gv[c] : NULL, &s);
+                    __atomic_fetch_add(&done, 1, __ATOMIC_RELAXED);
+                }
+            }
+            free(s.in0);
+            free(s.in1);
+            free(s.out);
         }
     }
-    return rc;
+    for (int c = 1; base.gv && c < chunks; c++) {
+        if (gv[c] && done == chunks)
+            for (int64_t e = 0; e < w; e++)
+                base.gv[e] += gv[c][e];
+        free(gv[c]);
+    }
+    return done == chunks ? 0 : -1;
 }
 
 /* y[B][n_out] = x[B][n_in] . W^T + bias, W given as ELL (idx, val: [n_out][d]), on up to

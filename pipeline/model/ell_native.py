@@ -8,6 +8,8 @@ on (`-march=native`), cached by a hash of source, compiler and flags, and loaded
 
 When it cannot be used -- no compiler, a failed build, or SPLITEXIT_NATIVE=0 -- `library()`
 returns None, `status()` says why in one line, and SparseLinear runs its PyTorch kernels.
+When it can, SparseLinear still times it against them per shape (kernel_choice.py) and runs
+whichever is faster on this machine; SPLITEXIT_NATIVE=1 skips the timing and runs it.
 """
 
 from __future__ import annotations

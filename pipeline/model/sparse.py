@@ -7,20 +7,24 @@ edges. Fixed fan-in means the weights fit a dense [N_out, d_in] value table plus
 never with N_in*N_out. Fixed fan-out means the transposed pattern is also fixed-width, which
 is what makes the backward pass to the input as cheap as the forward.
 
-Kernels, chosen per shape and batch from what benchmarks/sparse_layer.py measures
-(`SparseLinear.kernel_for`): the native ELL kernel (ell_kernel.c, built on first use; see
-ell_native.py) for float32 on CPU, a dense matrix expanded from the ELL table where a
-junction is so small that per-op overhead is all there is, or a cached dense copy for small
-inference batches. Without a C compiler the PyTorch kernels run instead: `embedding_bag`
-(one fused gather-multiply-sum) for large batches, an index_select gather for small ones.
-('csr', CSR `torch.sparse.mm`, stays selectable for the benchmark's comparison.)
+Kernels: the native ELL kernel (ell_kernel.c, built on first use; see ell_native.py) for
+float32 on CPU; `csr` (CSR `torch.sparse.mm`) and `bag` (`embedding_bag`, one fused
+gather-multiply-sum); a dense matrix expanded from the ELL table (cached at inference) for
+small junctions; an index_select `gather` for small batches. Which one runs a shape is
+measured, not ruled: the first call of a shape, batch size (rounded up to a power of two),
+dtype, thread count and mode (inference, training step, training step with grad-input)
+times every kernel that can run it and keeps the fastest (kernel_choice.py, remembered on
+disk per machine). SPLITEXIT_NATIVE=1 forces the native kernel wherever it can run,
+SPLITEXIT_NATIVE=0 keeps it out; `SparseLinear.force` pins one kernel (tests, benchmarks).
 Backward of the PyTorch ELL kernels: grad-input through the transposed pattern, grad-values
 with `torch.sparse.sampled_addmm`, which computes grad_y^T @ x only at real edges.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import warnings
 
 import numpy as np
@@ -28,21 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model import ell_native
+from pipeline.model import ell_native, kernel_choice
 
 __all__ = ["SparsityError", "fan_in_for", "nearby_fan_outs", "draw_connectivity", "SparseLinear",
            "make_junction"]
 
-# Kernel choice, from benchmarks/sparse_layer.py on 2 cores (see the README's table):
-# - at or above this batch, embedding_bag (one fused gather-multiply-sum) beats CSR spmm
-#   and the gather, which materializes (B, N_out, d_in);
+KERNELS = ("native", "csr", "bag", "dense", "gather")
+# Candidates worth timing, bounded so that first use stays cheap and small in memory:
+# - the dense matrix of a junction up to this many weights (256 KB in float32);
+DENSE_MAX_ELEMENTS = 65536
+# - the gather, which materializes (B, N_out, d_in), up to this many elements (16 MB);
+GATHER_MAX_ELEMENTS = 1 << 22
+# - timed at the batch rounded up to a power of two, and at most this batch.
+TIMED_MAX_BATCH = 1024
+# Without a choice to measure against (a GPU tensor), the PyTorch kernels by batch size.
 EMBEDDING_BAG_MIN_BATCH = 32
-# - a junction this small is all per-op overhead (~1.5 µs an op): expanding the ELL table
-#   into a dense matrix and calling one GEMM beats every sparse path, training included;
-DENSE_ALWAYS_MAX_ELEMENTS = 4096
-# - at inference with small batches, a dense copy cached from the ELL table (128 KB for the
-#   paper's 800->40) is one GEMM against four gather ops; the file on disk stays ELL.
-DENSE_CACHE_MAX_ELEMENTS = 65536
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -144,15 +148,15 @@ class _Plan:
         self.idx32 = indices.to(torch.int32).contiguous()
         self.t_idx32 = self.t_bags.to(torch.int32).contiguous()
 
-    def matmul(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, values: torch.Tensor, x: torch.Tensor, kernel: str) -> torch.Tensor:
         """y[b, o] = sum_k values[o, k] * x[b, col[o, k]]  (B, N_out)."""
-        return _ell_mm(self.crow, self.col, self.bags, values.reshape(-1), x, self.shape)
+        return _ell_mm(self.crow, self.col, self.bags, values.reshape(-1), x, self.shape, kernel)
 
-    def matmul_t(self, values: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def matmul_t(self, values: torch.Tensor, g: torch.Tensor, kernel: str) -> torch.Tensor:
         """gx[b, i] = sum over edges (o, i) of values[o, k] * g[b, o]  (B, N_in)."""
         t_values = values.reshape(-1)[self.order]
         shape = (self.shape[1], self.shape[0])
-        return _ell_mm(self.t_crow, self.t_col, self.t_bags, t_values, g, shape)
+        return _ell_mm(self.t_crow, self.t_col, self.t_bags, t_values, g, shape, kernel)
 
     def grad_values(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """gv[o, k] = sum_b g[b, o] * x[b, col[o, k]], computed only at real edges."""
@@ -166,9 +170,9 @@ class _Plan:
         return sampled.values().view(n_out, d_in)
 
 
-def _ell_mm(crow, col, bags, flat_values, x, shape) -> torch.Tensor:
+def _ell_mm(crow, col, bags, flat_values, x, shape, kernel: str) -> torch.Tensor:
     n_rows, n_cols = shape
-    if x.shape[0] >= EMBEDDING_BAG_MIN_BATCH:
+    if kernel == "bag":
         # Bags are output rows: gather x columns, weight them, sum -- one fused kernel.
         xt = x.t().contiguous()  # (N_cols, B)
         out = F.embedding_bag(bags, xt, per_sample_weights=flat_values.view_as(bags), mode="sum")
@@ -179,19 +183,19 @@ def _ell_mm(crow, col, bags, flat_values, x, shape) -> torch.Tensor:
 
 class _EllFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, plan):
+    def forward(ctx, x, values, plan, kernel):
         ctx.save_for_backward(x, values)
-        ctx.plan = plan
-        return plan.matmul(values, x)
+        ctx.plan, ctx.kernel = plan, kernel
+        return plan.matmul(values, x, kernel)
 
     @staticmethod
     def backward(ctx, g):
         x, values = ctx.saved_tensors
         plan = ctx.plan
         g = g.contiguous()
-        gx = plan.matmul_t(values, g) if ctx.needs_input_grad[0] else None
+        gx = plan.matmul_t(values, g, ctx.kernel) if ctx.needs_input_grad[0] else None
         gv = plan.grad_values(g, x) if ctx.needs_input_grad[1] else None
-        return gx, gv, None
+        return gx, gv, None, None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -254,6 +258,8 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features))
         self._plan: _Plan | None = None
         self._dense_cache: tuple[int, torch.Tensor] | None = None
+        self.force: str | None = None  # one of KERNELS: pins the kernel (tests, benchmarks)
+        self._chosen: dict[tuple, str] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -269,39 +275,92 @@ class SparseLinear(nn.Module):
                 self._plan = _Plan(self.indices, self.in_features)
         return self._plan
 
+    def _apply(self, *args, **kwargs):
+        self._chosen = {}  # .double(), .to(device): the choices were for another dtype or device
+        self._dense_cache = None
+        return super()._apply(*args, **kwargs)
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._plan = None  # indices may have changed
         self._dense_cache = None
 
-    def kernel_for(self, batch: int, training: bool) -> str:
-        """Which kernel runs a batch: 'native', 'dense', 'gather', 'csr' or 'bag'."""
-        elements = self.in_features * self.out_features
-        if elements <= DENSE_ALWAYS_MAX_ELEMENTS:
-            return "dense"
-        large_batch = batch >= EMBEDDING_BAG_MIN_BATCH
-        if not training and not large_batch and elements <= DENSE_CACHE_MAX_ELEMENTS:
-            return "dense"
-        if (large_batch or not training) and self._native_ok():
-            # From 800->40 up, native beats bag and two-thread GEMMs, training and inference;
-            # a training step at small batch is cheaper through the gather's stock autograd.
+    def kernel_for(self, batch: int, training: bool, input_grad: bool = True) -> str:
+        """Which kernel runs a batch: `force` if set, native where SPLITEXIT_NATIVE=1 asks
+        for it, else the fastest of `candidates` as measured on first use (kernel_choice).
+        Remembered by the layer (a small junction's call costs tens of µs, so the lookup must
+        be a dict's): SPLITEXIT_NATIVE is read when a layer first meets a batch size."""
+        if self.force is not None:
+            return self.force
+        key = (batch, training, input_grad, torch.get_num_threads(), kernel_choice.generation)
+        kernel = self._chosen.get(key)
+        if kernel is None:
+            if len(self._chosen) > 1024:
+                self._chosen.clear()
+            kernel = self._chosen[key] = self._choose(batch, training, input_grad)
+        return kernel
+
+    def _choose(self, batch: int, training: bool, input_grad: bool) -> str:
+        kernels = self.candidates(batch, training)
+        if self.weight.device.type != "cpu":
+            return "bag" if batch >= EMBEDDING_BAG_MIN_BATCH else "gather"
+        if "native" in kernels and os.environ.get(ell_native.DISABLE_ENV) == "1":
             return "native"
-        if large_batch:
-            # embedding_bag needs x feature-major; with 2+ threads that transpose costs more
-            # than a multi-threaded GEMM of a junction this small (2x, measured at 800->40).
-            if elements <= DENSE_CACHE_MAX_ELEMENTS and torch.get_num_threads() > 1:
-                return "dense"
-            return "bag"
-        return "gather"  # materializes (B, N_out, d_in): only for small batches
+        if len(kernels) == 1:
+            return kernels[0]
+        timed = min(1 << max(batch - 1, 0).bit_length(), TIMED_MAX_BATCH)
+        mode = "step+dx" if training and input_grad else "step" if training else "forward"
+        key = (f"{self.in_features}->{self.out_features}/{self.fan_in} batch<={timed} "
+               f"{str(self.weight.dtype).removeprefix('torch.')} "
+               f"threads={torch.get_num_threads()} {mode}")
+        return kernel_choice.choose(key, kernels, lambda: self._timed_step(timed, mode))
+
+    def candidates(self, batch: int, training: bool) -> list[str]:
+        """The kernels worth timing for a batch (bounded in memory: see the constants)."""
+        kernels = ["native"] if self._native_ok() else []
+        kernels += ["csr", "bag"]
+        if self.in_features * self.out_features <= DENSE_MAX_ELEMENTS:
+            kernels.append("dense")
+        if batch * self.edges <= GATHER_MAX_ELEMENTS:
+            kernels.append("gather")
+        return kernels
+
+    def _timed_step(self, batch: int, mode: str):
+        """run(kernel): one call as the layer will make it, on a copy (its gradients and the
+        global RNG stay untouched)."""
+        plan = self.plan
+        with torch.inference_mode(False), torch.no_grad():
+            probe = copy.deepcopy(self, {id(plan): plan, id(self._dense_cache): None})
+            probe.weight.requires_grad_(mode != "forward")
+            probe.bias.requires_grad_(mode != "forward")
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, self.in_features, generator=gen, dtype=self.weight.dtype)
+        x.requires_grad_(mode == "step+dx")
+
+        def run(kernel: str) -> None:
+            probe.force = kernel
+            if mode == "forward":
+                with torch.inference_mode():
+                    probe(x)
+                return
+            with torch.enable_grad():
+                probe.weight.grad = probe.bias.grad = x.grad = None
+                probe(x).sum().backward()
+        return run
 
     def _native_ok(self) -> bool:
         weight = self.weight
-        return (ell_native.library() is not None and weight.dtype == torch.float32
-                and weight.device.type == "cpu")
+        return (weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and ell_native.library() is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in self._parameters.values()))
+        return self.run(self.kernel_for(x.shape[0], training, x.requires_grad), x)
+
+    def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        """y = W x + b through one kernel (all give the same result, within rounding)."""
         training = torch.is_grad_enabled()
-        kernel = self.kernel_for(x.shape[0], training)
         if kernel == "dense":
             if training:
                 return F.linear(x, self.dense_weight(differentiable=True), self.bias)
@@ -322,7 +381,9 @@ class SparseLinear(nn.Module):
         if kernel == "gather":
             gathered = x.index_select(1, self.plan.col).view(-1, *self.weight.shape)
             return torch.linalg.vecdot(gathered, self.weight) + self.bias
-        return _EllFunction.apply(x, self.weight, self.plan) + self.bias
+        if kernel in ("csr", "bag"):
+            return _EllFunction.apply(x, self.weight, self.plan, kernel) + self.bias
+        raise ValueError(f"unknown sparse kernel {kernel!r}: one of {', '.join(KERNELS)}")
 
     def dense_weight(self, differentiable: bool = False) -> torch.Tensor:
         """The equivalent dense [N_out, N_in] matrix; gradients reach only real edges."""
