@@ -11,12 +11,13 @@ cd "$(dirname "$0")"
 setup() {
     # Fashion-MNIST for the main job; Prometheus (and promtool) for the monitoring tests;
     # a C compiler for the native training kernel and the C export (both have fallbacks or
-    # skips without one, but the main job trains faster with it).
-    if ! dpkg -s dataset-fashion-mnist prometheus gcc libc6-dev >/dev/null 2>&1; then
-        echo "I: installing Debian's dataset-fashion-mnist, prometheus and gcc" >&2
+    # skips without one, but the main job trains faster with it); libzmq's headers for the
+    # C device edge (examples/c_edge), which a test builds and runs against a real broker.
+    if ! dpkg -s dataset-fashion-mnist prometheus gcc libc6-dev libzmq3-dev >/dev/null 2>&1; then
+        echo "I: installing Debian's dataset-fashion-mnist, prometheus, gcc and libzmq3-dev" >&2
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
-            prometheus gcc libc6-dev >/dev/null
+            prometheus gcc libc6-dev libzmq3-dev >/dev/null
     fi
     if ! python3 -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
             2>/dev/null; then
@@ -28,6 +29,14 @@ setup() {
             || ! command -v splitexit >/dev/null; then
         echo "I: installing splitexit (editable, with the server and dev extras)" >&2
         python3 -m pip install -q -e '.[server,dev]'
+    fi
+    # The oldest onnxruntime the onnx extra allows, in an environment of its own (it needs
+    # numpy < 2): a test runs the ONNX exports with it.
+    local ort_oldest="${SPLITEXIT_ORT_OLDEST:-/opt/splitexit-ort-1.17}"
+    if ! "$ort_oldest/bin/python" -c 'import onnxruntime' 2>/dev/null; then
+        echo "I: installing onnxruntime 1.17.3 into $ort_oldest (for the ONNX export's test)" >&2
+        python3 -m venv "$ort_oldest"
+        "$ort_oldest/bin/python" -m pip install -q onnxruntime==1.17.3 'numpy<2'
     fi
 }
 

@@ -5,6 +5,10 @@ Skips, saying why, where the onnx extra is not installed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -50,13 +54,49 @@ def test_the_cli_exports_onnx(artifacts, tmp_path):
     assert (tmp_path / "splitexit_head.onnx").is_file()
 
 
+# A separate interpreter with the oldest onnxruntime the onnx extra allows (it needs numpy
+# < 2, so it cannot share this one's environment); ./run.sh creates it.
+ORT_OLDEST = Path(os.environ.get("SPLITEXIT_ORT_OLDEST", "/opt/splitexit-ort-1.17"))
+RUN_WITH_OLDEST = """
+import sys, numpy as np, onnxruntime as ort
+assert ort.__version__.startswith("1.17."), ort.__version__
+for path in sys.argv[1:]:
+    pixels = np.load(path + ".pixels.npy")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    features, logits = session.run(["features", "exit_logits"], {"pixels": pixels})
+    np.save(path + ".features.npy", features)
+    np.save(path + ".logits.npy", logits)
+"""
+
+
 def test_the_file_pins_an_ir_version_older_runtimes_load(artifacts, tmp_path):
-    """onnxruntime 1.17 (the oldest the onnx extra allows) loads IR <= 9; onnx itself would
-    stamp its newest."""
+    """onnx itself would stamp its newest IR version, which onnxruntime 1.17 refuses."""
     import onnx
 
     [path] = export_onnx(artifacts, tmp_path)
     assert onnx.load(path).ir_version <= 9
+
+
+def test_the_oldest_allowed_onnxruntime_runs_mlp_and_conv_exports(artifacts, conv_sparse,
+                                                                   idx_dir, tmp_path):
+    """onnxruntime 1.17, the oldest `splitexit[onnx]` allows, loads and runs both kinds of
+    head, and its outputs are the NumPy head's within 1e-4."""
+    python = ORT_OLDEST / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"{python} missing: ./run.sh test creates it (onnxruntime==1.17.3)")
+    pixels = load_dataset(idx_dir).test.images[:50].astype(np.float32) / 255
+    paths = []
+    for name, art in (("mlp", artifacts), ("conv", conv_sparse)):
+        [path] = export_onnx(art, tmp_path / name)
+        np.save(f"{path}.pixels.npy", pixels)
+        paths.append((path, art))
+    r = subprocess.run([str(python), "-c", RUN_WITH_OLDEST, *(str(p) for p, _ in paths)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for path, art in paths:
+        ref_logits, ref_features = load_numpy_head(art)(pixels)
+        np.testing.assert_allclose(np.load(f"{path}.features.npy"), ref_features, atol=1e-4)
+        np.testing.assert_allclose(np.load(f"{path}.logits.npy"), ref_logits, atol=1e-4)
 
 
 def run_onnx(path, pixels):

@@ -21,8 +21,7 @@ from pipeline.errors import ArtifactError
 from pipeline.protocol.edge_artifact import UPLINK_CODE, read_edge_npz
 from pipeline.protocol.static_code import StaticCode
 
-__all__ = ["Junction", "ConvStage", "NumpyHead", "load_numpy_head", "require_mlp", "exit_scores",
-           "SCORES"]
+__all__ = ["Junction", "ConvStage", "NumpyHead", "load_numpy_head", "exit_scores", "SCORES"]
 
 SCORES = ("max_softmax", "margin", "entropy")
 # A junction this small is all per-call overhead in NumPy (~1 µs a call): one dense product
@@ -143,16 +142,6 @@ class NumpyHead:
         bias = j.bias - (float(self.pixel_mean) / float(self.pixel_std)) * per_output
         return Junction((j.values / self.pixel_std).astype(np.float32), j.indices,
                         bias.astype(np.float32))
-
-
-def require_mlp(head: NumpyHead, purpose: str) -> NumpyHead:
-    """The head, if `purpose` (the ONNX export) can take it: that covers fully connected
-    heads only so far; a conv head runs in NumPy, here, or as exported C."""
-    if head.convolutional:
-        raise ArtifactError(f"{head.path}: {purpose} covers MLP heads only, and this head has "
-                            f"conv layers; run it with the NumPy edge (`splitexit edge`, or "
-                            f"`from pipeline import Edge`) or export it to C (`--target c`)")
-    return head
 
 
 def exit_scores(logits: np.ndarray, score: str, temperature: float = 1.0) -> np.ndarray:
