@@ -12,12 +12,16 @@ setup() {
     # Fashion-MNIST for the main job; Prometheus (and promtool) for the monitoring tests;
     # a C compiler for the native training kernel and the C export (both have fallbacks or
     # skips without one, but the main job trains faster with it); libzmq's headers for the
-    # C device edge (examples/c_edge), which a test builds and runs against a real broker.
-    if ! dpkg -s dataset-fashion-mnist prometheus gcc libc6-dev libzmq3-dev >/dev/null 2>&1; then
-        echo "I: installing Debian's dataset-fashion-mnist, prometheus, gcc and libzmq3-dev" >&2
+    # C device edge (examples/c_edge), which a test builds and runs against a real broker;
+    # the Cortex-M4 toolchain and newlib: a test sizes the exported edge for a microcontroller.
+    if ! dpkg -s dataset-fashion-mnist prometheus gcc libc6-dev libzmq3-dev gcc-arm-none-eabi \
+            libnewlib-arm-none-eabi >/dev/null 2>&1; then
+        echo "I: installing Debian's dataset-fashion-mnist, prometheus, gcc, libzmq3-dev and" \
+             "gcc-arm-none-eabi" >&2
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
-            prometheus gcc libc6-dev libzmq3-dev >/dev/null
+            prometheus gcc libc6-dev libzmq3-dev gcc-arm-none-eabi libnewlib-arm-none-eabi \
+            >/dev/null
     fi
     if ! python3 -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
             2>/dev/null; then

@@ -3,7 +3,7 @@
 
     python -m benchmarks.mcu_size                      # every shipped config, float32 and int8
     python -m benchmarks.mcu_size --configs default    # one config
-    apt-get install gcc-arm-none-eabi                  # the toolchain (Debian), if missing
+    apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi   # the toolchain (Debian)
 
 How it measures: the exported .c files are compiled (`arm-none-eabi-gcc -mcpu=cortex-m4
 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -Os -ffunction-sections -fdata-sections`) and
@@ -56,8 +56,16 @@ class Size:
         return self.static_ram + self.stack
 
 
-def toolchain() -> str | None:
-    return shutil.which(CC)
+def missing() -> str | None:
+    """Why this machine cannot build for the Cortex-M4 (one line), or None: the compiler
+    and newlib-nano (Debian: gcc-arm-none-eabi, libnewlib-arm-none-eabi)."""
+    if shutil.which(CC) is None:
+        return f"{CC} not found: apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi"
+    libc = subprocess.run([CC, *CPU, "-print-file-name=libc_nano.a"], capture_output=True,
+                          text=True).stdout.strip()
+    if not Path(libc).is_absolute():
+        return "newlib-nano (libc_nano.a) not found: apt-get install libnewlib-arm-none-eabi"
+    return None
 
 
 def _functions(headers: list[Path]) -> list[str]:
@@ -194,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     p.add_argument("--variants", nargs="+", default=["float32", "int8"])
     args = p.parse_args(argv)
-    if toolchain() is None:
-        print(f"error: {CC} not found; install it with `apt-get install gcc-arm-none-eabi`",
-              file=sys.stderr)
+    if why := missing():
+        print(f"error: {why}", file=sys.stderr)
         return 2
     print(f"Cortex-M4, {CC} -Os, newlib-nano; what the exported edge adds to a firmware\n")
     print("| config | variant | flash KB | static RAM KB | stack KB | RAM KB | fits |")

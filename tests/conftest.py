@@ -150,6 +150,20 @@ def fashion_default(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_layout(tmp_path_factory, idx_dir) -> Path:
+    """The shipped default's layout -- 400 features sent as 4-bit codes, so a static code of
+    400 x 16 symbols -- trained one epoch on the generated data (seconds): what its export
+    weighs depends on the shapes, not on the weights."""
+    from pipeline.model.config import load_config
+    from pipeline.model.train import run
+
+    out = tmp_path_factory.mktemp("default-layout")
+    run(load_config("default", ["train.epochs=1", "train.val_fraction=0.1",
+                                f"data.dir='{idx_dir}'"]), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def conv_sparse(tmp_path_factory, idx_dir) -> Path:
     """The shipped conv-sparse layout trained one epoch on the generated data (seconds): a conv
     head with trained weights and a calibrated threshold, for the exports. Its exit is pooled

@@ -292,9 +292,10 @@ def test_the_edge_builds_strictly_allocates_nothing_and_states_its_memory(
             where, n, _ = line.split("\t")
             usage[where.rsplit(":", 1)[-1]] = int(n)
     chain = (usage["splitexit_edge_step"] + usage["splitexit_head"]
-             + max(usage["splitexit_encode_request"] + usage.get("static_encode_smallest", 0)
-                   + max(usage.get(f, 0) for f in ("huffman_encode", "rans_encode_with",
-                                                   "rans_encode")),
+             + max(usage["splitexit_encode_request"] + usage.get("static_encode_compact", 0)
+                   + usage.get("encode_picked", 0)
+                   + max(usage.get(f, 0) for f in ("huffman_encode_compact",
+                                                   "rans_encode_compact")),
                    usage["splitexit_exit_score"]))
     print(f"stack: {chain} B measured, {defined(header, 'SPLITEXIT_EDGE_STACK_BYTES')} B stated")
     assert chain <= defined(header, "SPLITEXIT_EDGE_STACK_BYTES")

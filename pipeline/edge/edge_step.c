@@ -198,15 +198,10 @@ int64_t splitexit_encode_request(const float features[SPLITEXIT_FEATURES], uint3
     uint16_t scale = quantize(features, codes);
 #if SPLITEXIT_CODED
     int32_t is_rans = 0;
-#ifdef SPLITEXIT_RANS_DIVIDE
-    const uint64_t *rcp = NULL;    /* rANS divides: no reciprocal table in flash */
-#else
-    const uint64_t *rcp = code_rcp;
-#endif
-    int64_t coded = static_encode_smallest(codes, 1, SPLITEXIT_FEATURES, SPLITEXIT_SYMBOLS,
-                                           code_value, code_length, code_freq, code_cum,
-                                           rcp, code_cost, payload, SPLITEXIT_CODER_CAP,
-                                           &is_rans);
+    /* the code's compact form: what static_encode_smallest sends, from a sixth of its
+       tables */
+    int64_t coded = static_encode_compact(codes, 1, SPLITEXIT_FEATURES, SPLITEXIT_SYMBOLS,
+                                          code_entry, payload, SPLITEXIT_CODER_CAP, &is_rans);
     if (coded < 0)
         return SPLITEXIT_E_CODER;
     if (coded > 0 && coded < SPLITEXIT_PACKED_BYTES) {  /* coded only where it shrinks */

@@ -1,7 +1,7 @@
 /* The static entropy code's coders: canonical Huffman and rANS, both ways
  * (pipeline/protocol/static_code.py holds the Python reference and builds the tables these
- * read). C99, no allocation, no globals: reentrant. Only stdint.h, stddef.h and string.h, so
- * it builds as it is for a microcontroller.
+ * read). C99, no allocation, no writable globals: reentrant. Only stdint.h, stddef.h and
+ * string.h, so it builds as it is for a microcontroller.
  *
  * One source per codec: the worker decodes with it and the NumPy edge encodes with it through
  * ctypes, and the exported device edge #includes this same file, so their bytes cannot drift.
@@ -9,7 +9,8 @@
  * Decoders read exactly `len` bytes of `data` at most, write exactly frames * channels bytes
  * of `out`, and return 0 or the error code static_code.ERRORS names. Encoders read
  * frames * channels codes (row-major) and write at most `cap` bytes of `out`; they return the
- * bytes written or a negative ENCODE_* code. All are linear: one pass over the symbols. */
+ * bytes written or a negative ENCODE_* code. All are linear: one pass over the symbols
+ * (the compact form's encoder passes over a channel's entries for each). */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -189,36 +190,85 @@ int64_t rans_encode(const uint8_t *codes, int64_t frames, int64_t channels, int6
     return rans_encode_with(codes, frames, channels, symbols, freq, cum, NULL, out, cap);
 }
 
-/* Huffman or rANS, whichever is shorter, Huffman on a tie, from the sizes a pass over the
- * symbols measured: Huffman's `bits` exactly, rANS's `cost` (2^-16 bits) up to a byte and a
- * slack. Only a close call runs both coders: Huffman at the start of `out`, rANS after it. */
+/* What the sizes of a pass over the symbols decide (StaticCode.encode_smallest_reference):
+ * Huffman's `bits` exactly, rANS's `cost` (2^-16 bits) up to a byte and a slack. PICK_HUFFMAN
+ * when even rANS's least is no shorter, PICK_RANS when even its most is shorter, PICK_BOTH
+ * (run both, keep the shorter, Huffman on a tie) for a close call. Monotone in `cost`: the
+ * larger, the more Huffman (rANS, both, Huffman). */
+enum { PICK_HUFFMAN, PICK_RANS, PICK_BOTH };
+
+static int pick(int64_t bits, uint64_t cost, int64_t symbols)
+{
+    /* a byte is 2^19; the slack, a quarter byte and 2^-8 bits a symbol (as payload_bounds) */
+    const uint64_t byte = 1u << 19;
+    uint64_t huffman = (uint64_t)((bits + 7) / 8) * byte;
+    uint64_t slack = byte / 4 + (uint64_t)symbols * 256;
+    if (huffman + slack <= cost + 3 * byte)
+        return PICK_HUFFMAN;
+    if (huffman > cost + 4 * byte + slack)
+        return PICK_RANS;
+    return PICK_BOTH;
+}
+
+/* The code's tables in either form: the full ones above (entry NULL) or the device's
+ * compact one below (entry only); and a coder of either, for encode_picked. */
+typedef struct {
+    const uint32_t *code;
+    const uint8_t *length;
+    const uint16_t *freq, *cum;
+    const uint64_t *rcp;
+    const uint16_t *entry;
+} code_tables;
+
+typedef int64_t (*table_coder)(const uint8_t *codes, int64_t frames, int64_t channels,
+                               int64_t symbols, const code_tables *t, uint8_t *out,
+                               int64_t cap);
+
+static int64_t huffman_full(const uint8_t *codes, int64_t frames, int64_t channels,
+                            int64_t symbols, const code_tables *t, uint8_t *out, int64_t cap)
+{
+    return huffman_encode(codes, frames, channels, symbols, t->code, t->length, out, cap);
+}
+
+static int64_t rans_full(const uint8_t *codes, int64_t frames, int64_t channels,
+                         int64_t symbols, const code_tables *t, uint8_t *out, int64_t cap)
+{
+    return rans_encode_with(codes, frames, channels, symbols, t->freq, t->cum, t->rcp, out, cap);
+}
+
+/* The coder `choice` (pick's) names; both for a close call: Huffman at the start of `out`,
+ * rANS after it, the shorter kept at the start. The coders come as pointers, so a device
+ * that links only the compact form leaves the full coders out (--gc-sections). */
+static int64_t encode_picked(const uint8_t *codes, int64_t frames, int64_t channels,
+                             int64_t symbols, const code_tables *t, table_coder huffman,
+                             table_coder rans, int choice, uint8_t *out, int64_t cap,
+                             int32_t *is_rans)
+{
+    *is_rans = choice == PICK_RANS;
+    if (choice == PICK_HUFFMAN)
+        return huffman(codes, frames, channels, symbols, t, out, cap);
+    if (choice == PICK_RANS)
+        return rans(codes, frames, channels, symbols, t, out, cap);
+    int64_t h = huffman(codes, frames, channels, symbols, t, out, cap);
+    if (h < 0)
+        return h;
+    int64_t r = rans(codes, frames, channels, symbols, t, out + h, cap - h);
+    if (r < 0 || r >= h)
+        return r < 0 ? r : h;
+    memmove(out, out + h, (size_t)r);
+    *is_rans = 1;
+    return r;
+}
+
 static int64_t encode_sized(const uint8_t *codes, int64_t frames, int64_t channels,
                             int64_t symbols, const uint32_t *code, const uint8_t *length,
                             const uint16_t *freq, const uint16_t *cum, const uint64_t *rcp,
                             int64_t bits, uint64_t cost, uint8_t *out, int64_t cap,
                             int32_t *is_rans)
 {
-    /* a byte is 2^19; the slack, a quarter byte and 2^-8 bits a symbol (as payload_bounds) */
-    const uint64_t byte = 1u << 19;
-    uint64_t huffman = (uint64_t)((bits + 7) / 8) * byte;
-    uint64_t slack = byte / 4 + (uint64_t)(frames * channels) * 256;
-    *is_rans = 0;
-    if (huffman + slack <= cost + 3 * byte)
-        return huffman_encode(codes, frames, channels, symbols, code, length, out, cap);
-    if (huffman > cost + 4 * byte + slack) {
-        *is_rans = 1;
-        return rans_encode_with(codes, frames, channels, symbols, freq, cum, rcp, out, cap);
-    }
-    int64_t h = huffman_encode(codes, frames, channels, symbols, code, length, out, cap);
-    if (h < 0)
-        return h;
-    int64_t r = rans_encode_with(codes, frames, channels, symbols, freq, cum, rcp, out + h,
-                                 cap - h);
-    if (r < 0 || r >= h)
-        return r < 0 ? r : h;
-    memmove(out, out + h, (size_t)r);
-    *is_rans = 1;
-    return r;
+    const code_tables t = {code, length, freq, cum, rcp, NULL};
+    return encode_picked(codes, frames, channels, symbols, &t, huffman_full, rans_full,
+                         pick(bits, cost, frames * channels), out, cap, is_rans);
 }
 
 /* StaticCode.encode_smallest: the shorter encoding, Huffman on a tie; *is_rans says which.
@@ -283,4 +333,196 @@ int64_t static_quantize_encode(const float *x, const float *scale, int64_t level
     }
     return encode_sized(codes, frames, channels, symbols, code, length, freq, cum, rcp, bits,
                         rans, out, cap, is_rans);
+}
+
+/* -- the same code from one uint16 per (channel, symbol): for a device --------------------
+ * A microcontroller cannot hold the tables above for a wide split: 400 channels x 16 symbols
+ * take 82 KiB of flash, 132 KiB with rcp. All of them follow from each symbol's Huffman code
+ * length and cumulative frequency, which fit one uint16, its `entry`: (length - 1) << 12 |
+ * cum. Lengths are at most 16 (a Huffman code as deep as 17 needs a total weight of at
+ * least Fibonacci(19) = 4181 > 2^12); cum is below 2^12 (every later symbol has a
+ * frequency of at least 1), and a frequency is the next symbol's cum minus its own (2^12
+ * after the last). The encoder derives the rest per symbol as it goes: the canonical code
+ * from its channel's lengths, and rANS's cost from the frequency, exactly the integer
+ * StaticCode's cost table holds. Same bytes and the same choice as static_encode_smallest
+ * from a sixth of the flash (12.5 KiB); more work per symbol (for Huffman, a pass over the
+ * channel's entries). */
+
+#define ENTRY_LENGTH(e) ((int)((e) >> 12) + 1)
+#define ENTRY_CUM(e) ((uint32_t)(e) & 0xFFF)
+#define COST_LOG_BITS 30   /* log2's fraction bits in static_rans_cost */
+#define COST_NEAR 4        /* static_rans_cost_near is within this of static_rans_cost */
+
+static int floor_log2(uint32_t v)   /* v >= 1 */
+{
+#if defined(__GNUC__)
+    return 31 - __builtin_clz(v);
+#else
+    int e = 0;
+    while (v >> (e + 1))
+        e++;
+    return e;
+#endif
+}
+
+/* rANS's cost of a symbol of frequency f (1 .. 2^12) in 2^-16 bits: StaticCode's
+ * rint(-log2(f / 2^12) * 2^16), for every f (the tests compare all 4096). log2 of f's
+ * mantissa by repeated squaring in Q1.31, a bit a square: COST_LOG_BITS bits are within
+ * 2^-30 + 2^-30.5 bits (1e-4 units) of the truth, and no f's cost is nearer than 2.5e-4
+ * units to a rounding tie (the nearest: f = 3196). Integers only: the same on any CPU.
+ * About 30 multiplies: static_encode_compact calls it only for a close call. */
+uint32_t static_rans_cost(uint32_t f)
+{
+    int e = floor_log2(f);
+    uint32_t x = f << (31 - e), y = 0;   /* f / 2^e, in [1, 2) */
+    for (int i = 0; i < COST_LOG_BITS; i++) {
+        uint64_t square = (uint64_t)x * x;             /* in [1, 4), Q2.62 */
+        uint32_t bit = (uint32_t)(square >> 63);
+        y = y << 1 | bit;
+        x = (uint32_t)(square >> (31 + bit));
+    }
+    uint32_t fraction = (y + (1u << (COST_LOG_BITS - 17))) >> (COST_LOG_BITS - 16);
+    return (uint32_t)(PROB_BITS - e) * 65536u - fraction;
+}
+
+/* round(log2(1 + i / 64) * 2^24), i = 0 .. 64 */
+static const uint32_t LOG2_KNOTS[65] = {
+    0, 375270, 744810, 1108793, 1467383, 1820738, 2169009, 2512340, 2850868, 3184728,
+    3514044, 3838941, 4159533, 4475935, 4788255, 5096595, 5401057, 5701737, 5998727,
+    6292118, 6581994, 6868440, 7151536, 7431359, 7707984, 7981483, 8251926, 8519380,
+    8783912, 9045584, 9304457, 9560591, 9814042, 10064867, 10313120, 10558852, 10802114,
+    11042956, 11281425, 11517568, 11751428, 11983051, 12212479, 12439752, 12664911,
+    12887994, 13109041, 13328087, 13545168, 13760320, 13973576, 14184969, 14394532,
+    14602297, 14808293, 15012551, 15215099, 15415967, 15615181, 15812769, 16008758,
+    16203172, 16396036, 16587377, 16777216};
+
+/* static_rans_cost within COST_NEAR (the tests check every f): log2 of the 13-bit mantissa
+ * interpolated between 65 knots. A table lookup's work; what the sizing pass sums. */
+static uint32_t cost_near(uint32_t f)
+{
+    int e = floor_log2(f);                            /* f <= 2^12: e <= 12 */
+    uint32_t j = (f << (12 - e)) - 4096;              /* 0 .. 4095 */
+    uint32_t i = j >> 6, r = j & 63;
+    uint32_t v = LOG2_KNOTS[i] + (((LOG2_KNOTS[i + 1] - LOG2_KNOTS[i]) * r) >> 6);
+    return (uint32_t)(PROB_BITS - e) * 65536u - ((v + 128) >> 8);
+}
+
+uint32_t static_rans_cost_near(uint32_t f)
+{
+    return cost_near(f);
+}
+
+/* Symbol s's frequency from its channel's entries e. */
+static uint32_t entry_freq(const uint16_t *e, int64_t s, int64_t symbols)
+{
+    return (s + 1 < symbols ? ENTRY_CUM(e[s + 1]) : PROB_TOTAL) - ENTRY_CUM(e[s]);
+}
+
+/* huffman_encode, each symbol's canonical code counted from its channel's lengths: the
+ * codes of (length, symbol) before it in canonical order, each weighing 2^(n - its
+ * length) (RFC 1951's assignment, summed). */
+static int64_t huffman_encode_compact(const uint8_t *codes, int64_t frames, int64_t channels,
+                                      int64_t symbols, const code_tables *t, uint8_t *out,
+                                      int64_t cap)
+{
+    uint64_t acc = 0;
+    int bits = 0;
+    int64_t pos = 0;
+    for (int64_t f = 0; f < frames; f++) {
+        for (int64_t c = 0; c < channels; c++) {
+            int64_t s = *codes++;
+            if (s >= symbols)
+                return ENCODE_SYMBOL;
+            const uint16_t *e = t->entry + c * symbols;
+            int n = ENTRY_LENGTH(e[s]);
+            uint32_t code = 0;
+            for (int64_t t = 0; t < symbols; t++) {
+                int m = ENTRY_LENGTH(e[t]);
+                uint32_t before = (uint32_t)((m < n) | ((m == n) & (t < s)));
+                code += (before << 16) >> (16 + m - n);   /* 2^(n - m); 0 (shift < 32) if not */
+            }
+            acc = acc << n | (code & ((1u << n) - 1));
+            bits += n;
+            while (bits >= 8) {
+                if (pos == cap)
+                    return ENCODE_CAP;
+                bits -= 8;
+                out[pos++] = (uint8_t)(acc >> bits);
+            }
+        }
+    }
+    if (bits > 0) {
+        if (pos == cap)
+            return ENCODE_CAP;
+        out[pos++] = (uint8_t)(acc << (8 - bits));
+    }
+    return pos;
+}
+
+/* rans_encode, dividing (no reciprocals in flash). */
+static int64_t rans_encode_compact(const uint8_t *codes, int64_t frames, int64_t channels,
+                                   int64_t symbols, const code_tables *t, uint8_t *out,
+                                   int64_t cap)
+{
+    uint32_t x = RANS_LOW;
+    uint8_t *p = out + cap;
+    for (int64_t f = frames - 1; f >= 0; f--) {
+        for (int64_t c = channels - 1; c >= 0; c--) {
+            int64_t s = codes[f * channels + c];
+            if (s >= symbols)
+                return ENCODE_SYMBOL;
+            const uint16_t *e = t->entry + c * symbols;
+            uint32_t fr = entry_freq(e, s, symbols), start = ENTRY_CUM(e[s]);
+            while (x >= RANS_EMIT * fr) {
+                if (p == out)
+                    return ENCODE_CAP;
+                *--p = (uint8_t)x;
+                x >>= 8;
+            }
+            x += start + x / fr * (PROB_TOTAL - fr);
+        }
+    }
+    if (p - out < 4)
+        return ENCODE_CAP;
+    for (int i = 0; i < 4; i++, x >>= 8)
+        *--p = (uint8_t)x;
+    int64_t n = out + cap - p;
+    memmove(out, p, (size_t)n);
+    return n;
+}
+
+/* static_encode_smallest from the entries: the same choice and bytes. The sizing pass sums
+ * the near costs; only when the choice could differ anywhere within COST_NEAR a symbol of
+ * them (pick is monotone: the two ends agree, so does everything between) does it sum the
+ * exact ones. */
+int64_t static_encode_compact(const uint8_t *codes, int64_t frames, int64_t channels,
+                              int64_t symbols, const uint16_t *entry, uint8_t *out, int64_t cap,
+                              int32_t *is_rans)
+{
+    int64_t bits = 0, n = frames * channels;
+    uint64_t near = 0;
+    const uint8_t *row = codes;
+    for (int64_t f = 0; f < frames; f++) {
+        for (int64_t c = 0; c < channels; c++) {
+            int64_t s = *row++;
+            if (s >= symbols)
+                return ENCODE_SYMBOL;
+            const uint16_t *e = entry + c * symbols;
+            bits += ENTRY_LENGTH(e[s]);
+            near += cost_near(entry_freq(e, s, symbols));
+        }
+    }
+    uint64_t error = (uint64_t)n * COST_NEAR;
+    int choice = pick(bits, near + error, n);
+    if (choice != pick(bits, near > error ? near - error : 0, n)) {
+        uint64_t cost = 0;
+        row = codes;
+        for (int64_t f = 0; f < frames; f++)
+            for (int64_t c = 0; c < channels; c++)
+                cost += static_rans_cost(entry_freq(entry + c * symbols, *row++, symbols));
+        choice = pick(bits, cost, n);
+    }
+    const code_tables t = {NULL, NULL, NULL, NULL, NULL, entry};
+    return encode_picked(codes, frames, channels, symbols, &t, huffman_encode_compact,
+                         rans_encode_compact, choice, out, cap, is_rans);
 }

@@ -121,8 +121,12 @@ def _declare_coder(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.static_encode_smallest.argtypes = [*codes, *tables, p, i64, p]    # out, cap, is_rans
     # features, scales, levels, codes (out), frames, channels, symbols, tables, out, cap, is_rans
     lib.static_quantize_encode.argtypes = [p, p, i64, *codes, *tables, p, i64, p]
+    # the device's form: one uint16 entry per (channel, symbol); its rANS costs
+    lib.static_encode_compact.argtypes = [*codes, p, p, i64, p]         # entry, out, cap, is_rans
+    lib.static_rans_cost.argtypes = lib.static_rans_cost_near.argtypes = [ctypes.c_uint32]
+    lib.static_rans_cost.restype = lib.static_rans_cost_near.restype = ctypes.c_uint32
     for encoder in (lib.huffman_encode, lib.rans_encode, lib.static_encode_smallest,
-                    lib.static_quantize_encode):
+                    lib.static_quantize_encode, lib.static_encode_compact):
         encoder.restype = i64
     return lib
 

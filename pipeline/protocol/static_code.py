@@ -23,6 +23,7 @@ no compiler is.
 from __future__ import annotations
 
 import ctypes
+import functools
 import heapq
 import math
 from typing import Callable
@@ -364,7 +365,8 @@ class _CanonicalTables:
     code order; `minimum`: the shortest length. The Huffman encoder: each symbol's `code`
     value (uint32) and `length`. rANS: `freq`, `cum` (cumulative frequencies, a leading 0)
     and `rcp` (uint64, what its encoder multiplies by instead of dividing by freq). Sizing
-    both: `cost` (rANS's bits, 2^-16 units).
+    both: `cost` (rANS's bits, 2^-16 units). A device's form of all of it (coder.c's
+    static_encode_compact): `entry`, uint16 (length - 1) << 12 | cum.
     All channels x symbols unless said otherwise."""
 
     def __init__(self, lengths: np.ndarray, frequencies: np.ndarray,
@@ -397,6 +399,16 @@ class _CanonicalTables:
         self.huffman_decoder = tuple(a.ctypes.data for a in (self.limit, self.base,
                                                                self.order, self.minimum))
         self._lists: tuple | None = None
+
+    @functools.cached_property
+    def entry(self) -> np.ndarray:
+        """The device's form (only the C export asks for it): (length - 1) << 12 | cum as
+        uint16; a frequency is the next cum minus this one. Lengths fit 4 bits: a Huffman
+        code 17 deep needs a total weight of at least Fibonacci(19) = 4181 > 2^12; cum fits
+        12 (every later frequency is at least 1)."""
+        if self.length.max() > 16:
+            raise ValueError("a code length above 16: no StaticCode builds one")
+        return ((self.length.astype(np.uint16) - 1) << 12 | self.cum[:, :-1]).astype(np.uint16)
 
     def lists(self) -> tuple[list, list, list, list]:
         """The Huffman tables as Python lists (what the reference indexes fastest)."""

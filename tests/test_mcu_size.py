@@ -1,0 +1,31 @@
+"""The default's whole exported edge (head, exit, quantizer, static code, wire) fits a small
+Cortex-M4: built as benchmarks/mcu_size.py builds it (arm-none-eabi-gcc -Os, newlib-nano,
+--gc-sections), at most 48 KiB of flash and 16 KiB of RAM, stack included (issue #26)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import mcu_size
+from pipeline.edge.export_c import export_c
+from pipeline.edge.export_edge import MODEL_H
+
+WHY_NOT = mcu_size.missing()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no Cortex-M4 build: {WHY_NOT}")
+
+
+def test_the_defaults_whole_edge_fits_48_kib_of_flash_and_16_kib_of_ram(default_layout,
+                                                                         tmp_path):
+    export_c(default_layout, tmp_path, "float32")
+    tables = (tmp_path / MODEL_H).read_text()
+    entries = int(re.search(r"code_entry\[(\d+)\]", tables).group(1))
+    assert entries == 400 * 16                 # the default's static code is in the build
+    size = mcu_size.measure(tmp_path)
+    print(f"default edge, Cortex-M4 -Os: {size.flash} B flash, {size.static_ram} B static RAM, "
+          f"{size.stack} B stack")
+    assert size.flash > 2 * entries            # what the step reaches was linked, tables too
+    assert size.stack_bounded and size.stack > 0
+    assert size.flash <= mcu_size.DEFAULT_FLASH
+    assert size.ram <= mcu_size.DEFAULT_RAM
