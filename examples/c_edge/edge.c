@@ -36,13 +36,11 @@
 
 #define IN_FLIGHT 256              /* requests waiting for an answer at once */
 #define SEND_QUEUE 1000            /* requests ZeroMQ holds while the broker is away */
-#define ANSWER_MAX 4096            /* the longest legal answer (an ERROR) */
 #define KEY_CHARS 40               /* a CURVE key in Z85 */
 #define HANDSHAKE_FAILED (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | \
                           ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
 
-static const char *const REFUSALS[] = {"refused", "busy", "wrong_model", "bad_request",
-                                       "no_worker"};   /* wire.Refusal 1..4 */
+static const char *const REFUSALS[] = SPLITEXIT_REFUSAL_NAMES;   /* by refusal code */
 
 typedef struct {                   /* an unsure frame whose request is out */
     int open;
@@ -159,7 +157,7 @@ static void step(void *sock, const uint8_t *bytes, uint32_t *msg_id, double dead
 /* Every answer waiting on the socket. */
 static void receive(void *sock)
 {
-    static uint8_t msg[ANSWER_MAX];
+    static uint8_t msg[SPLITEXIT_ANSWER_MAX_BYTES];
     for (;;) {
         int n = zmq_recv(sock, msg, sizeof msg, ZMQ_DONTWAIT);
         if (n < 0)
@@ -192,7 +190,7 @@ static void receive(void *sock)
         if (kind == SPLITEXIT_REPLY)
             finish(r, a.cls, a.confidence, NULL);
         else
-            finish(r, -1, 0.0, REFUSALS[a.refusal >= 1 && a.refusal <= 4 ? a.refusal : 0]);
+            finish(r, -1, 0.0, REFUSALS[a.refusal]);
     }
 }
 

@@ -24,9 +24,7 @@
 #define KIND_ERROR 3
 #define HEADER_BYTES 14
 #define REPLY_HEADER_BYTES 21
-#define MAX_CONTROL_BYTES 4096     /* wire.MAX_HEADER_BYTES */
 #define MAX_DETAIL_CHARS 200
-#define REFUSALS 4                 /* wire.Refusal: 1 .. 4 */
 #define CODEC_NONE 0
 #define CODEC_STATIC 2
 #define CODEC_RANS 3
@@ -336,7 +334,7 @@ static int decode_error(const uint8_t *msg, size_t len, splitexit_answer *answer
     const uint8_t *p = msg + 2, *end = msg + len;
     uint32_t msg_id, reason, n;
     int rc;
-    if (len > MAX_CONTROL_BYTES)
+    if (len > SPLITEXIT_ANSWER_MAX_BYTES)
         return SPLITEXIT_E_SIZE;
     if (p >= end)
         return SPLITEXIT_E_MALFORMED;
@@ -356,7 +354,7 @@ static int decode_error(const uint8_t *msg, size_t len, splitexit_answer *answer
     if ((rc = msgpack_uint(&p, end, 0xFFFFFFFFu, &msg_id)) != 0 ||
             (rc = msgpack_uint(&p, end, 0xFF, &reason)) != 0)
         return rc;
-    if (reason < 1 || reason > REFUSALS)
+    if (reason < 1 || reason > SPLITEXIT_REFUSAL_MAX)
         return SPLITEXIT_E_FIELD;
     if (p >= end)
         return SPLITEXIT_E_MALFORMED;
