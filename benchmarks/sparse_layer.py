@@ -1,7 +1,8 @@
 """SparseLinear against nn.Linear and against masked dense (what the paper's code does).
 
-Prints, per shape, thread count and batch: median time of forward and of a training step
-(forward + backward), the speedup over nn.Linear, and the ideal 1/density next to it.
+Prints, per shape, thread count and batch: the time of forward and of a training step
+(forward + backward; see `measure` for which statistic), the speedup over nn.Linear, and the
+ideal 1/density next to it.
 "SparseLinear (auto: k)" is what ships: the kernel k that SparseLinear chose by timing
 (pipeline/model/kernel_choice.py); the "kernel=..." rows force each kernel it could choose
 from. "vs best" is the fastest kernel row's time over this row's time, in the same run (the
@@ -16,14 +17,16 @@ goal: auto >= 0.9x at every shape and batch); the summary line gives its minimum
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import random
+import statistics
 import tempfile
 import time
+from typing import Callable
 
+import pipeline  # noqa: F401  (before torch: it sets OpenMP's wait policy, as the CLI does)
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from pipeline.model.config import load_config
 from pipeline.model.split_model import Head
@@ -52,43 +55,61 @@ class MaskedDense(nn.Module):
         return nn.functional.linear(x, self.weight * self.mask, self.bias)
 
 
-@contextlib.contextmanager
-def forced_kernel(layer: nn.Module, name: str | None):
-    if name is None:
-        yield
-        return
-    layer.force = name
-    try:
-        yield
-    finally:
-        layer.force = None
-
-
 CLOCK = time.perf_counter  # --cpu-time: time.thread_time
+SAMPLE_S = 0.0005  # a sample repeats a fast call to last about this long (as kernel_choice)
 
 
-def time_it(fn, threads: int, min_run_time: float) -> float:
-    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=CLOCK)
-    return t.blocked_autorange(min_run_time=min_run_time).median
-
-
-def measure(module: nn.Module, batch: int, n_in: int, threads: int, min_run_time: float):
+def calls(module: nn.Module, kernel: str | None, batch: int, n_in: int):
+    """(forward, training step) of a module, with `kernel` forced on a SparseLinear."""
     x = torch.randn(batch, n_in)
     xg = x.clone().requires_grad_(True)
+    sparse = isinstance(module, SparseLinear)
 
     def forward():
+        if sparse:
+            module.force = kernel
         with torch.inference_mode():
             module(x)
 
     def train_step():
+        if sparse:
+            module.force = kernel
         module.zero_grad(set_to_none=True)
         module(xg).sum().backward()
 
-    # One untimed call each first: a large layer's step is one or two calls per timing block,
-    # which would otherwise be the first after another row flushed the caches.
-    forward()
-    train_step()
-    return time_it(forward, threads, min_run_time), time_it(train_step, threads, min_run_time)
+    return forward, train_step
+
+
+def measure(rows: dict[tuple, Callable[[], None]], budget_s: float,
+            min_rounds: int) -> dict[tuple, float]:
+    """Seconds per call of each row. Rounds interleave the rows sample by sample (a sample
+    repeats a fast call to last SAMPLE_S) until min_rounds and budget_s are both reached, so
+    load on a shared machine that comes and goes hits every row alike; each round runs them
+    in a new order, so that no row always follows the same one (a row that flushes the caches
+    or hands memory back to the system slows the next: a 2048x2048 masked dense step before
+    it made the native forward 1.7x slower). As in the kernel choice (kernel_choice.py), a
+    row's time on one thread is its fastest sample (another process's turn, or the caches it
+    left cold, are not the row's cost), on more its median (on busy cores a multi-threaded
+    row's fastest sample is its idle time; the median is what a training pays)."""
+    statistic = min if torch.get_num_threads() == 1 else statistics.median
+    reps = {}
+    for name, fn in rows.items():
+        fn()  # untimed: plans, first-touch allocations, caches flushed by the last row
+        t = CLOCK()
+        fn()
+        reps[name] = max(1, min(1000, int(SAMPLE_S / max(CLOCK() - t, 1e-7))))
+    samples: dict[str, list[float]] = {name: [] for name in rows}
+    order = random.Random(0)
+    start, round_ = time.perf_counter(), 0
+    while round_ < min_rounds or time.perf_counter() - start < budget_s:
+        for name in order.sample(list(rows), len(rows)):
+            fn, n = rows[name], reps[name]
+            t = CLOCK()
+            for _ in range(n):
+                fn()
+            samples[name].append((CLOCK() - t) / n)
+        round_ += 1
+    return {name: statistic(s) for name, s in samples.items()}
 
 
 def main() -> None:
@@ -109,11 +130,12 @@ def main() -> None:
         CLOCK = time.thread_time
     if args.fresh:
         os.environ["SPLITEXIT_CACHE"] = tempfile.mkdtemp(prefix="splitexit-bench-")
-    min_run_time, rounds = (0.01, 5) if args.quick else (0.05, 9)
+    budget_s, min_rounds = (3.0, 15) if args.quick else (8.0, 25)
     torch.manual_seed(0)
 
     print(f"torch {torch.__version__}; {'CPU' if args.cpu_time else 'wall'} time, "
-          f"best of {rounds} interleaved rounds of medians; "
+          f"interleaved samples ({budget_s:.0f} s and at least {min_rounds} rounds a cell), "
+          f"the fastest on 1 thread, the median on more; "
           f"speedup = nn.Linear time / this time; vs best = fastest kernel row / this row")
     header = ("| shape | thr | batch | impl | fwd µs | fwd speedup | fwd vs best | step µs "
               "| step speedup | step vs best | ideal 1/ρ |")
@@ -135,15 +157,12 @@ def main() -> None:
                          f"SparseLinear (auto: {choice[0]} / {choice[1]})": (layer, None)}
                 impls.update((f"kernel={k}", (layer, k))
                              for k in layer.candidates(batch, training=True))
-                # Rounds interleave the rows, and each row keeps its best round: on a shared
-                # machine, load that comes and goes then hits every row alike.
-                times: dict[str, tuple[float, float]] = {}
-                for _ in range(rounds):
-                    for impl, (module, kernel) in impls.items():
-                        with forced_kernel(module, kernel):
-                            f, s = measure(module, batch, n_in, threads, min_run_time)
-                        old = times.get(impl, (f, s))
-                        times[impl] = (min(f, old[0]), min(s, old[1]))
+                rows = {}
+                for impl, (module, kernel) in impls.items():
+                    rows[impl, 0], rows[impl, 1] = calls(module, kernel, batch, n_in)
+                seconds = measure(rows, budget_s, min_rounds)
+                layer.force = None
+                times = {impl: (seconds[impl, 0], seconds[impl, 1]) for impl in impls}
                 best = [min(t[i] for k, t in times.items() if k.startswith("kernel="))
                         for i in (0, 1)]
                 base_f, base_s = times["nn.Linear"]
@@ -153,9 +172,9 @@ def main() -> None:
                           f"{base_s / s:.2f}x | {best[1] / s:.2f}x | {ideal:.1f}x |")
                     if impl.startswith("SparseLinear"):
                         worst.append((min(best[0] / f, best[1] / s), name, threads, batch))
-                rows = [times[f"kernel={k}"] for k in choice]
-                wrong.append((min(best[0] / rows[0][0], best[1] / rows[1][1]), name, threads,
-                              batch))
+                chosen = [times[f"kernel={k}"] for k in choice]
+                wrong.append((min(best[0] / chosen[0][0], best[1] / chosen[1][1]), name,
+                               threads, batch))
     for what, ratios in (("automatic choice (its own row)", worst),
                          ("chosen kernel's forced row", wrong)):
         if ratios:
@@ -164,7 +183,7 @@ def main() -> None:
                   f"{threads} thread(s), batch {batch}); goal >= 0.90x")
     if args.only != "layers":
         print()
-        compare_heads(args.threads, min_run_time)
+        compare_heads(args.threads, budget_s, min_rounds)
 
 
 def prime(layer: SparseLinear, batch: int, n_in: int) -> tuple[str, str]:
@@ -176,19 +195,23 @@ def prime(layer: SparseLinear, batch: int, n_in: int) -> tuple[str, str]:
     return layer.kernel_for(batch, False), layer.kernel_for(batch, True)
 
 
-def compare_heads(threads_list, min_run_time) -> None:
+def compare_heads(threads_list, budget_s: float, min_rounds: int) -> None:
     """The edge's whole job per frame: preprocess + first junction + exit, sparse vs dense."""
-    heads = {name: Head(load_config(name).model).eval() for name in
+    heads = {name: HeadOutputs(Head(load_config(name).model).eval()) for name in
              ("paper-dense", "paper-sparse", "default")}
     print("\n| head | thr | batch | fwd µs | fwd speedup vs paper-dense | step µs | "
           "step speedup |")
     print("|---" * 7 + "|")
     for threads in threads_list:
+        torch.set_num_threads(threads)
         for batch in BATCHES:
-            base = None
+            rows = {}
             for name, head in heads.items():
-                f, s = measure(HeadOutputs(head), batch, 784, threads, min_run_time)
-                base = base or (f, s)
+                rows[name, 0], rows[name, 1] = calls(head, None, batch, 784)
+            seconds = measure(rows, budget_s, min_rounds)
+            base = seconds["paper-dense", 0], seconds["paper-dense", 1]
+            for name in heads:
+                f, s = seconds[name, 0], seconds[name, 1]
                 print(f"| {name} | {threads} | {batch} | {f * 1e6:.1f} | {base[0] / f:.2f}x | "
                       f"{s * 1e6:.1f} | {base[1] / s:.2f}x |")
 

@@ -29,6 +29,7 @@ ENV = {"auto": None, "native": "1", "pytorch": "0"}  # SPLITEXIT_NATIVE
 
 
 def one(config: str, epochs: int, threads: int) -> None:
+    import pipeline  # noqa: F401  (before torch: it sets OpenMP's wait policy, as the CLI does)
     import torch
 
     from pipeline.model import ell_native, kernel_choice

@@ -9,8 +9,22 @@ The library's way in (README, "From Python"):
         answer = edge.submit(image).result()
 """
 
+import os as _os
 from importlib import import_module as _import_module
 from importlib import metadata as _metadata
+
+# OpenMP threads that finish a parallel region sleep instead of spinning. libgomp's default
+# spins up to 300 000 pauses (milliseconds) per wait, on a core that its sibling thread or
+# another process needs. Measured with 2 torch threads on this project's 2 shared cores
+# (benchmarks/sparse_layer.py rows, 800->40 step at batch 256): beside another 2-thread
+# torch process, nn.Linear 1.6-8.0 ms spinning against 1.5-1.8 ms passive (the native kernel
+# 1.7-4.0 against 0.8-1.1 ms), and with several such processes 64 ms against 3.2-4.3 ms; on
+# idle cores passive costs a wake-up per region: nn.Linear 0.5-0.8 against 0.8-1.2 ms, the
+# native kernel 1.2x slower here and at 2048x2048. A spin bound (GOMP_SPINCOUNT=10000) kept the idle
+# times but was 2x slower than passive beside another torch process. libgomp reads this once,
+# when torch loads it, so it must be set before `import torch`: here, where every entry point
+# (CLI, workers, library users) passes first. A value the user set wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     __version__ = _metadata.version("splitexit")

@@ -1,6 +1,10 @@
 import io
 import json
+import os
+import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -163,9 +167,10 @@ needs_native = pytest.mark.skipif(ell_native.library() is None, reason=ell_nativ
 @needs_native
 @pytest.mark.parametrize("batch", [1, 7, 64, 100, 200])
 @pytest.mark.parametrize("n_in,n_out,fan_out", [(800, 40, 2), (40, 40, 9), (300, 500, 25),
-                                                (2048, 512, 25)])
+                                                (2048, 512, 25), (35, 21, 3)])
 def test_native_kernel_matches_masked_dense(batch, n_in, n_out, fan_out):
-    # Batches cross the kernel's 64-sample and 16-sample blocks, full and partial.
+    # Batches cross the kernel's 64-sample and 16-sample blocks, full and partial, and its
+    # 8x8 transposes (feature counts that are not multiples of 8 leave edges).
     torch.manual_seed(0)
     layer = SparseLinear(n_in, n_out, fan_out, seed=3)
     layer.force = "native"
@@ -368,8 +373,10 @@ def test_choosing_leaves_gradients_and_random_numbers_alone(choices):
     expected = torch.randn(3)
     torch.manual_seed(0)
     torch.randn(64, 800)
-    layer(x).sum().backward()  # first use: timing runs on a copy
+    state = random.getstate()
+    layer(x).sum().backward()  # first use: timing runs on a copy, in shuffled rounds
     torch.testing.assert_close(torch.randn(3), expected)
+    assert random.getstate() == state
     grad = layer.weight.grad.clone()
     layer.zero_grad()
     layer(x).sum().backward()  # chosen already: one plain step
@@ -401,3 +408,24 @@ def test_an_unknown_forced_kernel_is_named():
     layer.force = "fast"
     with pytest.raises(ValueError, match="unknown sparse kernel 'fast': one of native, csr"):
         layer(torch.randn(2, 800))
+
+
+@pytest.mark.parametrize("policy,spin_count", [(None, "0"), ("ACTIVE", None)])
+def test_openmp_threads_sleep_unless_the_user_says_otherwise(policy, spin_count):
+    """`import pipeline` before torch makes torch's OpenMP threads sleep between parallel
+    regions instead of spinning (beside other torch processes a spinning thread holds the core
+    its sibling needs: 2-thread steps 1.3-15x slower); a policy the user set is kept. libgomp's own
+    report of what it read (OMP_DISPLAY_ENV) is the evidence."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    out = subprocess.run([sys.executable, "-c", "import pipeline, torch; torch.ones(1)"],
+                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    reported = {line.split("=")[0].strip(): line.split("=", 1)[1].strip().strip("'")
+                for line in out.stderr.splitlines() if "=" in line}
+    assert reported["OMP_WAIT_POLICY"] == (policy or "PASSIVE")
+    if spin_count is not None:
+        assert reported["GOMP_SPINCOUNT"] == spin_count
+    else:
+        assert int(reported["GOMP_SPINCOUNT"]) > 0

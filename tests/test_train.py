@@ -65,7 +65,9 @@ def test_the_threshold_is_chosen_on_the_calibrated_score_every_edge_computes(art
     exit_logits, _ = head(data.val.images.astype("float32") / 255)
     offload = float((exit_scores(exit_logits, head.score, head.temperature)
                      < head.threshold).mean())
-    assert offload == pytest.approx(c["validation"]["offload_ratio"], abs=1 / 200)
+    # One frame of the 200 may sit on the threshold (float32 sums in another order): 1.5, as
+    # 0.505 - 0.5 exceeds 1 / 200 by a rounding error.
+    assert offload == pytest.approx(c["validation"]["offload_ratio"], abs=1.5 / 200)
 
 
 def test_paper_sparse_head_is_4x_smaller_and_cheaper_than_dense_twin(tmp_path):

@@ -43,35 +43,75 @@ static inline float hsum(vecw s)
     return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
-/* Transposes go through SQ x nb squares, so both sides stay in L1 whatever n is. */
-enum { SQ = 16 };
+/* Transposes move 8x8 squares through registers: eight 8-float rows in, eight out (three
+ * rounds of shuffles, the classic unpack/shuffle/permute on AVX), so both sides are read and
+ * written 32 bytes at a time. Squares go down a column of the block first, so the writes of
+ * a square row stay in one cache line. Element by element, the transpose of a 256x800 batch
+ * cost more than the 800->40 forward itself (158 against 36 us, measured alone). */
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+
+/* dst[k][j] = src[j][k] for an 8x8 square; rows src_stride and dst_stride floats apart. */
+static inline void transpose8(const float *src, int64_t src_stride, float *dst, int64_t dst_stride)
+{
+    vec8 r[8], t[8], u[8];
+    for (int k = 0; k < 8; k++)
+        memcpy(&r[k], src + k * src_stride, sizeof(vec8));
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = __builtin_shuffle(r[k], r[k + 1], (ivec8){0, 8, 1, 9, 4, 12, 5, 13});
+        t[k + 1] = __builtin_shuffle(r[k], r[k + 1], (ivec8){2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int k = 0; k < 8; k += 4)
+        for (int h = 0; h < 2; h++) {
+            u[k + 2 * h] = __builtin_shuffle(t[k + h], t[k + h + 2],
+                                             (ivec8){0, 1, 8, 9, 4, 5, 12, 13});
+            u[k + 2 * h + 1] = __builtin_shuffle(t[k + h], t[k + h + 2],
+                                                 (ivec8){2, 3, 10, 11, 6, 7, 14, 15});
+        }
+    for (int k = 0; k < 4; k++) {
+        r[k] = __builtin_shuffle(u[k], u[k + 4], (ivec8){0, 1, 2, 3, 8, 9, 10, 11});
+        r[k + 4] = __builtin_shuffle(u[k], u[k + 4], (ivec8){4, 5, 6, 7, 12, 13, 14, 15});
+    }
+    for (int k = 0; k < 8; k++)
+        memcpy(dst + k * dst_stride, &r[k], sizeof(vec8));
+}
+
+/* Rows [b0, b0+nb) of x ([B][n], row stride n) into xt[n][tile]; lanes past nb are zero.
+ * With back set, the reverse: xt is read and x written (neither is const for that). */
+static void transpose_rows(float *x, int64_t n, int64_t b0, int nb, int tile, float *xt,
+                           int back)
+{
+    int t8 = nb / 8 * 8;
+    int64_t n8 = n / 8 * 8;
+    for (int64_t i0 = 0; i0 < n8; i0 += 8)
+        for (int t0 = 0; t0 < t8; t0 += 8) {
+            float *row = x + (b0 + t0) * n + i0, *col = xt + i0 * tile + t0;
+            if (back)
+                transpose8(col, tile, row, n);
+            else
+                transpose8(row, n, col, tile);
+        }
+    for (int t = 0; t < nb; t++) /* the edges: columns past n8, rows past t8 */
+        for (int64_t i = t < t8 ? n8 : 0; i < n; i++) {
+            if (back)
+                x[(b0 + t) * n + i] = xt[i * tile + t];
+            else
+                xt[i * tile + t] = x[(b0 + t) * n + i];
+        }
+}
 
 /* Rows [b0, b0+nb) of x ([B][n], row stride n) into xt[n][tile]; lanes past nb are zero. */
 static void transpose_block(const float *x, int64_t n, int64_t b0, int nb, int tile, float *xt)
 {
     if (nb < tile)
         memset(xt, 0, sizeof(float) * (size_t)n * (size_t)tile);
-    for (int64_t i0 = 0; i0 < n; i0 += SQ) {
-        int64_t i1 = i0 + SQ < n ? i0 + SQ : n;
-        for (int t = 0; t < nb; t++) {
-            const float *row = x + (b0 + t) * n;
-            for (int64_t i = i0; i < i1; i++)
-                xt[i * tile + t] = row[i];
-        }
-    }
+    transpose_rows((float *)x, n, b0, nb, tile, xt, 0);
 }
 
 /* yt[n][tile] back into rows [b0, b0+nb) of out ([B][n]). */
 static void untranspose_block(const float *yt, int64_t n, int64_t b0, int nb, int tile, float *out)
 {
-    for (int64_t i0 = 0; i0 < n; i0 += SQ) {
-        int64_t i1 = i0 + SQ < n ? i0 + SQ : n;
-        for (int t = 0; t < nb; t++) {
-            float *row = out + (b0 + t) * n;
-            for (int64_t i = i0; i < i1; i++)
-                row[i] = yt[i * tile + t];
-        }
-    }
+    transpose_rows(out, n, b0, nb, tile, (float *)yt, 1);
 }
 
 /* Gather-accumulate for one block: out[b0+t][o] = bias[o] + sum_k val[o][k] * xt[idx[o][k]][t]

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
+import random
+import statistics
 import tempfile
 import threading
 import time
@@ -35,9 +36,11 @@ __all__ = ["choose", "time_kernels", "made", "forget", "choices_file"]
 
 log = logging.getLogger(__name__)
 
-ROUNDS = 10         # timed samples per kernel, at most (the fastest counts)
-SAMPLE_S = 0.002    # a sample repeats a fast kernel's call to last about this long
-BUDGET_S = 0.25     # after two rounds, stop once timing has taken this long
+ROUNDS = 100        # interleaved samples per kernel, at most (BUDGET_S decides first)
+MIN_ROUNDS = 5      # at least: two samples that load spoiled do not decide
+SAMPLE_S = 0.0005   # a sample repeats a fast kernel's call to last about this long: short,
+                    # so that few samples hold another process's turn on a busy machine
+BUDGET_S = 0.25     # after MIN_ROUNDS, stop once timing has taken this long
 DROP_SLOWER = 3.0   # after a round, stop timing kernels this many times slower than the best
 
 _lock = threading.Lock()
@@ -47,34 +50,43 @@ generation = 0                  # bumped by forget(): callers' own memos of choi
 
 
 def time_kernels(run: Callable[[str], None], kernels: list[str]) -> dict[str, float]:
-    """Seconds per call of `run(kernel)` for each kernel, in its fastest sample. A sample
-    repeats a call of tens of µs to last SAMPLE_S, so that a timer tick or one preemption does
-    not decide; rounds interleave the kernels, so a burst of load on a shared machine hits
-    them alike; a kernel far behind the best after a round is not timed again.
-    On one thread the clock is the thread's CPU time: time the scheduler gives to other
-    processes is not the kernel's, and a choice made on a busy machine is kept for good.
-    On more, it is wall time: waiting for a thread held back is part of a parallel kernel."""
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    """Seconds per call of `run(kernel)` for each kernel. A sample repeats a call of tens of
+    µs to last SAMPLE_S, so that a timer tick does not decide; rounds interleave the kernels,
+    so a burst of load on a shared machine hits them alike, each round in a new order, so
+    that none always follows the same kernel (one that flushes the caches or hands memory
+    back to the system slows the next); a kernel far behind the best after a round is not
+    timed again.
+    On one thread the clock is the thread's CPU time, and a kernel's cost its fastest sample:
+    time the scheduler gives to other processes is not counted, and what they do to the
+    caches only ever adds to a sample, so a choice made on a busy machine (kept for good)
+    is the one an idle machine would make.
+    On more, it is wall time, and a kernel's cost its median sample: waiting for a thread
+    the scheduler holds back is part of a parallel kernel's cost, and on busy cores its
+    fastest sample (all its threads ran at once) is its idle time, not what training pays.
+    benchmarks/sparse_layer.py reports the same statistics."""
+    one = torch.get_num_threads() == 1
+    clock, statistic = (time.thread_time, min) if one else (time.perf_counter, statistics.median)
     calls = {}
     for kernel in kernels:
         t = clock()
         run(kernel)  # warm-up: plans, caches, first-touch allocations
         calls[kernel] = max(1, min(100, int(SAMPLE_S / max(clock() - t, 1e-6))))
-    best = dict.fromkeys(kernels, math.inf)
+    samples: dict[str, list[float]] = {kernel: [] for kernel in kernels}
     live = list(kernels)
+    order = random.Random(0)  # its own: the global RNG stays untouched
     start = time.perf_counter()
     for round_ in range(ROUNDS):
-        for kernel in live:
+        for kernel in order.sample(live, len(live)):
             n = calls[kernel]
             t = clock()
             for _ in range(n):
                 run(kernel)
-            best[kernel] = min(best[kernel], (clock() - t) / n)
-        fastest = min(best.values())
-        live = [k for k in live if best[k] <= DROP_SLOWER * fastest]
-        if round_ >= 1 and time.perf_counter() - start > BUDGET_S:
+            samples[kernel].append((clock() - t) / n)
+        fastest = min(statistic(samples[k]) for k in live)
+        live = [k for k in live if min(samples[k]) <= DROP_SLOWER * fastest]
+        if round_ + 1 >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_S:
             break
-    return best
+    return {kernel: statistic(s) for kernel, s in samples.items()}
 
 
 def choose(key: str, kernels: list[str], timer: Callable[[], Callable[[str], None]]) -> str:
@@ -96,8 +108,7 @@ def choose(key: str, kernels: list[str], timer: Callable[[], Callable[[str], Non
             kernel = min(kernels, key=seconds.__getitem__)
             how = "timed " + ", ".join(f"{k} {s * 1e6:.0f} µs" for k, s in
                                        sorted(seconds.items(), key=lambda kv: kv[1]))
-            _write(key, {"kernel": kernel,
-                         "seconds": {k: s for k, s in seconds.items() if math.isfinite(s)}})
+            _write(key, {"kernel": kernel, "seconds": seconds})
         _memory[key] = kernel
     if key not in _logged:
         _logged.add(key)
