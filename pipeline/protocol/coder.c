@@ -107,12 +107,42 @@ int rans_decode(const uint8_t *data, int64_t len, int64_t frames, int64_t channe
 
 /* Canonical Huffman, MSB first, the last byte zero-padded. code, length: channels x symbols,
  * each code value below 2^length. At most 31 bits wait in the accumulator. */
+typedef struct {     /* MSB-first bits into out[0 .. cap) */
+    uint64_t acc;
+    int bits;
+    int64_t pos, cap;
+    uint8_t *out;
+} bit_writer;
+
+/* Appends the low n bits of `code`; 0, or ENCODE_CAP when `out` is full. */
+static int put_bits(bit_writer *w, uint32_t code, int n)
+{
+    w->acc = w->acc << n | (code & ((1u << n) - 1));
+    w->bits += n;
+    while (w->bits >= 8) {
+        if (w->pos == w->cap)
+            return ENCODE_CAP;
+        w->bits -= 8;
+        w->out[w->pos++] = (uint8_t)(w->acc >> w->bits);
+    }
+    return 0;
+}
+
+/* The last byte, zero-padded: the bytes written, or ENCODE_CAP. */
+static int64_t flush_bits(bit_writer *w)
+{
+    if (w->bits > 0) {
+        if (w->pos == w->cap)
+            return ENCODE_CAP;
+        w->out[w->pos++] = (uint8_t)(w->acc << (8 - w->bits));
+    }
+    return w->pos;
+}
+
 int64_t huffman_encode(const uint8_t *codes, int64_t frames, int64_t channels, int64_t symbols,
                        const uint32_t *code, const uint8_t *length, uint8_t *out, int64_t cap)
 {
-    uint64_t acc = 0;
-    int bits = 0;
-    int64_t pos = 0;
+    bit_writer w = {0, 0, 0, cap, out};
     for (int64_t f = 0; f < frames; f++) {
         for (int64_t c = 0; c < channels; c++) {
             int64_t s = *codes++;
@@ -122,22 +152,11 @@ int64_t huffman_encode(const uint8_t *codes, int64_t frames, int64_t channels, i
             int n = length[k];
             if (n < 1 || n > MAX_CODE_BITS)
                 return ENCODE_TABLE;
-            acc = acc << n | (code[k] & ((1u << n) - 1));
-            bits += n;
-            while (bits >= 8) {
-                if (pos == cap)
-                    return ENCODE_CAP;
-                bits -= 8;
-                out[pos++] = (uint8_t)(acc >> bits);
-            }
+            if (put_bits(&w, code[k], n))
+                return ENCODE_CAP;
         }
     }
-    if (bits > 0) {
-        if (pos == cap)
-            return ENCODE_CAP;
-        out[pos++] = (uint8_t)(acc << (8 - bits));
-    }
-    return pos;
+    return flush_bits(&w);
 }
 
 /* rANS (byte-wise, ryg_rans), the last symbol first, so the decoder reads the first first:
@@ -425,9 +444,7 @@ static int64_t huffman_encode_compact(const uint8_t *codes, int64_t frames, int6
                                       int64_t symbols, const code_tables *t, uint8_t *out,
                                       int64_t cap)
 {
-    uint64_t acc = 0;
-    int bits = 0;
-    int64_t pos = 0;
+    bit_writer w = {0, 0, 0, cap, out};
     for (int64_t f = 0; f < frames; f++) {
         for (int64_t c = 0; c < channels; c++) {
             int64_t s = *codes++;
@@ -436,27 +453,16 @@ static int64_t huffman_encode_compact(const uint8_t *codes, int64_t frames, int6
             const uint16_t *e = t->entry + c * symbols;
             int n = ENTRY_LENGTH(e[s]);
             uint32_t code = 0;
-            for (int64_t t = 0; t < symbols; t++) {
-                int m = ENTRY_LENGTH(e[t]);
-                uint32_t before = (uint32_t)((m < n) | ((m == n) & (t < s)));
+            for (int64_t u = 0; u < symbols; u++) {
+                int m = ENTRY_LENGTH(e[u]);
+                uint32_t before = (uint32_t)((m < n) | ((m == n) & (u < s)));
                 code += (before << 16) >> (16 + m - n);   /* 2^(n - m); 0 (shift < 32) if not */
             }
-            acc = acc << n | (code & ((1u << n) - 1));
-            bits += n;
-            while (bits >= 8) {
-                if (pos == cap)
-                    return ENCODE_CAP;
-                bits -= 8;
-                out[pos++] = (uint8_t)(acc >> bits);
-            }
+            if (put_bits(&w, code, n))
+                return ENCODE_CAP;
         }
     }
-    if (bits > 0) {
-        if (pos == cap)
-            return ENCODE_CAP;
-        out[pos++] = (uint8_t)(acc << (8 - bits));
-    }
-    return pos;
+    return flush_bits(&w);
 }
 
 /* rans_encode, dividing (no reciprocals in flash). */
