@@ -6,8 +6,9 @@ Three tables, all on the Fashion-MNIST test set and a trained artifact directory
    builds, as its status line says) vs head + tail called frame by frame in one process;
 2. offload-hop latency at a low rate (batch of one, no batching wait): what the network
    hop adds to a frame over answering locally;
-3. uplink bytes per offloaded frame for float32/float16/int8, lz4 or not, and the accuracy
-   each costs (all frames offloaded), next to the raw frame and its deflate size.
+3. uplink bytes per offloaded frame for each dtype and codec, the edge's encode and the
+   worker's decode per frame (CPU time, one frame a message), and the accuracy each costs
+   (all frames offloaded), next to the raw frame and its deflate size.
 
     python benchmarks/offload.py                       # uses runs/default (trained if missing)
     python benchmarks/offload.py --frames 5000 --workers 2
@@ -118,27 +119,32 @@ def main() -> None:
                        test.images[:args.frames]])
     print(f"\n3. uplink bytes per offloaded frame (one frame a message, ZeroMQ framing "
           f"included) and accuracy with every frame offloaded; raw frame {raw_frame} B, "
-          f"deflate {deflate:.0f} B")
-    print("| dtype | codec | bytes on the wire | scales + payload | accuracy % | "
-          "agrees with float32 |")
-    print("|---|---|---|---|---|---|")
+          f"deflate {deflate:.0f} B; coder: {native.coder_status()}")
+    print("| dtype | codec | bytes on the wire | scales + payload | encode µs | decode µs | "
+          "accuracy % | agrees with float32 |")
+    print("|---|---|---|---|---|---|---|---|")
     code = load_server(art).code  # the model's static code, if trained for its uplink
     for dname, dtype in DTYPE_NAMES.items():
         for cname, codec in CODEC_NAMES.items():
             if codec == wire.Codec.STATIC and (code is None or dtype not in wire.UNSIGNED_BITS
                                                or code.symbols != 1 << wire.BITS[dtype]):
                 continue
-            sizes, preds, payloads = [], [], []
+            sizes, preds, payloads, encode_s, decode_s = [], [], [], 0.0, 0.0
             for i in range(args.frames):
-                msg = wire.encode_request(i, bytes(wire.MODEL_TAG_BYTES),
-                                          features[i:i + 1].numpy(), dtype, codec, code)
+                x = features[i:i + 1].numpy()
+                t = time.thread_time()
+                msg = wire.encode_request(i, bytes(wire.MODEL_TAG_BYTES), x, dtype, codec, code)
+                encode_s += time.thread_time() - t
                 sizes.append(wire.wire_bytes(msg))
                 payloads.append(len(msg[0]) - wire.REQUEST_HEADER_BYTES)
+                t = time.thread_time()
                 r = wire.decode_request(msg, code)
+                decode_s += time.thread_time() - t
                 with torch.inference_mode():
                     preds.append(int(model.tail(torch.from_numpy(r.features)).argmax()))
             preds = np.array(preds)
             print(f"| {dname} | {cname} | {np.mean(sizes):.1f} | {np.mean(payloads):.1f} | "
+                  f"{1e6 * encode_s / args.frames:.1f} | {1e6 * decode_s / args.frames:.1f} | "
                   f"{100 * np.mean(preds == labels):.2f} | "
                   f"{100 * np.mean(preds == reference):.2f}% |")
     shutil.rmtree(tmp, ignore_errors=True)
