@@ -21,9 +21,13 @@ a `multiprocess_mode`; Info and Enum metrics are not used (multiprocess mode lac
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["ProcessMetrics", "EdgeMetrics", "WorkerMetrics", "BrokerMetrics", "for_registry",
+           "CounterDeltas",
            "PATHS", "ROLES", "LATENCY_BUCKETS_S", "HEAD_BUCKETS_S", "PROMQL", "READY"]
 
 PATHS = ("exit", "offload", "fallback")       # how a frame got its final answer
@@ -180,15 +184,39 @@ class BrokerMetrics:
                                        ["reason"], registry=registry)
 
 
-_built: dict[tuple[type, int], object] = {}
+# Keyed on the registry itself, weakly: an id() outlives its registry and is reused by the
+# next one, which then got a metric set bound to the dead one; and a registry freed frees
+# its sets.
+_built: weakref.WeakKeyDictionary[CollectorRegistry, dict[type, object]] = \
+    weakref.WeakKeyDictionary()
+_built_lock = threading.Lock()
 
 
 def for_registry(cls: type, registry: CollectorRegistry = REGISTRY):
     """The one instance of a metric set on a registry (a registry refuses a name twice)."""
-    key = (cls, id(registry))
-    if key not in _built:
-        _built[key] = cls(registry)
-    return _built[key]
+    with _built_lock:
+        sets = _built.setdefault(registry, {})
+        if cls not in sets:
+            sets[cls] = cls(registry)
+        return sets[cls]
+
+
+class CounterDeltas:
+    """Running counts a pure core keeps (no Prometheus inside: the scheduler's, the shadows',
+    a source's), copied into counters as what grew since the last copy: one write per
+    changed count per pass, not one per event (in multiprocess mode every write is a file
+    write). `counters`: each count's name -> the counter (or labelled child) it feeds."""
+
+    def __init__(self, counters: dict[str, Counter]):
+        self.counters = dict(counters)
+        self.last = dict.fromkeys(self.counters, 0)
+
+    def export(self, counts: dict[str, int]) -> None:
+        """`counts`: name -> the running total now, for some or all of the names."""
+        for name, total in counts.items():
+            if total > self.last[name]:
+                self.counters[name].inc(total - self.last[name])
+                self.last[name] = total
 
 
 # The PromQL that dashboards, `splitexit up` and the tests use, over a 1-minute window (5

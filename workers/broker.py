@@ -22,18 +22,17 @@ import gc
 import logging
 import signal
 import time
-from dataclasses import replace
 
 import zmq
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from monitoring.metrics import BrokerMetrics, ProcessMetrics, for_registry
+from monitoring.metrics import BrokerMetrics, CounterDeltas, ProcessMetrics, for_registry
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.protocol import wire
 from pipeline.protocol.wire import Kind, Refusal, WireError
 from workers.config import BrokerConfig
-from workers.scheduler import FRONTEND as TO_EDGE, Counts, Scheduler
+from workers.scheduler import DROP_REASONS, FRONTEND as TO_EDGE, Scheduler
 
 __all__ = ["BrokerConfig", "Broker", "run_broker"]
 
@@ -68,7 +67,11 @@ class Broker:
                                    cfg.max_held_bytes)
         self.bad: dict[str, int] = {}
         self.running = True
-        self._exported = Counts()
+        m = self.m
+        self._counts = CounterDeltas({**{s: m.requests.labels(s) for s in REQUEST_STATUS},
+                                      "redelivered": m.redeliveries,
+                                      **{f"dropped {r}": m.replies_dropped.labels(r)
+                                         for r in DROP_REASONS}})
 
     def _router(self, max_message_bytes: int) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -177,17 +180,10 @@ class Broker:
     def _export(self) -> None:
         """Copy the scheduler's counts into the metrics: one write per pass, not per message
         (in multiprocess mode every metric write is a write to a shared file)."""
-        c, last, m = self.scheduler.counts, self._exported, self.m
-        for status in REQUEST_STATUS:
-            delta = getattr(c, status) - getattr(last, status)
-            if delta:
-                m.requests.labels(status).inc(delta)
-        if c.redelivered != last.redelivered:
-            m.redeliveries.inc(c.redelivered - last.redelivered)
-        for reason, n in c.dropped.items():
-            if n != last.dropped[reason]:
-                m.replies_dropped.labels(reason).inc(n - last.dropped[reason])
-        self._exported = replace(c, dropped=dict(c.dropped))
+        c, m = self.scheduler.counts, self.m
+        self._counts.export({**{s: getattr(c, s) for s in REQUEST_STATUS},
+                             "redelivered": c.redelivered,
+                             **{f"dropped {r}": n for r, n in c.dropped.items()}})
         table = self.scheduler.table
         m.queue_depth.set(len(self.scheduler.queue))
         m.workers.set(table.live)
