@@ -1,8 +1,12 @@
 """`splitexit top`: scrape /metrics endpoints and print a live summary.
 
-Rates come from two scrapes `interval` apart; latency quantiles are interpolated from the
-histogram buckets the same way PromQL's histogram_quantile does. An endpoint that does not
-answer is listed as down and the rest still shows.
+Rates come from two scrapes `interval` apart, per series and endpoint as PromQL's rate()
+takes them: a counter that went down belongs to a restarted process and counts from zero, and
+an endpoint that answered only one of the two scrapes adds nothing (a rate is never negative,
+and an endpoint coming back is not a burst of its whole history). Latency quantiles are
+interpolated from the histogram buckets the same way PromQL's histogram_quantile does. An
+endpoint that does not answer is listed as down and the rest still shows; `run_top` says
+whether any answered, so that `splitexit top` fails when none did.
 """
 
 from __future__ import annotations
@@ -16,30 +20,46 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring.metrics import PATHS
 
-__all__ = ["scrape", "Snapshot", "summarize", "format_table", "run_top"]
+__all__ = ["scrape", "Snapshot", "increases", "summarize", "format_table", "run_top"]
 
 SCRAPE_TIMEOUT_S = 2.0
 
 
 class Snapshot:
-    """Sample values summed over every endpoint that answered, keyed by (name, labels)."""
+    """Sample values of every endpoint that answered, keyed by (endpoint, name, labels)."""
 
     def __init__(self):
         self.values: dict[tuple, float] = defaultdict(float)
         self.up: dict[str, bool] = {}
         self.time = time.monotonic()
 
+    def series(self, name: str, **match) -> dict[tuple, float]:
+        """{(endpoint, labels): value} of the samples `name` whose labels match."""
+        return {(url, labels): v for (url, n, labels), v in self.values.items()
+                if n == name and all(dict(labels).get(k) == w for k, w in match.items())}
+
     def total(self, name: str, **match) -> float:
-        return sum(v for (n, labels), v in self.values.items()
-                   if n == name and all(dict(labels).get(k) == w for k, w in match.items()))
+        return sum(self.series(name, **match).values())
 
     def by(self, name: str, label: str, **match) -> dict[str, float]:
-        out: dict[str, float] = defaultdict(float)
-        for (n, labels), v in self.values.items():
-            d = dict(labels)
-            if n == name and all(d.get(k) == w for k, w in match.items()):
-                out[d.get(label)] += v
-        return out
+        return _group(self.series(name, **match), label)
+
+
+def _group(series: dict[tuple, float], label: str) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for (_, labels), v in series.items():
+        out[dict(labels).get(label)] += v
+    return out
+
+
+def increases(a: Snapshot, b: Snapshot, name: str, **match) -> dict[tuple, float]:
+    """How much each counter series rose from `a` to `b`, never negative: a series lower in
+    `b` was reset (its process restarted) and rose by its whole value since; a series whose
+    endpoint did not answer both scrapes is left out; one new at an endpoint that answered
+    both counts from zero."""
+    before = a.series(name, **match)
+    return {key: v - before.get(key, 0.0) if v >= before.get(key, 0.0) else v
+            for key, v in b.series(name, **match).items() if a.up.get(key[0])}
 
 
 def scrape(endpoints: list[str]) -> Snapshot:
@@ -57,7 +77,7 @@ def scrape(endpoints: list[str]) -> Snapshot:
             for s in family.samples:
                 labels = tuple(sorted((k, v) for k, v in s.labels.items()
                                       if k not in ("pid",)))
-                snap.values[(s.name, labels)] += s.value
+                snap.values[(url, s.name, labels)] += s.value
     return snap
 
 
@@ -82,7 +102,7 @@ def summarize(a: Snapshot, b: Snapshot) -> dict:
     dt = max(b.time - a.time, 1e-9)
 
     def rate(name, **match):
-        return (b.total(name, **match) - a.total(name, **match)) / dt
+        return sum(increases(a, b, name, **match).values()) / dt
 
     frames = rate("splitexit_edge_frames_total")
     offloaded = frames - rate("splitexit_edge_frames_total", path="exit")
@@ -90,18 +110,16 @@ def summarize(a: Snapshot, b: Snapshot) -> dict:
     payload = rate("splitexit_edge_payload_bytes_total")
     latency = {}
     for path in PATHS:
-        now = b.by("splitexit_edge_latency_seconds_bucket", "le", path=path)
-        before = a.by("splitexit_edge_latency_seconds_bucket", "le", path=path)
-        window = {le: now[le] - before.get(le, 0.0) for le in now}
+        window = _group(increases(a, b, "splitexit_edge_latency_seconds_bucket", path=path),
+                        "le")
         latency[path] = {q: _quantile(q, window) for q in (0.5, 0.95, 0.99)}
     batches = rate("splitexit_worker_batch_frames_count")
     return {
         "up": b.up,
         "frames_per_s": frames,
         "offload_ratio": offloaded / frames if frames > 0 else None,
-        "fallbacks_per_s": {r: (v - a.by("splitexit_edge_fallbacks_total", "reason").get(r, 0))
-                            / dt for r, v in
-                            b.by("splitexit_edge_fallbacks_total", "reason").items()},
+        "fallbacks_per_s": {r: v / dt for r, v in _group(
+            increases(a, b, "splitexit_edge_fallbacks_total"), "reason").items()},
         "uplink_bytes_per_s": uplink,
         "uplink_bytes_per_offloaded_frame": uplink / offloaded if offloaded > 0 else None,
         "compression_ratio": rate("splitexit_edge_feature_bytes_total") / payload
@@ -141,14 +159,20 @@ def format_table(s: dict) -> str:
     return "\n".join(lines)
 
 
-def run_top(endpoints: list[str], interval_s: float, count: int | None) -> None:
-    before = scrape(endpoints)
+def run_top(endpoints: list[str], interval_s: float, count: int | None) -> bool:
+    """Print `count` summaries (None: until Ctrl-C); whether any endpoint answered the last
+    scrape."""
+    before = after = scrape(endpoints)
     shown = 0
-    while count is None or shown < count:
-        time.sleep(interval_s)
-        after = scrape(endpoints)
-        table = format_table(summarize(before, after))
-        if sys.stdout.isatty():
-            print("\033[2J\033[H", end="")
-        print(table + "\n", flush=True)
-        before, shown = after, shown + 1
+    try:
+        while count is None or shown < count:
+            time.sleep(interval_s)
+            after = scrape(endpoints)
+            table = format_table(summarize(before, after))
+            if sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            print(table + "\n", flush=True)
+            before, shown = after, shown + 1
+    except KeyboardInterrupt:
+        pass
+    return any(after.up.values())

@@ -12,6 +12,7 @@ The library's way in (README, "From Python"):
 import os as _os
 from importlib import import_module as _import_module
 from importlib import metadata as _metadata
+from typing import TYPE_CHECKING
 
 # OpenMP threads that finish a parallel region sleep instead of spinning. libgomp's default
 # spins up to 300 000 pauses (milliseconds) per wait, on a core that its sibling thread or
@@ -31,14 +32,23 @@ try:
 except _metadata.PackageNotFoundError:  # run from a checkout that was never installed
     __version__ = "0+unknown"
 
-# Imported when first used, so that `import pipeline.protocol` (the workers) stays light.
+# Imported when first used, so that `import pipeline.protocol` (the workers) stays light. A
+# type checker reads the imports below instead (they never run), so it sees the real classes
+# rather than `Any`; tests/test_api.py checks that the two lists agree.
+if TYPE_CHECKING:
+    from pipeline.edge.blocking import Edge
+    from pipeline.edge.config import EdgeConfig
+    from pipeline.edge.producer import AsyncEdge, LocalAnswer
+    from pipeline.edge.results import Outcome, Summary
+
 _API = {"Edge": "pipeline.edge.blocking", "AsyncEdge": "pipeline.edge.producer",
         "LocalAnswer": "pipeline.edge.producer", "Outcome": "pipeline.edge.results",
         "Summary": "pipeline.edge.results", "EdgeConfig": "pipeline.edge.config"}
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "Edge", "AsyncEdge", "LocalAnswer", "Outcome", "Summary",
+           "EdgeConfig"]   # spelled out for linters and type checkers
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _API:
         return getattr(_import_module(_API[name]), name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

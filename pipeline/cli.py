@@ -40,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{cfg.model.name}")
-    metrics = run(cfg, out, progress=not args.quiet)
+    metrics = run(cfg, out, progress=True if args.progress else False if args.quiet else None)
     print(format_report(metrics))
     log.info(f"wrote {out}/edge.pt, {out}/server.pt, {out}/metrics.json, "
              f"{out}/calibration.csv" + (", calibration.png" if metrics["calibration"]["sweep_png"]
@@ -259,7 +259,7 @@ def _calibration_frames(args: argparse.Namespace, head):
     from pipeline.edge.quantize import CALIBRATION_FRAMES
     from pipeline.errors import DataError
     from pipeline.model.config import METRICS_FILE, TrainConfig, from_dict
-    from pipeline.model.data import load_dataset
+    from pipeline.floor.data import load_dataset
 
     metrics = Path(args.dir) / METRICS_FILE
     trained = json.loads(metrics.read_text())["config"] if metrics.is_file() else {}
@@ -281,15 +281,12 @@ def _calibration_frames(args: argparse.Namespace, head):
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from pipeline.edge.export_c import C_VARIANTS, export_c
+    from pipeline.edge.export_c import export_c
     from pipeline.edge.export_onnx import export_onnx
     from pipeline.edge.numpy_head import load_numpy_head
 
-    if args.target not in EXPORT_TARGETS:
-        raise UserError(f"--target {args.target!r}: choose one of {', '.join(EXPORT_TARGETS)}")
-    if args.variant not in C_VARIANTS or (args.target == "onnx" and args.variant != "float32"):
-        raise UserError(f"--variant {args.variant!r}: choose one of {', '.join(C_VARIANTS)} "
-                        f"(the ONNX export is float32)")
+    if args.target == "onnx" and args.variant != "float32":   # argparse checked each alone
+        raise UserError(f"--variant {args.variant!r}: the ONNX export is float32")
     head = load_numpy_head(args.dir)
     name = args.target if args.target == "onnx" else f"{args.target}-{args.variant}"
     out = Path(args.out or Path(args.dir) / f"export-{name}")
@@ -314,14 +311,16 @@ def _cmd_top(args: argparse.Namespace) -> None:
     if args.interval <= 0 or (args.count is not None and args.count < 1):
         raise UserError("--interval must be positive and --count at least 1")
     endpoints = [e if "://" in e else f"http://{e}/metrics" for e in args.endpoints]
-    try:
-        run_top(endpoints, args.interval, args.count)
-    except KeyboardInterrupt:
-        pass
+    if not run_top(endpoints, args.interval, args.count):
+        raise UserError(f"no endpoint answered: {', '.join(endpoints)} (is the system up, "
+                        f"with --metrics-port?)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.edge.config import EdgeConfig
+    from pipeline.edge.export_c import C_VARIANTS
+    from pipeline.floor.scores import SCORES
+    from pipeline.model.config import POLICIES
     from pipeline.up import UpConfig
 
     ap = argparse.ArgumentParser(prog="splitexit", description="Split computing with early exit "
@@ -338,22 +337,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output directory (default: runs/<model name>)")
     t.add_argument("--data", help="folder with the IDX files, or an image folder: one "
                    "subfolder of pictures per class (default: Debian's Fashion-MNIST)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--epochs", type=int, help="train this many passes over the training "
+                   "frames instead of the config's step count (train.epochs)")
+    t.add_argument("--seed", type=int, help="seed of the weights, shuffling and validation "
+                   "split (train.seed; default: the config's)")
     t.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set train.lr=0.001")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    bar = t.add_mutually_exclusive_group()
+    bar.add_argument("--quiet", action="store_true", help="no progress bar")
+    bar.add_argument("--progress", action="store_true", help="a progress bar even when "
+                     "stderr is not a terminal (default: only on a terminal)")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("calibrate", help="choose a new exit threshold for a trained directory")
-    c.add_argument("dir", nargs="?", default=DEFAULT_OUT, help="(default: %(default)s)")
-    c.add_argument("--policy", choices=["offload", "max_drop"])
+    c.add_argument("dir", nargs="?", default=DEFAULT_OUT,
+                   help="a training folder, rewritten in place (default: %(default)s)")
+    c.add_argument("--policy", choices=POLICIES, help="offload: send --target-offload of the "
+                   "frames; max_drop: offload the fewest frames that keep accuracy within "
+                   "--max-drop points of the full model (default: the training's)")
     c.add_argument("--target-offload", type=float, help="fraction of frames to offload")
     c.add_argument("--max-drop", type=float, help="accuracy points allowed below the full model")
-    c.add_argument("--score", choices=["max_softmax", "margin", "entropy"])
+    c.add_argument("--score", choices=SCORES, help="the exit's confidence: the top "
+                   "softmax probability, the top two's margin, or 1 - normalized entropy "
+                   "(default: the training's)")
     c.add_argument("--data", help="IDX or image folder (default: the training's)")
-    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set calibrate.max_drop=1.0")
     c.set_defaults(func=_cmd_calibrate)
 
     b = sub.add_parser("broker", help="run the broker (edges on one port, workers on another)")
@@ -364,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("workers", help="start a broker and N tail workers, or join a broker")
     w.add_argument("-n", type=int, default=2, help="workers (default: %(default)s)")
-    w.add_argument("--artifacts", default=DEFAULT_OUT, help="(default: %(default)s)")
+    w.add_argument("--artifacts", default=DEFAULT_OUT, help="the training folder whose "
+                   "server.pt the workers run (default: %(default)s)")
     options.add_broker_option(w, "--backend", None, "join the workers to this broker's "
                               "backend instead of starting a broker (--join: the old name)",
                               "--join")
@@ -380,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "image folder, or dataset (default: %(default)s)")
     e.add_argument("--shard", action="store_true",
                    help="producers split the source's frames instead of each taking all")
-    e.add_argument("--artifacts", default=DEFAULT_OUT, help="(default: %(default)s)")
+    e.add_argument("--artifacts", default=DEFAULT_OUT, help="the training folder whose "
+                   "edge head the producers run (default: %(default)s)")
     options.add_broker_option(e, "--frontend", EdgeConfig.broker, "the broker's frontend")
     e.add_argument("--fps", type=float, help="frames per second per producer (default: as "
                    "fast as the source gives them)")
@@ -393,11 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="the whole system on this machine, replaying Fashion-MNIST")
     u.add_argument("--artifacts", default=UpConfig.artifacts,
-                   help="(default: %(default)s; trained first if missing)")
+                   help="the training folder to serve (default: %(default)s; trained "
+                        "first if missing)")
     u.add_argument("--workers", type=int, default=UpConfig.workers,
-                   help="(default: %(default)s)")
+                   help="tail worker processes (default: %(default)s)")
     u.add_argument("--producers", type=int, default=UpConfig.producers,
-                   help="(default: %(default)s)")
+                   help="edge producer processes (default: %(default)s)")
     u.add_argument("--fps", type=float, default=UpConfig.fps,
                    help="frames per second per producer, 0 for as fast as possible "
                         "(default: %(default)s)")
@@ -418,13 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "graph.")
     x.add_argument("dir", nargs="?", default=DEFAULT_OUT,
                    help="a training folder (default: %(default)s)")
-    x.add_argument("--target", default="c", help=f"{' | '.join(EXPORT_TARGETS)} (default: "
-                   f"%(default)s). c: splitexit_head.c + .h, const tables, one function, no "
-                   f"allocation, nothing beyond <stdint.h>. onnx: splitexit_head.onnx, a "
-                   f"dynamic batch, ELL kept as Gather/Mul/ReduceSum (needs the onnx extra)")
-    x.add_argument("--variant", default="float32", help="float32 (default; equals the "
-                   "trained head) | int8 (int8 tables with a float scale per row, 4x smaller; "
-                   "rounded so errors cancel on training frames)")
+    x.add_argument("--target", default="c", choices=EXPORT_TARGETS, help="c (default): "
+                   "splitexit_head.c + .h, const tables, one function, no allocation, nothing "
+                   "beyond <stdint.h> | onnx: splitexit_head.onnx, a dynamic batch, ELL kept "
+                   "as Gather/Mul/ReduceSum (needs the onnx extra)")
+    x.add_argument("--variant", default="float32", choices=C_VARIANTS, help="float32 "
+                   "(default; equals the trained head) | int8 (int8 tables with a float scale "
+                   "per row, 4x smaller; rounded so errors cancel on training frames; C only)")
     x.add_argument("--data", help="int8: the training data folder to calibrate the rounding "
                    "on (default: the one DIR/metrics.json names)")
     x.add_argument("--out", help="output folder (default: DIR/export-TARGET-VARIANT)")
@@ -449,7 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log_setup("debug" if args.verbose else args.log_level)
+    try:
+        log_setup("debug" if args.verbose else args.log_level)
+    except ValueError as e:   # $SPLITEXIT_LOG_LEVEL names no level (the flag has choices)
+        print(f"splitexit: error: {e}", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (UserError, MetricsError) as e:

@@ -5,22 +5,12 @@ monitoring.exposition, so a default is stated once."""
 from __future__ import annotations
 
 import argparse
-import os
+
+# the environment's defaults: the rule lives in pipeline.env, which the library reads too
+from pipeline.env import ENV_PREFIX, env_name, from_env
 
 __all__ = ["add_metrics_options", "add_security_options", "add_broker_addresses",
            "add_worker_options", "add_edge_options", "add_broker_option", "ENV_PREFIX"]
-
-ENV_PREFIX = "SPLITEXIT_"   # --broker-secret's default is $SPLITEXIT_BROKER_SECRET, and so on
-
-
-def from_env(flag: str, default=None):
-    """An endpoint's or key's default: the environment (SPLITEXIT_ + the flag's name, upper
-    case, dashes as underscores), else `default`; the help says which."""
-    return os.environ.get(env_name(flag), default)
-
-
-def env_name(flag: str) -> str:
-    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
 def add_broker_option(p: argparse.ArgumentParser, port: str, default: str | None, what: str,

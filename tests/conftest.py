@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from monitoring.exposition import MULTIPROC_ENV, multiprocess_registry, total
-from pipeline.model.data import write_idx
+from pipeline.floor.data import write_idx
 from workers.pool import START_TIMEOUT_S, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

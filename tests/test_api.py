@@ -21,7 +21,7 @@ from pipeline import AsyncEdge, Edge, LocalAnswer
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.protocol.frames import to_pixels
 from pipeline.errors import ConfigError, UserError
-from pipeline.model.data import load_test_split
+from pipeline.floor.data import load_test_split
 from tests.conftest import ROOT, free_port
 from workers.pool import START_TIMEOUT_S, ProcessGroup
 
@@ -108,6 +108,7 @@ def test_classify_is_the_exit_alone_and_submit_falls_back_without_a_server(artif
     """No broker listens: unsure frames fall back at their deadline with the exit's answer;
     sure ones are answered by the exit; every answer is counted like the CLI's."""
     images = camera_images(idx_dir, 30)
+    classes = load_numpy_head(artifacts).classes
     registry = CollectorRegistry()
     with Edge(artifacts, broker=f"tcp://127.0.0.1:{free_port()}", deadline_ms=50,
               registry=registry) as edge:
@@ -121,6 +122,7 @@ def test_classify_is_the_exit_alone_and_submit_falls_back_without_a_server(artif
         assert (answer.path, answer.reason) == (("exit", None) if a.sure
                                                 else ("fallback", "deadline"))
         assert answer.source == "python" and answer.label == 7
+        assert answer.class_name == classes[answer.cls]   # the name, beside the index
     assert [a.frame for a in answers] == list(range(len(images)))
     assert edge.summary.frames == len(images)
     assert total(registry, "splitexit_edge_frames_total", path="fallback") \
@@ -142,6 +144,42 @@ def test_a_bad_frame_is_a_value_error_that_says_what_a_frame_is(artifacts, frame
         with pytest.raises(ValueError, match="give a uint8 image"):
             edge.classify(frame)
     assert edge.summary.frames == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])   # 1e39: inf as float32
+def test_a_frame_with_nan_or_infinite_pixels_is_refused_not_answered(artifacts, bad):
+    pixels = np.full((28, 28), 0.5)
+    pixels[3, 4] = pixels[20, 1] = bad
+    with Edge(artifacts, broker=f"tcp://127.0.0.1:{free_port()}",
+              registry=CollectorRegistry()) as edge:
+        with pytest.raises(ValueError, match="a frame with 2 NaN or infinite pixels") as e:
+            edge.submit(pixels)
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            edge.classify(pixels.reshape(-1))           # flat, as the model reads them
+        pixels[3, 4] = pixels[20, 1] = 0.5
+        assert np.isfinite(edge.classify(pixels).confidence)   # the same frame, made finite
+    assert edge.summary.frames == 0
+
+
+def test_python_imports_stay_lazy_and_a_type_checker_sees_the_real_classes():
+    """`from pipeline import Edge` is resolved on first use (PEP 562) so `import pipeline`
+    stays light; the `if TYPE_CHECKING:` imports name the same classes for mypy or pyright,
+    and py.typed (PEP 561) tells them to read the package's hints at all."""
+    import ast
+
+    import pipeline
+
+    init = Path(pipeline.__file__)
+    [block] = [node for node in ast.parse(init.read_text()).body
+               if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    typed = {alias.name: imp.module for imp in block.body for alias in imp.names}
+    assert typed == pipeline._API and set(pipeline.__all__) == {"__version__", *typed}
+    assert (init.parent / "py.typed").is_file()
+    loaded = subprocess.run([sys.executable, "-c", "import sys, pipeline; print(sorted(m for m "
+                             "in sys.modules if m.startswith(('pipeline.', 'torch', 'zmq'))))"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stderr
 
 
 def test_settings_and_artifacts_are_checked_when_the_edge_is_made(artifacts, tmp_path):

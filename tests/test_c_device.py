@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from pipeline import Edge
 from pipeline.edge.export_c import export_c
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
-from pipeline.model.data import load_test_split
+from pipeline.floor.data import load_test_split
 from pipeline.protocol.security import Security
 from tests.conftest import ROOT, free_port
 from workers.broker import run_broker

@@ -121,3 +121,60 @@ def test_allow_lists_come_from_the_environment_one_folder_per_role(monkeypatch):
 
 def test_the_brokers_byte_budget_must_be_positive():
     one_line_failure(splitexit("broker", "--insecure", "--max-held-mb", "0"))
+
+
+def test_every_flag_and_argument_says_what_it_is_for():
+    """`splitexit COMMAND --help` explains each option: a help that is missing or only states
+    the default fails here, for any command added later too."""
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    def actions(parser, command="splitexit"):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from actions(sub, name)
+            elif action.help != argparse.SUPPRESS:
+                yield command, action
+
+    seen = list(actions(build_parser()))
+    assert {command for command, _ in seen} >= {"train", "calibrate", "export", "top", "up"}
+    bare = [f"{command} {'/'.join(a.option_strings) or a.dest}" for command, a in seen
+            if not re.sub(r"\(default: [^)]*\)", "", a.help or "").strip(" ;.")]
+    assert not bare, f"options without help: {bare}"
+    r = splitexit("export", "--help")   # the choices are in the usage and the help
+    assert "--target {c,onnx}" in r.stdout and "--variant {float32,int8}" in r.stdout
+
+
+def test_export_refuses_a_target_or_variant_it_does_not_have(tmp_path):
+    one_line_failure(splitexit("export", str(tmp_path), "--variant", "int4"))
+    r = splitexit("export", str(tmp_path), "--target", "onnx", "--variant", "int8")
+    one_line_failure(r)
+    assert "the ONNX export is float32" in r.stderr
+
+
+def test_an_unknown_log_level_is_an_error_not_info(monkeypatch):
+    one_line_failure(splitexit("--log-level", "verbose", "keys", "--help"))
+    monkeypatch.setenv("SPLITEXIT_LOG_LEVEL", "verbose")   # children read it: same rule
+    r = splitexit("top", "--count", "1")
+    one_line_failure(r)
+    assert "SPLITEXIT_LOG_LEVEL 'verbose': choose one of debug, info, warning, error" in r.stderr
+    monkeypatch.setenv("SPLITEXIT_LOG_LEVEL", "WARNING")   # any case: taken, so top runs
+    r = splitexit("top", "127.0.0.1:9", "--count", "1", "--interval", "0.01")
+    assert "no endpoint answered" in r.stderr and "LOG_LEVEL" not in r.stderr
+
+
+def test_a_training_logged_to_a_file_has_no_progress_bar_unless_asked(tiny_config_path,
+                                                                      tmp_path):
+    """tqdm rewrites its line ~10 times a second: on a terminal a bar, in a log file (stderr
+    not a terminal, as here) dozens of updates. --progress asks for them anyway."""
+    quiet = splitexit("train", str(tiny_config_path), "--out", str(tmp_path / "a"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert "train tiny" not in quiet.stderr and "step/s" not in quiet.stderr
+    assert "wrote" in quiet.stderr                          # the log lines still come
+    shown = splitexit("train", str(tiny_config_path), "--out", str(tmp_path / "b"),
+                      "--progress")
+    assert shown.returncode == 0, shown.stderr
+    assert "train tiny" in shown.stderr
+    one_line_failure(splitexit("train", "--quiet", "--progress"))

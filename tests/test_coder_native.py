@@ -159,7 +159,7 @@ def test_requests_are_the_same_bytes_native_or_not(default_like, monkeypatch, tm
 def test_a_trained_bottleneck_sends_the_same_bytes_native_or_not(bottleneck_artifacts, idx_dir,
                                                                  monkeypatch, tmp_path):
     from pipeline.edge.numpy_head import load_numpy_head
-    from pipeline.model.data import load_test_split
+    from pipeline.floor.data import load_test_split
 
     head = load_numpy_head(bottleneck_artifacts)
     assert head.code is not None

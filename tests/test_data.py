@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from pipeline.model.data import load_dataset, read_idx, write_idx
+from pipeline.floor.data import load_dataset, read_idx, write_idx
 from pipeline.errors import DataError
 from tests.conftest import make_idx_dataset
 

@@ -24,7 +24,7 @@ from monitoring.exposition import total
 from pipeline import Edge
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
-from pipeline.model.data import load_test_split
+from pipeline.floor.data import load_test_split
 from pipeline.protocol import wire
 from tests.conftest import ROOT, Observed, free_port
 from tests.test_cli import one_line_failure

@@ -17,7 +17,7 @@ from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.quantize import compensated_rows, int8_head, int8_tables, quantize_rows
 from pipeline.model.artifacts import load_edge
 from pipeline.model.config import FASHION_MNIST_DIR
-from pipeline.model.data import load_dataset, load_test_split
+from pipeline.floor.data import load_dataset, load_test_split
 from pipeline.protocol.wire import DType, dequantize, quantize
 from tests.test_cli import one_line_failure, splitexit
 from tests.test_conv_model import conv_artifact

@@ -19,7 +19,7 @@ from pipeline.edge.export_edge import EDGE_FILES, EDGE_H, STEP_C
 from pipeline.edge.inflight import reply_fault
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.model.config import FASHION_MNIST_DIR
-from pipeline.model.data import load_dataset, load_test_split
+from pipeline.floor.data import load_dataset, load_test_split
 from pipeline.protocol import wire
 from tests.test_cli import splitexit
 

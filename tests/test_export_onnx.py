@@ -16,7 +16,7 @@ import torch
 from pipeline.edge.export_onnx import IR_VERSION, OPSET, export_onnx
 from pipeline.edge.numpy_head import load_numpy_head
 from pipeline.model.artifacts import load_edge
-from pipeline.model.data import load_dataset
+from pipeline.floor.data import load_dataset
 from pipeline.protocol.edge_artifact import EDGE_NPZ
 from tests.test_cli import splitexit
 from tests.test_conv_model import conv_artifact

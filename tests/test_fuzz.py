@@ -187,8 +187,8 @@ def test_100k_hostile_messages_are_counted_and_nothing_dies(artifacts, tmp_path)
         assert b.total("splitexit_broker_requests_total", status="busy") == 0
         assert accounted() == BROKER_MESSAGES  # nothing counted twice
         assert b.total("splitexit_bad_messages_total", component="broker_backend") == rogue_bad
-        reasons = {dict(labels)["reason"] for snap in (b, w) for (name, labels) in snap.values
-                   if name == "splitexit_bad_messages_total"}
+        reasons = {r for snap in (b, w) for r in snap.by("splitexit_bad_messages_total",
+                                                          "reason")}
         assert {"malformed", "version", "shape", "nonfinite", "size"} <= reasons
     finally:
         for p in (broker, workers):

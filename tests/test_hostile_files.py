@@ -237,7 +237,7 @@ def test_an_idx_file_is_read_no_further_than_its_header_says(tmp_path):
     import gzip
 
     from pipeline.errors import DataError
-    from pipeline.model.data import read_idx
+    from pipeline.floor.data import read_idx
 
     claim = bytes([0, 0, 0x08, 3]) + b"".join(n.to_bytes(4, "big") for n in (10**6, 10**4, 10**4))
     with gzip.open(tmp_path / "bomb.gz", "wb") as f:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -10,9 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError
-from pipeline.model import image_folder
-from pipeline.model.data import write_idx
-from pipeline.model.image_folder import (is_image_folder, load_image_folder,
+from pipeline.floor import image_folder
+from pipeline.floor.data import write_idx
+from pipeline.floor.image_folder import (is_image_folder, load_image_folder,
                                          load_image_folder_test)
 from pipeline.protocol import frames
 from pipeline.protocol.frames import fit_frame, to_pixels
@@ -115,10 +117,17 @@ def test_is_image_folder_tells_class_folders_from_idx_files(tmp_path: Path, flat
     assert is_image_folder(flat) and is_image_folder(split)
 
 
-def test_long_loads_show_a_progress_bar(flat: Path, monkeypatch, capsys):
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_long_loads_show_a_progress_bar_on_a_terminal_not_in_a_log(flat: Path, monkeypatch):
     monkeypatch.setattr(image_folder, "PROGRESS_MIN_FILES", 10)
-    load_image_folder_test(flat, (1, 28, 28), "stretch")
-    assert "decoding images" in capsys.readouterr().err
+    for stderr, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        load_image_folder_test(flat, (1, 28, 28), "stretch")
+        assert ("decoding images" in stderr.getvalue()) == shown
 
 
 # --- errors: one line each, saying what to do ----------------------------------------------

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitoring.dashboard import PANELS, dashboard, expressions
 from monitoring import exposition
 from monitoring.metrics import PROMQL
-from monitoring.top import scrape, summarize
+from monitoring.top import format_table, scrape, summarize
 from pipeline.model.config import CONFIG_DIR
 from tests.conftest import ROOT, free_port
 from workers.pool import START_TIMEOUT_S, wait_until
@@ -215,17 +215,100 @@ def test_a_real_prometheus_agrees_with_the_results(artifacts, idx_dir, tmp_path)
         run.stop()
 
 
-def test_top_shows_a_dead_endpoint_as_down_and_keeps_going():
-    from monitoring.top import format_table
+class Exporter:
+    """A real /metrics endpoint on a free port serving whatever `text` says now: a process
+    whose counters the test sets, restarts (lower values) or stops."""
 
-    dead = f"http://127.0.0.1:{free_port()}/metrics"
+    def __init__(self, port: int = 0):
+        import http.server
+        import threading
+
+        exporter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = exporter.text.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.text = ""
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def counters(self, frames_exit: int, frames_offload: int, fallbacks: int) -> None:
+        self.text = (
+            "# TYPE splitexit_edge_frames_total counter\n"
+            f'splitexit_edge_frames_total{{path="exit"}} {frames_exit}\n'
+            f'splitexit_edge_frames_total{{path="offload"}} {frames_offload}\n'
+            "# TYPE splitexit_edge_fallbacks_total counter\n"
+            f'splitexit_edge_fallbacks_total{{reason="deadline"}} {fallbacks}\n')
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def exporters():
+    made = []
+    yield lambda port=0: made.append(Exporter(port)) or made[-1]
+    for e in made:
+        e.close()
+
+
+def test_top_counts_a_restarted_or_vanished_endpoint_as_a_reset_never_a_negative_rate(
+        exporters):
+    steady, restarting, leaving = exporters(), exporters(), exporters()
+    steady.counters(100, 50, 1)
+    restarting.counters(5000, 3000, 40)
+    leaving.counters(9000, 9000, 90)
+    endpoints = [steady.url, restarting.url, leaving.url]
+    a = scrape(endpoints)
+    steady.counters(130, 70, 3)        # +30 exit, +20 offload, +2 fallbacks
+    restarting.counters(12, 8, 1)      # restarted: counts from zero, as PromQL's rate()
+    leaving.close()                    # gone: adds nothing (it had added 18000 frames)
+    b = scrape(endpoints)
+    top = summarize(a, b)
+    dt = b.time - a.time
+    assert top["up"] == {steady.url: True, restarting.url: True, leaving.url: False}
+    assert top["frames_per_s"] * dt == pytest.approx(30 + 20 + 12 + 8)
+    assert top["offload_ratio"] == pytest.approx((20 + 8) / 70)
+    assert top["fallbacks_per_s"]["deadline"] * dt == pytest.approx(2 + 1)
+    assert "frames/s -" not in format_table(top)
+    # An endpoint that comes back adds its rise from then on, not its whole history.
+    exporters(leaving.server.server_address[1]).counters(500, 500, 5)
+    c = scrape(endpoints)
+    assert c.up[leaving.url] and summarize(b, c)["frames_per_s"] == 0
+
+
+def test_top_shows_a_dead_endpoint_as_down_and_fails_when_none_answers(exporters):
+    from tests.test_cli import one_line_failure
+
+    live, dead = exporters(), f"http://127.0.0.1:{free_port()}/metrics"
+    live.counters(10, 10, 0)
     summary = summarize(scrape([dead]), scrape([dead]))
     assert summary["up"] == {dead: False} and summary["frames_per_s"] == 0
     assert f"{dead} DOWN" in format_table(summary)
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "top", dead, "--count", "1",
-                        "--interval", "0.1"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=60)
-    assert r.returncode == 0 and "DOWN" in r.stdout
+
+    def top(*endpoints):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "top", *endpoints,
+                               "--count", "1", "--interval", "0.1"], capture_output=True,
+                              text=True, cwd=ROOT, timeout=60)
+    r = top(dead, live.url)            # one down, the rest still shows
+    assert r.returncode == 0, r.stderr
+    assert f"{dead} DOWN" in r.stdout and f"{live.url} up" in r.stdout
+    r = top(dead)                      # none answers: the table, then one error line
+    one_line_failure(r)
+    assert f"{dead} DOWN" in r.stdout and "no endpoint answered" in r.stderr
 
 
 def test_histogram_quantile_interpolates_like_promql():

@@ -17,7 +17,7 @@ from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.errors import ArtifactError
 from pipeline.model.artifacts import load_edge, load_model
 from pipeline.model.calibrate import exit_scores as torch_exit_scores
-from pipeline.model.data import load_dataset
+from pipeline.floor.data import load_dataset
 from pipeline.protocol.edge_artifact import EDGE_NPZ
 from tests.conftest import ROOT, free_port
 from workers.broker import run_broker

@@ -16,7 +16,7 @@ from pipeline.model.artifacts import load_model
 from workers.config import BrokerConfig
 from workers.broker import run_broker
 from pipeline.model.config import load_config
-from pipeline.model.data import load_dataset
+from pipeline.floor.data import load_dataset
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
 from pipeline.model.train import run

@@ -15,7 +15,7 @@ from monitoring.exposition import total
 from pipeline import __version__
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import AsyncEdge
-from pipeline.model.data import read_idx
+from pipeline.floor.data import read_idx
 from tests.conftest import ROOT, free_port
 from pipeline.errors import SourceError, UserError
 from workers.pool import START_TIMEOUT_S, wait_until

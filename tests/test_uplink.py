@@ -68,7 +68,7 @@ def test_a_model_trained_for_its_uplink_sends_what_it_trained(tiny_config_path, 
 def test_a_rate_penalty_trains_sparser_features(tiny_config_path, idx_dir):
     """The split features' code length falls with train.rate_weight: more of them are 0."""
     from pipeline.model.config import load_config
-    from pipeline.model.data import load_dataset
+    from pipeline.floor.data import load_dataset
     from pipeline.model.train import fit
 
     data = load_dataset(idx_dir, val_fraction=0.05)

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,8 @@ def test_a_wheel_installed_outside_the_checkout_trains_and_serves(tmp_path, idx_
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
         "-w", tmp_path / "dist", source, cwd=elsewhere)
     [wheel] = (tmp_path / "dist").glob("splitexit-*.whl")
+    with zipfile.ZipFile(wheel) as z:   # PEP 561: type checkers read the package's hints
+        assert "pipeline/py.typed" in z.namelist()
     venv = tmp_path / "venv"   # torch, numpy, pyzmq ... from this environment's packages
     run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=elsewhere)
     python, splitexit = venv / "bin" / "python", venv / "bin" / "splitexit"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.edge.c_literals import c_array, c_float
 from pipeline.edge.export_edge import export_edge
 from pipeline.edge.numpy_head import ConvStage, Junction, NumpyHead, load_numpy_head
 from pipeline.edge.quantize import int8_tables, junction_rows
@@ -42,29 +43,10 @@ __all__ = ["export_c", "C_VARIANTS", "C_FILE", "H_FILE"]
 
 C_FILE, H_FILE = "splitexit_head.c", "splitexit_head.h"
 C_VARIANTS = ("float32", "int8")
-PER_LINE = 8
 VECTOR = 16  # floats: a multiple of every SIMD width up to 512 bits
 # Partial sums of a conv head's junctions: its exit reads thousands of inputs an output
 # (3136 on conv-sparse), and 4 chains of dependent adds made it a third of the head's time.
 LANES = 16
-
-
-def _float(v: float) -> str:
-    """A C float literal that round-trips float32 exactly (9 significant digits)."""
-    if not np.isfinite(v):
-        raise ValueError(f"the head holds a non-finite value ({v}); retrain it")
-    text = f"{float(v):.9g}"
-    return text + ("f" if any(c in text for c in ".en") else ".0f")
-
-
-def _array(ctype: str, name: str, values: np.ndarray) -> str:
-    if values.dtype.kind == "f":
-        items = [_float(v) for v in values.ravel()]
-    else:
-        items = [str(int(v)) for v in values.ravel()]
-    lines = [", ".join(items[i:i + PER_LINE]) for i in range(0, len(items), PER_LINE)]
-    body = ",\n    ".join(lines)
-    return f"static const {ctype} {name}[{len(items)}] = {{\n    {body}\n}};\n"
 
 
 def _index_type(n_in: int) -> tuple[str, type]:
@@ -85,17 +67,18 @@ def _junction(name: str, j: Junction, n_in: int, src: str, dst: str,
     tables, scaled = "", ""
     if int8 is not None:
         q, scale = int8
-        tables += _array("int8_t", f"{name}_values", q) + _array("float", f"{name}_scale", scale)
+        tables += (c_array("int8_t", f"{name}_values", q)
+                   + c_array("float", f"{name}_scale", scale))
         scaled = f" * {name}_scale[o]"
     else:
-        tables += _array("float", f"{name}_values", values.astype(np.float32))
-    tables += _array("float", f"{name}_bias", j.bias)
+        tables += c_array("float", f"{name}_values", values.astype(np.float32))
+    tables += c_array("float", f"{name}_bias", j.bias)
     if j.indices is None:
         def read(k: str) -> str:
             return f"{src}[{k}]"
     else:
         ctype, np_type = _index_type(n_in)
-        tables += _array(ctype, f"{name}_index", j.indices.astype(np_type))
+        tables += c_array(ctype, f"{name}_index", j.indices.astype(np_type))
 
         def read(k: str) -> str:
             return f"{src}[{name}_index[o * {d_in} + {k}]]"
@@ -131,12 +114,12 @@ def _conv(name: str, conv: ConvStage, shape: tuple[int, ...], src: str, dst: str
     ho, wo = (hp - k) // s + 1, (wp - k) // s + 1
     hq, wq = ho // pool, wo // pool
     if int8 is None:
-        tables, start = _array("float", f"{name}_weight", conv.weight), f"{name}_bias[o]"
+        tables, start = c_array("float", f"{name}_weight", conv.weight), f"{name}_bias[o]"
     else:  # the sums of int8 kernels: scaled and biased once, after the pool (scale > 0)
-        tables = _array("int8_t", f"{name}_weight", int8[0]) + \
-            _array("float", f"{name}_scale", int8[1])
+        tables = c_array("int8_t", f"{name}_weight", int8[0]) + \
+            c_array("float", f"{name}_scale", int8[1])
         start = "0.0f"
-    tables += _array("float", f"{name}_bias", conv.bias)
+    tables += c_array("float", f"{name}_bias", conv.bias)
 
     def scaled(v: str) -> str:
         return v if int8 is None else f"{v} * {name}_scale[o] + {name}_bias[o]"
@@ -144,7 +127,7 @@ def _conv(name: str, conv: ConvStage, shape: tuple[int, ...], src: str, dst: str
         channel, reads = "j", f"dense: all {c_in}"
     else:
         ctype, np_type = _index_type(c_in)
-        tables += _array(ctype, f"{name}_index", conv.indices.astype(np_type))
+        tables += c_array(ctype, f"{name}_index", conv.indices.astype(np_type))
         channel, reads = f"{name}_index[o * {d_in} + j]", f"{d_in} of {c_in}"
     loop = (f"    /* {name}: conv {c_in}x{h}x{w} -> {c_out}x{ho}x{wo}, {k}x{k} stride {s}, "
             f"{reads} input channels each{f', max pool {pool}' if pool > 1 else ''}, ReLU */\n")
@@ -278,8 +261,8 @@ def _header(head: NumpyHead, kind: str, features: int, frame: str, note: str = "
             f"#define SPLITEXIT_MODEL_ID \"{head.model_id}\"\n{frame}"
             f"#define SPLITEXIT_FEATURES {features}   /* sent to the server when unsure */\n"
             f"#define SPLITEXIT_CLASSES {head.exit.bias.shape[0]}\n"
-            f"#define SPLITEXIT_EXIT_TEMPERATURE {_float(np.float32(head.temperature))}\n"
-            f"#define SPLITEXIT_THRESHOLD {_float(head.threshold)}  /* exit if {head.score} "
+            f"#define SPLITEXIT_EXIT_TEMPERATURE {c_float(np.float32(head.temperature))}\n"
+            f"#define SPLITEXIT_THRESHOLD {c_float(head.threshold)}  /* exit if {head.score} "
             f"of softmax(exit_logits / SPLITEXIT_EXIT_TEMPERATURE) >= this */\n\n{note}"
             f"void splitexit_head(const float pixels[SPLITEXIT_INPUT],\n"
             f"                    float features[SPLITEXIT_FEATURES],\n"
@@ -336,9 +319,9 @@ def _mlp_files(head: NumpyHead, int8: list, kind: str) -> tuple[str, str]:
         standardize, read = ("/* pixels are standardized by layer 0's weights and bias: "
                              "(p - mean) / std folded in */\n"), "pixels[i]"
     else:
-        standardize = (f"static const float pixel_mean = {_float(head.pixel_mean)};\n"
+        standardize = (f"static const float pixel_mean = {c_float(head.pixel_mean)};\n"
                        f"static const float pixel_scale = "
-                       f"{_float(np.float32(1) / head.pixel_std)};"
+                       f"{c_float(np.float32(1) / head.pixel_std)};"
                        f"  /* 1 / std: a multiply, not a divide, per pixel */\n")
         read = "(pixels[i] - pixel_mean) * pixel_scale"
     source = (f"/* splitexit head {head.model_id} ({kind}): generated by `splitexit export`."
@@ -366,12 +349,20 @@ def _conv_files(head: NumpyHead, int8: list, kind: str) -> tuple[str, str]:
     scale = (np.float32(1) / head.pixel_std).astype(np.float32)
     source = (f"/* splitexit head {head.model_id} ({kind}): generated by `splitexit export`."
               f" */\n#include <stdint.h>\n#include \"{H_FILE}\"\n\n"
-              f"{_array('float', 'pixel_mean', head.pixel_mean.astype(np.float32))}"
+              f"{c_array('float', 'pixel_mean', head.pixel_mean.astype(np.float32))}"
               f"/* 1 / std per channel: a multiply, not a divide, per pixel */\n"
-              f"{_array('float', 'pixel_scale', scale)}\n{tables}\n"
+              f"{c_array('float', 'pixel_scale', scale)}\n{tables}\n"
               f"{_static_assert('input_fits', f'SPLITEXIT_INPUT == {c * h * w}')}"
               f"{SIGNATURE}{loops}}}\n")
     return header, source
+
+
+def _head_bytes(head: NumpyHead) -> tuple[int, int]:
+    """(stack, static) bytes of splitexit_head's scratch, as export_c lays it out."""
+    if head.convolutional:
+        return 0, 4 * _conv_source(head)[2]
+    widths = [j.bias.shape[0] for j in head.layers]
+    return 4 * ((head.input_pad or head.input_size) + 2 * max(widths)), 0
 
 
 def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
@@ -389,4 +380,5 @@ def export_c(artifact: str | Path, out_dir: Path, variant: str = "float32",
     (out_dir / H_FILE).write_text(header)
     (out_dir / C_FILE).write_text(source)
     # the rest of the edge step (quantizer, coder, wire), which calls this head
-    return [out_dir / C_FILE, out_dir / H_FILE, *export_edge(head, out_dir, variant)]
+    return [out_dir / C_FILE, out_dir / H_FILE,
+            *export_edge(head, out_dir, variant, _head_bytes(head))]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.edge.c_literals import c_array
 from pipeline.edge.numpy_head import SCORES, NumpyHead
 from pipeline.protocol import wire
 from pipeline.protocol.native import CODER_SOURCE
@@ -57,11 +58,9 @@ def _tables(head: NumpyHead, coded: bool) -> str:
     (channel, symbol), (length - 1) << 12 | cum, from which the coder derives the
     canonical codes, frequencies and rANS costs: 12.5 KiB for the default's 400
     channels, where the server's tables take 82 KiB (132 KiB with rANS's reciprocals)."""
-    from pipeline.edge.export_c import _array
-
     if not coded:
         return ""
-    return _array("uint16_t", "code_entry", head.code._tables.entry)
+    return c_array("uint16_t", "code_entry", head.code._tables.entry)
 
 
 def _coder_cap(head: NumpyHead, coded: bool) -> int:
@@ -72,20 +71,11 @@ def _coder_cap(head: NumpyHead, coded: bool) -> int:
     return sum(head.code.payload_bounds(1, rans)[1] + 8 for rans in (False, True))
 
 
-def _head_bytes(head: NumpyHead) -> tuple[int, int]:
-    """(stack, static) bytes of splitexit_head's scratch, as export_c lays it out."""
-    from pipeline.edge.export_c import _conv_source
-
-    if head.convolutional:
-        return 0, 4 * _conv_source(head)[2]
-    widths = [j.bias.shape[0] for j in head.layers]
-    return 4 * ((head.input_pad or head.input_size) + 2 * max(widths)), 0
-
-
-def export_edge(head: NumpyHead, out_dir: Path, kind: str) -> list[Path]:
+def export_edge(head: NumpyHead, out_dir: Path, kind: str,
+                head_bytes: tuple[int, int]) -> list[Path]:
     """Write the edge step's files for `head` (loaded with every junction as stored) into
-    out_dir, beside the head export_c wrote; `kind` names the head's variant. Returns their
-    paths."""
+    out_dir, beside the head export_c wrote; `kind` names the head's variant, `head_bytes`
+    its (stack, static) scratch bytes as export_c laid it out. Returns their paths."""
     dtype, coded = _uplink(head)
     bits = wire.UNSIGNED_BITS.get(dtype, 8)
     width, classes = head.width, head.exit.bias.shape[0]
@@ -93,7 +83,7 @@ def export_edge(head: NumpyHead, out_dir: Path, kind: str) -> list[Path]:
     request = wire.REQUEST_HEADER_BYTES + wire.SCALE_BYTES + packed
     buffer = max(request, wire.REQUEST_HEADER_BYTES + wire.SCALE_BYTES
                  + _coder_cap(head, coded))
-    head_stack, static = _head_bytes(head)
+    head_stack, static = head_bytes
     # edge step: features (float), logits (float), codes (u8), the softmax (double)
     arrays = 4 * width + 4 * classes + width + 8 * classes
     stack = arrays + head_stack + STACK_SLACK

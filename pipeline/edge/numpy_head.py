@@ -18,12 +18,12 @@ import numpy as np
 from pipeline.edge.numpy_conv import (adaptive_avg_pool2d, input_major, max_pool2d,
                                       sparse_conv2d)
 from pipeline.errors import ArtifactError
+from pipeline.floor.scores import SCORES, exit_scores   # re-exported: the edge's API
 from pipeline.protocol.edge_artifact import UPLINK_CODE, read_edge_npz
 from pipeline.protocol.static_code import StaticCode
 
 __all__ = ["Junction", "ConvStage", "NumpyHead", "load_numpy_head", "exit_scores", "SCORES"]
 
-SCORES = ("max_softmax", "margin", "entropy")
 # A junction this small is all per-call overhead in NumPy (~1 µs a call): one dense product
 # beats the gather, multiply and sum (default exit 400->10 at in-degree 200: 1.7 µs dense
 # against 4.7 µs ELL, batch 1). The file stays ELL; only the runtime expands it.
@@ -142,24 +142,6 @@ class NumpyHead:
         bias = j.bias - (float(self.pixel_mean) / float(self.pixel_std)) * per_output
         return Junction((j.values / self.pixel_std).astype(np.float32), j.indices,
                         bias.astype(np.float32))
-
-
-def exit_scores(logits: np.ndarray, score: str, temperature: float = 1.0) -> np.ndarray:
-    """Confidence of the exit classifier in [0, 1], higher = more sure, on softmax(logits /
-    temperature): the one definition that training (choosing the threshold) and every edge
-    (applying it) share, in float64."""
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    if score == "max_softmax":
-        return p.max(axis=1)
-    if score == "margin":
-        top2 = np.sort(p, axis=1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
-    if score == "entropy":
-        entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1)
-        return 1.0 - entropy / math.log(p.shape[1])
-    raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
 
 
 def _junction(arrays, name: str, n_in: int, dense_max_elements: int) -> Junction:

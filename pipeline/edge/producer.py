@@ -44,18 +44,18 @@ import zmq.asyncio
 from prometheus_client import REGISTRY, CollectorRegistry
 from zmq.utils.monitor import parse_monitor_message
 
-from monitoring.metrics import PATHS, EdgeMetrics, ProcessMetrics, for_registry
+from monitoring.metrics import PATHS, CounterDeltas, EdgeMetrics, ProcessMetrics, for_registry
 from pipeline import __version__
 from pipeline.edge.config import EdgeConfig, wire_codec, wire_dtype
 from pipeline.edge.controller import Controller, State
-from pipeline.edge.shadows import ShadowCounts, Shadows
+from pipeline.edge.shadows import Shadows
 from pipeline.edge.inflight import BAD_REPLY_REASONS, FALLBACK_REASONS, InFlight, Resolution, \
     Status, reply_fault
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.edge.results import Outcome, Results, Summary, log_summary
 from pipeline.edge.sources import Frame, as_pixels
+from pipeline.env import from_env
 from pipeline.errors import ConfigError, UserError
-from pipeline.options import from_env
 from pipeline.protocol import wire
 from pipeline.protocol.security import HANDSHAKE_FAILED, HANDSHAKE_HINT
 from pipeline.protocol.wire import WireError
@@ -160,16 +160,15 @@ class AsyncEdge:
         self.m_payload, self.m_duplicates = m.payload_bytes.labels(p), m.duplicates.labels(p)
         self.m_bad_replies = {r: m.bad_replies.labels(p, r) for r in BAD_REPLY_REASONS}
         self.m_exit_confidence = m.exit_confidence.labels(p)
-        self.m_shadows = {o: m.shadows.labels(p, o) for o in ("sent", "answered", "dropped")}
-        self.m_shadow_agreements = m.shadow_agreements.labels(p)
-        self.m_shadow_exit_correct = m.shadow_exit_correct.labels(p)
+        self._shadow_counts = CounterDeltas({
+            **{o: m.shadows.labels(p, o) for o in ("sent", "answered", "dropped")},
+            "agreed": m.shadow_agreements.labels(p),
+            "exit_correct": m.shadow_exit_correct.labels(p)})
         self.m_shadow_bytes = m.shadow_bytes.labels(p)
-        self._shadows_exported = ShadowCounts()
         self.m_threshold = m.threshold.labels(p)
         self.m_threshold.set(self.threshold)
-        self.m_source = {"dropped": m.source_dropped.labels(p),
-                         "reconnects": m.source_reconnects.labels(p)}
-        self._source_exported = {"dropped": 0, "reconnects": 0}
+        self._source_counts = CounterDeltas({"dropped": m.source_dropped.labels(p),
+                                             "reconnects": m.source_reconnects.labels(p)})
         if self.controller:
             kind, target = (("offload_ratio", cfg.target_offload) if cfg.target_offload
                             else ("uplink_bytes_per_second", cfg.uplink_budget))
@@ -281,6 +280,8 @@ class AsyncEdge:
     # -- the one place a frame is finished ----------------------------------------------------
 
     def _finish(self, o: Outcome, frame: Frame) -> None:
+        if 0 <= o.cls < len(self.head.classes):
+            o.class_name = self.head.classes[o.cls]
         self._pending.append((o, frame))   # the frame lives until delivered (the table or
                                            # the batch held it so far)
 
@@ -397,11 +398,8 @@ class AsyncEdge:
 
     def _export_source(self) -> None:
         """A live source's skipped frames and reconnects, as counted by its capture side."""
-        for name, child in self.m_source.items():
-            count = getattr(self._source, name, 0)
-            if count > self._source_exported[name]:
-                child.inc(count - self._source_exported[name])
-                self._source_exported[name] = count
+        self._source_counts.export({name: getattr(self._source, name, 0)
+                                    for name in ("dropped", "reconnects")})
 
     async def _process(self) -> None:
         while True:
@@ -498,16 +496,7 @@ class AsyncEdge:
 
     def _export_shadows(self) -> None:
         """Copy the shadow counts into the metrics (deltas since the last copy)."""
-        c, last = self.shadows.counts, self._shadows_exported
-        for outcome in ("sent", "answered", "dropped"):
-            delta = getattr(c, outcome) - getattr(last, outcome)
-            if delta:
-                self.m_shadows[outcome].inc(delta)
-        if c.agreed != last.agreed:
-            self.m_shadow_agreements.inc(c.agreed - last.agreed)
-        if c.exit_correct != last.exit_correct:
-            self.m_shadow_exit_correct.inc(c.exit_correct - last.exit_correct)
-        self._shadows_exported = ShadowCounts(**c.__dict__)
+        self._shadow_counts.export(vars(self.shadows.counts))   # every ShadowCounts field
 
     def _answered(self, reply: wire.Reply, late: bool = False) -> None:
         """Tell the controller the server answered, and the load the answer came with."""

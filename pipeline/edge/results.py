@@ -34,6 +34,7 @@ class Outcome:
     queue_us: int | None = None
     tail_us: int | None = None
     batch: int | None = None
+    class_name: str | None = None  # cls's name in the model's classes
 
 
 @dataclass

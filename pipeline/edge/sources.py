@@ -23,9 +23,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.model.config import FASHION_MNIST_DIR
-from pipeline.model.data import load_test_split
 from pipeline.errors import DataError, SourceError
+from pipeline.floor.data import FASHION_MNIST_DIR, load_test_split
 from pipeline.protocol.frames import (DEFAULT_SHAPE, IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS,
                                       opencv, read_image, to_pixels)
 from pipeline.protocol.timing import backoff_delays
@@ -69,7 +68,13 @@ def as_pixels(image: np.ndarray, shape: tuple[int, int, int] = DEFAULT_SHAPE,
         return to_pixels(image, shape, resize)
     size = int(np.prod(shape))
     if image.dtype.kind == "f" and image.size == size and image.ndim in (1, 2, 3):
-        return np.ascontiguousarray(image, np.float32).reshape(-1)
+        with np.errstate(over="ignore"):   # a float64 beyond float32: inf, refused below
+            pixels = np.ascontiguousarray(image, np.float32).reshape(-1)
+        finite = np.isfinite(pixels)
+        if not finite.all():   # else it is answered, with confidence NaN
+            raise ValueError(f"a frame with {pixels.size - int(finite.sum())} NaN or infinite "
+                             f"pixels: give float pixels in [0, 1]")
+        return pixels
     raise ValueError(f"a frame of dtype {image.dtype} and shape {image.shape}: give a uint8 "
                      f"image (H x W gray, H x W x 3 BGR or x 4 BGRA) or float pixels in "
                      f"[0, 1], {size} of them (the model reads {' x '.join(map(str, shape))})")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.edge.numpy_head import exit_scores as edge_scores
+from pipeline.floor.scores import exit_scores as edge_scores
 from pipeline.model.config import CalibrationConfig
 
 __all__ = ["exit_scores", "Sweep", "sweep", "choose_threshold", "split_accuracy",
@@ -31,7 +31,7 @@ ECE_BINS = 15       # the customary equal-width bins of expected calibration err
 def exit_scores(exit_logits: torch.Tensor | np.ndarray, score: str,
                 temperature: float = 1.0) -> np.ndarray:
     """Confidence of the exit classifier in [0, 1], higher = more sure: the edge's own
-    definition (pipeline.edge.numpy_head), so the threshold chosen here is the one it applies."""
+    definition (pipeline.floor.scores), so the threshold chosen here is the one it applies."""
     if isinstance(exit_logits, torch.Tensor):
         exit_logits = exit_logits.numpy()
     return edge_scores(exit_logits, score, temperature)

@@ -17,7 +17,9 @@ from importlib import resources
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.model.data import VAL_FRACTION, VAL_MIN
+from pipeline.floor.data import FASHION_MNIST_DIR
+from pipeline.floor.scores import SCORES
+from pipeline.floor.splits import VAL_FRACTION, VAL_MIN
 from pipeline.protocol.edge_artifact import (MAX_ARRAY_BYTES, MAX_KERNEL, MAX_LAYERS, MAX_SIDE,
                                              MAX_WIDTH)
 from pipeline.protocol.frames import RESIZE_MODES
@@ -28,8 +30,6 @@ __all__ = ["ModelConfig", "TrainConfig", "CalibrationConfig", "DataConfig", "Con
 # Shipped inside the package (a wheel has no checkout around it); `configs/` in a checkout is
 # a link to the same folder.
 CONFIG_DIR = Path(str(resources.files("pipeline") / "configs"))
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-SCORES = ("max_softmax", "margin", "entropy")
 POLICIES = ("offload", "max_drop")
 SELECT_BY = ("calibrated_loss", "loss")   # train.select_by: how the epoch kept is chosen
 AUGMENTS = ("none", "flip", "shift", "flip+shift")   # train.augment

@@ -24,7 +24,7 @@ from pipeline.model import calibrate as cal
 from pipeline.model import ell_native
 from pipeline.model.artifacts import compute_model_id, load_model, save_artifacts, set_threshold
 from pipeline.model.config import METRICS_FILE, Config, TrainConfig
-from pipeline.model.data import Dataset, Split, load_dataset
+from pipeline.floor.data import Dataset, Split, load_dataset
 from pipeline.errors import ArtifactError, DataError
 from pipeline.model.split_model import SplitModel, describe
 from pipeline.protocol.static_code import StaticCode
@@ -56,7 +56,8 @@ def dataset(cfg: Config) -> Dataset:
     return data
 
 
-def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, list[float]]:
+def fit(cfg: Config, data: Dataset,
+        progress: bool | None = None) -> tuple[SplitModel, list[float]]:
     """Joint training: loss = exit_weight * CE(exit) + CE(final), for `train.steps` (or
     `train.epochs`); the weights returned are the moving average's (WeightAverage) at the
     epoch with the lowest validation objective (_validation_loss). Returns model, s/epoch (its
@@ -85,8 +86,10 @@ def fit(cfg: Config, data: Dataset, progress: bool = True) -> tuple[SplitModel, 
     average = WeightAverage(model, t.ema_decay) if t.ema_decay else None
     epoch_seconds = []
     best, best_loss, best_epoch = None, math.inf, 0
-    bar = tqdm(total=total, disable=not progress, unit="step", leave=False,
-               desc=f"train {cfg.model.name}")
+    # progress None: a bar only on a terminal (tqdm's disable=None); a log file got 53
+    # progress updates from a 6 s training
+    bar = tqdm(total=total, disable=None if progress is None else not progress, unit="step",
+               leave=False, desc=f"train {cfg.model.name}")
     for epoch in range(epochs):
         model.train()
         start = time.perf_counter()
@@ -285,7 +288,7 @@ def _structure(model: SplitModel) -> dict:
             "server_macs": sum(r["macs"] for r in tail)}
 
 
-def run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
+def run(cfg: Config, out_dir: Path, progress: bool | None = None) -> dict:
     """The whole `splitexit train`: returns (and writes) the metrics dict."""
     data = dataset(cfg)
     log.info(f"{cfg.model.name}: {len(data.train)} train / {len(data.val)} validation / "

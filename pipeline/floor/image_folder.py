@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.model.data import VAL_FRACTION, VAL_MIN, Dataset, Split, validation_size
+from pipeline.floor.splits import VAL_FRACTION, VAL_MIN, Dataset, Split, validation_size
 from pipeline.protocol.frames import (DEFAULT_SHAPE, IMAGE_EXTENSIONS, RESIZE_MODES,
                                       check_shape, fit_frame, opencv, read_image)
 
@@ -148,12 +148,14 @@ def _list_parts(folder: Path, test_fraction: float) -> tuple[list[str], dict[str
 
 @contextmanager
 def _progress(total: int) -> Iterator:
-    """A tqdm bar for long loads; nothing for short ones or without tqdm."""
+    """A tqdm bar for long loads on a terminal; nothing for short ones, in a log file or
+    without tqdm."""
     bar = None
     if total > PROGRESS_MIN_FILES:
         with suppress(ImportError):
             from tqdm import tqdm
-            bar = tqdm(total=total, desc="decoding images", unit="img", leave=False)
+            bar = tqdm(total=total, desc="decoding images", unit="img", leave=False,
+                       disable=None)   # None: off unless stderr is a terminal
     try:
         yield bar
     finally:
