@@ -6,8 +6,10 @@ halves the uplink budget). Every scenario replays the Fashion-MNIST test set thr
 trained model (runs/default) twice: once with the trained threshold fixed, once with the
 controller.
 
-    python benchmarks/adaptive.py                   # all scenarios, ~2 minutes
-    python benchmarks/adaptive.py --only capacity   # one of: target capacity budget shadow ece
+    python -m benchmarks.adaptive                   # all scenarios, ~2 minutes
+    python -m benchmarks.adaptive --only capacity   # one of: target capacity budget shadow ece
+    python -m benchmarks.adaptive --tiny --artifacts DIR --data IDX_DIR --ece-dirs DIR
+                                                    # every scenario at a tenth of its length
 
 Server capacity is emulated where a scenario needs it to bind: a paced worker sleeps
 PER_FRAME_S for every frame after its real tail call, so it serves at most 1 / PER_FRAME_S
@@ -28,11 +30,12 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from common import free_port, metrics, read_jsonl
+from benchmarks import add_tiny, apply_tiny
+from benchmarks.common import free_port, metrics, read_jsonl
 from monitoring.exposition import total
 from monitoring.metrics import READY
 from pipeline.edge.config import EdgeConfig
-from pipeline.edge.producer import EdgeProducer
+from pipeline.edge.producer import AsyncEdge
 from pipeline.edge.results import Summary
 from pipeline.edge.sources import open_source
 from pipeline.model.config import FASHION_MNIST_DIR
@@ -113,7 +116,7 @@ def stream(args, pool: Pool, cfg: EdgeConfig, frames: int, fps: float, results: 
     happened: dict[str, float] = {}
 
     async def main():
-        producer = EdgeProducer(args.artifacts, cfg, registry=CollectorRegistry())
+        producer = AsyncEdge(args.artifacts, cfg, registry=CollectorRegistry())
         if threshold is not None:
             producer.threshold = threshold
         loop = asyncio.get_running_loop()
@@ -130,16 +133,22 @@ def stream(args, pool: Pool, cfg: EdgeConfig, frames: int, fps: float, results: 
     return sorted(read_jsonl(results), key=lambda o: o["capture_ts"]), happened, summary
 
 
-def offload(outcomes) -> float:
-    return sum(o["path"] != "exit" for o in outcomes) / len(outcomes)
+def share(outcomes, counted) -> float | None:
+    """The fraction of `outcomes` that `counted` holds for; None for none (a window that a
+    --tiny run is too short to reach)."""
+    return sum(map(counted, outcomes)) / len(outcomes) if outcomes else None
 
 
-def fallbacks(outcomes) -> float:
-    return sum(o["path"] == "fallback" for o in outcomes) / len(outcomes)
+def offload(outcomes) -> float | None:
+    return share(outcomes, lambda o: o["path"] != "exit")
 
 
-def accuracy(outcomes) -> float:
-    return sum(o["cls"] == o["label"] for o in outcomes) / len(outcomes)
+def fallbacks(outcomes) -> float | None:
+    return share(outcomes, lambda o: o["path"] == "fallback")
+
+
+def accuracy(outcomes) -> float | None:
+    return share(outcomes, lambda o: o["cls"] == o["label"])
 
 
 def between(outcomes, start: float, end: float = float("inf")) -> list[dict]:
@@ -187,6 +196,7 @@ def pct(x) -> str:
 
 def target(args, tmp: Path) -> None:
     """Target offload 30 %: realized within 2 points after 500 frames, accuracy as fixed."""
+    settle = int(500 * args.scale)
     fixed = fixed_threshold_for(args.artifacts, 0.3)
     pool = Pool(args.artifacts, paced=False)
     try:
@@ -196,14 +206,14 @@ def target(args, tmp: Path) -> None:
                 ("controller, target 0.30", EdgeConfig(target_offload=0.3), None)):
             outcomes, _, _ = stream(args, pool, cfg, args.frames, args.fps,
                                  tmp / f"target-{len(rows)}.jsonl", threshold=threshold)
-            after = outcomes[500:]
+            after = outcomes[settle:]
             rows.append((name, pct(offload(after)), pct(accuracy(outcomes)),
                          pct(fallbacks(outcomes))))
     finally:
         pool.close()
     print(f"\n## Target offload 30 % ({args.frames} test frames at {args.fps:.0f} frames/s, "
           f"2 workers)\n")
-    print("| edge | offload after 500 frames | accuracy | fallbacks |\n|---|---|---|---|")
+    print(f"| edge | offload after {settle} frames | accuracy | fallbacks |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
 
@@ -211,7 +221,8 @@ def target(args, tmp: Path) -> None:
 def capacity(args, tmp: Path) -> None:
     """Two paced workers (2 x 200 frames/s) serve 30 % of 1 000 frames/s; one stops at
     `stop_s` (200 < the 300 needed), a new one starts at `restore_s`."""
-    stop_s, restore_s, frames, fps = 6.0, 14.0, 20_000, 1000.0
+    stop_s, restore_s, frames, fps = 6.0 * args.scale, 14.0 * args.scale, 20_000, 1000.0
+    frames, settle_s = int(frames * args.scale), 2.0 * args.scale
     rows = []
     fixed = fixed_threshold_for(args.artifacts, 0.3)
     for name, cfg, threshold in (("fixed threshold (30 %)", EdgeConfig(), fixed),
@@ -229,26 +240,27 @@ def capacity(args, tmp: Path) -> None:
         end = outcomes[-1]["capture_ts"]
         halved, restored = at["stop"], at["restore"]
         settle = settled_after(outcomes, halved, restored)
-        back = between(outcomes, restored + 2.0, end)
+        back = between(outcomes, restored + settle_s, end)
         rows.append((name, pct(offload(between(outcomes, start, halved))),
                      pct(offload(between(outcomes, halved, restored))),
                      pct(fallbacks(between(outcomes, halved, restored))),
-                     pct(fallbacks(between(outcomes, halved + 2.0, restored))),
+                     pct(fallbacks(between(outcomes, halved + settle_s, restored))),
                      "never" if settle is None else f"{settle:.2f} s",
                      pct(offload(back)), pct(fallbacks(back)), pct(accuracy(outcomes))))
     print(f"\n## Server capacity halves ({frames} frames at {fps:.0f} frames/s; 2 workers of "
-          f"{1 / PER_FRAME_S:.0f} frames/s each; w1 stopped at {stop_s:.0f} s, a new worker "
-          f"at {restore_s:.0f} s)\n")
-    print("| edge | offload, 2 workers | offload, 1 worker | fallbacks, 1 worker | ... from "
-          "+2 s | every 1 s window <= 1 % after | offload, restored (+2 s) | fallbacks, "
-          "restored | accuracy |\n|---|---|---|---|---|---|---|---|---|")
+          f"{1 / PER_FRAME_S:.0f} frames/s each; w1 stopped at {stop_s:g} s, a new worker "
+          f"at {restore_s:g} s)\n")
+    print(f"| edge | offload, 2 workers | offload, 1 worker | fallbacks, 1 worker | ... from "
+          f"+{settle_s:g} s | every 1 s window <= 1 % after | offload, restored (+{settle_s:g} "
+          f"s) | fallbacks, restored | accuracy |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
 
 
 def budget(args, tmp: Path) -> None:
     """An uplink budget of `budget_bps`, halved at `halve_s`."""
-    budget_bps, halve_s, frames, fps = 12_000.0, 8.0, 16_000, 1000.0
+    budget_bps, halve_s, frames, fps = 12_000.0, 8.0 * args.scale, 16_000, 1000.0
+    frames, settle_s = int(frames * args.scale), 2.0 * args.scale
     rows = []
     for name, cfg in (("fixed threshold (trained)", EdgeConfig()),
                       (f"controller, budget {budget_bps:.0f} B/s",
@@ -265,16 +277,16 @@ def budget(args, tmp: Path) -> None:
         halved = at["halve"]
 
         def rate(a, b):
-            return sum(o["uplink_bytes"] for o in between(outcomes, a, b)) / (b - a)
+            return sum(o["uplink_bytes"] for o in between(outcomes, a, b)) / max(b - a, 1e-3)
 
-        full, half = rate(start + 2.0, halved), rate(halved + 2.0, end)
+        full, half = rate(start + settle_s, halved), rate(halved + settle_s, end)
         rows.append((name, f"{full:.0f} ({full / budget_bps - 1:+.1%})",
                      f"{half:.0f} ({half / (budget_bps / 2) - 1:+.1%})",
-                     pct(offload(between(outcomes, halved + 2.0, end))),
+                     pct(offload(between(outcomes, halved + settle_s, end))),
                      pct(accuracy(outcomes))))
     print(f"\n## Uplink budget halved ({frames} frames at {fps:.0f} frames/s; "
-          f"{budget_bps:.0f} B/s, then {budget_bps / 2:.0f} B/s from {halve_s:.0f} s; "
-          f"bytes/s measured from 2 s after the start and after the change)\n")
+          f"{budget_bps:.0f} B/s, then {budget_bps / 2:.0f} B/s from {halve_s:g} s; "
+          f"bytes/s measured from {settle_s:g} s after the start and after the change)\n")
     print("| edge | B/s, full budget (vs budget) | B/s, half budget (vs half) | offload, "
           "half budget | accuracy |\n|---|---|---|---|---|")
     for r in rows:
@@ -359,7 +371,10 @@ def main() -> None:
     ap.add_argument("--only", choices=list(SCENARIOS), action="append")
     ap.add_argument("--ece-dirs", nargs="*", default=["runs/default", "runs/paper-sparse",
                                                       "runs/paper-dense"])
+    ap.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, frames=300, scale=0.1)
     tmp = Path(tempfile.mkdtemp(prefix="adaptive-"))
     for name in args.only or SCENARIOS:
         SCENARIOS[name](args, tmp)

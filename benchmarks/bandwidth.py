@@ -10,8 +10,9 @@ frame (every ZeroMQ frame counted) for each coder and the best, average bytes pe
 the share answered on the edge, and split+exit accuracy. The PNG plots accuracy against
 average bytes per frame, with the raw frame and its deflate marked.
 
-    python benchmarks/bandwidth.py                     # the grid below, 3 seeds, 2 at a time
-    python benchmarks/bandwidth.py --seeds 1 --only b32x4 default
+    python -m benchmarks.bandwidth                     # the grid below, 3 seeds, 2 at a time
+    python -m benchmarks.bandwidth --seeds 1 --only b32x4 default
+    python -m benchmarks.bandwidth --tiny --data IDX_DIR --runs DIR   # 1 seed, 1 epoch, 1 model
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import add_tiny, apply_tiny
+from benchmarks.common import DEFAULT_BEFORE_BANDWIDTH
+from pipeline.model.config import FASHION_MNIST_DIR
 
-from common import DEFAULT_BEFORE_BANDWIDTH  # noqa: E402
-from pipeline.model.config import FASHION_MNIST_DIR  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # 38 % offloaded on validation: at least 60 % of test frames answered on the edge (the goal)
 OFFLOAD = "calibrate.target_offload=0.38"
@@ -93,11 +94,11 @@ DENSE_TWIN_PARAMS, DENSE_TWIN_MACS = 32_450, 32_400
 GOAL_ACCURACY = 88.1  # % split+exit: the dense twin's full model (notes/accuracy-study.md)
 
 
-def train(name: str, seed: int, out: Path, threads: int) -> None:
+def train(name: str, seed: int, out: Path, threads: int, extra: list[str] | None = None) -> None:
     config, overrides = GRID[name]
     if (out / "metrics.json").is_file():
         return
-    sets = [a for o in [*overrides, f"train.seed={seed}", f"model.name='{name}'"]
+    sets = [a for o in [*overrides, f"train.seed={seed}", f"model.name='{name}'", *(extra or [])]
             for a in ("--set", o)]
     subprocess.run([sys.executable, "-m", "pipeline.cli", "train", config, "--out", str(out),
                     "--quiet", "--threads", str(threads), *sets], cwd=ROOT, check=True,
@@ -156,25 +157,32 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bandwidth"))
     ap.add_argument("--parallel", type=int, default=2, help="trainings at a time, 1 thread each")
     ap.add_argument("--png", help="the plot (default: RUNS/frontier.png)")
+    ap.add_argument("--data", default=FASHION_MNIST_DIR, help="IDX folder (default: %(default)s)")
+    ap.add_argument("--epochs", type=int, help="override every configuration's epochs")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, seeds=1, only=["paper-sparse"], epochs=1, parallel=1)
     names = args.only or list(GRID)
+    extra = [*([f"data.dir={args.data!r}"] if args.data != FASHION_MNIST_DIR else []),
+             *([f"train.epochs={args.epochs}"] if args.epochs else [])]
     runs = Path(args.runs)
     jobs = [(n, s, runs / f"{n.replace(' ', '_').replace('@', 'at')}-s{s}")
             for n in names for s in range(args.seeds)]
     with ThreadPoolExecutor(args.parallel) as pool:
-        for f in [pool.submit(train, n, s, out, 1) for n, s, out in jobs]:
+        for f in [pool.submit(train, n, s, out, 1, extra) for n, s, out in jobs]:
             f.result()
 
     from pipeline.model.data import load_test_split
 
-    test = load_test_split(FASHION_MNIST_DIR)
+    test = load_test_split(args.data)
     pixels, labels = test.images.astype(np.float32) / 255, test.labels
     deflate = float(np.mean([len(zlib.compress(i.tobytes(), 6)) for i in test.images]))
     results: dict[str, list[dict]] = {}
     for n, _, out in jobs:
         results.setdefault(n, []).append(measure(out, pixels, labels))
 
-    print(f"\nFashion-MNIST test set, {args.seeds} seed(s) each (mean ± sd); bytes count every "
+    source = "Fashion-MNIST" if args.data == FASHION_MNIST_DIR else args.data
+    print(f"\n{source} test set, {args.seeds} seed(s) each (mean ± sd); bytes count every "
           f"ZeroMQ frame; raw frame 784 B, deflate {deflate:.0f} B")
     print("| model | head params | head MACs | vs dense twin (params / MACs) | edge.npz B | "
           "uplink | B/offloaded: none | lz4 | static | best | B per frame | answered on edge | "

@@ -28,9 +28,10 @@ A step of table 3 repeats no message id (up to POOL requests), so the broker's d
 refuses nothing that only a reused id made look in flight; each step starts with the servers
 idle (the previous step's answers all in, or given up on).
 
-    python benchmarks/capacity.py                       # runs/default, a few minutes
-    python benchmarks/capacity.py --seconds 2 --low-rate-requests 500 --start-cameras 400
-    python benchmarks/capacity.py --dtype int8 --codec lz4     # another uplink beside none
+    python -m benchmarks.capacity                       # runs/default, a few minutes
+    python -m benchmarks.capacity --seconds 2 --low-rate-requests 500 --start-cameras 400
+    python -m benchmarks.capacity --dtype int8 --codec lz4     # another uplink beside none
+    python -m benchmarks.capacity --tiny --artifacts DIR --data IDX_DIR   # seconds
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from common import free_port, metrics, start_pool
+from benchmarks import add_tiny, apply_tiny
+from benchmarks.common import free_port, metrics, start_pool
 from monitoring.exposition import total
 from pipeline.edge.config import AUTO, wire_codec, wire_dtype
 from pipeline.edge.numpy_head import NumpyHead, exit_scores, load_numpy_head
@@ -403,7 +405,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tries", type=int, default=2,
                     help="a count of cameras fails only when this many steps at it failed")
     ap.add_argument("--workers", type=int, default=2, help="tail workers")
+    add_tiny(ap)
     args = ap.parse_args(argv)
+    apply_tiny(ap, args, seconds=0.3, low_rate_requests=20, workers=1, start_cameras=5,
+               max_cameras=10, budget_ms=2000.0)
     for wrong, rule in ((args.seconds <= 0, "--seconds must be positive"),
                         (args.low_rate_requests < 10, "--low-rate-requests must be >= 10"),
                         (args.offload is not None and not 0 < args.offload <= 1,

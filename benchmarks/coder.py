@@ -14,9 +14,10 @@ Native and Python requests are checked to be the same bytes. Times are this thre
 time (`time.thread_time`) per frame, best of the repeats, each step measured in turn in every
 repeat, so a busy machine slows them alike; the goals (issue #26) are ratios in one run.
 
-    python benchmarks/coder.py                 # runs/default (`splitexit train default`)
-    python benchmarks/coder.py --quick         # 3 repeats, the Python coder once
+    python -m benchmarks.coder                 # runs/default (`splitexit train default`)
+    python -m benchmarks.coder --quick         # 3 repeats, the Python coder once
     python -m benchmarks.coder --artifacts DIR --data IDX_DIR
+    python -m benchmarks.coder --tiny --artifacts DIR --data IDX_DIR   # 128 frames, --quick
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as on the edge and in a wo
 
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from benchmarks import add_tiny, apply_tiny  # noqa: E402
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head  # noqa: E402
 from pipeline.model.config import FASHION_MNIST_DIR  # noqa: E402
 from pipeline.model.data import load_test_split  # noqa: E402
 from pipeline.protocol import native, wire  # noqa: E402
 from pipeline.protocol.wire import Codec, DType  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCH = 64
 GOALS = (("native encode / (head + exit)", "encode", "head", 0.25, "<="),
@@ -74,7 +75,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=1280, help="test frames (batches of 64)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="3 repeats, the Python coder once")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, frames=2 * BATCH, quick=True)
     if not (Path(args.artifacts) / "edge.npz").is_file():
         sys.exit(f"{args.artifacts} holds no trained model: run `splitexit train default` "
                  f"(writes runs/default) or pass --artifacts DIR")

@@ -3,8 +3,9 @@
 Every number comes from the test split, with the exit threshold chosen on validation by each
 config's policy. Ratios are against the dense twin (paper-dense) of the same seeds.
 
-    python benchmarks/compare_configs.py                    # shipped configs, 3 seeds
-    python benchmarks/compare_configs.py --search --seeds 0  # plus the default's candidates
+    python -m benchmarks.compare_configs                    # shipped configs, 3 seeds
+    python -m benchmarks.compare_configs --search --seeds 0  # plus the default's candidates
+    python -m benchmarks.compare_configs --tiny --data IDX_DIR --out DIR   # 1 seed, 1 epoch
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import DEFAULT_BEFORE_BANDWIDTH
+from benchmarks import add_tiny, apply_tiny
+from benchmarks.common import DEFAULT_BEFORE_BANDWIDTH
 from pipeline.model.config import load_config
 from pipeline.model.train import run
 
@@ -47,7 +49,9 @@ def main() -> None:
     ap.add_argument("--search", action="store_true", help="also train the default's candidates")
     ap.add_argument("--data", help="IDX folder (default: Debian's Fashion-MNIST)")
     ap.add_argument("--out", default="runs/bench")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, seeds=[0], epochs=1)
 
     runs = [(name, name, []) for name in SHIPPED]
     if args.search:

@@ -5,6 +5,7 @@ and rounded to nearest, beside the float32 C head's size.
 
     python -m benchmarks.conv_export runs/bandwidth/conv-sparse-s0
     python -m benchmarks.conv_export DIR --frames 1000        # the first 1000 test frames
+    python -m benchmarks.conv_export DIR --tiny --data IDX_DIR   # the first 32 test frames
 
 Goals (#26): ONNX outputs within 1e-4 of the NumPy head; int8 keeps >= 99.5 % of the exit
 decisions. Calibration uses the training frames as the CLI does (the first 4096).
@@ -26,6 +27,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Hessians crawl on a busy m
 
 import numpy as np  # noqa: E402
 
+from benchmarks import add_tiny, apply_tiny  # noqa: E402
 from pipeline.edge.export_c import C_FILE, export_c  # noqa: E402
 from pipeline.edge.export_onnx import export_onnx  # noqa: E402
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head  # noqa: E402
@@ -104,7 +106,9 @@ def main() -> None:
     ap.add_argument("heads", nargs="+", type=Path, help="trained conv training folders")
     ap.add_argument("--data", default=FASHION_MNIST_DIR, help="IDX or image folder")
     ap.add_argument("--frames", type=int, help="test frames (default: all)")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, frames=32)
     work = Path(tempfile.mkdtemp(prefix="conv-export-"))
     print("| head | export | max |logit err| | max |feature err| | exit decisions kept | "
           "bytes |\n|---|---|---|---|---|---|")

@@ -17,6 +17,7 @@ reference decoder alone (what a worker without a C compiler runs).
 
     python -m benchmarks.decode_worst            # 20 repeats a row
     python -m benchmarks.decode_worst --quick    # 3 repeats, the Python reference once
+    python -m benchmarks.decode_worst --tiny     # once each, packs of at most 16 frames
     timeout 120 stress-ng --cpu 2 & python -m benchmarks.decode_worst    # on a busy machine
 """
 
@@ -29,6 +30,7 @@ import time
 
 import numpy as np
 
+from benchmarks import add_tiny
 from pipeline.protocol import native, wire
 from pipeline.protocol.static_code import StaticCode
 from pipeline.protocol.timing import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
@@ -126,9 +128,10 @@ def decode_or_refuse(msg: bytes, code: StaticCode) -> str:
         return f"refused: {e.reason}"
 
 
-def measure(code: StaticCode, label: str, repeats: int, reference_repeats: int) -> list[str]:
+def measure(code: StaticCode, label: str, repeats: int, reference_repeats: int,
+            frames: int = 256) -> list[str]:
     lines = []
-    for what, msg in rows(code):
+    for what, msg in rows(code, frames):
         outcome = decode_or_refuse(msg, code)
         native_ms, wall_ms = cpu_ms(lambda: decode_or_refuse(msg, code), repeats)
         reference = reference_wall = "-"
@@ -146,13 +149,18 @@ def measure(code: StaticCode, label: str, repeats: int, reference_repeats: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 repeats, the reference once")
+    add_tiny(ap)
     args = ap.parse_args()
     repeats, reference_repeats = (3, 1) if args.quick else (20, 3)
+    frames = 256
+    if args.tiny:
+        repeats, reference_repeats, frames = 1, 1, 16
     print(f"decoders: {native.coder_status()}")
     print(f"{'width':>5} {'message':<42} {'bytes':>7} {'outcome':<13} {'cpu ms':>7} "
           f"{'wall ms':>7} {'py cpu ms':>9} {'py wall ms':>10}")
     for channels in (CHANNELS, wire.MAX_CODED_SYMBOLS // wire.MAX_FRAMES_PER_REQUEST):
-        for line in measure(fitted_code(channels), str(channels), repeats, reference_repeats):
+        for line in measure(fitted_code(channels), str(channels), repeats, reference_repeats,
+                            frames):
             print(line)
     print(f"'cpu/wall ms': wire.decode_request with the decoders above; 'py': the Python "
           f"reference decoder alone. A worker heartbeats every {HEARTBEAT_INTERVAL_S} s and "

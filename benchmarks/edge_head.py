@@ -2,10 +2,11 @@
 torch-free NumPy head, for the paper's sparse head, its dense twin and the recommended
 default; and the edge process itself: resident memory and time from start to first answer.
 
-    python benchmarks/edge_head.py            # runs/paper-sparse, runs/paper-dense, runs/default
-    python benchmarks/edge_head.py --frames 2000 --repeats 5
-    python benchmarks/edge_head.py --conv runs/bandwidth/conv-sparse-s0 runs/bandwidth/conv-dense-s0
-    python benchmarks/edge_head.py --edge default   # only the C edge step beside the C head
+    python -m benchmarks.edge_head            # runs/paper-sparse, runs/paper-dense, runs/default
+    python -m benchmarks.edge_head --frames 2000 --repeats 5
+    python -m benchmarks.edge_head --conv runs/bandwidth/conv-sparse-s0 runs/bandwidth/conv-dense-s0
+    python -m benchmarks.edge_head --edge default   # only the C edge step beside the C head
+    python -m benchmarks.edge_head --tiny --runs DIR --data IDX_DIR   # paper-dense, 1 epoch
 
 The C edge step (`splitexit export --target c`: head, exit score, quantizer, static code,
 wire-v4 REQUEST) is timed beside the C head alone in the same program, on the frames the
@@ -32,6 +33,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as on the edge
 
 import numpy as np  # noqa: E402
 
+from benchmarks import add_tiny, apply_tiny  # noqa: E402
 from pipeline.edge.numpy_head import load_numpy_head  # noqa: E402
 from pipeline.edge.quantize import CALIBRATION_FRAMES  # noqa: E402
 from pipeline.model.config import FASHION_MNIST_DIR  # noqa: E402
@@ -364,12 +366,13 @@ def conv_table(folders: list[Path], data: str, n: int, repeats: int, cflags: lis
               f"{macs / (c_ms * 1e6):.1f} | {macs / rows[0][1]:.2f}x, {c_ms / rows[0][3]:.2f}x |")
 
 
-def trained(art: Path, name: str, data: str) -> Path:
+def trained(art: Path, name: str, data: str, epochs: int | None = None) -> Path:
     """The artifact folder, trained first (`splitexit train NAME`) if it is missing."""
     if not (art / "edge.npz").is_file():
         print(f"I: training {name} into {art}", flush=True)
         subprocess.run([sys.executable, "-m", "pipeline.cli", "train", name, "--out",
-                        str(art), "--quiet", "--data", data], cwd=ROOT, check=True,
+                        str(art), "--quiet", "--data", data,
+                        *(["--epochs", str(epochs)] if epochs else [])], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
     return art
 
@@ -388,13 +391,22 @@ def main() -> None:
     ap.add_argument("--edge", nargs="*", metavar="HEAD", choices=HEADS,
                     help="only the C edge step against the C head alone (float32), for these "
                          "heads (default: all)")
+    ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS,
+                    help="the heads of the main tables (default: all; the dense twin is each "
+                         "one's reference, so it is always among them)")
+    ap.add_argument("--epochs", type=int, help="epochs for the heads trained here")
+    ap.add_argument("--starts", type=int, default=3,
+                    help="edge processes started per head (the best counts)")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, frames=20, repeats=1, heads=["paper-dense"], epochs=1, starts=1)
     if args.edge is not None:
         import tempfile
 
         work = Path(tempfile.mkdtemp(prefix="edge-step-"))
         frames = load_dataset(args.data).test.images[:args.frames].astype(np.float32) / 255
-        print_edge_table({name: c_edge(trained(Path(args.runs) / name, name, args.data),
+        print_edge_table({name: c_edge(trained(Path(args.runs) / name, name, args.data,
+                                               args.epochs),
                                        frames, 5 * args.repeats, work)
                           for name in args.edge or HEADS},
                          args.frames, 5 * args.repeats)
@@ -418,8 +430,9 @@ def main() -> None:
     frames = data.test.images[:args.frames].astype(np.float32) / 255
     calibration = data.train.images[:CALIBRATION_FRAMES].astype(np.float32) / 255
     rows = {}
-    for name in HEADS:
-        art = trained(Path(args.runs) / name, name, args.data)
+    heads = [name for name in HEADS if name in args.heads or name in TWIN.values()]
+    for name in heads:
+        art = trained(Path(args.runs) / name, name, args.data, args.epochs)
         torch_head, numpy_head = load_edge(art).head.eval(), load_numpy_head(art)
         x = torch.from_numpy(frames)
 
@@ -436,8 +449,8 @@ def main() -> None:
                       "numpy": per_frame_us(numpy_head, frames, args.repeats),
                       "onnx": (per_frame_us(onnx, frames, args.repeats)
                                if (onnx := onnx_runner(art, work)) else float("nan")),
-                      "torch_edge": process_start(TORCH_EDGE, art, args.data),
-                      "numpy_edge": process_start(NUMPY_EDGE, art, args.data),
+                      "torch_edge": process_start(TORCH_EDGE, art, args.data, args.starts),
+                      "numpy_edge": process_start(NUMPY_EDGE, art, args.data, args.starts),
                       "c": c_head(art, frames, calibration, 5 * args.repeats, work),
                       "edge": c_edge(art, frames, 5 * args.repeats, work),
                       "table_bytes": table_bytes(stored)}
@@ -472,7 +485,7 @@ def main() -> None:
     if all(r["edge"] for r in rows.values()):
         print_edge_table({name: r["edge"] for name, r in rows.items()}, args.frames,
                          5 * args.repeats)
-    print("\nan edge process answering its first frame (best of 3 processes)")
+    print(f"\nan edge process answering its first frame (best of {args.starts} processes)")
     print("| head | torch edge: s to first answer | RSS MiB | torch-free edge: s | RSS MiB |"
           "\n|---|---|---|---|---|")
     for name, r in rows.items():

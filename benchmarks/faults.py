@@ -5,7 +5,8 @@ Real processes on loopback: a broker, 2 tail workers; the edge producer runs in 
 (The cut and throttled links between network namespaces are in tests/test_netns.py; run it
 with `pytest -s tests/test_netns.py` to see the same figures.)
 
-    python benchmarks/faults.py                 # runs/default, 2000 frames at 200 frames/s
+    python -m benchmarks.faults                 # runs/default, 2000 frames at 200 frames/s
+    python -m benchmarks.faults --tiny --artifacts DIR --data IDX_DIR   # 200 frames, fault at 0.3 s
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
-from common import read_jsonl, start_pool
+from benchmarks import add_tiny, apply_tiny
+from benchmarks.common import read_jsonl, start_pool
 from workers.config import BrokerConfig
 from workers.broker import run_broker
 from pipeline.model.config import FASHION_MNIST_DIR
@@ -40,6 +43,7 @@ def scenario(name, fault, args, tmp: Path, max_wait_ms: float = 2.0) -> dict:
                                args.data)
     finally:
         timer.cancel()
+        timer.join()   # a fault under way ends first: no broker started after the stop
         group.stop()
     outcomes = read_jsonl(results)
     return {"fault": name, "sent": args.frames, "answers": len(outcomes),
@@ -73,13 +77,18 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=200.0)
     ap.add_argument("--deadline-ms", type=float, default=500.0)
     ap.add_argument("--fault-at-s", type=float, default=4.0)
+    ap.add_argument("--stuck-s", type=float, default=3.0, help="how long a worker is stopped")
+    ap.add_argument("--outage-s", type=float, default=1.0, help="how long the broker is down")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, frames=300, fps=300.0, fault_at_s=0.3, stuck_s=0.3, outage_s=0.2)
     tmp = Path(tempfile.mkdtemp(prefix="faults-"))
     rows = [scenario("none", lambda *a: None, args, tmp),
             scenario("worker SIGKILL", kill_worker, args, tmp, max_wait_ms=50.0),
-            scenario("worker stuck 3 s (SIGSTOP/SIGCONT)", stall_worker, args, tmp,
-                     max_wait_ms=50.0),
-            scenario("broker SIGKILL, restarted after 1 s", restart_broker, args, tmp)]
+            scenario(f"worker stuck {args.stuck_s:g} s (SIGSTOP/SIGCONT)",
+                     partial(stall_worker, stuck_s=args.stuck_s), args, tmp, max_wait_ms=50.0),
+            scenario(f"broker SIGKILL, restarted after {args.outage_s:g} s",
+                     partial(restart_broker, outage_s=args.outage_s), args, tmp)]
     print(f"\n{args.frames} frames at {args.fps:g} frames/s, deadline {args.deadline_ms:g} "
           f"ms, fault at {args.fault_at_s:g} s")
     print("| fault | frames sent | final answers | unique | offloaded | fallbacks by reason "

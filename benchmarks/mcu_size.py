@@ -3,6 +3,7 @@
 
     python -m benchmarks.mcu_size                      # every shipped config, float32 and int8
     python -m benchmarks.mcu_size --configs default    # one config
+    python -m benchmarks.mcu_size --tiny --artifacts DIR   # one trained folder, float32
     apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi   # the toolchain (Debian)
 
 How it measures: the exported .c files are compiled (`arm-none-eabi-gcc -mcpu=cortex-m4
@@ -29,6 +30,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks import add_tiny, apply_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "pipeline" / "configs").glob("*.toml"))
@@ -201,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     p.add_argument("--variants", nargs="+", default=["float32", "int8"])
+    p.add_argument("--artifacts", type=Path,
+                   help="measure this trained folder, as the one config --configs names")
+    add_tiny(p)
     args = p.parse_args(argv)
+    apply_tiny(p, args, configs=["default"], variants=["float32"])
+    if args.artifacts and len(args.configs) != 1:
+        p.error("--artifacts stands for one config: name it with --configs NAME")
     if why := missing():
         print(f"error: {why}", file=sys.stderr)
         return 2
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| config | variant | flash KB | static RAM KB | stack KB | RAM KB | fits |")
     print("|---|---|---|---|---|---|---|")
     for name in args.configs:
-        run = _artifact(name)
+        run = args.artifacts or _artifact(name)
         for variant in args.variants:
             with tempfile.TemporaryDirectory() as tmp:
                 why = _export(run, variant, Path(tmp))

@@ -10,8 +10,9 @@ Three tables, all on the Fashion-MNIST test set and a trained artifact directory
    worker's decode per frame (CPU time, one frame a message), and the accuracy each costs
    (all frames offloaded), next to the raw frame and its deflate size.
 
-    python benchmarks/offload.py                       # uses runs/default (trained if missing)
-    python benchmarks/offload.py --frames 5000 --workers 2
+    python -m benchmarks.offload                       # uses runs/default (trained if missing)
+    python -m benchmarks.offload --frames 5000 --workers 2
+    python -m benchmarks.offload --tiny --artifacts DIR --data IDX_DIR   # 100 frames
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import read_jsonl, start_pool
+from benchmarks import add_tiny, apply_tiny
+from benchmarks.common import read_jsonl, start_pool
 from pipeline.protocol import native, wire
 from pipeline.model.artifacts import load_model, load_server, set_threshold
 from pipeline.model.calibrate import OFFLOAD_ALL
@@ -73,7 +75,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=5000)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--latency-fps", type=float, default=200.0)
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, frames=100, latency_fps=1000.0)
     torch.set_num_threads(1)
 
     tmp = Path(tempfile.mkdtemp(prefix="offload-bench-"))

@@ -3,7 +3,8 @@ override) on three stratified 4 000-image Fashion-MNIST subsets, 3 seeds each, a
 paper's own Keras code on the same subsets (../shared/notes/reference-baseline.md).
 
     python ../shared/tools/make_fmnist_subsets.py /usr/share/datasets/fashion-mnist /tmp/subsets
-    python benchmarks/small_data.py /tmp/subsets          # 18 trainings, a few minutes
+    python -m benchmarks.small_data /tmp/subsets          # 18 trainings, a few minutes
+    python -m benchmarks.small_data --tiny DIR   # DIR/subset_101 only, 1 seed, 1 epoch each
 
 Accuracy is the final classifier's on the full 10 000-image test set (what the reference
 reports); split+exit and the epoch kept (best on validation) are printed beside it.
@@ -16,6 +17,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from benchmarks import add_tiny, apply_tiny
 from pipeline.model.config import load_config
 from pipeline.model.train import run
 
@@ -30,14 +32,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="an override for every training (the goal is to need none)")
+    ap.add_argument("--only", nargs="+", default=list(SUBSETS), dest="names",
+                    metavar="NAME", help="the subsets to train on (default: all three)")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, seeds=[0], names=list(SUBSETS[:1]), set=["train.epochs=1"])
     out = Path(tempfile.mkdtemp(prefix="small-data-"))
     print("| config | subset | seed | test accuracy (full model) | split+exit | epoch kept / "
           "run |\n|---|---|---|---|---|---|")
     summary = {}
     for name in REFERENCE:
         accuracies = []
-        for subset in SUBSETS:
+        for subset in args.names:
             for seed in args.seeds:
                 cfg = load_config(name, [f"data.dir='{Path(args.subsets) / subset}'",
                                          f"train.seed={seed}", *args.set])
@@ -52,7 +58,8 @@ def main() -> None:
           "|---|---|---|")
     for name, acc in summary.items():
         ref, ref_sd = REFERENCE[name]
-        print(f"| {name} | **{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f}** "
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        print(f"| {name} | **{statistics.mean(acc):.2f} ± {sd:.2f}** "
               f"({min(acc):.2f}-{max(acc):.2f}) | {ref:.2f} ± {ref_sd:.2f} |")
 
 

@@ -5,8 +5,9 @@ loop over the Fashion-MNIST test set at a fixed rate, and reports the resident m
 every process after a warm-up and at the end, frames sent vs final answers, and fallbacks
 with their reasons.
 
-    python benchmarks/soak.py                        # 10 minutes at 2 x 200 frames/s
-    python benchmarks/soak.py --minutes 1 --fps 100
+    python -m benchmarks.soak                        # 10 minutes at 2 x 200 frames/s
+    python -m benchmarks.soak --minutes 1 --fps 100
+    python -m benchmarks.soak --tiny --artifacts DIR --data IDX_DIR   # 3 s, 1 producer
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import read_jsonl, start_pool
+from benchmarks import add_tiny, apply_tiny
+from benchmarks.common import read_jsonl, start_pool
 from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
@@ -44,7 +46,13 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=200.0, help="per producer")
     ap.add_argument("--producers", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--warmup-s", type=float, default=WARMUP_S,
+                    help="seconds before the first RSS reading")
+    ap.add_argument("--every-s", type=float, default=5.0, help="seconds between RSS readings")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, minutes=0.05, fps=50.0, producers=1, workers=1, warmup_s=0.5,
+               every_s=0.5)
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     frames_each = int(args.fps * args.minutes * 60)
@@ -57,7 +65,7 @@ def main() -> None:
             edges.append(group.start(f"edge-{i}", run_producer, args.artifacts, cfg, "dataset",
                                      args.fps, frames_each, args.data, None, True))
             procs[f"edge-{i}"] = edges[-1]
-        time.sleep(WARMUP_S)
+        time.sleep(args.warmup_s)
         start_rss = {name: rss_mib(p.pid) for name, p in procs.items()}
         end_rss = dict(start_rss)
         started = time.monotonic()
@@ -66,7 +74,7 @@ def main() -> None:
                 value = rss_mib(p.pid)
                 if value is not None and (not name.startswith("edge") or p.is_alive()):
                     end_rss[name] = value
-            time.sleep(5.0)
+            time.sleep(args.every_s)
             print(f"I: {time.monotonic() - started:.0f} s", flush=True)
     finally:
         group.stop()
@@ -78,7 +86,7 @@ def main() -> None:
     paths = Counter(o["path"] for o in outcomes)
     reasons = Counter(o["reason"] for o in outcomes if o["reason"])
     print(f"\nsoak: {args.minutes:g} min at {args.producers} x {args.fps:g} frames/s, "
-          f"{args.workers} workers; RSS after {WARMUP_S:.0f} s warm-up and at the end")
+          f"{args.workers} workers; RSS after {args.warmup_s:g} s warm-up and at the end")
     print("| process | RSS start MiB | RSS end MiB | change |\n|---|---|---|---|")
     for name in procs:
         a, b = start_rss[name], end_rss[name]

@@ -5,9 +5,10 @@ Prints, per shape and batch: multiply-adds, median time of a forward and of a tr
 beside the ideal (the density), and the NumPy twin's forward (pipeline/edge/numpy_conv.py,
 what a torch-free edge would run) against a dense NumPy conv of the same code path.
 
-    python benchmarks/sparse_conv.py             # 2 threads
-    python benchmarks/sparse_conv.py --threads 1
-    python benchmarks/sparse_conv.py --heads runs/conv-sparse runs/conv-dense
+    python -m benchmarks.sparse_conv             # 2 threads
+    python -m benchmarks.sparse_conv --threads 1
+    python -m benchmarks.sparse_conv --heads runs/conv-sparse runs/conv-dense
+    python -m benchmarks.sparse_conv --tiny      # the two small shapes, batch 1, brief timings
 
 With --heads: whole trained heads instead (head + exit + bottleneck, what an edge runs on an
 offloaded frame), per frame at batch 1 and 64 on Fashion-MNIST test frames: the NumPy head
@@ -27,7 +28,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
+from benchmarks import add_tiny  # noqa: E402
 from pipeline.edge.numpy_conv import input_major, sparse_conv2d  # noqa: E402
+from pipeline.model.config import FASHION_MNIST_DIR  # noqa: E402
 from pipeline.model.sparse_conv import SparseConv2d  # noqa: E402
 
 # (name, C_in, C_out, channel fan-out, kernel, side): shapes a small camera head would have.
@@ -40,38 +43,40 @@ SHAPES = [
 BATCHES = (1, 64)
 
 
-def timed(fn, seconds: float = 0.3) -> float:
+TIMED_S, NUMPY_REPEATS = 0.3, 7   # --tiny: far less
+
+
+def timed(fn, seconds: float | None = None) -> float:
     """Median seconds per call."""
     return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(
-        min_run_time=seconds).median
+        min_run_time=TIMED_S if seconds is None else seconds).median
 
 
-def numpy_timed(fn, repeats: int = 7) -> float:
+def numpy_timed(fn, repeats: int | None = None) -> float:
     times = []
-    for _ in range(repeats):
+    for _ in range(NUMPY_REPEATS if repeats is None else repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def heads(dirs: list[str]) -> None:
+def heads(dirs: list[str], data: str, batches=BATCHES) -> None:
     import json
     from pathlib import Path
 
     from pipeline.edge.numpy_head import load_numpy_head
     from pipeline.model.artifacts import load_edge
-    from pipeline.model.config import FASHION_MNIST_DIR
     from pipeline.model.data import load_test_split
 
-    pixels = load_test_split(FASHION_MNIST_DIR).images[:256].astype(np.float32) / 255
+    pixels = load_test_split(data).images[:256].astype(np.float32) / 255
     print("| head | MACs (every frame + offloaded only) | batch | NumPy ms/frame | torch "
           "ms/frame |\n|---|---|---|---|---|")
     for folder in dirs:
         numpy_head, torch_head = load_numpy_head(folder), load_edge(folder).head.eval()
         s = json.loads((Path(folder) / "metrics.json").read_text())["structure"]
         macs = f"{s['edge_macs'] - s['uplink_macs']} + {s['uplink_macs']}"
-        for batch in BATCHES:
+        for batch in batches:
             x = pixels[:batch]
             np_s = timed(lambda: numpy_head(x))
             with torch.inference_mode():
@@ -85,15 +90,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heads", nargs="+", metavar="DIR", help="trained folders to time")
+    ap.add_argument("--data", default=FASHION_MNIST_DIR, help="--heads' test frames")
+    add_tiny(ap)
     args = ap.parse_args()
+    shapes, batches = SHAPES, BATCHES
+    if args.tiny:
+        global TIMED_S, NUMPY_REPEATS
+        TIMED_S, NUMPY_REPEATS, shapes, batches = 0.01, 1, SHAPES[:2], BATCHES[:1]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads\n")
     if args.heads:
-        return heads(args.heads)
+        return heads(args.heads, args.data, batches)
     print("| shape | batch | MACs sparse / dense | fwd sparse ms | fwd dense ms | ratio "
           "(ideal) | step sparse ms | step dense ms | ratio | NumPy fwd sparse ms | "
           "NumPy fwd dense ms |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, c_in, c_out, fan_out, k, side in SHAPES:
+    for name, c_in, c_out, fan_out, k, side in shapes:
         sparse = SparseConv2d(c_in, c_out, fan_out, k, padding=k // 2, seed=0)
         dense = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2)
         density = sparse.fan_in / c_in
@@ -102,7 +113,7 @@ def main() -> None:
         np_bias = sparse.bias.detach().numpy()
         dense_weight = dense.weight.detach().numpy()
         dense_index = np.tile(np.arange(c_in), (c_out, 1))
-        for batch in BATCHES:
+        for batch in batches:
             x = torch.randn(batch, c_in, side, side)
             with torch.inference_mode():
                 fwd = [timed(lambda m=m: m(x)) for m in (sparse, dense)]

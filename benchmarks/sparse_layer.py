@@ -12,6 +12,7 @@ goal: auto >= 0.9x at every shape and batch); the summary line gives its minimum
     python -m benchmarks.sparse_layer --only layers --threads 1 --quick
     python -m benchmarks.sparse_layer --fresh ...    # choose again, ignoring earlier choices
     python -m benchmarks.sparse_layer --threads 1 --cpu-time ...   # busy machine: CPU time
+    python -m benchmarks.sparse_layer --tiny     # the paper's shapes, 1 thread, brief timings
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pipeline  # noqa: F401  (before torch: it sets OpenMP's wait policy, as t
 import torch
 from torch import nn
 
+from benchmarks import add_tiny, apply_tiny
 from pipeline.model.config import load_config
 from pipeline.model.split_model import Head
 from pipeline.model.sparse import SparseLinear
@@ -122,7 +124,9 @@ def main() -> None:
                          "on a shared machine: time given to other processes is not counted)")
     ap.add_argument("--fresh", action="store_true",
                     help="time the kernel choices again in an empty cache (rebuilds the kernel)")
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, threads=[1])
     if args.cpu_time:
         if args.threads != [1]:
             ap.error("--cpu-time needs --threads 1: a parallel kernel's cost is its wall time")
@@ -131,6 +135,8 @@ def main() -> None:
     if args.fresh:
         os.environ["SPLITEXIT_CACHE"] = tempfile.mkdtemp(prefix="splitexit-bench-")
     budget_s, min_rounds = (3.0, 15) if args.quick else (8.0, 25)
+    if args.tiny:
+        budget_s, min_rounds = 0.0, 1
     torch.manual_seed(0)
 
     print(f"torch {torch.__version__}; {'CPU' if args.cpu_time else 'wall'} time, "
@@ -142,7 +148,7 @@ def main() -> None:
     print(header)
     print("|---" * 11 + "|")
     worst, wrong = [], []  # the auto row, and the forced row of the kernel it chose
-    shapes = [] if args.only == "heads" else SHAPES
+    shapes = [] if args.only == "heads" else SHAPES[:3] if args.tiny else SHAPES
     for name, n_in, n_out, fan_out in shapes:
         layer = SparseLinear(n_in, n_out, fan_out, seed=0)
         dense = nn.Linear(n_in, n_out)

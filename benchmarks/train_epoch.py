@@ -9,6 +9,7 @@ pipeline/model/ell_kernel.c (SPLITEXIT_NATIVE=1), "pytorch" keeps it out (SPLITE
 
     python -m benchmarks.train_epoch                   # paper-sparse, paper-dense, default
     python -m benchmarks.train_epoch --pairs 1 --epochs 1
+    python -m benchmarks.train_epoch --tiny --data IDX_DIR   # 1 round, 1 epoch, 3 runs
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import add_tiny, apply_tiny
+
 RUNS = [("paper-dense", "auto"), ("paper-sparse", "auto"), ("paper-sparse", "native"),
         ("paper-sparse", "pytorch"), ("default", "auto"), ("default", "native"),
         ("default", "pytorch")]
 ENV = {"auto": None, "native": "1", "pytorch": "0"}  # SPLITEXIT_NATIVE
 
 
-def one(config: str, epochs: int, threads: int) -> None:
+def one(config: str, epochs: int, threads: int, data: str | None = None) -> None:
     import pipeline  # noqa: F401  (before torch: it sets OpenMP's wait policy, as the CLI does)
     import torch
 
@@ -37,7 +40,8 @@ def one(config: str, epochs: int, threads: int) -> None:
     from pipeline.model.train import dataset, fit
 
     torch.set_num_threads(threads)
-    cfg = load_config(config, [f"train.epochs={epochs}"])
+    cfg = load_config(config, [f"train.epochs={epochs}",
+                               *([f"data.dir={data!r}"] if data else [])])
     data = dataset(cfg)
     cpu = time.process_time()
     _, seconds = fit(cfg, data, progress=False)
@@ -53,22 +57,29 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run; the fastest counts")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data", help="IDX folder (default: each config's, Fashion-MNIST)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    add_tiny(ap)
     args = ap.parse_args()
+    apply_tiny(ap, args, pairs=1, epochs=1)
     if args.one:
-        one(args.one, args.epochs, args.threads)
+        one(args.one, args.epochs, args.threads, args.data)
         return
-    times: dict[tuple[str, str], list[float]] = {run: [] for run in RUNS}
-    cpu: dict[tuple[str, str], list[float]] = {run: [] for run in RUNS}
+    # --tiny: each kernel setting once, on a model of its own (the dense twin first: the
+    # reference every row is compared with)
+    runs = [RUNS[0], RUNS[2], RUNS[6]] if args.tiny else RUNS
+    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    cpu: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     for round_ in range(args.pairs):
-        for config, kernels in RUNS:
+        for config, kernels in runs:
             env = dict(os.environ)
             env.pop("SPLITEXIT_NATIVE", None)
             if ENV[kernels] is not None:
                 env["SPLITEXIT_NATIVE"] = ENV[kernels]
             out = subprocess.run([sys.executable, "-m", "benchmarks.train_epoch", "--one", config,
                                   "--epochs",
-                                  str(args.epochs), "--threads", str(args.threads)],
+                                  str(args.epochs), "--threads", str(args.threads),
+                                  *(["--data", args.data] if args.data else [])],
                                  env=env, check=True, capture_output=True, text=True,
                                  cwd=Path(__file__).resolve().parents[1]).stdout
             result = json.loads(out.strip().splitlines()[-1])
