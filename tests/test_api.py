@@ -104,9 +104,11 @@ def test_the_readme_asyncio_script_answers_a_folder(served, idx_dir):
     assert set(paths) <= {"exit", "offload", "fallback"}
 
 
-def test_classify_is_the_exit_alone_and_submit_falls_back_without_a_server(artifacts, idx_dir):
+def test_classify_is_the_exit_alone_and_submit_falls_back_without_a_server(artifacts, idx_dir,
+                                                                            caplog):
     """No broker listens: unsure frames fall back at their deadline with the exit's answer;
-    sure ones are answered by the exit; every answer is counted like the CLI's."""
+    sure ones are answered by the exit; every answer is counted like the CLI's; and the edge
+    says once that no broker answers."""
     images = camera_images(idx_dir, 30)
     classes = load_numpy_head(artifacts).classes
     registry = CollectorRegistry()
@@ -124,6 +126,8 @@ def test_classify_is_the_exit_alone_and_submit_falls_back_without_a_server(artif
         assert answer.source == "python" and answer.label == 7
         assert answer.class_name == classes[answer.cls]   # the name, beside the index
     assert [a.frame for a in answers] == list(range(len(images)))
+    unreachable = [r for r in caplog.records if "no broker has answered" in r.getMessage()]
+    assert len(unreachable) == 1 and unreachable[0].levelname == "WARNING"
     assert edge.summary.frames == len(images)
     assert total(registry, "splitexit_edge_frames_total", path="fallback") \
         == sum(not a.sure for a in local)

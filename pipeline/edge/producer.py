@@ -131,6 +131,7 @@ class AsyncEdge:
         self.sock.identity = f"edge-{cfg.producer_id}-{os.getpid()}-{id(self):x}".encode()
         cfg.security.client_socket(self.sock)
         self.monitor = self.sock.get_monitor_socket(LINK_EVENTS)
+        self._linked = self._told_unreachable = False   # a broker ever answered the link
         self.sock.connect(cfg.broker)
         self.inflight = InFlight(cfg.deadline_ms / 1000)
         controller = cfg.controller()
@@ -555,8 +556,14 @@ class AsyncEdge:
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
                 continue
-            for r in self.inflight.expire(time.monotonic()):
+            expired = self.inflight.expire(time.monotonic())
+            for r in expired:
                 self._resolve(r)
+            if expired and not self._linked and not self._told_unreachable:
+                self._told_unreachable = True   # once: every later frame would say it again
+                log.warning(f"edge {self.cfg.producer_id}: no broker has answered at "
+                            f"{self.cfg.broker}: offloaded frames get the exit's answer at "
+                            f"their deadline; is `splitexit workers` or `up` running there?")
             self._deliver()
 
     async def _watch(self) -> None:
@@ -566,11 +573,12 @@ class AsyncEdge:
         while True:
             event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._linked = True
                 self.m_ready.set(1)
             elif event == zmq.EVENT_DISCONNECTED:
                 self.m_ready.set(0)
             elif event & HANDSHAKE_FAILED and not told:
-                told = True
+                told = self._told_unreachable = True   # this line says why, not the other
                 self.m_handshake_failures.inc()
                 log.error(f"edge {self.cfg.producer_id}: {HANDSHAKE_HINT}")
 
