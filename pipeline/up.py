@@ -143,8 +143,8 @@ def up(cfg: UpConfig) -> dict:
         tty = sys.stderr.isatty()
         last_line = [0.0]
 
-        def status(final: bool = False):
-            now = time.monotonic()
+        def status(final: bool = False, now: float | None = None):
+            now = time.monotonic() if now is None else now
             if not (tty or final or now - last_line[0] >= STATUS_EVERY_S):
                 return  # a log file gets a line every few seconds, a terminal a live line
             last_line[0] = now
@@ -159,7 +159,9 @@ def up(cfg: UpConfig) -> dict:
                 log.info(line)
 
         group.wait(producers, on_tick=status)
-        status(final=True)
+        ended = time.monotonic()
+        replay_s = ended - started   # the report's rate is the final line's
+        status(final=True, now=ended)
         check_exits(producers)
         for p in producers:
             mark_dead(p.pid)
@@ -170,7 +172,7 @@ def up(cfg: UpConfig) -> dict:
         group.stop()
         if server:
             server.close()
-    report = read_results(results, Path(cfg.artifacts), time.monotonic() - started)
+    report = read_results(results, Path(cfg.artifacts), replay_s)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -84,6 +84,10 @@ def test_up_runs_the_whole_system_and_reports(tmp_path, tiny_config_path, idx_di
     assert report["frames"] == report["unique_frames"] == 200
     assert report["paths"].get("fallback", 0) == 0 and report["paths"]["offload"] > 0
     assert "p99 ms" in r.stdout and "uplink per offloaded frame" in r.stdout
+    # the report's rate is the log's last line's: the same frames over the same replay
+    [reported] = re.findall(r"(\d+) frames/s", r.stdout)
+    logged = re.findall(r"200 frames \((\d+)/s\)", r.stderr)
+    assert logged and logged[-1] == reported
 
 
 def test_endpoints_and_keys_come_from_the_environment_and_flags_mean_one_thing(monkeypatch):
