@@ -133,33 +133,25 @@ def _broker_config(args: argparse.Namespace, security=None,
     on loopback unless `security` says otherwise)."""
     from workers.config import BrokerConfig
 
-    if not args.max_held_mb > 0:
-        raise UserError(f"--max-held-mb {args.max_held_mb} must be positive")
     cfg = BrokerConfig(args.frontend, args.backend, args.max_queue,
                        _queue_timeout_s(args, default_timeout_ms),
                        max_held_bytes=int(args.max_held_mb * (1 << 20)))
-    return cfg if security is None else replace(cfg, security=security)
+    return (cfg if security is None else replace(cfg, security=security)).validate()
 
 
 def _queue_timeout_s(args: argparse.Namespace, default_ms: float | None = None) -> float:
     from workers.config import BrokerConfig
 
     ms = args.queue_timeout_ms if args.queue_timeout_ms is not None else default_ms
-    if ms is None:
-        return BrokerConfig.queue_timeout_s
-    if not ms > 0:
-        raise UserError(f"--queue-timeout-ms {ms} must be positive")
-    return ms / 1000
+    return BrokerConfig.queue_timeout_s if ms is None else ms / 1000
 
 
 def _worker_config(args: argparse.Namespace, backend: str):
     from workers.config import WorkerConfig
 
-    if args.max_batch < 1 or args.max_wait_ms < 0:
-        raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
     security = _security(args, broker=False).check([backend], "worker")
     return WorkerConfig(backend, args.max_batch, args.max_wait_ms, threads=args.threads,
-                        security=security)
+                        security=security).validate()
 
 
 def _cmd_workers(args: argparse.Namespace) -> None:
@@ -233,10 +225,6 @@ def _cmd_up(args: argparse.Namespace) -> None:
     from pipeline.up import UpConfig, format_run_report, up
     from workers.config import WorkerConfig
 
-    if args.workers < 1 or args.producers < 1 or (args.limit is not None and args.limit < 1):
-        raise UserError("--workers, --producers and --limit must be at least 1")
-    if args.max_batch < 1 or args.max_wait_ms < 0:
-        raise UserError("--max-batch must be >= 1 and --max-wait-ms >= 0")
     cfg = UpConfig(args.artifacts, args.workers, args.producers, args.fps, args.limit,
                    args.data, args.run_dir, args.metrics_port, args.metrics_addr, args.hold,
                    _broker_config(args, default_timeout_ms=args.deadline_ms),
@@ -244,7 +232,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
                                 threads=args.threads),
                    EdgeConfig(deadline_ms=args.deadline_ms, dtype=args.dtype, codec=args.codec,
                               max_pack=args.max_pack, target_offload=args.target_offload,
-                              uplink_budget=args.uplink_budget, shadow=args.shadow).validate())
+                              uplink_budget=args.uplink_budget, shadow=args.shadow)).validate()
     report = up(cfg)
     print(format_run_report(report))
     log.info(f"per-frame results in {cfg.run_dir}/edge-*.jsonl, report in "

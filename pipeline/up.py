@@ -23,6 +23,7 @@ from monitoring.exposition import DEFAULT_ADDR, METRICS_PORTS, MetricsServer, \
     claim_metrics_dir, mark_dead, multiprocess_registry, readiness
 from monitoring.metrics import PROMQL
 from pipeline.edge.config import EdgeConfig
+from pipeline.errors import ConfigError
 from pipeline.model.config import CONFIG_DIR, METRICS_FILE
 from pipeline.protocol.frames import DEFAULT_SHAPE
 from workers.config import BrokerConfig, WorkerConfig
@@ -51,6 +52,15 @@ class UpConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
+
+    def validate(self) -> "UpConfig":
+        """The one check of `up`'s settings, its processes' included."""
+        if self.workers < 1 or self.producers < 1 or (self.limit is not None and self.limit < 1):
+            raise ConfigError("--workers, --producers and --limit must be at least 1")
+        self.broker.validate()
+        self.worker.validate()
+        self.edge.validate()
+        return self
 
 
 def _ensure_artifacts(cfg: UpConfig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.errors import ConfigError
 from pipeline.protocol.endpoints import BACKEND, FRONTEND
 from pipeline.protocol.security import PLAINTEXT_LOOPBACK, Security
 from pipeline.protocol.timing import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
@@ -33,6 +34,19 @@ class BrokerConfig:
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     security: Security = PLAINTEXT_LOOPBACK
 
+    def validate(self) -> "BrokerConfig":
+        """The one check of a broker's settings (the CLI and `up` check nothing of their own)."""
+        if self.max_queue < 1:
+            raise ConfigError(f"--max-queue {self.max_queue} must be at least 1")
+        if not self.queue_timeout_s > 0:
+            raise ConfigError(f"--queue-timeout-ms {self.queue_timeout_s * 1000:g} must be "
+                              f"positive")
+        if not self.max_held_bytes > 0:
+            raise ConfigError(f"--max-held-mb {self.max_held_bytes / (1 << 20):g} must be "
+                              f"positive")
+        _check_heartbeats(self.heartbeat_interval_s, self.heartbeat_liveness)
+        return self
+
 
 @dataclass
 class WorkerConfig:
@@ -45,3 +59,20 @@ class WorkerConfig:
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     security: Security = PLAINTEXT_LOOPBACK
+
+    def validate(self) -> "WorkerConfig":
+        """The one check of a worker's settings."""
+        if self.max_batch < 1 or self.max_wait_ms < 0:
+            raise ConfigError(f"--max-batch {self.max_batch} must be >= 1 and --max-wait-ms "
+                              f"{self.max_wait_ms:g} >= 0")
+        if self.credit < 0 or self.threads < 1:
+            raise ConfigError(f"credit {self.credit} must be >= 0 (0: twice --max-batch) and "
+                              f"--threads {self.threads} >= 1")
+        _check_heartbeats(self.heartbeat_interval_s, self.heartbeat_liveness)
+        return self
+
+
+def _check_heartbeats(interval_s: float, liveness: int) -> None:
+    if not interval_s > 0 or liveness < 1:
+        raise ConfigError(f"heartbeats every {interval_s:g} s, {liveness} missed before a peer "
+                          f"is dead: the interval must be positive and liveness at least 1")
