@@ -48,6 +48,9 @@ def test_a_wheel_installed_outside_the_checkout_trains_and_serves(tmp_path, idx_
     run(splitexit, "train", "paper-sparse", "--epochs", "1", "--data", idx_dir, "--out", out,
         "--quiet", cwd=elsewhere)
     assert json.loads((out / "metrics.json").read_text())["model"] == "paper-sparse"
+    run(splitexit, "export", out, "--out", elsewhere / "edge", cwd=elsewhere)   # C sources ship
+    assert {p.name for p in (elsewhere / "edge").glob("*.c")} == {"splitexit_head.c",
+                                                                  "edge_step.c"}
     run(splitexit, "up", "--artifacts", out, "--data", idx_dir, "--workers", "1",
         "--producers", "1", "--limit", "300", "--metrics-port", "0", "--hold", "0",
         "--run-dir", elsewhere / "up", cwd=elsewhere)
