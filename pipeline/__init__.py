@@ -2,7 +2,7 @@
 broker and workers agree on), `edge/` (sources, the in-flight table, the producer), and the
 command line (`cli.py`, `up.py`).
 
-The library's way in (README, "From Python"):
+The library's way in (README, "Python API"):
 
     from pipeline import Edge          # or AsyncEdge, for asyncio
     with Edge("runs/default") as edge:

@@ -210,10 +210,10 @@ def test_a_folder_trained_before_conv_layouts_existed_keeps_its_model_id(artifac
     assert metrics["calibration"]["threshold"] > 0
 
 
-def test_the_readmes_conv_config_is_valid_and_its_error_example_is_what_a_user_sees():
+def test_the_docs_conv_config_is_valid_and_its_error_example_is_what_a_user_sees():
     from tests.conftest import ROOT
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "conv-heads.md").read_text()
     block = readme[readme.index("```toml\n[model]\ninput_shape") + len("```toml\n"):]
     raw = tomllib.loads(block[:block.index("```")])
     model = SplitModel(from_dict(raw).model)
