@@ -187,6 +187,26 @@ static int64_t rans_flush(uint32_t x, uint8_t *p, uint8_t *out, int64_t cap)
     return n;
 }
 
+/* The code's tables in either form: the full ones (entry NULL; rcp optional: NULL divides)
+ * or the device's compact one (entry only, see static_encode_compact below). */
+typedef struct {
+    const uint32_t *code;
+    const uint8_t *length;
+    const uint16_t *freq, *cum;
+    const uint64_t *rcp;
+    const uint16_t *entry;
+} code_tables;
+
+/* A compact entry: (code length - 1) << 12 | cumulative frequency. */
+#define ENTRY_LENGTH(e) ((int)((e) >> 12) + 1)
+#define ENTRY_CUM(e) ((uint32_t)(e) & 0xFFF)
+
+/* Symbol s's frequency from its channel's entries e. */
+static uint32_t entry_freq(const uint16_t *e, int64_t s, int64_t symbols)
+{
+    return (s + 1 < symbols ? ENTRY_CUM(e[s + 1]) : PROB_TOTAL) - ENTRY_CUM(e[s]);
+}
+
 /* rANS (byte-wise, ryg_rans), the last symbol first, so the decoder reads the first first:
  * the state starts at 2^23, emits its low byte while it is at least RANS_EMIT * freq, and
  * ends as 4 big-endian bytes in front. Bytes are written backwards from the end of `out`,
@@ -195,8 +215,8 @@ static int64_t rans_flush(uint32_t x, uint8_t *p, uint8_t *out, int64_t cap)
  * leave, x < 2^19 freq, so x * rcp fits 64 bits and its top bits are exactly x / freq
  * (the error, under x / 2^43 < freq / 2^24 <= 1 / freq, cannot reach the next integer). */
 static int64_t rans_encode_with(const uint8_t *codes, int64_t frames, int64_t channels,
-                                int64_t symbols, const uint16_t *freq, const uint16_t *cum,
-                                const uint64_t *rcp, uint8_t *out, int64_t cap)
+                                int64_t symbols, const code_tables *t, uint8_t *out,
+                                int64_t cap)
 {
     uint32_t x = RANS_LOW;
     uint8_t *p = out + cap;
@@ -205,15 +225,25 @@ static int64_t rans_encode_with(const uint8_t *codes, int64_t frames, int64_t ch
             int64_t s = codes[f * channels + c];
             if (s >= symbols)
                 return ENCODE_SYMBOL;
-            int64_t k = c * symbols + s;
-            uint32_t fr = freq[k];
-            if (fr == 0 || fr > PROB_TOTAL)
-                return ENCODE_TABLE;
+            uint32_t fr, start;
+            uint64_t rcp = 0;
+            if (t->entry) {
+                const uint16_t *e = t->entry + c * symbols;
+                fr = entry_freq(e, s, symbols);
+                start = ENTRY_CUM(e[s]);
+            } else {
+                int64_t k = c * symbols + s;
+                fr = t->freq[k];
+                if (fr == 0 || fr > PROB_TOTAL)
+                    return ENCODE_TABLE;
+                start = t->cum[c * (symbols + 1) + s];
+                rcp = t->rcp ? t->rcp[k] : 0;
+            }
             if ((p = rans_emit(&x, fr, p, out)) == NULL)
                 return ENCODE_CAP;
-            /* (x / fr) << 12 + x % fr + cum, with one product on the critical path */
-            uint32_t q = rcp ? (uint32_t)((x * rcp[k]) >> RCP_SHIFT) : x / fr;
-            x += cum[c * (symbols + 1) + s] + q * (PROB_TOTAL - fr);
+            /* (x / fr) << 12 + x % fr + start, with one product on the critical path */
+            uint32_t q = rcp ? (uint32_t)((x * rcp) >> RCP_SHIFT) : x / fr;
+            x += start + q * (PROB_TOTAL - fr);
         }
     }
     return rans_flush(x, p, out, cap);
@@ -222,7 +252,8 @@ static int64_t rans_encode_with(const uint8_t *codes, int64_t frames, int64_t ch
 int64_t rans_encode(const uint8_t *codes, int64_t frames, int64_t channels, int64_t symbols,
                     const uint16_t *freq, const uint16_t *cum, uint8_t *out, int64_t cap)
 {
-    return rans_encode_with(codes, frames, channels, symbols, freq, cum, NULL, out, cap);
+    const code_tables t = {NULL, NULL, freq, cum, NULL, NULL};
+    return rans_encode_with(codes, frames, channels, symbols, &t, out, cap);
 }
 
 /* What the sizes of a pass over the symbols decide (StaticCode.encode_smallest_reference):
@@ -245,16 +276,7 @@ static int pick(int64_t bits, uint64_t cost, int64_t symbols)
     return PICK_BOTH;
 }
 
-/* The code's tables in either form: the full ones above (entry NULL) or the device's
- * compact one below (entry only); and a coder of either, for encode_picked. */
-typedef struct {
-    const uint32_t *code;
-    const uint8_t *length;
-    const uint16_t *freq, *cum;
-    const uint64_t *rcp;
-    const uint16_t *entry;
-} code_tables;
-
+/* A coder of either form of the tables, for encode_picked. */
 typedef int64_t (*table_coder)(const uint8_t *codes, int64_t frames, int64_t channels,
                                int64_t symbols, const code_tables *t, uint8_t *out,
                                int64_t cap);
@@ -265,15 +287,10 @@ static int64_t huffman_full(const uint8_t *codes, int64_t frames, int64_t channe
     return huffman_encode(codes, frames, channels, symbols, t->code, t->length, out, cap);
 }
 
-static int64_t rans_full(const uint8_t *codes, int64_t frames, int64_t channels,
-                         int64_t symbols, const code_tables *t, uint8_t *out, int64_t cap)
-{
-    return rans_encode_with(codes, frames, channels, symbols, t->freq, t->cum, t->rcp, out, cap);
-}
-
 /* The coder `choice` (pick's) names; both for a close call: Huffman at the start of `out`,
  * rANS after it, the shorter kept at the start. The coders come as pointers, so a device
- * that links only the compact form leaves the full coders out (--gc-sections). */
+ * that links only the compact form leaves the full Huffman coder out (--gc-sections); rANS
+ * reads either form (rans_encode_with). */
 static int64_t encode_picked(const uint8_t *codes, int64_t frames, int64_t channels,
                              int64_t symbols, const code_tables *t, table_coder huffman,
                              table_coder rans, int choice, uint8_t *out, int64_t cap,
@@ -302,7 +319,7 @@ static int64_t encode_sized(const uint8_t *codes, int64_t frames, int64_t channe
                             int32_t *is_rans)
 {
     const code_tables t = {code, length, freq, cum, rcp, NULL};
-    return encode_picked(codes, frames, channels, symbols, &t, huffman_full, rans_full,
+    return encode_picked(codes, frames, channels, symbols, &t, huffman_full, rans_encode_with,
                          pick(bits, cost, frames * channels), out, cap, is_rans);
 }
 
@@ -383,8 +400,6 @@ int64_t static_quantize_encode(const float *x, const float *scale, int64_t level
  * from a sixth of the flash (12.5 KiB); more work per symbol (for Huffman, a pass over the
  * channel's entries). */
 
-#define ENTRY_LENGTH(e) ((int)((e) >> 12) + 1)
-#define ENTRY_CUM(e) ((uint32_t)(e) & 0xFFF)
 #define COST_LOG_BITS 30   /* log2's fraction bits in static_rans_cost */
 #define COST_NEAR 4        /* static_rans_cost_near is within this of static_rans_cost */
 
@@ -447,11 +462,6 @@ uint32_t static_rans_cost_near(uint32_t f)
     return cost_near(f);
 }
 
-/* Symbol s's frequency from its channel's entries e. */
-static uint32_t entry_freq(const uint16_t *e, int64_t s, int64_t symbols)
-{
-    return (s + 1 < symbols ? ENTRY_CUM(e[s + 1]) : PROB_TOTAL) - ENTRY_CUM(e[s]);
-}
 
 /* huffman_encode, each symbol's canonical code counted from its channel's lengths: the
  * codes of (length, symbol) before it in canonical order, each weighing 2^(n - its
@@ -479,28 +489,6 @@ static int64_t huffman_encode_compact(const uint8_t *codes, int64_t frames, int6
         }
     }
     return flush_bits(&w);
-}
-
-/* rans_encode, dividing (no reciprocals in flash). */
-static int64_t rans_encode_compact(const uint8_t *codes, int64_t frames, int64_t channels,
-                                   int64_t symbols, const code_tables *t, uint8_t *out,
-                                   int64_t cap)
-{
-    uint32_t x = RANS_LOW;
-    uint8_t *p = out + cap;
-    for (int64_t f = frames - 1; f >= 0; f--) {
-        for (int64_t c = channels - 1; c >= 0; c--) {
-            int64_t s = codes[f * channels + c];
-            if (s >= symbols)
-                return ENCODE_SYMBOL;
-            const uint16_t *e = t->entry + c * symbols;
-            uint32_t fr = entry_freq(e, s, symbols), start = ENTRY_CUM(e[s]);
-            if ((p = rans_emit(&x, fr, p, out)) == NULL)
-                return ENCODE_CAP;
-            x += start + x / fr * (PROB_TOTAL - fr);
-        }
-    }
-    return rans_flush(x, p, out, cap);
 }
 
 /* static_encode_smallest from the entries: the same choice and bytes. The sizing pass sums
@@ -536,5 +524,5 @@ int64_t static_encode_compact(const uint8_t *codes, int64_t frames, int64_t chan
     }
     const code_tables t = {NULL, NULL, NULL, NULL, NULL, entry};
     return encode_picked(codes, frames, channels, symbols, &t, huffman_encode_compact,
-                         rans_encode_compact, choice, out, cap, is_rans);
+                         rans_encode_with, choice, out, cap, is_rans);
 }
