@@ -139,8 +139,32 @@ static int64_t flush_bits(bit_writer *w)
     return w->pos;
 }
 
-int64_t huffman_encode(const uint8_t *codes, int64_t frames, int64_t channels, int64_t symbols,
-                       const uint32_t *code, const uint8_t *length, uint8_t *out, int64_t cap)
+/* The code's tables in either form: the full ones (entry NULL; rcp optional: NULL divides)
+ * or the device's compact one (entry only, see static_encode_compact below). */
+typedef struct {
+    const uint32_t *code;
+    const uint8_t *length;
+    const uint16_t *freq, *cum;
+    const uint64_t *rcp;
+    const uint16_t *entry;
+} code_tables;
+
+/* A compact entry: (code length - 1) << 12 | cumulative frequency. */
+#define ENTRY_LENGTH(e) ((int)((e) >> 12) + 1)
+#define ENTRY_CUM(e) ((uint32_t)(e) & 0xFFF)
+
+/* Symbol s's frequency from its channel's entries e. */
+static uint32_t entry_freq(const uint16_t *e, int64_t s, int64_t symbols)
+{
+    return (s + 1 < symbols ? ENTRY_CUM(e[s + 1]) : PROB_TOTAL) - ENTRY_CUM(e[s]);
+}
+
+/* Each symbol's code and length from the full tables, or, from the compact entries, its
+ * canonical code counted from its channel's lengths: the codes of (length, symbol) before it
+ * in canonical order, each weighing 2^(n - its length) (RFC 1951's assignment, summed). */
+static int64_t huffman_encode_with(const uint8_t *codes, int64_t frames, int64_t channels,
+                                   int64_t symbols, const code_tables *t, uint8_t *out,
+                                   int64_t cap)
 {
     bit_writer w = {0, 0, 0, cap, out};
     for (int64_t f = 0; f < frames; f++) {
@@ -148,15 +172,35 @@ int64_t huffman_encode(const uint8_t *codes, int64_t frames, int64_t channels, i
             int64_t s = *codes++;
             if (s >= symbols)
                 return ENCODE_SYMBOL;
-            int64_t k = c * symbols + s;
-            int n = length[k];
-            if (n < 1 || n > MAX_CODE_BITS)
-                return ENCODE_TABLE;
-            if (put_bits(&w, code[k], n))
+            uint32_t code = 0;
+            int n;
+            if (t->entry) {
+                const uint16_t *e = t->entry + c * symbols;
+                n = ENTRY_LENGTH(e[s]);
+                for (int64_t u = 0; u < symbols; u++) {
+                    int m = ENTRY_LENGTH(e[u]);
+                    uint32_t before = (uint32_t)((m < n) | ((m == n) & (u < s)));
+                    code += (before << 16) >> (16 + m - n);   /* 2^(n - m); 0 if not before */
+                }
+            } else {
+                int64_t k = c * symbols + s;
+                n = t->length[k];
+                if (n < 1 || n > MAX_CODE_BITS)
+                    return ENCODE_TABLE;
+                code = t->code[k];
+            }
+            if (put_bits(&w, code, n))
                 return ENCODE_CAP;
         }
     }
     return flush_bits(&w);
+}
+
+int64_t huffman_encode(const uint8_t *codes, int64_t frames, int64_t channels, int64_t symbols,
+                       const uint32_t *code, const uint8_t *length, uint8_t *out, int64_t cap)
+{
+    const code_tables t = {code, length, NULL, NULL, NULL, NULL};
+    return huffman_encode_with(codes, frames, channels, symbols, &t, out, cap);
 }
 
 /* Before coding a symbol of frequency fr: x's low bytes out (backwards, ending at p) while
@@ -185,26 +229,6 @@ static int64_t rans_flush(uint32_t x, uint8_t *p, uint8_t *out, int64_t cap)
     int64_t n = out + cap - p;
     memmove(out, p, (size_t)n);
     return n;
-}
-
-/* The code's tables in either form: the full ones (entry NULL; rcp optional: NULL divides)
- * or the device's compact one (entry only, see static_encode_compact below). */
-typedef struct {
-    const uint32_t *code;
-    const uint8_t *length;
-    const uint16_t *freq, *cum;
-    const uint64_t *rcp;
-    const uint16_t *entry;
-} code_tables;
-
-/* A compact entry: (code length - 1) << 12 | cumulative frequency. */
-#define ENTRY_LENGTH(e) ((int)((e) >> 12) + 1)
-#define ENTRY_CUM(e) ((uint32_t)(e) & 0xFFF)
-
-/* Symbol s's frequency from its channel's entries e. */
-static uint32_t entry_freq(const uint16_t *e, int64_t s, int64_t symbols)
-{
-    return (s + 1 < symbols ? ENTRY_CUM(e[s + 1]) : PROB_TOTAL) - ENTRY_CUM(e[s]);
 }
 
 /* rANS (byte-wise, ryg_rans), the last symbol first, so the decoder reads the first first:
@@ -281,16 +305,9 @@ typedef int64_t (*table_coder)(const uint8_t *codes, int64_t frames, int64_t cha
                                int64_t symbols, const code_tables *t, uint8_t *out,
                                int64_t cap);
 
-static int64_t huffman_full(const uint8_t *codes, int64_t frames, int64_t channels,
-                            int64_t symbols, const code_tables *t, uint8_t *out, int64_t cap)
-{
-    return huffman_encode(codes, frames, channels, symbols, t->code, t->length, out, cap);
-}
-
 /* The coder `choice` (pick's) names; both for a close call: Huffman at the start of `out`,
- * rANS after it, the shorter kept at the start. The coders come as pointers, so a device
- * that links only the compact form leaves the full Huffman coder out (--gc-sections); rANS
- * reads either form (rans_encode_with). */
+ * rANS after it, the shorter kept at the start. Both coders read either form of the
+ * tables (huffman_encode_with, rans_encode_with). */
 static int64_t encode_picked(const uint8_t *codes, int64_t frames, int64_t channels,
                              int64_t symbols, const code_tables *t, table_coder huffman,
                              table_coder rans, int choice, uint8_t *out, int64_t cap,
@@ -319,8 +336,37 @@ static int64_t encode_sized(const uint8_t *codes, int64_t frames, int64_t channe
                             int32_t *is_rans)
 {
     const code_tables t = {code, length, freq, cum, rcp, NULL};
-    return encode_picked(codes, frames, channels, symbols, &t, huffman_full, rans_encode_with,
-                         pick(bits, cost, frames * channels), out, cap, is_rans);
+    return encode_picked(codes, frames, channels, symbols, &t, huffman_encode_with,
+                         rans_encode_with, pick(bits, cost, frames * channels), out, cap,
+                         is_rans);
+}
+
+static uint32_t cost_near(uint32_t f);
+
+/* The sizing pass: Huffman's bits and rANS's cost summed over the symbols, from the full
+ * tables (`cost`: StaticCode's, exact) or the compact entries (cost_near's, within
+ * COST_NEAR a symbol). Nonzero for a code not below `symbols`. */
+static int size_symbols(const uint8_t *codes, int64_t frames, int64_t channels,
+                        int64_t symbols, const code_tables *t, const uint32_t *cost,
+                        int64_t *bits, uint64_t *rans)
+{
+    const uint8_t *row = codes;
+    for (int64_t f = 0; f < frames; f++) {
+        for (int64_t c = 0; c < channels; c++) {
+            int64_t s = *row++;
+            if (s >= symbols)
+                return 1;
+            if (t->entry) {
+                const uint16_t *e = t->entry + c * symbols;
+                *bits += ENTRY_LENGTH(e[s]);
+                *rans += cost_near(entry_freq(e, s, symbols));
+            } else {
+                *bits += t->length[c * symbols + s];
+                *rans += cost[c * symbols + s];
+            }
+        }
+    }
+    return 0;
 }
 
 /* StaticCode.encode_smallest: the shorter encoding, Huffman on a tie; *is_rans says which.
@@ -333,18 +379,11 @@ int64_t static_encode_smallest(const uint8_t *codes, int64_t frames, int64_t cha
                                const uint32_t *cost, uint8_t *out, int64_t cap,
                                int32_t *is_rans)
 {
+    const code_tables t = {code, length, freq, cum, rcp, NULL};
     int64_t bits = 0;
     uint64_t rans = 0;
-    const uint8_t *row = codes;
-    for (int64_t f = 0; f < frames; f++) {
-        for (int64_t c = 0; c < channels; c++) {
-            int64_t s = *row++;
-            if (s >= symbols)
-                return ENCODE_SYMBOL;
-            bits += length[c * symbols + s];
-            rans += cost[c * symbols + s];
-        }
-    }
+    if (size_symbols(codes, frames, channels, symbols, &t, cost, &bits, &rans))
+        return ENCODE_SYMBOL;
     return encode_sized(codes, frames, channels, symbols, code, length, freq, cum, rcp, bits,
                         rans, out, cap, is_rans);
 }
@@ -463,34 +502,6 @@ uint32_t static_rans_cost_near(uint32_t f)
 }
 
 
-/* huffman_encode, each symbol's canonical code counted from its channel's lengths: the
- * codes of (length, symbol) before it in canonical order, each weighing 2^(n - its
- * length) (RFC 1951's assignment, summed). */
-static int64_t huffman_encode_compact(const uint8_t *codes, int64_t frames, int64_t channels,
-                                      int64_t symbols, const code_tables *t, uint8_t *out,
-                                      int64_t cap)
-{
-    bit_writer w = {0, 0, 0, cap, out};
-    for (int64_t f = 0; f < frames; f++) {
-        for (int64_t c = 0; c < channels; c++) {
-            int64_t s = *codes++;
-            if (s >= symbols)
-                return ENCODE_SYMBOL;
-            const uint16_t *e = t->entry + c * symbols;
-            int n = ENTRY_LENGTH(e[s]);
-            uint32_t code = 0;
-            for (int64_t u = 0; u < symbols; u++) {
-                int m = ENTRY_LENGTH(e[u]);
-                uint32_t before = (uint32_t)((m < n) | ((m == n) & (u < s)));
-                code += (before << 16) >> (16 + m - n);   /* 2^(n - m); 0 (shift < 32) if not */
-            }
-            if (put_bits(&w, code, n))
-                return ENCODE_CAP;
-        }
-    }
-    return flush_bits(&w);
-}
-
 /* static_encode_smallest from the entries: the same choice and bytes. The sizing pass sums
  * the near costs; only when the choice could differ anywhere within COST_NEAR a symbol of
  * them (pick is monotone: the two ends agree, so does everything between) does it sum the
@@ -499,30 +510,21 @@ int64_t static_encode_compact(const uint8_t *codes, int64_t frames, int64_t chan
                               int64_t symbols, const uint16_t *entry, uint8_t *out, int64_t cap,
                               int32_t *is_rans)
 {
+    const code_tables t = {NULL, NULL, NULL, NULL, NULL, entry};
     int64_t bits = 0, n = frames * channels;
     uint64_t near = 0;
-    const uint8_t *row = codes;
-    for (int64_t f = 0; f < frames; f++) {
-        for (int64_t c = 0; c < channels; c++) {
-            int64_t s = *row++;
-            if (s >= symbols)
-                return ENCODE_SYMBOL;
-            const uint16_t *e = entry + c * symbols;
-            bits += ENTRY_LENGTH(e[s]);
-            near += cost_near(entry_freq(e, s, symbols));
-        }
-    }
+    if (size_symbols(codes, frames, channels, symbols, &t, NULL, &bits, &near))
+        return ENCODE_SYMBOL;
     uint64_t error = (uint64_t)n * COST_NEAR;
     int choice = pick(bits, near + error, n);
     if (choice != pick(bits, near > error ? near - error : 0, n)) {
         uint64_t cost = 0;
-        row = codes;
+        const uint8_t *row = codes;
         for (int64_t f = 0; f < frames; f++)
             for (int64_t c = 0; c < channels; c++)
                 cost += static_rans_cost(entry_freq(entry + c * symbols, *row++, symbols));
         choice = pick(bits, cost, n);
     }
-    const code_tables t = {NULL, NULL, NULL, NULL, NULL, entry};
-    return encode_picked(codes, frames, channels, symbols, &t, huffman_encode_compact,
+    return encode_picked(codes, frames, channels, symbols, &t, huffman_encode_with,
                          rans_encode_with, choice, out, cap, is_rans);
 }
