@@ -300,28 +300,21 @@ static int pick(int64_t bits, uint64_t cost, int64_t symbols)
     return PICK_BOTH;
 }
 
-/* A coder of either form of the tables, for encode_picked. */
-typedef int64_t (*table_coder)(const uint8_t *codes, int64_t frames, int64_t channels,
-                               int64_t symbols, const code_tables *t, uint8_t *out,
-                               int64_t cap);
-
 /* The coder `choice` (pick's) names; both for a close call: Huffman at the start of `out`,
- * rANS after it, the shorter kept at the start. Both coders read either form of the
- * tables (huffman_encode_with, rans_encode_with). */
+ * rANS after it, the shorter kept at the start; either form of the tables. */
 static int64_t encode_picked(const uint8_t *codes, int64_t frames, int64_t channels,
-                             int64_t symbols, const code_tables *t, table_coder huffman,
-                             table_coder rans, int choice, uint8_t *out, int64_t cap,
-                             int32_t *is_rans)
+                             int64_t symbols, const code_tables *t, int choice,
+                             uint8_t *out, int64_t cap, int32_t *is_rans)
 {
     *is_rans = choice == PICK_RANS;
     if (choice == PICK_HUFFMAN)
-        return huffman(codes, frames, channels, symbols, t, out, cap);
+        return huffman_encode_with(codes, frames, channels, symbols, t, out, cap);
     if (choice == PICK_RANS)
-        return rans(codes, frames, channels, symbols, t, out, cap);
-    int64_t h = huffman(codes, frames, channels, symbols, t, out, cap);
+        return rans_encode_with(codes, frames, channels, symbols, t, out, cap);
+    int64_t h = huffman_encode_with(codes, frames, channels, symbols, t, out, cap);
     if (h < 0)
         return h;
-    int64_t r = rans(codes, frames, channels, symbols, t, out + h, cap - h);
+    int64_t r = rans_encode_with(codes, frames, channels, symbols, t, out + h, cap - h);
     if (r < 0 || r >= h)
         return r < 0 ? r : h;
     memmove(out, out + h, (size_t)r);
@@ -336,9 +329,8 @@ static int64_t encode_sized(const uint8_t *codes, int64_t frames, int64_t channe
                             int32_t *is_rans)
 {
     const code_tables t = {code, length, freq, cum, rcp, NULL};
-    return encode_picked(codes, frames, channels, symbols, &t, huffman_encode_with,
-                         rans_encode_with, pick(bits, cost, frames * channels), out, cap,
-                         is_rans);
+    return encode_picked(codes, frames, channels, symbols, &t,
+                         pick(bits, cost, frames * channels), out, cap, is_rans);
 }
 
 static uint32_t cost_near(uint32_t f);
@@ -525,6 +517,5 @@ int64_t static_encode_compact(const uint8_t *codes, int64_t frames, int64_t chan
                 cost += static_rans_cost(entry_freq(entry + c * symbols, *row++, symbols));
         choice = pick(bits, cost, n);
     }
-    return encode_picked(codes, frames, channels, symbols, &t, huffman_encode_with,
-                         rans_encode_with, choice, out, cap, is_rans);
+    return encode_picked(codes, frames, channels, symbols, &t, choice, out, cap, is_rans);
 }
