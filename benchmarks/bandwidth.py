@@ -172,7 +172,7 @@ def main() -> None:
         for f in [pool.submit(train, n, s, out, 1, extra) for n, s, out in jobs]:
             f.result()
 
-    from pipeline.model.data import load_test_split
+    from pipeline.floor.data import load_test_split
 
     test = load_test_split(args.data)
     pixels, labels = test.images.astype(np.float32) / 255, test.labels

@@ -37,8 +37,9 @@ import numpy as np  # noqa: E402
 from benchmarks import add_tiny, apply_tiny  # noqa: E402
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head  # noqa: E402
 from pipeline.model.config import FASHION_MNIST_DIR  # noqa: E402
-from pipeline.model.data import load_test_split  # noqa: E402
-from pipeline.protocol import native, wire  # noqa: E402
+from pipeline.floor.data import load_test_split  # noqa: E402
+from pipeline.floor import native  # noqa: E402
+from pipeline.protocol import wire  # noqa: E402
 from pipeline.protocol.wire import Codec, DType  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

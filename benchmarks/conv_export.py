@@ -5,6 +5,7 @@ and rounded to nearest, beside the float32 C head's size.
 
     python -m benchmarks.conv_export runs/bandwidth/conv-sparse-s0
     python -m benchmarks.conv_export DIR --frames 1000        # the first 1000 test frames
+    python -m benchmarks.conv_export runs/default   # an MLP head: docs/export.md's int8 table
     python -m benchmarks.conv_export DIR --tiny --data IDX_DIR   # the first 32 test frames
 
 Goals (#26): ONNX outputs within 1e-4 of the NumPy head; int8 keeps >= 99.5 % of the exit
@@ -28,12 +29,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # Hessians crawl on a busy m
 import numpy as np  # noqa: E402
 
 from benchmarks import add_tiny, apply_tiny  # noqa: E402
-from pipeline.edge.export_c import C_FILE, export_c  # noqa: E402
-from pipeline.edge.export_onnx import export_onnx  # noqa: E402
+from pipeline.export.export_c import C_FILE, export_c  # noqa: E402
+from pipeline.export.export_onnx import export_onnx  # noqa: E402
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head  # noqa: E402
-from pipeline.edge.quantize import CALIBRATION_FRAMES  # noqa: E402
+from pipeline.export.int8_weights import CALIBRATION_FRAMES  # noqa: E402
 from pipeline.model.config import FASHION_MNIST_DIR  # noqa: E402
-from pipeline.model.data import load_dataset  # noqa: E402
+from pipeline.floor.data import load_dataset  # noqa: E402
 
 P = ctypes.POINTER(ctypes.c_float)
 
@@ -103,7 +104,7 @@ def measure(folder: Path, data: str, frames: int | None, work: Path) -> list[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("heads", nargs="+", type=Path, help="trained conv training folders")
+    ap.add_argument("heads", nargs="+", type=Path, help="trained head folders (conv or MLP)")
     ap.add_argument("--data", default=FASHION_MNIST_DIR, help="IDX or image folder")
     ap.add_argument("--frames", type=int, help="test frames (default: all)")
     add_tiny(ap)

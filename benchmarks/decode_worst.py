@@ -31,8 +31,9 @@ import time
 import numpy as np
 
 from benchmarks import add_tiny
-from pipeline.protocol import native, wire
-from pipeline.protocol.static_code import StaticCode
+from pipeline.floor import native, quantization
+from pipeline.floor.static_code import StaticCode
+from pipeline.protocol import wire
 from pipeline.protocol.timing import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 from pipeline.protocol.wire import Codec, DType
 
@@ -46,7 +47,7 @@ def fitted_code(channels: int = CHANNELS, seed: int = 0) -> StaticCode:
     rng = np.random.default_rng(seed)
     spread = rng.uniform(0.2, 3.0, size=channels)
     x = np.maximum(rng.normal(size=(4000, channels)) * spread, 0).astype(np.float32)
-    return StaticCode.fit(wire.quantize_unsigned(x, BITS)[0], 1 << BITS)
+    return StaticCode.fit(quantization.quantize_unsigned(x, BITS)[0], 1 << BITS)
 
 
 def message(code: StaticCode, symbols: np.ndarray, rans: bool, msg_id: int = 1) -> bytes:

@@ -165,7 +165,7 @@ SHAPES_FRAMES = 1000
 def _slice() -> Path:
     """The first SHAPES_FRAMES Fashion-MNIST training and test frames, as a data folder."""
     from pipeline.model.config import FASHION_MNIST_DIR
-    from pipeline.model.data import _find, read_idx, write_idx
+    from pipeline.floor.data import _find, read_idx, write_idx
 
     out = ROOT / "runs" / "mcu-size" / "data"
     if not (out / "t10k-labels-idx1-ubyte").is_file():

@@ -29,11 +29,12 @@ import torch
 
 from benchmarks import add_tiny, apply_tiny
 from benchmarks.common import read_jsonl, start_pool
-from pipeline.protocol import native, wire
+from pipeline.floor import native, quantization
+from pipeline.protocol import wire
 from pipeline.model.artifacts import load_model, load_server, set_threshold
 from pipeline.model.calibrate import OFFLOAD_ALL
 from pipeline.model.config import FASHION_MNIST_DIR
-from pipeline.model.data import load_test_split
+from pipeline.floor.data import load_test_split
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
 from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES
@@ -131,7 +132,7 @@ def main() -> None:
     for dname, dtype in DTYPE_NAMES.items():
         for cname, codec in CODEC_NAMES.items():
             if codec == wire.Codec.STATIC and (code is None or dtype not in wire.UNSIGNED_BITS
-                                               or code.symbols != 1 << wire.BITS[dtype]):
+                                               or code.symbols != 1 << quantization.BITS[dtype]):
                 continue
             sizes, preds, payloads, encode_s, decode_s = [], [], [], 0.0, 0.0
             for i in range(args.frames):

@@ -67,7 +67,7 @@ def heads(dirs: list[str], data: str, batches=BATCHES) -> None:
 
     from pipeline.edge.numpy_head import load_numpy_head
     from pipeline.model.artifacts import load_edge
-    from pipeline.model.data import load_test_split
+    from pipeline.floor.data import load_test_split
 
     pixels = load_test_split(data).images[:256].astype(np.float32) / 255
     print("| head | MACs (every frame + offloaded only) | batch | NumPy ms/frame | torch "

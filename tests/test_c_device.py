@@ -20,7 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeline import Edge
-from pipeline.edge.export_c import export_c
+from pipeline.export.export_c import export_c
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.floor.data import load_test_split
 from pipeline.protocol.security import Security

@@ -14,9 +14,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline.protocol import native
-from pipeline.protocol.static_code import (COST_BITS, ENCODE_CAP, ENCODE_SYMBOL, PROB_BITS,
-                                           StaticCode)
+from pipeline.floor import native
+from pipeline.floor.code_tables import COST_BITS, PROB_BITS
+from pipeline.floor.static_code import ENCODE_CAP, ENCODE_SYMBOL, StaticCode
 
 LIB = native.coder()
 pytestmark = pytest.mark.skipif(LIB is None, reason=f"no native coder: {native.coder_status()}")

@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.decode_worst import fitted_code, longest_codes, worst_legal
-from pipeline.protocol import native, wire
-from pipeline.protocol.static_code import (ENCODE_CAP, ENCODE_SYMBOL, ERRORS, MAX_CODE_BITS,
-                                           CodeError, StaticCode)
+from pipeline.floor import native, quantization
+from pipeline.floor.code_tables import MAX_CODE_BITS
+from pipeline.floor.static_code import ENCODE_CAP, ENCODE_SYMBOL, ERRORS, CodeError, StaticCode
+from pipeline.protocol import wire
 from pipeline.protocol.wire import Codec, DType
 from tests.conftest import ROOT
 
@@ -80,7 +81,7 @@ def test_native_encoders_write_the_references_bytes(seed, channels, symbols, fra
 
 
 def reference_quantize_encode(code: StaticCode, x: np.ndarray, bits: int):
-    codes, _ = wire.quantize_unsigned(x, bits)
+    codes, _ = quantization.quantize_unsigned(x, bits)
     return (codes, *code.encode_smallest_reference(codes))
 
 
@@ -101,7 +102,7 @@ def test_quantize_and_encode_in_one_call_equals_numpy_then_the_reference(seed, c
     x[rng.random(x.shape) < 0.05] = -0.0
     if frames > 1:
         x[-1] = -1.0                 # an all-negative frame: scale 1, every code 0
-    scales = wire.unsigned_scales(x, levels)
+    scales = quantization.unsigned_scales(x, levels)
     codes, payload, is_rans = code.encode_features(x, scales.astype(np.float32), levels)
     expected = reference_quantize_encode(code, x, bits)
     assert np.array_equal(codes, expected[0])
@@ -113,7 +114,7 @@ def test_extreme_features_quantize_as_numpy_does():
     code = fitted(np.random.default_rng(0), 4, 16)
     x = np.array([[np.inf, 1.0, 0.0, -np.inf], [1e30, 1e-30, 3e-8, 0.0],
                   [65504 * 15, 7.5, -0.0, 1.0], [1e-45, 0.0, 0.0, 0.0]], np.float32)
-    scales = wire.unsigned_scales(x, 15)
+    scales = quantization.unsigned_scales(x, 15)
     got = code.encode_features(x, scales.astype(np.float32), 15)
     expected = reference_quantize_encode(code, x, 4)
     assert np.array_equal(got[0], expected[0]) and got[1:] == expected[1:]
@@ -408,7 +409,7 @@ def test_the_coder_is_clean_under_the_sanitizers(sanitized, which):
         x = rng.normal(size=(frames, code.channels)).astype(np.float32)
         levels = min(code.symbols - 1, 255)
         bits = int(np.log2(levels + 1))
-        scales = wire.unsigned_scales(x, levels)
+        scales = quantization.unsigned_scales(x, levels)
         session.quantize(x, scales, levels, code._cap(frames, False) + code._cap(frames, True))
         expected.append(("quantize", reference_quantize_encode(code, x, bits)))
     answers = session.run(sanitized)

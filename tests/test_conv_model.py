@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError
 from pipeline.model.artifacts import save_artifacts
 from pipeline.model.config import apply_overrides, from_dict
 from pipeline.model.split_model import SplitModel, describe
-from pipeline.protocol.frames import to_pixels
+from pipeline.floor.frames import to_pixels
 from tests.conftest import free_port
 from tests.image_sets import write_colour_set
 from tests.test_cli import splitexit

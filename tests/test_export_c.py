@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.edge.export_c import C_FILE, H_FILE, export_c
+from pipeline.export.export_c import C_FILE, H_FILE, export_c
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
-from pipeline.edge.quantize import compensated_rows, int8_head, int8_tables, quantize_rows
+from pipeline.export.int8_weights import compensated_rows, int8_head, int8_tables, quantize_rows
 from pipeline.model.artifacts import load_edge
 from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.floor.data import load_dataset, load_test_split
-from pipeline.protocol.wire import DType, dequantize, quantize
+from pipeline.floor.quantization import DType, dequantize, quantize
 from tests.test_cli import one_line_failure, splitexit
 from tests.test_conv_model import conv_artifact
 

@@ -1,4 +1,4 @@
-"""The exported C edge step (pipeline/edge/edge_step.c + export_edge.py), compiled with cc:
+"""The exported C edge step (pipeline/export/edge_step.c + export_edge.py), compiled with cc:
 its decisions and its REQUEST bytes against the Python edge's for the same frame and message
 id, its quantizer and coder bit for bit on the same features, and its answer decoding
 against wire.decode_answer on valid and broken messages."""
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.edge.config import AUTO, wire_codec, wire_dtype
-from pipeline.edge.export_c import C_FILE, export_c
-from pipeline.edge.export_edge import EDGE_FILES, EDGE_H, STEP_C
+from pipeline.export.export_c import C_FILE, export_c
+from pipeline.export.export_edge import EDGE_FILES, EDGE_H, STEP_C
 from pipeline.edge.inflight import reply_fault
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
 from pipeline.model.config import FASHION_MNIST_DIR

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.edge.export_onnx import IR_VERSION, OPSET, export_onnx
+from pipeline.export.export_onnx import IR_VERSION, OPSET, export_onnx
 from pipeline.edge.numpy_head import load_numpy_head
 from pipeline.model.artifacts import load_edge
 from pipeline.floor.data import load_dataset
-from pipeline.protocol.edge_artifact import EDGE_NPZ
+from pipeline.floor.edge_artifact import EDGE_NPZ
 from tests.test_cli import splitexit
 from tests.test_conv_model import conv_artifact
 from tests.test_export_c import CONV_LAYOUTS

@@ -22,7 +22,8 @@ import pytest
 import zmq
 
 from benchmarks.decode_worst import longest_codes, message, worst_legal
-from pipeline.protocol import native, wire
+from pipeline.floor import native
+from pipeline.protocol import wire
 from pipeline.protocol.wire import Codec, DType, Refusal
 from tests.conftest import ROOT, free_port, train_bottleneck
 from workers.broker import run_broker

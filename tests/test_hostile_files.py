@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.edge.export_c import C_FILE, H_FILE, export_c
-from pipeline.edge.export_onnx import export_onnx
+from pipeline.export.export_c import C_FILE, H_FILE, export_c
+from pipeline.export.export_onnx import export_onnx
 from pipeline.edge.numpy_head import load_numpy_head
 from pipeline.errors import ArtifactError
-from pipeline.protocol.edge_artifact import EDGE_NPZ, write_edge_npz
+from pipeline.floor.edge_artifact import EDGE_NPZ, write_edge_npz
 
 CC = shutil.which("gcc") or shutil.which("cc")
 RNG = np.random.default_rng(25)

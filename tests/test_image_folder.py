@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError
-from pipeline.floor import image_folder
+from pipeline.floor import frames, image_folder
 from pipeline.floor.data import write_idx
+from pipeline.floor.frames import fit_frame, to_pixels
 from pipeline.floor.image_folder import (is_image_folder, load_image_folder,
                                          load_image_folder_test)
-from pipeline.protocol import frames
-from pipeline.protocol.frames import fit_frame, to_pixels
 from tests.image_sets import huge_png, write_colour_set
 
 SMALL_VAL = {"val_fraction": 0.1, "val_min": 10}  # 200 images do not hold VAL_MIN out

@@ -41,7 +41,12 @@ PLANTED = [
     ("pipeline/floor/_planted.py", "import torch", "Protocol and the floor import no torch"),
     ("pipeline/floor/_planted.py", "from pipeline.edge import numpy_head", "Layers"),
     ("pipeline/model/_planted.py", "from pipeline.edge import numpy_head", "Layers"),
-    ("pipeline/protocol/_planted.py", "from pipeline.floor import data", "Layers"),
+    ("pipeline/floor/_planted.py", "from pipeline.protocol import wire", "Layers"),
+    ("pipeline/protocol/_planted.py", "from pipeline.edge import numpy_head", "Layers"),
+    ("pipeline/edge/_planted.py", "from pipeline.export import export_c", "Layers"),
+    ("pipeline/export/_planted.py", "from workers import broker", "Layers"),
+    ("pipeline/export/_planted.py", "import torch", "The exporters import"),
+    ("pipeline/export/_planted.py", "from pipeline.model import config", "The exporters import"),
     ("workers/_planted.py", "from pipeline import cli", "Layers"),
     # floor.data imports floor.splits: splits importing data back closes a cycle
     ("pipeline/floor/splits.py", "from pipeline.floor import data", "No import cycles"),
@@ -85,8 +90,9 @@ def test_a_planted_import_breaks_its_contract(tree, path, line, contract):
     assert name.rsplit(".", 1)[-1] in done.stdout, done.stdout
 
 
-@pytest.mark.parametrize("module", ["pipeline.edge.producer", "pipeline.edge.blocking",
-                                    "pipeline.edge.sources", "pipeline.edge.export_c",
+@pytest.mark.parametrize("module", ["pipeline.edge.producer", "pipeline.edge.async_edge",
+                                    "pipeline.edge.blocking",
+                                    "pipeline.edge.sources", "pipeline.export.export_c",
                                     "workers.broker"])
 def test_the_edge_and_the_broker_load_no_torch(module):
     """What lint-imports cannot see: imports made at run time (pipeline's lazy API)."""

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from benchmarks import mcu_size
-from pipeline.edge.export_c import export_c
-from pipeline.edge.export_edge import MODEL_H
+from pipeline.export.export_c import export_c
+from pipeline.export.export_edge import MODEL_H
 
 WHY_NOT = mcu_size.missing()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no Cortex-M4 build: {WHY_NOT}")

@@ -18,7 +18,7 @@ from pipeline.errors import ArtifactError
 from pipeline.model.artifacts import load_edge, load_model
 from pipeline.model.calibrate import exit_scores as torch_exit_scores
 from pipeline.floor.data import load_dataset
-from pipeline.protocol.edge_artifact import EDGE_NPZ
+from pipeline.floor.edge_artifact import EDGE_NPZ
 from tests.conftest import ROOT, free_port
 from workers.broker import run_broker
 from workers.config import BrokerConfig, WorkerConfig

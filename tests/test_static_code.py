@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.protocol import native, wire
-from pipeline.protocol.static_code import MAX_CODE_BITS, CodeError, StaticCode
+from pipeline.floor import native, quantization
+from pipeline.floor.code_tables import MAX_CODE_BITS
+from pipeline.floor.static_code import CodeError, StaticCode
+from pipeline.protocol import wire
 from pipeline.protocol.wire import Codec, DType, WireError
 
 TAG = bytes(4)
@@ -26,13 +28,13 @@ def relu_features(frames: int, width: int = 32, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def code4() -> StaticCode:
-    codes, _ = wire.quantize_unsigned(relu_features(5000), 4)
+    codes, _ = quantization.quantize_unsigned(relu_features(5000), 4)
     return StaticCode.fit(codes, 16)
 
 
 @pytest.mark.parametrize("coder", ["huffman", "rans"])
 def test_both_coders_round_trip_exactly(code4, coder):
-    codes, _ = wire.quantize_unsigned(relu_features(40, seed=5), 4)
+    codes, _ = quantization.quantize_unsigned(relu_features(40, seed=5), 4)
     encode, decode = ((code4.encode, code4.decode) if coder == "huffman"
                       else (code4.encode_rans, code4.decode_rans))
     for n in (1, 7, 40):
@@ -45,12 +47,12 @@ def test_rans_wins_on_wide_sparse_features_and_the_wire_says_so():
     def sparse(frames):
         keep = rng.random((frames, 400)) < 0.2
         return (keep * rng.uniform(0.1, 1.0, (frames, 400))).astype(np.float32)
-    codes, _ = wire.quantize_unsigned(sparse(4000), 4)
+    codes, _ = quantization.quantize_unsigned(sparse(4000), 4)
     code = StaticCode.fit(codes, 16)
     x = sparse(1)
     [msg] = wire.encode_request(1, TAG, x, DType.UINT4, Codec.STATIC, code)
     assert Codec(msg[2] & 0xF) == Codec.RANS
-    symbols, _ = wire.quantize_unsigned(x, 4)
+    symbols, _ = quantization.quantize_unsigned(x, 4)
     assert len(code.encode_rans(symbols)) < 0.9 * len(code.encode(symbols))
     assert np.array_equal(wire.decode_request([msg], code).features,
                           wire.decode_request(wire.encode_request(1, TAG, x, DType.UINT4,
@@ -229,7 +231,7 @@ def test_every_honest_encoding_is_within_the_payload_budget(seed, channels, symb
 
 
 def test_the_reference_heartbeats_once_a_frame(code4):
-    codes, _ = wire.quantize_unsigned(relu_features(9, seed=2), 4)
+    codes, _ = quantization.quantize_unsigned(relu_features(9, seed=2), 4)
     for encode, decode in ((code4.encode, code4.decode_reference),
                            (code4.encode_rans, code4.decode_rans_reference)):
         ticks = []
@@ -250,6 +252,6 @@ def test_without_the_native_coder_the_reference_decodes(env, message, monkeypatc
     assert native.coder() is None
     status = native.coder_status()
     assert status.startswith(message) and "\n" not in status
-    codes, _ = wire.quantize_unsigned(relu_features(5, seed=3), 4)
+    codes, _ = quantization.quantize_unsigned(relu_features(5, seed=3), 4)
     assert np.array_equal(code4.decode(code4.encode(codes), 5), codes)
     assert np.array_equal(code4.decode_rans(code4.encode_rans(codes), 5), codes)

@@ -258,7 +258,7 @@ def test_the_size_caps_hold_the_largest_legal_messages():
 
 
 def test_entropy_coded_requests_are_budgeted_before_decoding():
-    from pipeline.protocol.static_code import StaticCode
+    from pipeline.floor.static_code import StaticCode
 
     wide = StaticCode(np.full((2048, 16), 256))   # every symbol 4 bits, so never smaller
     x = features(200, 2048)                       # 409 600 features > MAX_CODED_SYMBOLS
@@ -278,7 +278,7 @@ def test_entropy_coded_requests_are_budgeted_before_decoding():
 def test_another_models_request_is_wrong_model_before_its_payload_is_read():
     """A worker of another model lacks the code the features were coded with: it must say
     wrong_model from the header, not that the payload is bad."""
-    from pipeline.protocol.static_code import StaticCode
+    from pipeline.floor.static_code import StaticCode
 
     code = StaticCode(np.array([[2045, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1, 1, 1, 1,
                                  1]] * 40))

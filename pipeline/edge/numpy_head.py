@@ -1,6 +1,6 @@
 """The head and its exit in NumPy: what an edge device runs, without torch.
 
-It runs the edge artifact DIR/edge.npz (its layout: pipeline.protocol.edge_artifact). A
+It runs the edge artifact DIR/edge.npz (its layout: pipeline.floor.edge_artifact). A
 sparse junction is a gather, a multiply and a sum over d_in; a sparse conv one product per
 input channel with the kernels that read it (pipeline.edge.numpy_conv): storage and work
 scale with the real weights, never with N_in x N_out.
@@ -18,9 +18,9 @@ import numpy as np
 from pipeline.edge.numpy_conv import (adaptive_avg_pool2d, input_major, max_pool2d,
                                       sparse_conv2d)
 from pipeline.errors import ArtifactError
+from pipeline.floor.edge_artifact import UPLINK_CODE, read_edge_npz
 from pipeline.floor.scores import SCORES, exit_scores   # re-exported: the edge's API
-from pipeline.protocol.edge_artifact import UPLINK_CODE, read_edge_npz
-from pipeline.protocol.static_code import StaticCode
+from pipeline.floor.static_code import StaticCode
 
 __all__ = ["Junction", "ConvStage", "NumpyHead", "load_numpy_head", "exit_scores", "SCORES"]
 
@@ -98,7 +98,7 @@ class NumpyHead:
     code: StaticCode | None     # the uplink's static entropy code, if trained for one
     temperature: float = 1.0    # scores are computed on softmax(exit logits / temperature)
     input_shape: tuple[int, int, int] = (1, 28, 28)  # what frames are fitted to (C, H, W)
-    resize: str = "stretch"     # how (pipeline.protocol.frames)
+    resize: str = "stretch"     # how (pipeline.floor.frames)
     exit_pool: int = 0          # a conv exit averages its input to exit_pool^2 bins first
     width: int = 0              # features per frame at the split (what goes on the wire)
 

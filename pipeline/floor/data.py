@@ -5,7 +5,7 @@ in one folder per class (image_folder.py). Torch-free: the edge reads its frames
 Debian's `dataset-fashion-mnist` puts the four files in /usr/share/datasets/fashion-mnist.
 The validation split is held out from train with a seed; test is only read for evaluation.
 Images come fitted to the model's input shape by the conversion the edge applies to its
-frames (pipeline.protocol.frames), so both see the same pixels.
+frames (pipeline.floor.frames), so both see the same pixels.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.errors import DataError
 from pipeline.floor.splits import (FASHION_CLASSES, VAL_FRACTION, VAL_MIN, Dataset, Split,
                                    validation_size)
-from pipeline.protocol.frames import DEFAULT_SHAPE, fit_frame
+from pipeline.floor.frames import DEFAULT_SHAPE, fit_frame
 
 __all__ = ["Split", "Dataset", "read_idx", "write_idx", "load_dataset", "load_test_split",
            "validation_size", "VAL_FRACTION", "VAL_MIN", "FASHION_CLASSES", "FASHION_MNIST_DIR"]

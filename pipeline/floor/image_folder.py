@@ -8,7 +8,7 @@ Two layouts:
   fixed seed so it stays the same whatever train.seed is (results stay comparable across
   seeds); validation is then held out from the rest with the training seed.
 
-Every image goes through `pipeline.protocol.frames.fit_frame`, the conversion the edge uses,
+Every image goes through `pipeline.floor.frames.fit_frame`, the conversion the edge uses,
 so training sees exactly the pixels the edge sees for the same picture. Classes are the sorted
 class folder names; files are taken in sorted order; names starting with "." are ignored
 (editor and macOS debris), as are files without an image extension.
@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.floor.splits import VAL_FRACTION, VAL_MIN, Dataset, Split, validation_size
-from pipeline.protocol.frames import (DEFAULT_SHAPE, IMAGE_EXTENSIONS, RESIZE_MODES,
+from pipeline.floor.frames import (DEFAULT_SHAPE, IMAGE_EXTENSIONS, RESIZE_MODES,
                                       check_shape, fit_frame, opencv, read_image)
 
 __all__ = ["is_image_folder", "load_image_folder", "load_image_folder_test", "TEST_FRACTION"]

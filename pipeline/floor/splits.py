@@ -20,7 +20,7 @@ VAL_MIN = 200           # enough to place a threshold and stop early on a small 
 
 @dataclass
 class Split:
-    images: np.ndarray  # (N, C*H*W) uint8, channel-major (pipeline.protocol.frames)
+    images: np.ndarray  # (N, C*H*W) uint8, channel-major (pipeline.floor.frames)
     labels: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:

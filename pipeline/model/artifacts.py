@@ -9,7 +9,7 @@ fitted on validation; absent in older artifacts: 1), so a 0.9-confident answer i
 90 % of the time and the exit threshold means what it says.
 
 A model trained for its uplink also carries, in all three, the code lengths of its static
-entropy code (pipeline.protocol.static_code), so the edge and the worker code alike.
+entropy code (pipeline.floor.static_code), so the edge and the worker code alike.
 
 Both are plain dicts of tensors, strings and numbers, so `torch.load(weights_only=True)` reads
 them (no pickled code crosses from the training box to a device). Sparse junctions are
@@ -31,8 +31,8 @@ import torch
 
 from pipeline.model.config import Config, from_dict
 from pipeline.errors import ArtifactError, UserError
-from pipeline.protocol.edge_artifact import EDGE_NPZ, UPLINK_CODE, write_edge_npz
-from pipeline.protocol.static_code import StaticCode
+from pipeline.floor.edge_artifact import EDGE_NPZ, UPLINK_CODE, write_edge_npz
+from pipeline.floor.static_code import StaticCode
 from pipeline.model.split_model import ConvLayer, Head, SplitModel, Tail
 
 __all__ = ["EDGE_FILE", "SERVER_FILE", "compute_model_id", "save_artifacts", "save_edge_npz",

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.floor.data import FASHION_MNIST_DIR
+from pipeline.floor.edge_artifact import (MAX_ARRAY_BYTES, MAX_KERNEL, MAX_LAYERS, MAX_SIDE,
+                                          MAX_WIDTH)
+from pipeline.floor.frames import RESIZE_MODES
 from pipeline.floor.scores import SCORES
 from pipeline.floor.splits import VAL_FRACTION, VAL_MIN
-from pipeline.protocol.edge_artifact import (MAX_ARRAY_BYTES, MAX_KERNEL, MAX_LAYERS, MAX_SIDE,
-                                             MAX_WIDTH)
-from pipeline.protocol.frames import RESIZE_MODES
 
 __all__ = ["ModelConfig", "TrainConfig", "CalibrationConfig", "DataConfig", "Config",
            "load_config", "apply_overrides", "CONFIG_DIR", "resolve_config_path"]
@@ -50,7 +50,7 @@ class ModelConfig:
     fan_out: list[int]         # per junction; equal to the next width means dense
     name: str = "model"
     # Frames are fitted to channels x height x width (1: grey, 3: colour) the same way in
-    # training and on the edge (pipeline/protocol/frames.py); `resize`: stretch or crop.
+    # training and on the edge (pipeline/floor/frames.py); `resize`: stretch or crop.
     input_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
     resize: str = "stretch"
     input_size: int = 0        # pixels per frame; 0 = channels x height x width

@@ -4,7 +4,7 @@ Why not a torch C++ extension: the kernel needs no torch API (it reads and write
 buffers), so a plain C file builds in about a second with `cc`, where a torch extension
 compiles torch's headers for a minute and needs ninja. It is built for the machine it runs
 on (`-march=native`), cached by a hash of source, compiler and flags, and loaded with ctypes
-(pipeline.protocol.native builds it, as it builds the uplink's coder).
+(pipeline.floor.native builds it, as it builds the uplink's coder).
 
 When it cannot be used -- no compiler, a failed build, or SPLITEXIT_NATIVE=0 -- `library()`
 returns None, `status()` says why in one line, and SparseLinear runs its PyTorch kernels.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from pipeline.protocol import native
-from pipeline.protocol.native import DISABLE_ENV, cache_dir
+from pipeline.floor import native
+from pipeline.floor.native import DISABLE_ENV, cache_dir
 
 __all__ = ["library", "status", "cache_dir", "DISABLE_ENV"]
 

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from pipeline.model import ell_native
-from pipeline.protocol import native
+from pipeline.floor import native
 
 __all__ = ["choose", "time_kernels", "made", "forget", "choices_file"]
 

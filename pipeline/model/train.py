@@ -27,8 +27,8 @@ from pipeline.model.config import METRICS_FILE, Config, TrainConfig
 from pipeline.floor.data import Dataset, Split, load_dataset
 from pipeline.errors import ArtifactError, DataError
 from pipeline.model.split_model import SplitModel, describe
-from pipeline.protocol.static_code import StaticCode
-from pipeline.protocol.wire import quantize_unsigned
+from pipeline.floor.quantization import quantize_unsigned
+from pipeline.floor.static_code import StaticCode
 
 __all__ = ["fit", "predict", "run", "calibrate_dir", "dataset", "METRICS_FILE"]
 

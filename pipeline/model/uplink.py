@@ -1,11 +1,11 @@
 """The uplink as training sees it: the split features quantized exactly as the wire sends them.
 
 With `model.uplink_bits` set, training runs the tail on features that went through the
-wire's unsigned quantization (pipeline.protocol.wire.quantize_unsigned: each frame scaled so
-its peak is the top code, the scale rounded to the float16 it travels as, codes rounded half
-to even) and back, so what is trained is what is sent. Rounding has no useful gradient; the
-straight-through estimator passes the gradient of the dequantized features to the features
-unchanged (Bengio et al., 2013).
+wire's unsigned quantization (pipeline.floor.quantization.quantize_unsigned: each frame
+scaled so its peak is the top code, the scale rounded to the float16 it travels as, codes
+rounded half to even) and back, so what is trained is what is sent. Rounding has no useful
+gradient; the straight-through estimator passes the gradient of the dequantized features to
+the features unchanged (Bengio et al., 2013).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.model.config import UPLINK_BITS
-from pipeline.protocol.wire import FLOAT16_MAX, SCALE_MIN
+from pipeline.floor.quantization import FLOAT16_MAX, SCALE_MIN
 
 __all__ = ["fake_quantize", "UPLINK_BITS"]
 

@@ -28,13 +28,11 @@ Decoding trusts nothing: sizes are capped before anything is decompressed, shape
 equal the payload length, values must be finite. Every bad input raises WireError with a
 short reason (a bounded metric label), never anything else.
 
-An entropy-coded payload (STATIC, RANS) has a budget the header sets before a bit of it is
-decoded: at most MAX_CODED_SYMBOLS features (an edge sends a larger pack as packed codes),
-fewer bytes than those packed codes (the edge codes only when that shrinks them), and within
-what the model's code can write for that many frames (StaticCode.payload_bounds). Both
-decoders are linear, so the largest legal message costs a worker a few ms of CPU (see
-workers/tail_worker.py). MAX_REQUEST_BYTES and MAX_REPLY_BYTES are the largest legal
-messages each way: the ZMQ_MAXMSGSIZE of the sockets that receive them.
+The payload (features quantized to a dtype by pipeline/floor/quantization.py, packed by a
+codec, with the entropy codes' budget) is payload.py's; this module frames it. Users import
+the wire from here alone: the dtypes, codecs and WireError a header and its checks name are
+imported into this module's API. MAX_REQUEST_BYTES and MAX_REPLY_BYTES are the largest
+legal messages each way: the ZMQ_MAXMSGSIZE of the sockets that receive them.
 """
 
 from __future__ import annotations
@@ -45,19 +43,21 @@ from typing import Callable
 
 import struct
 
-import lz4.block
 import msgpack
 import numpy as np
 
-from pipeline.protocol.static_code import CodeError, StaticCode
+from pipeline.floor.quantization import (DTYPE_FOR_BITS, DTYPE_NAMES, SCALE_BYTES, SCALED,
+                                         UNSIGNED_BITS, DType, row_bytes)
+from pipeline.floor.static_code import StaticCode
+from pipeline.protocol.payload import (CODEC_NAMES, MAX_CODED_SYMBOLS, MAX_PAYLOAD_BYTES, Codec,
+                                       WireError, decode_payload, encode_payload)
 
 __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "CODEC_NAMES", "REFUSAL_NAMES", "WireError", "Request", "Reply",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
-           "peek", "stamp_load", "REQUEST_KINDS", "quantize", "quantize_unsigned",
-           "dequantize", "row_bytes", "wire_bytes",
-           "model_tag", "MODEL_TAG_BYTES", "SCALE_BYTES", "frame_scales",
+           "peek", "stamp_load", "REQUEST_KINDS", "row_bytes", "wire_bytes",
+           "model_tag", "MODEL_TAG_BYTES", "SCALE_BYTES", "UNSIGNED_BITS", "DTYPE_FOR_BITS",
            "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES",
            "MAX_CODED_SYMBOLS", "MAX_REQUEST_BYTES", "MAX_REPLY_BYTES"]
 
@@ -67,10 +67,7 @@ VERSION = 4
 MODEL_TAG_BYTES = 4
 MAX_FRAMES_PER_REQUEST = 256       # what one edge packs into a message
 MAX_WIDTH = 1 << 16                # features per frame at the split
-MAX_PAYLOAD_BYTES = 4 << 20        # decoded payload cap; a 400-wide float32 batch of 256 is 400 KB
 MAX_HEADER_BYTES = 4096            # an ERROR or READY message
-MAX_CODED_SYMBOLS = 1 << 18        # features one entropy-coded request may carry (256 x 1024);
-                                   # an edge sends a larger pack as packed bits
 MAX_DETAIL_CHARS = 200             # error detail text
 UINT64_MAX = (1 << 64) - 1
 
@@ -91,27 +88,6 @@ class Kind(IntEnum):
 REQUEST_KINDS = (Kind.REQUEST, Kind.SHADOW)   # what a worker serves
 
 
-class DType(IntEnum):
-    FLOAT32 = 0
-    FLOAT16 = 1
-    INT8 = 2    # symmetric, one float16 scale per frame
-    # Unsigned, for features after a ReLU (never negative): 0..2^bits-1 times one float16
-    # scale per frame (the frame's peak / (2^bits - 1)). Rows are packed low bits first and
-    # padded to a whole byte with zero bits. What quantization-aware training trains
-    # (pipeline/model/uplink.py) is exactly this.
-    UINT8 = 3
-    UINT4 = 4
-    UINT2 = 5
-
-
-class Codec(IntEnum):
-    NONE = 0
-    LZ4 = 1     # lz4 block; used only when it shrinks the payload
-    STATIC = 2  # the model's static code (static_code.py), Huffman, over unsigned codes
-    RANS = 3    # the same code's frequencies through rANS; an edge asked for the static
-                # code sends the smaller of the two, and only when it shrinks the payload
-
-
 class Refusal(IntEnum):
     """Why a request was not answered with a prediction (ERROR messages)."""
     BUSY = 1           # broker queue full: answer locally now
@@ -120,37 +96,8 @@ class Refusal(IntEnum):
     NO_WORKER = 4      # nothing could serve it in time
 
 
-# The names users and metric labels see (--dtype int8, reason="busy").
-DTYPE_NAMES = {"float32": DType.FLOAT32, "float16": DType.FLOAT16, "int8": DType.INT8,
-               "uint8": DType.UINT8, "uint4": DType.UINT4, "uint2": DType.UINT2}
-CODEC_NAMES = {"lz4": Codec.LZ4, "none": Codec.NONE, "static": Codec.STATIC}
+# The names metric labels see (reason="busy").
 REFUSAL_NAMES = {r: r.name.lower() for r in Refusal}   # busy, wrong_model, ...
-
-
-BITS = {DType.FLOAT32: 32, DType.FLOAT16: 16, DType.INT8: 8, DType.UINT8: 8, DType.UINT4: 4,
-        DType.UINT2: 2}
-UNSIGNED_BITS = {DType.UINT8: 8, DType.UINT4: 4, DType.UINT2: 2}
-DTYPE_FOR_BITS = {bits: dtype for dtype, bits in UNSIGNED_BITS.items()}
-SCALED = {DType.INT8, *UNSIGNED_BITS}   # one float16 scale per frame rides along
-NUMPY = {DType.FLOAT32: np.dtype("<f4"), DType.FLOAT16: np.dtype("<f2"),
-         DType.INT8: np.dtype("i1")}
-FLOAT16_MAX = 65504.0
-SCALE_BYTES = 2          # a float16 per frame of an integer dtype
-SCALE_MIN = 2.0 ** -24   # the smallest positive float16: no frame's scale rounds to 0
-
-
-def row_bytes(dtype: DType, width: int) -> int:
-    """Payload bytes of one frame's features (before any codec)."""
-    return (width * BITS[dtype] + 7) // 8
-
-
-class WireError(Exception):
-    """A peer sent bytes that are not a valid message; `reason` is a short metric label."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,89 +134,6 @@ class Ready:
     credit: int
 
 
-# -- quantization ---------------------------------------------------------------------------
-
-def quantize(features: np.ndarray, dtype: DType) -> tuple[bytes, bytes]:
-    """(payload, scales) for float32 features (frames, width). Scales are empty for floats."""
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    if dtype == DType.FLOAT32:
-        return x.tobytes(), b""
-    if dtype == DType.FLOAT16:
-        return np.clip(x, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2").tobytes(), b""
-    if dtype == DType.INT8:
-        scales = frame_scales(np.abs(x).max(axis=1), 127)
-        q = np.clip(np.rint(x / scales[:, None].astype(np.float32)), -127, 127)
-        return q.astype(np.int8).tobytes(), scales.tobytes()
-    bits = UNSIGNED_BITS[dtype]
-    q, scales = quantize_unsigned(x, bits)
-    return _pack_bits(q, bits).tobytes(), scales.tobytes()
-
-
-def frame_scales(peak: np.ndarray, levels: int) -> np.ndarray:
-    """Each frame's scale, peak / levels, as the float16 the wire carries (1 for a zero
-    peak). Values are divided by the rounded scale, whose relative error is at most 2^-11:
-    before rounding to a code a value moves by at most levels x 2^-11 of a code (0.12 for
-    uint8, under 0.01 for uint4), and the peak is clipped to the top code. 2 bytes a frame
-    instead of 4."""
-    s = np.where(peak > 0, peak / np.float32(levels), np.float32(1)).astype(np.float32)
-    return np.clip(s, SCALE_MIN, FLOAT16_MAX).astype("<f2")
-
-
-def quantize_unsigned(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(codes uint8 (frames, width), float16 scales (frames,)): x clipped at 0, each frame
-    scaled so its peak is the top code. The reference uplink.fake_quantize reproduces, and
-    so does the C coder (StaticCode.encode_features), from these scales."""
-    levels = (1 << bits) - 1
-    scales = unsigned_scales(x, levels)
-    q = np.clip(np.rint(np.maximum(x, 0) / scales[:, None].astype(np.float32)), 0, levels)
-    return q.astype(np.uint8), scales
-
-
-def unsigned_scales(x: np.ndarray, levels: int) -> np.ndarray:
-    """Each frame's float16 scale for unsigned codes: its peak after clipping at 0."""
-    return frame_scales(np.maximum(x.max(axis=1), 0), levels)
-
-
-def _pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
-    """(frames, width) codes < 2^bits -> (frames, row bytes) uint8, low bits first."""
-    if bits == 8:
-        return q
-    per = 8 // bits
-    frames, width = q.shape
-    padded = np.zeros((frames, -(-width // per) * per), np.uint8)
-    padded[:, :width] = q
-    lanes = padded.reshape(frames, -1, per)
-    packed = np.zeros(lanes.shape[:2], np.uint8)
-    for j in range(per):
-        packed |= lanes[..., j] << np.uint8(bits * j)
-    return packed
-
-
-def _unpack_bits(raw: np.ndarray, bits: int, width: int) -> np.ndarray:
-    """Inverse of _pack_bits; raises WireError when padding bits are not zero."""
-    if bits == 8:
-        return raw
-    per, mask = 8 // bits, np.uint8((1 << bits) - 1)
-    lanes = np.stack([(raw >> np.uint8(bits * j)) & mask for j in range(per)], axis=-1)
-    codes = lanes.reshape(raw.shape[0], -1)
-    if codes[:, width:].any():
-        raise WireError("field", "padding bits after the last feature must be zero")
-    return codes[:, :width]
-
-
-def dequantize(raw: bytes, scales: bytes, dtype: DType, frames: int, width: int) -> np.ndarray:
-    if dtype in UNSIGNED_BITS:
-        packed = np.frombuffer(raw, dtype=np.uint8).reshape(frames, row_bytes(dtype, width))
-        return _scaled(_unpack_bits(packed, UNSIGNED_BITS[dtype], width), scales)
-    values = np.frombuffer(raw, dtype=NUMPY[dtype]).reshape(frames, width)
-    return _scaled(values, scales) if dtype in SCALED else values.astype(np.float32)
-
-
-def _scaled(codes: np.ndarray, scales: bytes) -> np.ndarray:
-    """Integer codes (frames, width) times their frame's float16 scale."""
-    return codes.astype(np.float32) * np.frombuffer(scales, "<f2").astype(np.float32)[:, None]
-
-
 # -- encoding -------------------------------------------------------------------------------
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -302,33 +166,7 @@ def encode_request(msg_id: int, model_tag: bytes, features: np.ndarray,
     frames, width = features.shape
     if len(model_tag) != MODEL_TAG_BYTES:  # struct would pad or cut it silently
         raise ValueError(f"a model tag is {MODEL_TAG_BYTES} bytes (wire.model_tag)")
-    if codec == Codec.STATIC:
-        if code is None or dtype not in UNSIGNED_BITS or code.channels != width:
-            raise ValueError("the static codec needs the model's code and an unsigned dtype")
-        bits = UNSIGNED_BITS[dtype]
-        levels = (1 << bits) - 1
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        s = unsigned_scales(x, levels)
-        scales = s.tobytes()
-        codable = frames * width <= MAX_CODED_SYMBOLS   # more: sent packed, as too many to decode
-        fused = code.encode_features(x, s.astype(np.float32), levels) if codable else None
-        if fused is not None:                           # quantized and coded in one C call
-            symbols, coded, is_rans = fused
-        else:
-            symbols, _ = quantize_unsigned(x, bits)
-            coded, is_rans = code.encode_smallest(symbols) if codable else (b"", False)
-        if coded and len(coded) < frames * row_bytes(dtype, width):
-            payload, codec = coded, Codec.RANS if is_rans else Codec.STATIC
-        else:
-            payload, codec = _pack_bits(symbols, bits).tobytes(), Codec.NONE
-    else:
-        payload, scales = quantize(features, dtype)
-        if codec == Codec.LZ4:
-            packed = lz4.block.compress(payload, store_size=False)
-            if len(packed) < len(payload):
-                payload = packed
-            else:
-                codec = Codec.NONE
+    scales, payload, codec = encode_payload(features, dtype, codec, code)
     header = _REQUEST.pack(VERSION, Kind.SHADOW if shadow else Kind.REQUEST,
                            int(dtype) << 4 | int(codec), frames - 1, msg_id, model_tag, width)
     return [header + scales + payload]
@@ -485,52 +323,8 @@ def decode_request(frames: list, code: StaticCode | None = None,
         raise WireError("shape", f"{n} frames of {dtype.name} need {scale_bytes} B of scales")
     scales = data[_REQUEST.size:_REQUEST.size + scale_bytes]
     payload = data[_REQUEST.size + scale_bytes:]
-    codes = None  # the entropy codecs give codes, the others bytes in the dtype's layout
-    if codec in (Codec.STATIC, Codec.RANS):
-        codes = _static_decode(payload, code, codec, dtype, n, width, tick)
-    else:
-        if codec == Codec.LZ4:
-            if len(payload) > expected + expected // 255 + 16:  # lz4's worst case for it
-                raise WireError("size", f"compressed payload {len(payload)} B too large")
-            try:
-                payload = lz4.block.decompress(payload, uncompressed_size=expected)
-            except Exception:  # LZ4BlockError, or anything lz4 raises on hostile bytes
-                raise WireError("decompress", "payload is not a valid lz4 block") from None
-        if len(payload) != expected:
-            raise WireError("shape", f"payload is {len(payload)} B, {n}x{width} {dtype.name} "
-                                     f"needs {expected}")
-    if dtype in SCALED:
-        s = np.frombuffer(scales, dtype="<f2")
-        if not np.all(np.isfinite(s) & (s > 0)):
-            raise WireError("nonfinite", "scales must be finite and positive")
-    features = (dequantize(payload, scales, dtype, n, width) if codes is None
-                else _scaled(codes, scales))
-    if not np.isfinite(features).all():
-        raise WireError("nonfinite", "features contain NaN or Inf")
+    features = decode_payload(payload, scales, dtype, codec, n, width, code, tick)
     return Request(msg_id, model_tag, features)
-
-
-def _static_decode(payload: bytes, code: StaticCode | None, codec: Codec, dtype: DType,
-                   n: int, width: int, tick: Callable[[], None] | None) -> np.ndarray:
-    """The unsigned codes (n, width) a STATIC or RANS payload encodes, checked like any.
-    The budget comes first, from the header alone: no more symbols than MAX_CODED_SYMBOLS,
-    fewer bytes than the packed codes (an edge codes only when that shrinks them), and as
-    many as this code can write for n frames; the decoders then cost one pass each."""
-    if code is None or dtype not in UNSIGNED_BITS or code.channels != width or \
-            code.symbols != 1 << UNSIGNED_BITS[dtype]:
-        raise WireError("codec", "static code payload for a model whose code this side lacks")
-    if n * width > MAX_CODED_SYMBOLS:
-        raise WireError("size", f"{n}x{width} coded features exceed {MAX_CODED_SYMBOLS}; "
-                                f"send fewer frames a message")
-    low, high = code.payload_bounds(n, codec == Codec.RANS)
-    high = min(high, n * row_bytes(dtype, width) - 1)
-    if not low <= len(payload) <= high:
-        raise WireError("size", f"static-coded payload of {len(payload)} B: {n} frames take "
-                                f"{low}..{high} B")
-    try:
-        return (code.decode if codec == Codec.STATIC else code.decode_rans)(payload, n, tick)
-    except CodeError as e:
-        raise WireError("decompress", str(e)) from None
 
 
 def decode_answer(frames: list) -> Reply | Error:

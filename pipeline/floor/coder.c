@@ -1,5 +1,5 @@
 /* The static entropy code's coders: canonical Huffman and rANS, both ways
- * (pipeline/protocol/static_code.py holds the Python reference and builds the tables these
+ * (pipeline/floor/static_code.py holds the Python reference and builds the tables these
  * read). C99, no allocation, no writable globals: reentrant. Only stdint.h, stddef.h and
  * string.h, so it builds as it is for a microcontroller.
  *
@@ -380,12 +380,12 @@ int64_t static_encode_smallest(const uint8_t *codes, int64_t frames, int64_t cha
                         rans, out, cap, is_rans);
 }
 
-/* The NumPy edge's wire.quantize_unsigned and then static_encode_smallest, bit for bit, with
- * the sizing pass in the same loop: codes = clip(rint(max(x, 0) / scale), 0, levels), in
- * float32 (division, then ties to even), written to `codes` (frames x channels). scale: each
- * frame's float16 scale as a float32 (what the wire carries). No branch on the values:
- * after the clamps 0 <= y <= 255, where adding and taking away 2^23 rounds to the nearest
- * integer, ties to even, as rint does (round-to-nearest, the default). */
+/* The NumPy edge's quantization.quantize_unsigned and then static_encode_smallest, bit for
+ * bit, with the sizing pass in the same loop: codes = clip(rint(max(x, 0) / scale), 0,
+ * levels), in float32 (division, then ties to even), written to `codes` (frames x channels).
+ * scale: each frame's float16 scale as a float32 (what the wire carries). No branch on the
+ * values: after the clamps 0 <= y <= 255, where adding and taking away 2^23 rounds to the
+ * nearest integer, ties to even, as rint does (round-to-nearest, the default). */
 int64_t static_quantize_encode(const float *x, const float *scale, int64_t levels,
                                uint8_t *codes, int64_t frames, int64_t channels,
                                int64_t symbols, const uint32_t *code, const uint8_t *length,

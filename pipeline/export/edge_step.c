@@ -3,12 +3,13 @@
  * splitexit_edge_model.h (this model's constants and code tables). C99, no allocation.
  *
  * Each step is the Python edge's, to the byte (pipeline/edge/producer.py, numpy_head.py,
- * pipeline/protocol/wire.py): the exit's score in float64 on softmax(logits / temperature),
- * the uplink quantizer (a float16 scale per frame, float32 division, round half to even,
- * clip), the static code's choice and bits (coder.c, the one source the worker and the NumPy
- * edge run), the wire-v4 REQUEST header; and the checks wire.decode_answer makes on a REPLY
- * or ERROR. Rounding is done with integer and comparison steps only, so -ffast-math or a
- * missing rintf cannot change a byte. */
+ * pipeline/floor/quantization.py, pipeline/protocol/wire.py and payload.py): the exit's
+ * score in float64 on softmax(logits / temperature), the uplink quantizer (a float16 scale
+ * per frame, float32 division, round half to even, clip), the static code's choice and
+ * bits (coder.c, the one source the worker and the NumPy edge run), the wire-v4 REQUEST
+ * header; and the checks wire.decode_answer makes on a REPLY or ERROR. Rounding is done
+ * with integer and comparison steps only, so -ffast-math or a missing rintf cannot change
+ * a byte. */
 
 #include <math.h>
 #include <stddef.h>
@@ -124,8 +125,8 @@ static float float_of_half(uint16_t h)
     return v;
 }
 
-/* wire.frame_scales for one frame: peak / levels as float32 (1 for a zero peak), clipped to
- * float16's positive range, as float16. */
+/* quantization.frame_scales for one frame: peak / levels as float32 (1 for a zero peak),
+ * clipped to float16's positive range, as float16. */
 static uint16_t frame_scale(float peak, float levels)
 {
     float s = peak > 0.0f ? peak / levels : 1.0f;
@@ -148,7 +149,7 @@ static float peak_of(const float *x, int magnitude)
 }
 
 #if SPLITEXIT_BITS > 0
-/* wire.quantize_unsigned: codes 0 .. 2^bits - 1, the peak at the top code. */
+/* quantization.quantize_unsigned: codes 0 .. 2^bits - 1, the peak at the top code. */
 static uint16_t quantize(const float *restrict x, uint8_t *restrict codes)
 {
     const float levels = (float)((1 << SPLITEXIT_BITS) - 1);
@@ -159,7 +160,7 @@ static uint16_t quantize(const float *restrict x, uint8_t *restrict codes)
     return h;
 }
 
-/* wire._pack_bits for one frame: low bits first, the last byte zero-padded. */
+/* quantization.pack_bits for one frame: low bits first, the last byte zero-padded. */
 static void pack_bits(const uint8_t *codes, uint8_t *out)
 {
     const int per = 8 / SPLITEXIT_BITS;
@@ -171,7 +172,7 @@ static void pack_bits(const uint8_t *codes, uint8_t *out)
     }
 }
 #else
-/* wire.quantize's int8: symmetric, -127 .. 127, the largest magnitude at 127. */
+/* quantization.quantize's int8: symmetric, -127 .. 127, the largest magnitude at 127. */
 static uint16_t quantize(const float *restrict x, uint8_t *restrict codes)
 {
     uint16_t h = frame_scale(peak_of(x, 1), 127.0f);

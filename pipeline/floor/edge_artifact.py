@@ -8,7 +8,7 @@ C/ONNX export). Plain arrays, read with allow_pickle=False: no code crosses to a
                          exit_layer (the layer the exit reads; absent: the split layer),
                          uplink_bits (0, or the unsigned bits the uplink was trained for),
                          input_shape [C, H, W] and resize (how frames are fitted: see
-                         pipeline/protocol/frames.py; absent: [1, 28, 28], stretch),
+                         pipeline/floor/frames.py; absent: [1, 28, 28], stretch),
                          convs (per conv layer, first on the edge: stride and pool; absent
                          or empty: an MLP), exit_pool (a conv exit's average pool side)
     pixel_mean, pixel_std   () over all pixels, or (C,) per channel for a conv model
@@ -19,7 +19,7 @@ C/ONNX export). Plain arrays, read with allow_pickle=False: no code crosses to a
     layer{i}.bias        (N_out,)
     exit.values / exit.indices / exit.bias
     uplink.code          (W_split, 2^uplink_bits) symbol frequencies of the static entropy
-                         code (pipeline/protocol/static_code.py); only when trained for one
+                         code (pipeline/floor/static_code.py); only when trained for one
 
 The file may come from anyone, and the NumPy edge, the C export and the ONNX export all read
 it here: only the members above are read, each one's npy header checked against a byte cap
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ArtifactError
-from pipeline.protocol.frames import RESIZE_MODES
+from pipeline.floor.frames import RESIZE_MODES
 
 __all__ = ["EDGE_NPZ", "FORMAT", "UPLINK_CODE", "write_edge_npz", "read_edge_npz",
            "MAX_SIDE", "MAX_WIDTH", "MAX_ARRAY_BYTES", "MAX_LAYERS", "MAX_KERNEL"]

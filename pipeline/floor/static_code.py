@@ -14,31 +14,29 @@ worker build the same two coders from them:
 The edge sends whichever is smaller for each message. Decoding checks every step: hostile
 bytes raise CodeError, and never allocate more than the symbols asked for.
 
-Both ways run in C (coder.c, through pipeline.protocol.native) where it builds: the edge
+Both ways run in C (coder.c, through pipeline.floor.native) where it builds: the edge
 quantizes and encodes a pack in one call, the worker decodes a pack in one call. The Python
 coders (`*_reference`) define the bytes: tests hold the C coder to them, and they run where
-no compiler is.
+no compiler is. The tables both read are built in code_tables.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import heapq
 import math
 from typing import Callable
 
 import numpy as np
 
-from pipeline.protocol import native
+from pipeline.floor import native
+from pipeline.floor.code_tables import (COST_BITS, MAX_CODE_BITS, PROB_BITS, CanonicalTables,
+                                        canonical_codes, limited_lengths)
 
-__all__ = ["StaticCode", "CodeError", "MAX_CODE_BITS", "PROB_BITS", "ERRORS", "ENCODE_ERRORS"]
+__all__ = ["StaticCode", "CodeError", "ERRORS", "ENCODE_ERRORS", "ENCODE_CAP", "ENCODE_SYMBOL",
+           "ENCODE_TABLE"]
 
-MAX_CODE_BITS = 24
-PROB_BITS = 12                      # frequencies of a channel sum to 2^12
 _TOTAL = 1 << PROB_BITS
 _LOW = 1 << 23                      # rANS state lives in [2^23, 2^31)
-COST_BITS = 16                      # rANS's cost of a symbol, in 2^-16 bits (exact sums)
 _BYTE = 8 << COST_BITS
 # How far rANS's size may stray from its cost: a quarter byte, and 2^-8 bits a symbol (its
 # rounding costs under 2^-11; payload_bounds allows the same).
@@ -80,8 +78,8 @@ class StaticCode:
                              f"each row summing to {_TOTAL}")
         self.frequencies = freq.astype(np.uint16)
         self.channels, self.symbols = freq.shape
-        self.lengths = np.array([_limited_lengths(row) for row in freq.tolist()], np.uint8)
-        self._codes = [self._canonical(row) for row in self.lengths.tolist()]
+        self.lengths = np.array([limited_lengths(row) for row in freq.tolist()], np.uint8)
+        self._codes = [canonical_codes(row) for row in self.lengths.tolist()]
         rows = self.frequencies.astype(np.int64)
         self._bits = -np.log2(rows / _TOTAL)  # what rANS spends on each (channel, symbol)
         self._cum = np.concatenate([np.zeros((self.channels, 1), np.int64),
@@ -91,21 +89,12 @@ class StaticCode:
         # rANS's cost of each (channel, symbol) in 2^-16 bits: the edge sizes both coders with
         # exact integer sums, so native and reference make the same choice for any symbols
         self._cost = np.rint(self._bits * (1 << COST_BITS)).astype(np.uint32)
-        self._tables = _CanonicalTables(self.lengths, self.frequencies, self._codes, self._cost)
+        self._tables = CanonicalTables(self.lengths, self.frequencies, self._codes, self._cost)
         # the fewest and most bits one frame can cost: the bounds of an honest payload
         self._huffman_bits = (int(self.lengths.min(axis=1).sum()),
                               int(self.lengths.max(axis=1).sum()))
         self._rans_bits = (float(self._bits.min(axis=1).sum()),
                            float(self._bits.max(axis=1).sum()))
-
-    @staticmethod
-    def _canonical(lengths: list[int]) -> list[tuple[int, int]]:
-        """(code, length) per symbol: shorter codes first, then by symbol (RFC 1951 3.2.2)."""
-        codes, code, prev = [None] * len(lengths), 0, 0
-        for n, s in sorted((n, s) for s, n in enumerate(lengths)):
-            code <<= n - prev
-            codes[s], code, prev = (code, n), code + 1, n
-        return codes
 
     @classmethod
     def fit(cls, codes: np.ndarray, symbols: int) -> "StaticCode":
@@ -141,7 +130,7 @@ class StaticCode:
                         levels: int) -> tuple[np.ndarray, bytes, bool] | None:
         """(codes, payload, whether it is rANS) for float32 features (frames, channels) and
         each frame's scale (float32 values of the wire's float16 ones): what
-        wire.quantize_unsigned and then encode_smallest give, bit for bit, in one C call
+        quantization.quantize_unsigned and encode_smallest give, bit for bit, in one C call
         that also sizes both codes while it quantizes (the NumPy around the coder cost the
         edge more than the coder). None without the native coder: the caller quantizes in
         NumPy and calls encode_smallest."""
@@ -232,7 +221,7 @@ class StaticCode:
 
     def decode(self, data: bytes, frames: int, tick: Tick | None = None) -> np.ndarray:
         """Inverse of encode for `frames` frames; the bytes must hold exactly them. Native
-        when the C coder is built (pipeline.protocol.native), else the Python reference,
+        when the C coder is built (pipeline.floor.native), else the Python reference,
         which calls `tick` after each frame (a worker heartbeats from it)."""
         lib = native.coder()
         if lib is None:
@@ -356,95 +345,8 @@ class StaticCode:
         return out
 
 
-class _CanonicalTables:
-    """The arrays both decoders read (coder.c takes them as they are, row-major):
-    per channel and code length n (1 .. MAX_CODE_BITS), `limit[n]`: the first window of
-    MAX_CODE_BITS bits, read MSB first, that a code of length n is too short for (canonical
-    codes of one length are consecutive, shorter ones sort first); `base[n]`: where the
-    codes of length n start in `order`, minus the first of them; `order`: the symbols in
-    code order; `minimum`: the shortest length. The Huffman encoder: each symbol's `code`
-    value (uint32) and `length`. rANS: `freq`, `cum` (cumulative frequencies, a leading 0)
-    and `rcp` (uint64, what its encoder multiplies by instead of dividing by freq). Sizing
-    both: `cost` (rANS's bits, 2^-16 units). A device's form of all of it (coder.c's
-    static_encode_compact): `entry`, uint16 (length - 1) << 12 | cum.
-    All channels x symbols unless said otherwise."""
-
-    def __init__(self, lengths: np.ndarray, frequencies: np.ndarray,
-                 codes: list[list[tuple[int, int]]], cost: np.ndarray):
-        channels, symbols = lengths.shape
-        self.code = np.array([[value for value, _ in row] for row in codes], np.uint32)
-        self.length = np.ascontiguousarray(lengths, np.uint8)
-        top = MAX_CODE_BITS
-        self.limit = np.zeros((channels, top + 1), np.uint32)
-        self.base = np.zeros((channels, top + 1), np.int32)
-        self.order = np.argsort(lengths, axis=1, kind="stable").astype(np.uint8)
-        self.minimum = lengths.min(axis=1).astype(np.uint8)
-        for c, row in enumerate(lengths.tolist()):
-            first = offset = 0
-            for n in range(1, top + 1):
-                count = row.count(n)
-                self.base[c, n] = offset - first
-                self.limit[c, n] = (first + count) << (top - n)
-                first, offset = (first + count) << 1, offset + count
-        self.freq = np.ascontiguousarray(frequencies, np.uint16)
-        self.cum = np.concatenate([np.zeros((channels, 1), np.uint16),
-                                   np.cumsum(frequencies, axis=1).astype(np.uint16)], axis=1)
-        # floor(2^43 / freq) + 1: rANS's encoder multiplies by it instead of dividing
-        self.rcp = (np.uint64(1 << 43) // self.freq.astype(np.uint64) + np.uint64(1))
-        self.cost = np.ascontiguousarray(cost, np.uint32)
-        # the addresses coder.c takes, once (numpy's .ctypes costs a microsecond a call); the
-        # arrays live as long as this object
-        self.encoder = tuple(a.ctypes.data for a in (self.code, self.length, self.freq,
-                                                       self.cum, self.rcp, self.cost))
-        self.huffman_decoder = tuple(a.ctypes.data for a in (self.limit, self.base,
-                                                               self.order, self.minimum))
-        self._lists: tuple | None = None
-
-    @functools.cached_property
-    def entry(self) -> np.ndarray:
-        """The device's form (only the C export asks for it): (length - 1) << 12 | cum as
-        uint16; a frequency is the next cum minus this one. Lengths fit 4 bits: a Huffman
-        code 17 deep needs a total weight of at least Fibonacci(19) = 4181 > 2^12; cum fits
-        12 (every later frequency is at least 1)."""
-        if self.length.max() > 16:
-            raise ValueError("a code length above 16: no StaticCode builds one")
-        return ((self.length.astype(np.uint16) - 1) << 12 | self.cum[:, :-1]).astype(np.uint16)
-
-    def lists(self) -> tuple[list, list, list, list]:
-        """The Huffman tables as Python lists (what the reference indexes fastest)."""
-        if self._lists is None:
-            self._lists = (self.limit.tolist(), self.base.tolist(), self.order.tolist(),
-                           self.minimum.tolist())
-        return self._lists
-
-
 def _written(out: np.ndarray, n: int) -> bytes:
     """The bytes a C encoder wrote, or its refusal as a ValueError."""
     if n < 0:
         raise ValueError(ENCODE_ERRORS.get(n, f"encoder error {n}"))
     return out[:n].tobytes()
-
-
-def _limited_lengths(freq: list[int]) -> list[int]:
-    """Huffman code lengths for these frequencies, flattened until none exceeds the limit."""
-    counts = np.asarray(freq, np.int64)
-    while True:
-        lengths = _huffman_lengths(counts)
-        if max(lengths) <= MAX_CODE_BITS:
-            return lengths
-        counts = (counts + 1) // 2 + 1
-
-
-def _huffman_lengths(counts: np.ndarray) -> list[int]:
-    """Code length per symbol of a Huffman code for these (positive) counts."""
-    if len(counts) == 1:
-        return [1]
-    heap = [(int(c), [s]) for s, c in enumerate(counts)]
-    heapq.heapify(heap)
-    lengths = [0] * len(counts)
-    while len(heap) > 1:
-        (a, left), (b, right) = heapq.heappop(heap), heapq.heappop(heap)
-        for s in left + right:
-            lengths[s] += 1
-        heapq.heappush(heap, (a + b, left + right))
-    return lengths

@@ -12,13 +12,13 @@ and writes the split features and the exit logits, allocating nothing:
 A sparse junction is ELL: for each output, d_in (value, input index) pairs, indices as narrow
 as the input width allows. `int8` stores each junction's values as int8 with one float scale
 per output row (4x smaller tables); inputs and accumulators stay float. Given calibration
-frames, the integers are chosen so rounding errors cancel on such frames (quantize.py).
+frames, the integers are chosen so rounding errors cancel on such frames (int8_weights.py).
 An MLP head's scratch is two stack buffers as wide as the widest edge layer, plus the
 standardized frame: a few KiB.
 
 A conv head keeps the same signature, the frame CHW; its int8 variant stores each conv's
 kernels as int8 with one float scale per output channel, rounded as a junction's rows are
-(quantize.py), and applies the scale once per pooled output, not per tap. A sparse conv
+(int8_weights.py), and applies the scale once per pooled output, not per tap. A sparse conv
 stores, per output channel, its d_in kernels and the input channel each reads, and loops
 over those only: its work is C_out x d_in x k x k per output pixel, what the NumPy head and
 the MAC counts say, not C_out x C_in x k x k. Its scratch -- the padded input, one output
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.edge.c_literals import c_array, c_float
-from pipeline.edge.export_edge import export_edge
+from pipeline.export.c_literals import c_array, c_float
+from pipeline.export.export_edge import export_edge
 from pipeline.edge.numpy_head import ConvStage, Junction, NumpyHead, load_numpy_head
-from pipeline.edge.quantize import int8_tables, junction_rows
+from pipeline.export.int8_weights import int8_tables, junction_rows
 
 __all__ = ["export_c", "C_VARIANTS", "C_FILE", "H_FILE"]
 

@@ -5,10 +5,10 @@ the server takes a byte; re-implemented by hand, its bytes drift from the Python
 So the export ships all of it, and a test compares the bytes with the Python edge's:
 
     splitexit_head.c/.h       the head and exit (export_c.py)
-    edge_step.c               hand-written, the same for every model (pipeline/edge/edge_step.c):
+    edge_step.c               hand-written, the same for every model (pipeline/export/edge_step.c):
                               score, decision, uplink quantizer, wire-v4 REQUEST, REPLY/ERROR;
                               with the static code's coders pasted in verbatim where the
-                              template #includes them (pipeline/protocol/coder.c, the one source
+                              template #includes them (pipeline/floor/coder.c, the one source
                               the worker and the NumPy edge run), so every shipped .c file is
                               one compile unit: `cc *.c` links
     splitexit_edge.h          generated here: the API, this model's sizes, stack and RAM
@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.edge.c_literals import c_array
+from pipeline.export.c_literals import c_array
 from pipeline.edge.numpy_head import SCORES, NumpyHead
 from pipeline.protocol import wire
-from pipeline.protocol.native import CODER_SOURCE
+from pipeline.floor.native import CODER_SOURCE
 
 __all__ = ["export_edge", "EDGE_FILES", "EDGE_H", "MODEL_H", "STEP_C"]
 
@@ -215,6 +215,6 @@ int splitexit_decode_answer(const uint8_t *msg, size_t len, splitexit_answer *an
     if step.count(CODER_INCLUDE) != 1:
         raise RuntimeError(f"{TEMPLATE} must include {CODER_SOURCE.name} exactly once")
     (out_dir / STEP_C).write_text(step.replace(
-        CODER_INCLUDE, f"/* ---- {CODER_SOURCE.name}, verbatim from pipeline/protocol/ ---- */\n"
+        CODER_INCLUDE, f"/* ---- {CODER_SOURCE.name}, verbatim from pipeline/floor/ ---- */\n"
         f"{CODER_SOURCE.read_text()}/* ---- end of {CODER_SOURCE.name} ---- */\n"))
     return [out_dir / name for name in EDGE_FILES]
