@@ -10,7 +10,33 @@ import argparse
 from pipeline.env import ENV_PREFIX, env_name, from_env
 
 __all__ = ["add_metrics_options", "add_security_options", "add_broker_addresses",
-           "add_worker_options", "add_edge_options", "add_broker_option", "ENV_PREFIX"]
+           "add_worker_options", "add_edge_options", "add_broker_option", "at_least_one",
+           "positive", "ENV_PREFIX"]
+
+
+# argparse types for the few values no config dataclass holds (a launcher's -n, `top`'s
+# --interval and --count): refused where they are parsed. Every other value is checked by
+# its config's validate() (pipeline.edge.config, workers.config, pipeline.up).
+def at_least_one(text: str) -> int:
+    """A count: a whole number, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    return n
+
+
+def positive(text: str) -> float:
+    """A number above 0 (a period in seconds)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"{x:g} must be positive")
+    return x
 
 
 def add_broker_option(p: argparse.ArgumentParser, port: str, default: str | None, what: str,
@@ -19,8 +45,9 @@ def add_broker_option(p: argparse.ArgumentParser, port: str, default: str | None
     environment variable names the broker's port it means (`port`: --frontend for an edge,
     --backend for workers), so one deployment's two variables serve every role."""
     p.add_argument("--broker", *aliases, default=from_env(port, default),
-                   metavar="tcp://HOST:PORT",
-                   help=f"{what} (env {env_name(port)}; default: %(default)s)")
+                   metavar="tcp://HOST:PORT[,...]",
+                   help=f"{what}; several brokers comma-separated, all used (env "
+                        f"{env_name(port)}; default: %(default)s)")
 
 
 def add_metrics_options(p: argparse.ArgumentParser, port: int, launcher: bool) -> None:

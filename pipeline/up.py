@@ -8,6 +8,7 @@ results, and reports from those same results when the replay ends.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -25,7 +26,8 @@ from monitoring.metrics import PROMQL
 from pipeline.edge.config import EdgeConfig
 from pipeline.errors import ConfigError
 from pipeline.model.config import CONFIG_DIR, METRICS_FILE
-from pipeline.protocol.frames import DEFAULT_SHAPE
+from pipeline.floor.frames import DEFAULT_SHAPE
+from pipeline.protocol.endpoints import shift_port
 from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import ProcessGroup, check_exits, start_server
 
@@ -40,6 +42,7 @@ STATUS_EVERY_S = 2.0          # status line period when stderr is not a terminal
 class UpConfig:
     artifacts: str = "runs/default"
     workers: int = 2
+    brokers: int = 1              # broker i on the frontend and backend ports + 2i
     producers: int = 2
     fps: float = 1000.0           # per producer; 0 = as fast as possible
     limit: int | None = None      # frames in the replay (default: the whole test set)
@@ -53,11 +56,42 @@ class UpConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "UpConfig":
+        """`splitexit up`'s parsed options, its processes' included; validated. The broker
+        drops a request once the edges' deadline has passed, unless --queue-timeout-ms
+        says otherwise (the edge's settings are checked first: a bad --deadline-ms is named
+        as itself)."""
+        edge = EdgeConfig.from_args(args)
+        return cls(artifacts=args.artifacts, workers=args.workers, brokers=args.brokers,
+                   producers=args.producers,
+                   fps=args.fps, limit=args.limit, data_dir=args.data, run_dir=args.run_dir,
+                   metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                   hold_s=args.hold,
+                   broker=BrokerConfig.from_args(args, default_timeout_ms=edge.deadline_ms),
+                   worker=WorkerConfig.from_args(args), edge=edge).validate()
+
+    def broker_configs(self) -> list[BrokerConfig]:
+        """One per broker: the first on --frontend and --backend, broker i 2i ports above."""
+        return [replace(self.broker, frontend=shift_port(self.broker.frontend, 2 * i),
+                        backend=shift_port(self.broker.backend, 2 * i))
+                for i in range(self.brokers)]
+
     def validate(self) -> "UpConfig":
         """The one check of `up`'s settings, its processes' included."""
-        if self.workers < 1 or self.producers < 1 or (self.limit is not None and self.limit < 1):
-            raise ConfigError("--workers, --producers and --limit must be at least 1")
-        self.broker.validate()
+        limit = 1 if self.limit is None else self.limit
+        if min(self.workers, self.brokers, self.producers, limit) < 1:
+            raise ConfigError("--workers, --brokers, --producers and --limit must be at "
+                              "least 1")
+        if not self.fps >= 0:
+            raise ConfigError(f"--fps {self.fps}: frames per second per producer, 0 for as "
+                              f"fast as possible")
+        try:
+            brokers = self.broker_configs()
+        except ValueError as e:
+            raise ConfigError(f"--brokers {self.brokers}: {e}") from None
+        for broker in brokers:
+            broker.validate()
         self.worker.validate()
         self.edge.validate()
         return self
@@ -127,7 +161,8 @@ def up(cfg: UpConfig) -> dict:
     # Every child writes its metrics here; up reads them for readiness and serves their sum.
     registry = multiprocess_registry(claim_metrics_dir(run_dir / "metrics"))
     if server:
-        server.start(registry, readiness(registry, {"broker": 1, "worker": cfg.workers}))
+        server.start(registry, readiness(registry, {"broker": cfg.brokers,
+                                                    "worker": cfg.workers}))
         log.info(f"metrics for every process on http://{server.addr}:{server.port}/metrics, "
                  f"readiness on /ready ({CONFIG_DIR / 'prometheus.yml'} scrapes it); in "
                  f"Prometheus:\n"
@@ -136,16 +171,19 @@ def up(cfg: UpConfig) -> dict:
     group = ProcessGroup()
     started = time.monotonic()
     try:
-        worker_cfg = replace(cfg.worker, broker=cfg.broker.backend)
+        brokers = cfg.broker_configs()
+        worker_cfg = replace(cfg.worker, broker=",".join(b.backend for b in brokers))
         server_procs = start_server(group, cfg.artifacts, cfg.workers, worker_cfg, registry,
-                                    broker=cfg.broker)
-        workers = [p for name, p in server_procs.items() if name != "broker"]
-        log.info(f"broker and {cfg.workers} workers ready ({time.monotonic() - started:.1f} s);"
-                 f" starting {cfg.producers} edge producers")
+                                    brokers=brokers)
+        workers = [p for name, p in server_procs.items() if not name.startswith("broker")]
+        log.info(f"{len(brokers)} broker(s) and {cfg.workers} workers ready "
+                 f"({time.monotonic() - started:.1f} s); starting {cfg.producers} edge "
+                 f"producers")
         started = time.monotonic()  # the replay's rate counts from here
         data_dir = cfg.data_dir or _trained_on(Path(cfg.artifacts))
         producers = [group.start(f"edge-{i}", run_producer, cfg.artifacts,
-                                 replace(cfg.edge, broker=cfg.broker.frontend, producer_id=i,
+                                 replace(cfg.edge, producer_id=i,
+                                         broker=",".join(b.frontend for b in brokers),
                                          results=str(results[i])).validate(),
                                  "dataset", cfg.fps or None, cfg.limit, data_dir,
                                  (i, cfg.producers)) for i in range(cfg.producers)]

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from monitoring.exposition import total
 from pipeline import __version__
 from pipeline.edge.config import EdgeConfig
-from pipeline.edge.producer import AsyncEdge
+from pipeline.edge.async_edge import AsyncEdge
 from pipeline.floor.data import read_idx
 from tests.conftest import ROOT, free_port
 from pipeline.errors import SourceError, UserError
@@ -188,7 +188,7 @@ def test_opencv_is_capped_for_formats_without_a_header_check(tmp_path):
     OpenCV reads when it is imported (here: a fresh process)."""
     from tests.image_sets import huge_png
     (tmp_path / "b.png").write_bytes(huge_png(20000, 20000))
-    child = ("import sys\nfrom pipeline.protocol.frames import opencv\ncv2 = opencv()\n"
+    child = ("import sys\nfrom pipeline.floor.frames import opencv\ncv2 = opencv()\n"
              "try:\n    cv2.imread(sys.argv[1])\nexcept cv2.error as e:\n"
              "    print('capped' if 'MAX_IMAGE_PIXELS' in str(e) else e)\n")
     run = subprocess.run([sys.executable, "-c", child, str(tmp_path / "b.png")],

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.protocol.endpoints import BACKEND, FRONTEND
+from pipeline.protocol.endpoints import BACKEND, FRONTEND, split_endpoints
 from pipeline.protocol.security import PLAINTEXT_LOOPBACK, Security
 from pipeline.protocol.timing import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
@@ -34,6 +37,17 @@ class BrokerConfig:
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     security: Security = PLAINTEXT_LOOPBACK
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, default_timeout_ms: float | None = None,
+                  **given: Any) -> "BrokerConfig":
+        """The settings pipeline.options.add_broker_addresses parsed (--queue-timeout-ms
+        unset: `default_timeout_ms`, else the default), and `given` for those a command
+        decides itself (security); validated."""
+        ms = args.queue_timeout_ms if args.queue_timeout_ms is not None else default_timeout_ms
+        return cls(frontend=args.frontend, backend=args.backend, max_queue=args.max_queue,
+                   queue_timeout_s=cls.queue_timeout_s if ms is None else ms / 1000,
+                   max_held_bytes=_megabytes(args.max_held_mb), **given).validate()
+
     def validate(self) -> "BrokerConfig":
         """The one check of a broker's settings (the CLI and `up` check nothing of their own)."""
         if self.max_queue < 1:
@@ -45,12 +59,13 @@ class BrokerConfig:
             raise ConfigError(f"--max-held-mb {self.max_held_bytes / (1 << 20):g} must be "
                               f"positive")
         _check_heartbeats(self.heartbeat_interval_s, self.heartbeat_liveness)
+        self.security.check([self.frontend, self.backend], "broker")
         return self
 
 
 @dataclass
 class WorkerConfig:
-    broker: str = BACKEND                  # the broker's backend
+    broker: str = BACKEND                  # the brokers' backends, comma-separated
     max_batch: int = 64                    # frames per tail call
     max_wait_ms: float = 0.0               # oldest request's wait before a partial batch runs;
                                            # 0: run as soon as the worker is free
@@ -59,6 +74,13 @@ class WorkerConfig:
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     security: Security = PLAINTEXT_LOOPBACK
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **given: Any) -> "WorkerConfig":
+        """The settings pipeline.options.add_worker_options parsed, and `given` for those a
+        command decides itself (broker, security); validated."""
+        return cls(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                   threads=args.threads, **given).validate()
 
     def validate(self) -> "WorkerConfig":
         """The one check of a worker's settings."""
@@ -69,7 +91,18 @@ class WorkerConfig:
             raise ConfigError(f"credit {self.credit} must be >= 0 (0: twice --max-batch) and "
                               f"--threads {self.threads} >= 1")
         _check_heartbeats(self.heartbeat_interval_s, self.heartbeat_liveness)
+        try:
+            brokers = split_endpoints(self.broker)
+        except ValueError as e:
+            raise ConfigError(f"--broker {e}") from None
+        self.security.check(brokers, "worker")
         return self
+
+
+def _megabytes(mb: float) -> int:
+    if not math.isfinite(mb):
+        raise ConfigError(f"--max-held-mb {mb}: a number of MiB, > 0")
+    return int(mb * (1 << 20))
 
 
 def _check_heartbeats(interval_s: float, liveness: int) -> None:

@@ -208,6 +208,11 @@ class Counts:
 class Scheduler:
     def __init__(self, max_queue: int, queue_timeout_s: float, liveness_s: float,
                  max_held_bytes: int = 64 << 20):
+        if max_queue < 1 or not queue_timeout_s > 0 or not liveness_s > 0 \
+                or not max_held_bytes > 0:
+            raise ValueError(f"max_queue {max_queue} must be >= 1, and queue_timeout_s "
+                             f"{queue_timeout_s:g}, liveness_s {liveness_s:g} and "
+                             f"max_held_bytes {max_held_bytes} positive")
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self.max_held_bytes = max_held_bytes

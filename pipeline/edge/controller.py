@@ -82,14 +82,15 @@ class ControllerConfig:
     deadline_s: float = math.inf          # the edge's deadline: answers near it are a warning
 
     def check(self) -> "ControllerConfig":
-        """ValueError with the flag's name for a setting that cannot work."""
+        """ValueError naming the parameter for a setting that cannot work (the edge's config
+        names its flags; pipeline.edge.config)."""
         if (self.target_offload is None) == (self.uplink_budget is None):
-            raise ValueError("give one target: --target-offload or --uplink-budget")
+            raise ValueError("give one target: target_offload or uplink_budget")
         if self.target_offload is not None and not 0 < self.target_offload <= 1:
-            raise ValueError(f"--target-offload {self.target_offload}: a fraction of frames "
+            raise ValueError(f"target_offload {self.target_offload}: a fraction of frames "
                              f"in (0, 1]")
         if self.uplink_budget is not None and not 0 < self.uplink_budget < math.inf:
-            raise ValueError(f"--uplink-budget {self.uplink_budget}: bytes per second, > 0")
+            raise ValueError(f"uplink_budget {self.uplink_budget}: bytes per second, > 0")
         if not 1 <= self.min_frames <= self.window:
             raise ValueError(f"min_frames {self.min_frames} must be in 1..window {self.window}")
         if self.rate_window_s <= 0 or self.hold_s <= 0 or not 0 < self.floor < 1 \

@@ -104,7 +104,7 @@ def shares(total: int, n: int) -> list[int]:
 
 class InFlight:
     def __init__(self, deadline_s: float):
-        if deadline_s <= 0:
+        if not deadline_s > 0:
             raise ValueError(f"deadline_s must be positive, got {deadline_s}")
         self.deadline_s = deadline_s
         self._requests: dict[int, _Request] = {}   # insertion order = deadline order

@@ -50,7 +50,7 @@ class ShadowCounts:
 class Shadows:
     def __init__(self, fraction: float, max_outstanding: int = MAX_OUTSTANDING):
         if not 0 <= fraction <= 1:
-            raise ValueError(f"--shadow {fraction}: a fraction of exited frames in [0, 1]")
+            raise ValueError(f"fraction {fraction}: a fraction of exited frames in [0, 1]")
         self.fraction = fraction
         self.max_outstanding = max_outstanding
         self.counts = ShadowCounts()
