@@ -132,6 +132,13 @@ class EdgeMetrics:
         self.duplicates = Counter("splitexit_edge_duplicate_answers",
                                   "Answers for frames already final (late or redelivered), "
                                   "discarded", ["producer"], registry=registry)
+        self.broker_up = Gauge("splitexit_edge_broker_up", "1 while the edge counts a broker "
+                               "as live (linked, and answering its requests), by endpoint",
+                               ["producer", "broker"], multiprocess_mode="livesum",
+                               registry=registry)
+        self.broker_requests = Counter("splitexit_edge_broker_requests", "Requests sent, by "
+                                       "broker endpoint: where the offloads go",
+                                       ["producer", "broker"], registry=registry)
         self.bad_replies = Counter("splitexit_edge_bad_replies",
                                    "Replies dropped as untrue, by reason: class_range, "
                                    "confidence_range, answer_count, unknown_msg_id (their "

@@ -38,11 +38,11 @@ except _metadata.PackageNotFoundError:  # run from a checkout that was never ins
 if TYPE_CHECKING:
     from pipeline.edge.blocking import Edge
     from pipeline.edge.config import EdgeConfig
-    from pipeline.edge.producer import AsyncEdge, LocalAnswer
+    from pipeline.edge.async_edge import AsyncEdge, LocalAnswer
     from pipeline.edge.results import Outcome, Summary
 
-_API = {"Edge": "pipeline.edge.blocking", "AsyncEdge": "pipeline.edge.producer",
-        "LocalAnswer": "pipeline.edge.producer", "Outcome": "pipeline.edge.results",
+_API = {"Edge": "pipeline.edge.blocking", "AsyncEdge": "pipeline.edge.async_edge",
+        "LocalAnswer": "pipeline.edge.async_edge", "Outcome": "pipeline.edge.results",
         "Summary": "pipeline.edge.results", "EdgeConfig": "pipeline.edge.config"}
 __all__ = ["__version__", "Edge", "AsyncEdge", "LocalAnswer", "Outcome", "Summary",
            "EdgeConfig"]   # spelled out for linters and type checkers

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from monitoring.exposition import total
 from pipeline import AsyncEdge, Edge, LocalAnswer
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
-from pipeline.protocol.frames import to_pixels
+from pipeline.floor.frames import to_pixels
 from pipeline.errors import ConfigError, UserError
 from pipeline.floor.data import load_test_split
 from tests.conftest import ROOT, free_port

@@ -13,7 +13,7 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry
 
 from pipeline.edge.config import EdgeConfig
-from pipeline.edge.producer import AsyncEdge
+from pipeline.edge.async_edge import AsyncEdge
 from pipeline.edge.sources import open_source
 from pipeline.protocol import wire
 from tests.conftest import free_port

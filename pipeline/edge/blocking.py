@@ -1,5 +1,5 @@
 """The edge for a plain loop (an OpenCV `while` loop, a thread pool, a web handler):
-`pipeline.edge.producer.AsyncEdge` running in an asyncio loop of its own, in a thread.
+`pipeline.edge.async_edge.AsyncEdge` running in an asyncio loop of its own, in a thread.
 
     with Edge("runs/default") as edge:
         future = edge.submit(image)       # a concurrent.futures.Future of the final answer
@@ -17,7 +17,7 @@ import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from pipeline.edge.config import EdgeConfig
-from pipeline.edge.producer import API_SOURCE, AsyncEdge, LocalAnswer
+from pipeline.edge.async_edge import API_SOURCE, AsyncEdge, LocalAnswer
 from pipeline.edge.results import Outcome, Summary
 from pipeline.errors import UserError
 
