@@ -137,7 +137,7 @@ def test_features_coded_for_another_model_are_wrong_model_not_bad_bytes(system, 
     import zmq
 
     from pipeline.protocol import wire
-    from pipeline.protocol.static_code import StaticCode
+    from pipeline.floor.static_code import StaticCode
 
     system.broker()
     system.workers(artifacts, 1)
