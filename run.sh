@@ -28,7 +28,7 @@ setup() {
         echo "I: installing torch 2.13.0 (CPU)" >&2
         python3 -m pip install -q torch==2.13.0
     fi
-    if ! python3 -c 'import pipeline, pytest, hypothesis, matplotlib, cv2, tqdm, onnxruntime, yaml, importlinter' \
+    if ! python3 -c 'import pipeline, pytest, hypothesis, matplotlib, cv2, tqdm, onnxruntime, yaml, importlinter, kubernetes_validate, jsonschema' \
             2>/dev/null \
             || ! command -v splitexit >/dev/null; then
         echo "I: installing splitexit (editable, with the server and dev extras)" >&2

@@ -1,9 +1,15 @@
 """A tail worker: takes offloaded features from the broker, batches them, runs the tail once.
 
 Loop shape (zguide Paranoid Pirate worker): poll with a timeout -> read what arrived ->
-run a batch when it is due -> heartbeat -> reconnect if the broker went silent.
-The worker is ready (`splitexit_ready{role="worker"}`) once the broker has answered its
-READY; it is not while it reconnects or drains.
+run a batch when it is due -> heartbeat -> reconnect to a broker that went silent.
+A worker serves every broker it is given (`--backend tcp://b0:5556,tcp://b1:5556`): one
+DEALER, one READY with the full credit, and heartbeats and a back-off of its own per broker,
+so a dead broker costs the others nothing (brokers know nothing of each other; the edges
+choose among them: pipeline.edge.brokers). Each broker holds it to its credit, so it may hold
+up to credit x brokers requests: the full credit per broker lets the survivors use the whole
+worker when one broker dies. A reply goes back to the broker that sent the request.
+The worker is ready (`splitexit_ready{role="worker"}`) once a broker has answered its
+READY; it is not while it reconnects to all of them, or drains.
 
 Dynamic batching (which requests run together, and when) is `workers.batching.Batcher`, a
 pure object; this module is the I/O around it.
@@ -40,8 +46,10 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from monitoring.metrics import ProcessMetrics, WorkerMetrics, for_registry
 from pipeline import __version__
+from pipeline.floor import native
 from pipeline.model.artifacts import load_server
-from pipeline.protocol import native, wire
+from pipeline.protocol import wire
+from pipeline.protocol.endpoints import split_endpoints
 from pipeline.protocol.security import watch_handshake
 from pipeline.protocol.timing import DRAIN_GRACE_S, Backoff
 from pipeline.protocol.wire import Kind, Refusal, WireError
@@ -58,11 +66,26 @@ RECEIVE_BURST = 1000   # messages read per wake-up before a due batch runs
 MAX_RECEIVE_BYTES = wire.MAX_REQUEST_BYTES + 256
 
 
+class BrokerConnection:
+    """One broker this worker serves: its socket (None while a reconnect waits out its
+    back-off), liveness and heartbeats."""
+
+    def __init__(self, endpoint: str, liveness: int):
+        self.endpoint = endpoint
+        self.sock: zmq.Socket | None = None
+        self.liveness = liveness
+        self.backoff = Backoff()
+        self.heartbeat_at = 0.0
+        self.reconnect_at = 0.0
+        self.confirmed = False     # the broker has answered our READY
+        self.watching = False      # a handshake monitor runs on the socket
+
+
 class TailWorker:
     def __init__(self, artifact_dir: str, cfg: WorkerConfig, worker_id: str | None = None,
                  ctx: zmq.Context | None = None, registry: CollectorRegistry = REGISTRY):
         self.cfg = cfg
-        cfg.security.check([cfg.broker], "worker")
+        cfg.validate()
         server = load_server(artifact_dir)
         self.tail = server.tail.eval()
         self.temperature = server.temperature  # confidences as calibrated on validation
@@ -75,8 +98,8 @@ class TailWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.credit = cfg.credit or 2 * cfg.max_batch
         self.ctx = ctx or zmq.Context.instance()
-        self.sock: zmq.Socket | None = None
-        self.watching = False
+        self.links = [BrokerConnection(e, cfg.heartbeat_liveness)
+                      for e in split_endpoints(cfg.broker)]
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000)
         self.draining_since: float | None = None
         self.refused: dict[str, int] = {}
@@ -93,102 +116,122 @@ class TailWorker:
         self.m_batch, self.m_queue = self.m.batch.labels(w), self.m.queue.labels(w)
         self.m_held = self.m.held.labels(w)
         self.ready, self.held = False, 0   # what the gauges say, so only changes are written
-        self.heartbeat_at = 0.0
 
     # -- connection ---------------------------------------------------------------------------
 
-    def connect(self) -> None:
-        """(Re)connect and announce; ready once the broker confirms (its first message)."""
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.identity = self.worker_id.encode()
+    def connect(self, link: BrokerConnection) -> None:
+        """(Re)connect to one broker and announce; it confirms with its first message."""
+        if link.sock is not None:
+            link.sock.close()
+        link.sock = sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.identity = self.worker_id.encode()
         # libzmq drops a peer that sends a larger frame, before it is read into memory
-        self.sock.maxmsgsize = MAX_RECEIVE_BYTES
-        self.cfg.security.client_socket(self.sock)
-        if self.cfg.security.curve and not self.watching:
-            watch_handshake(self.sock, f"worker {self.worker_id}",
-                            self.m_handshake_failures.inc)
-            self.watching = True
-        self.sock.connect(self.cfg.broker)
-        self._announce()
+        sock.maxmsgsize = MAX_RECEIVE_BYTES
+        self.cfg.security.client_socket(sock)
+        if self.cfg.security.curve and not link.watching:
+            watch_handshake(sock, f"worker {self.worker_id}", self.m_handshake_failures.inc)
+            link.watching = True
+        sock.connect(link.endpoint)
+        link.liveness = self.cfg.heartbeat_liveness
+        link.heartbeat_at = time.monotonic() + self.cfg.heartbeat_interval_s
+        self._announce(link)
 
-    def _announce(self) -> None:
-        self._set_ready(False)
-        self.sock.send_multipart(wire.encode_ready(self.worker_id, self.model_tag, self.credit))
+    def _announce(self, link: BrokerConnection) -> None:
+        self._confirm(link, False)
+        link.sock.send_multipart(wire.encode_ready(self.worker_id, self.model_tag, self.credit))
 
     def drain(self) -> None:
-        """Stop taking work (SIGTERM): tell the broker, finish what is held, then leave."""
+        """Stop taking work (SIGTERM): tell the brokers, finish what is held, then leave."""
         if self.draining_since is None:
             self.draining_since = time.monotonic()
             self._set_ready(False)
-            if self.sock is not None:
-                self.sock.send_multipart(wire.DISCONNECT)
+            for link in self.links:
+                if link.sock is not None:
+                    link.sock.send_multipart(wire.DISCONNECT)
 
     # -- main loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
         torch.set_num_threads(self.cfg.threads)
-        self.connect()
-        interval = self.cfg.heartbeat_interval_s
-        liveness = self.cfg.heartbeat_liveness
-        backoff = Backoff()
-        self.heartbeat_at = time.monotonic() + interval
+        for link in self.links:
+            self.connect(link)
         while True:
             now = time.monotonic()
             draining = self.draining_since is not None
             if draining and not self.batcher and now - self.draining_since >= DRAIN_GRACE_S:
                 return
-            wake = self.heartbeat_at
+            wake = min(link.heartbeat_at if link.sock else link.reconnect_at
+                       for link in self.links)
             if self.batcher:
                 wake = min(wake, self.batcher.next_due())
-            if self.sock.poll(max(0.0, wake - now) * 1000, zmq.POLLIN):
-                liveness = self.cfg.heartbeat_liveness
-                backoff.reset()
-                self._receive()
+            poller = zmq.Poller()
+            for link in self.links:
+                if link.sock is not None:
+                    poller.register(link.sock, zmq.POLLIN)
+            for sock, _ in poller.poll(max(0.0, wake - now) * 1000):
+                link = next(link for link in self.links if link.sock is sock)
+                link.liveness = self.cfg.heartbeat_liveness
+                link.backoff.reset()
+                self._receive(link)
             now = time.monotonic()
             if self.batcher.due(now, draining):
                 self._run_batch()
             if len(self.batcher) != self.held:  # once a pass, and only on a change
                 self.held = len(self.batcher)
                 self.m_held.set(self.held)
-            if now >= self.heartbeat_at:
-                self.heartbeat_at = now + interval
-                self.sock.send_multipart(wire.HEARTBEAT)
-                liveness -= 1
-                if liveness <= 0 and self.draining_since is None:
-                    wait_s = backoff.next()
-                    log.warning(f"worker {self.worker_id}: broker silent, reconnecting in "
-                                f"{wait_s:.2f} s")
-                    time.sleep(wait_s)  # the back-off itself: the broker is not there
-                    self.connect()
-                    liveness = self.cfg.heartbeat_liveness
+            for link in self.links:
+                self._keep_alive(link, now)
+
+    def _keep_alive(self, link: BrokerConnection, now: float) -> None:
+        """Heartbeat a broker when due; one silent for `liveness` beats is reconnected after
+        a back-off (the others are served meanwhile)."""
+        if link.sock is None:
+            if now >= link.reconnect_at:
+                self.connect(link)
+            return
+        if now < link.heartbeat_at:
+            return
+        link.heartbeat_at = now + self.cfg.heartbeat_interval_s
+        link.sock.send_multipart(wire.HEARTBEAT)
+        link.liveness -= 1
+        if link.liveness <= 0 and self.draining_since is None:
+            wait_s = link.backoff.next()
+            log.warning(f"worker {self.worker_id}: broker {link.endpoint} silent, "
+                        f"reconnecting in {wait_s:.2f} s")
+            link.sock.close()
+            link.sock, link.reconnect_at = None, now + wait_s
+            self._confirm(link, False)
 
     def _beat(self) -> None:
-        """Heartbeat now if one is due. The main loop beats between polls; this also runs
+        """Heartbeat every broker due one. The main loop beats between polls; this also runs
         between the messages of a burst and between the frames the Python decoder reads, so
         neither a long burst nor the slow fallback decoder makes a live worker look dead."""
         now = time.monotonic()
-        if now >= self.heartbeat_at:
-            self.heartbeat_at = now + self.cfg.heartbeat_interval_s
-            self.sock.send_multipart(wire.HEARTBEAT)
+        for link in self.links:
+            if link.sock is not None and now >= link.heartbeat_at:
+                link.heartbeat_at = now + self.cfg.heartbeat_interval_s
+                link.sock.send_multipart(wire.HEARTBEAT)
+
+    def _confirm(self, link: BrokerConnection, confirmed: bool) -> None:
+        link.confirmed = confirmed
+        self._set_ready(self.draining_since is None and any(c.confirmed for c in self.links))
 
     def _set_ready(self, ready: bool) -> None:
         if ready != self.ready:  # a metric write only on a change: it may be a file write
             self.ready = ready
             self.m_ready.set(int(ready))
 
-    def _receive(self) -> None:
+    def _receive(self, link: BrokerConnection) -> None:
         for _ in range(RECEIVE_BURST):
             self._beat()
             try:
-                parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                parts = link.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if len(parts) == 2:  # [edge, request]
-                self._set_ready(self.draining_since is None)  # work: the broker knows us
-                self._on_request(parts[0], parts[1:])
+                self._confirm(link, True)  # work: the broker knows us
+                self._on_request(link, parts[0], parts[1:])
                 continue
             try:
                 control = wire.decode_control(parts)
@@ -196,11 +239,11 @@ class TailWorker:
                 self._count(e.reason)
                 continue
             if control == Kind.HEARTBEAT:
-                self._set_ready(self.draining_since is None)
+                self._confirm(link, True)
             elif control == Kind.DISCONNECT and self.draining_since is None:
-                self._announce()  # the broker forgot us (it restarted, or thought us dead)
+                self._announce(link)  # the broker forgot us (it restarted, or thought us dead)
 
-    def _on_request(self, edge: bytes, parts: list) -> None:
+    def _on_request(self, link: BrokerConnection, edge: bytes, parts: list) -> None:
         try:   # the model tag first: another model's payload is never decoded
             request = wire.decode_request(parts, self.code, self._beat, self.model_tag)
         except WireError as e:
@@ -210,21 +253,22 @@ class TailWorker:
             except WireError:
                 return  # not even a header: nothing to answer
             if e.reason == "wrong_model":
-                self._refuse(edge, msg_id, Refusal.WRONG_MODEL,
+                self._refuse(link, edge, msg_id, Refusal.WRONG_MODEL,
                              f"worker serves model {self.model_id}, {e.detail}")
             else:
-                self._refuse(edge, msg_id, Refusal.BAD_REQUEST, e.detail)
+                self._refuse(link, edge, msg_id, Refusal.BAD_REQUEST, e.detail)
             return
         if request.features.shape[1] != self.width:
             self._count("shape")
-            self._refuse(edge, request.msg_id, Refusal.BAD_REQUEST,
+            self._refuse(link, edge, request.msg_id, Refusal.BAD_REQUEST,
                          f"model {self.model_id} takes {self.width} features, got "
                          f"{request.features.shape[1]}")
             return
-        self.batcher.add((edge, request), len(request.features), time.monotonic())
+        self.batcher.add((link, edge, request), len(request.features), time.monotonic())
 
-    def _refuse(self, edge: bytes, msg_id: int, reason: Refusal, detail: str) -> None:
-        self.sock.send_multipart([edge] + wire.encode_error(msg_id, reason, detail))
+    def _refuse(self, link: BrokerConnection, edge: bytes, msg_id: int, reason: Refusal,
+                detail: str) -> None:
+        link.sock.send_multipart([edge] + wire.encode_error(msg_id, reason, detail))
 
     def _count(self, reason: str) -> None:
         """A refused or dropped request; `reason` is a WireError reason or wrong_model."""
@@ -237,7 +281,7 @@ class TailWorker:
         """Run the tail once over the batch the batcher hands out; reply to each request."""
         taken = self.batcher.take()
         start = time.monotonic()
-        x = torch.from_numpy(np.concatenate([r.features for (_, r), _ in taken]))
+        x = torch.from_numpy(np.concatenate([r.features for (_, _, r), _ in taken]))
         frames = x.shape[0]
         with torch.inference_mode():
             probs = torch.softmax(self.tail(x) / self.temperature, dim=1)
@@ -249,13 +293,14 @@ class TailWorker:
         self.m_tail.observe(end - start)
         self.m_batch.observe(frames)
         self.m_frames.inc(frames)
-        for (edge, request), arrival in taken:
+        for (link, edge, request), arrival in taken:
             n = len(request.features)
             self.m_ok.inc()
             self.m_queue.observe(start - arrival)
-            self.sock.send_multipart([edge] + wire.encode_reply(
-                request.msg_id, self.worker_id, classes[row:row + n], confidence[row:row + n],
-                int((start - arrival) * 1e6), tail_us, frames))
+            if link.sock is not None:   # else it was given up meanwhile: it redelivers
+                link.sock.send_multipart([edge] + wire.encode_reply(
+                    request.msg_id, self.worker_id, classes[row:row + n],
+                    confidence[row:row + n], int((start - arrival) * 1e6), tail_us, frames))
             row += n
         self.batches += 1
         self.frames += frames
@@ -274,7 +319,8 @@ def run_worker(artifact_dir: str, cfg: WorkerConfig, worker_id: str | None = Non
     try:
         worker.run()
     finally:
-        if worker.sock is not None:
-            worker.sock.close()
+        for link in worker.links:
+            if link.sock is not None:
+                link.sock.close()
         log.info(f"worker {worker.worker_id}: {worker.frames} frames in {worker.batches} "
                  f"batches, refused {worker.refused}")
