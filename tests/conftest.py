@@ -1,25 +1,123 @@
 """Shared fixtures: small generated IDX data sets and a tiny config, so the default suite
 neither needs the Debian package nor minutes of training; and the one way tests wait on
-other processes: on what their metrics say (`Observed`), never on a sleep."""
+other processes: on what their metrics say (`Observed`), never on a sleep. Two rules hold
+for every test: it leaves no process running (`leaves_no_process`), and it never needs a
+fixed port (`default_ports_taken` holds the defaults for the whole session)."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from monitoring.exposition import MULTIPROC_ENV, multiprocess_registry, total
+from monitoring.exposition import METRICS_PORTS, MULTIPROC_ENV, multiprocess_registry, total
 from pipeline.floor.data import write_idx
-from workers.pool import START_TIMEOUT_S, wait_until
+from pipeline.protocol.endpoints import BACKEND, FRONTEND
+from workers.pool import START_TIMEOUT_S, STOP_TIMEOUT_S, NotReady, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Every process this test run starts carries this mark in its environment (set here, at
+# import, before any test runs: children, grandchildren and orphans re-parented to init all
+# inherit it), so what a test leaves behind is found in /proc whoever its parent is now.
+RUN_MARK = "SPLITEXIT_TEST_RUN"
+os.environ[RUN_MARK] = f"{os.getpid()}-{uuid.uuid4().hex}"
+# A process found after a test may be finishing a SIGTERM: it gets this long to leave.
+LEFTOVER_GRACE_S = 2 * STOP_TIMEOUT_S
+PROMETHEUS_PORT = 9090
+
+
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def leftover_processes() -> dict[int, str]:
+    """{pid: command line} of live processes marked with this run's RUN_MARK, other than
+    pytest, its ancestors and pytest's own multiprocessing resource tracker (started once,
+    by the first ProcessGroup a test makes in-process; it lives as long as pytest)."""
+    me = os.getpid()
+    skip = _ancestors(me)
+    needle = f"\0{RUN_MARK}={os.environ[RUN_MARK]}\0".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            if needle not in b"\0" + (entry / "environ").read_bytes() + b"\0":
+                continue
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except (OSError, ValueError):
+            continue   # gone meanwhile, or not ours to read
+        if state in "ZX" or (int(ppid) == me and "multiprocessing.resource_tracker" in cmdline):
+            continue
+        found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_process():
+    """A test fails (an error at its teardown) if a process it started is still running
+    LEFTOVER_GRACE_S after it ended; those processes are killed and named."""
+    yield
+    if not leftover_processes():
+        return
+    try:
+        wait_until(lambda: not leftover_processes(), LEFTOVER_GRACE_S, "leftovers to exit")
+        return
+    except NotReady:
+        left = leftover_processes()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    pytest.fail(f"the test left {len(left)} process(es) running (killed now): "
+                + "; ".join(f"{pid}: {cmd[:200]}" for pid, cmd in left.items()), pytrace=False)
+
+
+def _port_of(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+DEFAULT_PORTS = sorted({_port_of(FRONTEND), _port_of(BACKEND), *METRICS_PORTS.values(),
+                        PROMETHEUS_PORT})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_ports_taken():
+    """Every default port (the broker's two, each command's metrics port, Prometheus') is
+    bound by this process for the whole session, as another program on the machine might:
+    a test that forgets to ask for a free port fails with "address in use", and a connect to
+    one is refused. Bound, not listening, so no connection hangs on it. A port someone else
+    holds already is taken anyway."""
+    held = []
+    for port in DEFAULT_PORTS:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            held.append(s)
+        except OSError:
+            s.close()
+    yield [s.getsockname()[1] for s in held]
+    for s in held:
+        s.close()
 
 TINY_CONFIG = """
 [model]

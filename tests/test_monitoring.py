@@ -4,6 +4,7 @@ Prometheus server computes the same offload ratio and bytes as the run's JSONL r
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -13,9 +14,11 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring.dashboard import PANELS, dashboard, expressions
@@ -24,7 +27,8 @@ from monitoring.metrics import PROMQL
 from monitoring.top import format_table, scrape, summarize
 from pipeline.model.config import CONFIG_DIR
 from tests.conftest import ROOT, free_port
-from workers.pool import START_TIMEOUT_S, wait_until
+from workers.pool import LAUNCHER_STOP_BOUND_S, START_TIMEOUT_S, die_with_parent, \
+    wait_until
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -42,7 +46,8 @@ class UpRun:
              "--metrics-port", str(self.port), "--hold", str(hold_s), "--deadline-ms", "2000",
              "--frontend", f"tcp://127.0.0.1:{free_port()}",
              "--backend", f"tcp://127.0.0.1:{free_port()}"],
-            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            preexec_fn=partial(die_with_parent, os.getpid()))   # and pytest killed: gone too
         self.url = f"http://127.0.0.1:{self.port}/metrics"
 
     def wait_for_replay(self, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -58,11 +63,17 @@ class UpRun:
                 for line in path.read_text().splitlines()]
 
     def stop(self) -> None:
+        """Ctrl-C, and wait for `up` to exit: it stops within LAUNCHER_STOP_BOUND_S, its
+        children with it, or the test fails (what it left is killed, by the conftest check
+        if not here). The rest of its output is read meanwhile: nothing reads the pipes
+        after the replay, and a full pipe would block its last lines."""
         self.proc.send_signal(signal.SIGINT)
         try:
-            self.proc.wait(20)
+            self.proc.communicate(timeout=LAUNCHER_STOP_BOUND_S)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.communicate()
+            raise AssertionError(f"up did not stop within {LAUNCHER_STOP_BOUND_S} s of SIGINT")
 
 
 def samples(url: str) -> dict:
@@ -164,9 +175,37 @@ def test_the_shipped_scrape_config_and_alert_rules_pass_promtool(promtool):
                         (["test", "rules", "alerts_test.yml"], ROOT / "tests" / "promtool")):
         r = subprocess.run([promtool, *args], cwd=where, capture_output=True, text=True)
         assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-2000:])
-    assert "3 rules found" in subprocess.run([promtool, "check", "rules", "alerts.yml"],
+    assert "5 rules found" in subprocess.run([promtool, "check", "rules", "alerts.yml"],
                                              cwd=CONFIG_DIR, capture_output=True,
                                              text=True).stdout
+
+
+def alert_rules() -> list[dict]:
+    groups = yaml.safe_load((CONFIG_DIR / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def test_every_alert_rule_is_tested_firing_and_not_firing():
+    """tests/promtool/alerts_test.yml holds, for every alert, a moment it must fire and one
+    it must not (before its `for`, or on a look-alike: another broker, an optional target)."""
+    cases = yaml.safe_load((ROOT / "tests" / "promtool" / "alerts_test.yml").read_text())
+    fires, quiet = set(), set()
+    for case in cases["tests"]:
+        for check in case["alert_rule_test"]:
+            (fires if check["exp_alerts"] else quiet).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert fires == names and quiet == names
+
+
+def test_every_alert_rule_links_its_runbook_section():
+    """runbook_url is a path from the repository's root to a heading named after the alert
+    (docs/runbook.md: one section per alert)."""
+    from tests.test_docs import anchors
+
+    for rule in alert_rules():
+        path, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert (ROOT / path).is_file() and path.startswith("docs/"), rule["alert"]
+        assert anchor == rule["alert"].lower() and anchor in anchors(ROOT / path), rule["alert"]
 
 
 def test_a_real_prometheus_agrees_with_the_results(artifacts, idx_dir, tmp_path):
@@ -180,7 +219,8 @@ def test_a_real_prometheus_agrees_with_the_results(artifacts, idx_dir, tmp_path)
     prom = subprocess.Popen([PROMETHEUS, f"--config.file={config}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=partial(die_with_parent, os.getpid()))
     base = f"http://127.0.0.1:{prom_port}"
     wait_until(lambda: http_ok(f"{base}/-/ready"), START_TIMEOUT_S, "Prometheus ready", [prom])
     # 300 frames over ~5 s: Prometheus (scraping every 0.5 s) sees the counters rise

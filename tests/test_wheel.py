@@ -11,6 +11,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,6 +55,8 @@ def test_a_wheel_installed_outside_the_checkout_trains_and_serves(tmp_path, idx_
                                                                   "edge_step.c"}
     run(splitexit, "up", "--artifacts", out, "--data", idx_dir, "--workers", "1",
         "--producers", "1", "--limit", "300", "--metrics-port", "0", "--hold", "0",
+        "--frontend", f"tcp://127.0.0.1:{free_port()}",   # never the default ports: another
+        "--backend", f"tcp://127.0.0.1:{free_port()}",    # program may hold them
         "--run-dir", elsewhere / "up", cwd=elsewhere)
     report = json.loads((elsewhere / "up" / "report.json").read_text())
     assert report["frames"] == 300 and report["unique_frames"] == 300
