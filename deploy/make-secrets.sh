@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CURVE keys for a cluster, as Kubernetes Secrets (run once, with kubectl pointed at it):
-#   splitexit-broker-keys      the broker's pair
+#   splitexit-broker-keys      the brokers' pair (one, mounted by every broker of the StatefulSet)
 #   splitexit-allowed-edges    the broker's allow-list for its frontend: the edges' public keys
 #   splitexit-allowed-workers  the broker's allow-list for its backend: the workers' public keys
 #   splitexit-worker-keys      the workers' pair and the broker's public key
