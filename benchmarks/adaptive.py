@@ -35,7 +35,7 @@ from benchmarks.common import free_port, metrics, read_jsonl
 from monitoring.exposition import total
 from monitoring.metrics import READY
 from pipeline.edge.config import EdgeConfig
-from pipeline.edge.producer import AsyncEdge
+from pipeline.edge.async_edge import AsyncEdge
 from pipeline.edge.results import Summary
 from pipeline.edge.sources import open_source
 from pipeline.model.config import FASHION_MNIST_DIR
@@ -298,7 +298,7 @@ def shadow(args, tmp: Path) -> None:
     every exited frame of the replay (each sent through the same wire and tail offline)."""
     from pipeline.edge.numpy_head import exit_scores, load_numpy_head
     from pipeline.model.artifacts import load_server
-    from pipeline.model.data import load_test_split
+    from pipeline.floor.data import load_test_split
     from pipeline.protocol import wire
     import torch
 

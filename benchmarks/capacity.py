@@ -16,6 +16,9 @@ Paths (table 2):
   ours     our broker (heartbeats, credit, redelivery, metrics in multiprocess mode) with an
            echo worker that speaks our protocol, and with our real tail workers, once with
            each uplink
+  scale    one broker, then --brokers brokers, each with its own echo worker, driven by one
+           client process per broker (as many edges on other hosts would be): messages/s
+           summed, side by side in the same run
 Tables:
   1. each uplink: bytes per frame on the wire, the edge's encode time per frame
   2. the hop's round trip at a low rate (one request every 5 ms): p50 / p99; and messages/s
@@ -39,112 +42,37 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import zmq
 
 from benchmarks import add_tiny, apply_tiny
+from benchmarks.camera_search import CAMERA_FPS, Search, cameras
 from benchmarks.common import free_port, metrics, start_pool
+from benchmarks.echo_servers import echo_router, minimal_broker, minimal_echo_worker, \
+    protocol_echo_worker
+from benchmarks.hop_clients import WINDOW, answer_of, client_rate, dealer, low_rate_rtts, \
+    window_rate
 from monitoring.exposition import total
 from pipeline.edge.config import AUTO, wire_codec, wire_dtype
 from pipeline.edge.numpy_head import NumpyHead, exit_scores, load_numpy_head
 from pipeline.errors import UserError
 from pipeline.model.config import FASHION_MNIST_DIR
-from pipeline.model.data import load_test_split
-from pipeline.protocol import native, timing, wire
-from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES, Codec, Kind
+from pipeline.floor.data import load_test_split
+from pipeline.floor import native
+from pipeline.protocol import wire
+from pipeline.protocol.wire import CODEC_NAMES, DTYPE_NAMES, Codec
 from workers.broker import run_broker
 from workers.config import BrokerConfig
 from workers.pool import START_TIMEOUT_S, ProcessGroup, wait_until
 
-CAMERA_FPS = 30.0
 P99_BUDGET_MS = 50.0
 README_CAMERAS = 1600            # the README's figure, 30 % offloaded, before the bandwidth work
 README_OFFLOAD = 0.3
-LOW_RATE_PERIOD_S = 0.005
-WINDOW = 256                     # requests in flight for the messages/s column
 POOL = 32768                     # most distinct requests (message ids) encoded per uplink
-ECHO_CREDIT = 128
-# After a step's last request: what is not answered by then never will be (the broker answers
-# NO_WORKER for anything older than its queue timeout).
-DRAIN_S = BrokerConfig.queue_timeout_s + 1.0
-
-
-# -- servers: each runs in a process of its own ------------------------------------------------
-
-def echo_router(address: str) -> None:
-    """Floor 1: answer every message at once, no broker."""
-    sock = zmq.Context().socket(zmq.ROUTER)
-    sock.bind(address)
-    while True:
-        sock.send_multipart(sock.recv_multipart())
-
-
-def minimal_broker(frontend: str, backend: str) -> None:
-    """Floor 2, zguide lbbroker with credit: workers announce how many requests they take;
-    the frontend is polled only while some worker has credit."""
-    ctx = zmq.Context()
-    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
-    front.bind(frontend)
-    back.bind(backend)
-    credit: list[bytes] = []
-    poll_both, poll_back = zmq.Poller(), zmq.Poller()
-    poll_both.register(back, zmq.POLLIN)
-    poll_both.register(front, zmq.POLLIN)
-    poll_back.register(back, zmq.POLLIN)
-    while True:
-        events = dict((poll_both if credit else poll_back).poll())
-        if back in events:
-            worker, *msg = back.recv_multipart()
-            if msg[0] == b"READY":
-                credit += [worker] * int(msg[1])
-            else:
-                credit.append(worker)
-                front.send_multipart(msg)     # [client, *reply]
-        if front in events and credit:
-            back.send_multipart([credit.pop(0)] + front.recv_multipart())
-
-
-def minimal_echo_worker(backend: str) -> None:
-    sock = zmq.Context().socket(zmq.DEALER)
-    sock.connect(backend)
-    sock.send_multipart([b"READY", str(ECHO_CREDIT).encode()])
-    while True:
-        sock.send_multipart(sock.recv_multipart())
-
-
-def protocol_echo_worker(backend: str, model_tag: bytes) -> None:
-    """Speaks our protocol as workers/tail_worker.py does -- READY with credit, a HEARTBEAT
-    every interval, READY again when the broker says DISCONNECT (it forgot us), a REPLY from
-    the worker the request was given to -- but runs no tail: what is left of the hop is
-    transport and broker."""
-    sock = zmq.Context().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.identity = b"echo"
-    sock.connect(backend)
-    ready = wire.encode_ready("echo", model_tag, ECHO_CREDIT)
-    sock.send_multipart(ready)
-    classes, confidences = np.zeros(1, np.uint8), np.ones(1, np.float32)
-    heartbeat_at = time.monotonic() + timing.HEARTBEAT_INTERVAL_S
-    while True:
-        sock.poll(max(0.0, heartbeat_at - time.monotonic()) * 1000)
-        for _ in range(ECHO_CREDIT):   # what arrived, a burst at a time as the tail worker
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if len(parts) == 2:   # [edge, request]: one frame each, see requests_for
-                _, msg_id = wire.peek(parts[1])
-                sock.send_multipart([parts[0]] + wire.encode_reply(
-                    msg_id, "echo", classes, confidences, 0, 0, 1))
-            elif wire.decode_control(parts) == Kind.DISCONNECT:
-                sock.send_multipart(ready)
-        if time.monotonic() >= heartbeat_at:
-            sock.send_multipart(wire.HEARTBEAT)
-            heartbeat_at = time.monotonic() + timing.HEARTBEAT_INTERVAL_S
 
 
 # -- what the edge sends ------------------------------------------------------------------------
@@ -194,171 +122,6 @@ def uplinks(args: argparse.Namespace, head: NumpyHead) -> list[Uplink]:
     return [shipped] if shipped.codec == Codec.NONE else [shipped, Uplink(dtype, Codec.NONE)]
 
 
-# -- clients (this process) ---------------------------------------------------------------------
-
-def dealer(address: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(address)
-    return sock
-
-
-def answer_of(sock: zmq.Socket) -> tuple[int, bool]:
-    """(msg_id, whether it is a prediction) of the next answer: a REPLY, or an echo of the
-    request on the floors; False for an ERROR (a refusal: busy, no worker, ...)."""
-    kind, msg_id = wire.peek(sock.recv_multipart()[-1])
-    return msg_id, kind != Kind.ERROR
-
-
-def low_rate_rtts(sock: zmq.Socket, requests: list, n: int) -> np.ndarray:
-    """One request at a time, one every 5 ms: the hop with nothing queued anywhere."""
-    rtts = []
-    for i in range(n):
-        start = time.perf_counter()
-        sock.send_multipart(requests[i % len(requests)])
-        if not sock.poll(START_TIMEOUT_S * 1000):
-            raise RuntimeError("no reply at a low rate: the server side stalled")
-        sock.recv_multipart()
-        rtts.append(time.perf_counter() - start)
-        pause = LOW_RATE_PERIOD_S - (time.perf_counter() - start)
-        if pause > 0:
-            time.sleep(pause)  # the pacing of the low-rate scenario
-    return np.array(rtts[n // 10:]) * 1000  # drop the warm-up tenth
-
-
-def window_rate(sock: zmq.Socket, requests: list, seconds: float) -> float:
-    """Answers per second with WINDOW requests kept in flight."""
-    sent = answered = 0
-    for _ in range(WINDOW):
-        sock.send_multipart(requests[sent % len(requests)])
-        sent += 1
-    start = time.perf_counter()
-    end = start + seconds
-    while time.perf_counter() < end:
-        if not sock.poll(5000):
-            raise RuntimeError("no reply for 5 s: the server side stalled")
-        sock.recv_multipart()
-        answered += 1
-        sock.send_multipart(requests[sent % len(requests)])
-        sent += 1
-    rate = answered / (time.perf_counter() - start)
-    while answered < sent and sock.poll(5000):  # let the window drain before the next test
-        sock.recv_multipart()
-        answered += 1
-    return rate
-
-
-@dataclass
-class Step:
-    cameras: int
-    rate: float            # requests/s sent
-    sent: int
-    replies: int           # answered with a prediction
-    p50: float             # ms; refused or unanswered requests count as infinitely late
-    p99: float
-    ok: bool               # every request answered, p99 within the budget
-
-
-def paced(address: str, requests: list, cameras: int, args) -> Step:
-    """Send cameras x fps x offload requests/s for `seconds` from a fresh DEALER, then wait
-    until every one is answered or DRAIN_S passed: each step starts with the servers idle."""
-    rate = cameras * CAMERA_FPS * args.offload
-    n = max(1, int(rate * args.seconds))
-    sent_at = np.full(len(requests) + 1, np.nan)   # by msg_id (1..), while unanswered
-    rtts: list[float] = []
-    replies = waiting = 0
-    sock = dealer(address)
-
-    def receive() -> None:
-        nonlocal replies, waiting
-        msg_id, reply = answer_of(sock)
-        if math.isnan(sent_at[msg_id]):
-            return   # a second answer to it counts for nothing
-        if reply:
-            rtts.append(time.perf_counter() - sent_at[msg_id])
-            replies += 1
-        sent_at[msg_id] = np.nan
-        waiting -= 1
-
-    try:
-        start = time.perf_counter()
-        for i in range(n):
-            due = start + i / rate
-            while (now := time.perf_counter()) < due:
-                if sock.poll(max(0.0, due - now) * 1000):
-                    while sock.poll(0):
-                        receive()
-            slot = i % len(requests)
-            waiting += math.isnan(sent_at[slot + 1])   # else its id's last use goes unanswered
-            sent_at[slot + 1] = time.perf_counter()
-            sock.send_multipart(requests[slot])
-        end = time.perf_counter() + DRAIN_S
-        while waiting and (left := end - time.perf_counter()) > 0:
-            if sock.poll(left * 1000):
-                receive()
-    finally:
-        sock.close()
-    late = np.array(rtts + [math.inf] * (n - len(rtts))) * 1000
-    p50, p99 = (float(np.percentile(late, q, method="higher")) for q in (50, 99))  # inf, not nan
-    return Step(cameras, rate, n, replies, p50, p99, replies == n and p99 <= args.budget_ms)
-
-
-class Search:
-    """The most cameras that hold the budget: double from the start until a count fails (or
-    the maximum held), halve while nothing has held, then bisect between the most that held
-    and the fewest that failed until they are within `resolution` of each other. A count
-    fails only when all its `tries` failed: on a shared machine one step's p99 can be
-    another process's burst, not the servers' limit."""
-
-    def __init__(self, start: int, maximum: int, resolution: float, tries: int):
-        self.maximum, self.resolution, self.tries = maximum, resolution, tries
-        self.held, self.failed = 0, None
-        self.next: int | None = start
-        self.steps: list[Step] = []
-
-    def record(self, step: Step) -> None:
-        self.steps.append(step)
-        n = step.cameras
-        if not step.ok and sum(s.cameras == n for s in self.steps) < self.tries:
-            return   # self.next stays n: try it again
-        if step.ok:
-            self.held = max(self.held, n)
-        else:
-            self.failed = n if self.failed is None else min(self.failed, n)
-        if self.failed is None:
-            self.next = None if n >= self.maximum else min(2 * n, self.maximum)
-        elif self.held == 0:
-            self.next = n // 2 or None
-        elif self.failed - self.held <= max(1, self.resolution * self.held):
-            self.next = None
-        else:
-            self.next = (self.held + self.failed) // 2
-
-    @property
-    def at_capacity(self) -> Step | None:
-        """The step at the capacity (the last one run at that count)."""
-        return next((s for s in reversed(self.steps) if s.cameras == self.held and s.ok), None)
-
-
-def cameras(address: str, links: list[Uplink], args) -> list[Search]:
-    """One search per uplink, a step of each in turns (who goes first alternates), so that
-    a machine getting busier or quieter weighs on both alike."""
-    searches = [Search(args.start_cameras, args.max_cameras, args.resolution, args.tries)
-                for _ in links]
-    turn = 0
-    while any(s.next for s in searches):
-        order = list(zip(links, searches))
-        for link, search in order[::-1] if turn % 2 else order:
-            if search.next:
-                step = paced(address, link.requests, search.next, args)
-                search.record(step)
-                print(f"I: {link.name}: {step.cameras} cameras ({step.rate:.0f} requests/s): "
-                      f"{step.replies}/{step.sent} answered, p50 {step.p50:.2f} ms, "
-                      f"p99 {step.p99:.2f} ms", flush=True)
-        turn += 1
-    return searches
-
-
 # -- the run ------------------------------------------------------------------------------------
 
 def measure(name: str, address: str, requests: list, args, rows: list) -> None:
@@ -377,6 +140,48 @@ def measure(name: str, address: str, requests: list, args, rows: list) -> None:
     rows.append((name, np.percentile(rtt, 50), np.percentile(rtt, 99), rate))
     print(f"I: {name}: p50 {rows[-1][1]:.3f} ms, p99 {rows[-1][2]:.3f} ms, {rate:.0f} msg/s",
           flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def brokers_rate(brokers: int, clients: int, requests: list, tag: bytes, args,
+                 registry) -> tuple[float, float]:
+    """Messages/s summed over `clients` client processes, spread over `brokers` brokers with
+    an echo worker each; and the busiest broker's CPU use meanwhile, in cores (1.0: it is
+    the limit)."""
+    spawn = multiprocessing.get_context("spawn")
+    group, fronts = ProcessGroup(), []
+    try:
+        for i in range(brokers):
+            front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+            group.start(f"broker-{i}", run_broker, BrokerConfig(frontend=front, backend=back))
+            group.start(f"echo-{i}", protocol_echo_worker, back, tag)
+            fronts.append(front)
+        wait_until(lambda: total(registry, "splitexit_broker_workers") >= brokers,
+                   START_TIMEOUT_S, "an echo worker known to each broker", group.procs)
+        rates = spawn.Queue()
+        procs = [spawn.Process(target=client_rate, daemon=True,
+                               args=(fronts[i % brokers], requests, args.seconds, rates))
+                 for i in range(clients)]
+        pids = [p.pid for p in group.procs if p.name.startswith("broker")]
+        cpu, start = [cpu_seconds(pid) for pid in pids], time.monotonic()
+        for p in procs:
+            p.start()
+        total_rate = sum(rates.get(timeout=START_TIMEOUT_S + 10 * args.seconds)
+                         for _ in procs)
+        busiest = max(cpu_seconds(pid) - before for pid, before in zip(pids, cpu)) \
+            / (time.monotonic() - start)
+        for p in procs:
+            p.join()
+    finally:
+        group.stop()
+    print(f"I: {brokers} broker(s), {clients} clients: {total_rate:.0f} msg/s, the busiest "
+          f"broker at {busiest:.2f} of a core", flush=True)
+    return total_rate, busiest
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -405,6 +210,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tries", type=int, default=2,
                     help="a count of cameras fails only when this many steps at it failed")
     ap.add_argument("--workers", type=int, default=2, help="tail workers")
+    ap.add_argument("--brokers", type=int, default=2, help="brokers in the scale-out rows, "
+                    "and client processes in both (default: %(default)s)")
     add_tiny(ap)
     args = ap.parse_args(argv)
     apply_tiny(ap, args, seconds=0.3, low_rate_requests=20, workers=1, start_cameras=5,
@@ -418,7 +225,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "want 1 <= --start-cameras <= --max-cameras"),
                         (args.resolution <= 0, "--resolution must be positive"),
                         (args.tries < 1, "--tries must be >= 1"),
-                        (args.workers < 1, "--workers must be >= 1")):
+                        (args.workers < 1, "--workers must be >= 1"),
+                        (args.brokers < 1, "--brokers must be >= 1")):
         if wrong:
             ap.error(rule)
     return args
@@ -468,6 +276,8 @@ def run(args: argparse.Namespace) -> None:
         measure("our broker + echo worker", front, shipped, args, rows)
     finally:
         group.stop()
+    scale = [(n, brokers_rate(n, args.brokers, shipped, tag, args, registry))
+             for n in (1, args.brokers)]
     group = ProcessGroup()
     try:  # ours, end to end on the server side: broker + real tail workers, each uplink
         front, _, _ = start_pool(group, args.artifacts, args.workers)
@@ -477,10 +287,11 @@ def run(args: argparse.Namespace) -> None:
         searches = cameras(front, links, args)
     finally:
         group.stop()
-    report(args, links, rows, searches)
+    report(args, links, rows, searches, scale)
 
 
-def report(args, links: list[Uplink], rows: list, searches: list[Search]) -> None:
+def report(args, links: list[Uplink], rows: list, searches: list[Search],
+           scale: list[tuple[int, float]]) -> None:
     print("\n| uplink | bytes a request on the wire | edge encode µs a frame |\n|---|---|---|")
     for link in links:
         print(f"| {link.name} | {link.wire_bytes:.1f} | {link.encode_us:.1f} |")
@@ -490,6 +301,11 @@ def report(args, links: list[Uplink], rows: list, searches: list[Search]) -> Non
     for name, p50, p99, rate in rows:
         print(f"| {name} | {p50:.3f} | {p99:.3f} | {p50 / floor_rtt:.2f}x | {rate:.0f} | "
               f"{100 * rate / floor_rate:.0f} % |")
+    print(f"\n| brokers, an echo worker each | clients | msg/s (window {WINDOW} a client) | "
+          f"vs one broker | busiest broker, cores |\n|---|---|---|---|---|")
+    for brokers, (rate, busiest) in scale:
+        print(f"| {brokers} | {args.brokers} | {rate:.0f} | {rate / scale[0][1][0]:.2f}x | "
+              f"{busiest:.2f} |")
     print(f"\n| uplink | cameras at {CAMERA_FPS:g} fps, {100 * args.offload:.1f} % offloaded | "
           f"requests/s | hop p50 ms | hop p99 ms | answered | p99 <= {args.budget_ms:g} ms |\n"
           f"|---|---|---|---|---|---|---|")
