@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -118,7 +117,6 @@ class AsyncEdge:
             self.summary.shadows = self.core.shadows.counts
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self._intake: Intake | None = None           # made by start(), in the loop
-        self._answers: dict[int, asyncio.Future | concurrent.futures.Future] = {}  # frame id
         self._frame_ids = itertools.count()
         self._source = None                          # run()'s, for its drop counts
         self._tasks: list[asyncio.Task] = []
@@ -236,13 +234,7 @@ class AsyncEdge:
                 o.latency_ms = (wall - o.capture_ts) * 1000
             self.results.add(outcomes)
             self.telemetry.handed_out(outcomes)
-            for o in outcomes:
-                answer = self._answers.pop(o.frame, None)
-                if answer is not None:
-                    # its caller may have cancelled it, from another thread at any moment
-                    with contextlib.suppress(asyncio.InvalidStateError,
-                                             concurrent.futures.InvalidStateError):
-                        answer.set_result(o)
+            self._intake.answer(outcomes)
         self.summary.duplicates = self.core.counts["duplicates"]
         self.telemetry.export(self._source)
         if not len(self.core):
@@ -262,9 +254,7 @@ class AsyncEdge:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            for answer in self._answers.values():   # only if processing failed
-                if not answer.done():
-                    answer.set_exception(RuntimeError("the edge stopped before answering"))
+            self._intake.fail_waiting("the edge stopped before answering")
             self._release()
         return self.summary
 
@@ -278,14 +268,10 @@ class AsyncEdge:
 
     async def _process(self) -> None:
         while True:
-            batch = await self._intake.take(self.cfg.max_pack)
-            frames = [item[0] for item in batch if item is not None]
-            for frame, answer in filter(None, batch):
-                if answer is not None:
-                    self._answers[frame.frame_id] = answer
+            frames, ended = await self._intake.take(self.cfg.max_pack)
             if frames:
                 await self._handle(frames)
-            if batch[-1] is None:
+            if ended:
                 return
 
     async def _handle(self, frames: list[Frame]) -> None:

@@ -1,11 +1,14 @@
 """Frames on their way to the head: one bounded queue that the caller's coroutine (`submit`),
 the caller's thread (`Edge`) or a capture thread reading a source fill, and the edge's
 process coroutine empties a batch at a time. None in the queue ends it; `stop` ends it early
-(what was taken is still answered)."""
+(what was taken is still answered). A frame a caller waits on comes with a future, which
+`answer` resolves with its Outcome."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import queue
 import threading
 
@@ -20,6 +23,7 @@ class Intake:
         self._queue: queue.Queue = queue.Queue(size)   # items: (frame, future | None), None
         self._arrived, self._room = asyncio.Event(), asyncio.Event()
         self.stopping = stopping                       # read by the capture thread
+        self._waiting: dict = {}                       # frame id -> its caller's future
 
     async def put(self, item: tuple | None) -> None:
         """From the loop's thread: queue `item`, waiting for room."""
@@ -42,9 +46,32 @@ class Intake:
         self.stopping.set()
         self._arrived.set()
 
-    async def take(self, most: int) -> list:
-        """Every item waiting now (up to `most`), or wait for one; None ends the queue, as
-        does an empty queue after stop()."""
+    async def take(self, most: int) -> tuple[list, bool]:
+        """(frames, ended): every frame waiting now (up to `most`), or wait for one; the
+        queue ends at None, or when empty after stop()."""
+        batch = await self._take(most)
+        for frame, future in filter(None, batch):
+            if future is not None:
+                self._waiting[frame.frame_id] = future
+        return [item[0] for item in batch if item is not None], batch[-1] is None
+
+    def answer(self, outcomes: list) -> None:
+        """Give the callers waiting on these frames their Outcome."""
+        for o in outcomes:
+            future = self._waiting.pop(o.frame, None)
+            if future is not None:
+                # its caller may have cancelled it, from another thread at any moment
+                with contextlib.suppress(asyncio.InvalidStateError,
+                                         concurrent.futures.InvalidStateError):
+                    future.set_result(o)
+
+    def fail_waiting(self, why: str) -> None:
+        """The edge stopped with frames unanswered (only if processing failed)."""
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(RuntimeError(why))
+
+    async def _take(self, most: int) -> list:
         while True:
             self._arrived.clear()
             batch = []
