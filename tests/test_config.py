@@ -83,6 +83,18 @@ def test_the_schedule_is_in_steps_unless_epochs_are_asked_for():
         load_config("paper-sparse", ["train.steps=0"])
 
 
+def test_early_stopping_is_on_by_default_and_its_patience_a_fraction_below_1():
+    """0 runs the whole schedule; 1 would never stop (no plateau is as long as all the
+    training before it), a negative one would stop at once: both are refused in one line."""
+    assert load_config("paper-sparse").train.patience == pytest.approx(1 / 3)
+    assert load_config("paper-sparse", ["train.patience=0"]).train.patience == 0.0
+    for bad in ("1", "-0.1"):
+        with pytest.raises(ConfigError, match=rf"train.patience = {float(bad)} must be in "
+                                              rf"\[0, 1\)") as e:
+            load_config("paper-sparse", [f"train.patience={bad}"])
+        assert "\n" not in str(e.value)
+
+
 def test_missing_file_lists_shipped_configs():
     with pytest.raises(ConfigError, match="paper-sparse"):
         load_config("no-such-config")

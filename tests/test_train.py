@@ -158,3 +158,57 @@ def test_an_unknown_augmentation_is_a_one_line_error(tiny_config_path):
     with pytest.raises(ConfigError, match="train.augment = 'rotate': choose one of none, flip, "
                                         "shift, flip\\+shift"):
         load_config(str(tiny_config_path), ["train.augment='rotate'"])
+
+
+def _memorizable(folder):
+    """The generated frames with their training labels shuffled: nothing to learn but the
+    training set by heart, so the validation objective gets worse after the first epochs."""
+    import numpy as np
+
+    from pipeline.floor.data import read_idx, write_idx
+    from tests.conftest import make_idx_dataset
+
+    make_idx_dataset(folder, n_train=1000, n_test=100)
+    labels = folder / "train-labels-idx1-ubyte.gz"
+    write_idx(labels, np.random.default_rng(0).permutation(read_idx(labels)))
+    return folder
+
+
+def test_training_stops_once_validation_stops_improving_and_keeps_the_best_epoch(tmp_path):
+    """patience 0 runs the whole schedule and records the validation objective per epoch;
+    with patience the same training (same seeds) stops where stop_now says on that curve,
+    keeps the best epoch of what it ran, and, that being the whole run's best, the very same
+    weights; metrics.json and the report say so."""
+    from pipeline.model.report import format_report
+    from pipeline.model.train import stop_now
+    from tests.conftest import TINY_CONFIG
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_CONFIG + f'\n[data]\ndir = "{_memorizable(tmp_path / "idx")}"\n')
+    overrides = ["train.epochs=24", "train.select_by='loss'", "train.lr=0.01"]
+    cfg = load_config(str(path), overrides + ["train.patience=0"])
+    data = dataset(cfg)
+    whole, _ = fit(cfg, data, progress=False)
+    curve, total, per_epoch = whole.epochs["val_objective"], 24 * 15, 15  # 950 / 64 -> 15
+    # the best of the first e epochs (ties: the later one, as fit keeps)
+    best = [1 + min(range(e), key=lambda i: (curve[i], -i)) for e in range(1, 25)]
+    assert whole.epochs == {"run": 24, "best": best[-1], "scheduled": 24,
+                            "stopped_early": False, "stopped_at_step": None,
+                            "scheduled_steps": total, "val_objective": curve}
+    expected = next(e for e in range(1, 25)
+                    if stop_now(0.25, e * per_epoch, best[e - 1] * per_epoch, total))
+    assert expected < 24 and best[expected - 1] == best[-1]
+
+    metrics = run(load_config(str(path), overrides + ["train.patience=0.25"]), tmp_path / "o",
+                  progress=False)
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    e = saved["train_epochs"]
+    assert e == {"run": expected, "best": whole.epochs["best"], "scheduled": 24,
+                 "stopped_early": True, "stopped_at_step": expected * per_epoch,
+                 "scheduled_steps": total}
+    assert saved["train_val_objective"] == curve[:expected]
+    stopped, _, _ = load_model(tmp_path / "o")
+    for (name, a), b in zip(whole.state_dict().items(), stopped.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (f"epoch {e['best']} of {expected} kept, stopped early at step "
+            f"{expected * per_epoch} of {total}") in format_report(metrics)

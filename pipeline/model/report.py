@@ -9,6 +9,16 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _epochs(e: dict | None) -> str:
+    """Which epoch was kept, and whether training stopped before its schedule's end (older
+    metrics have run and best only, or nothing)."""
+    if not e:
+        return ""
+    stop = (f", stopped early at step {e['stopped_at_step']} of {e['scheduled_steps']}"
+            if e.get("stopped_early") else "")
+    return f", epoch {e['best']} of {e['run']} kept{stop}"
+
+
 def format_report(m: dict) -> str:
     s, c = m["structure"], m["calibration"]
     lines = [f"model {m['model']}  id {m['model_id']}", "",
@@ -35,7 +45,7 @@ def format_report(m: dict) -> str:
               f"server: {s['server_params']} parameters, {s['server_macs']} MACs/frame, "
               f"artifact {m['artifact_bytes']['server']} bytes",
               f"training: {m['train_seconds_per_epoch']:.2f} s/epoch "
-              f"({m['train_threads']} threads)", "",
+              f"({m['train_threads']} threads){_epochs(m.get('train_epochs'))}", "",
               f"threshold {c['threshold']:.4f} on {c['score']} ({c['policy']}, "
               f"chosen on validation)",
               "| split | exit only | full model | split+exit | offload ratio |",

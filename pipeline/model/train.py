@@ -30,13 +30,17 @@ from pipeline.model.split_model import SplitModel, describe
 from pipeline.floor.quantization import quantize_unsigned
 from pipeline.floor.static_code import StaticCode
 
-__all__ = ["fit", "predict", "run", "calibrate_dir", "dataset", "METRICS_FILE"]
+__all__ = ["fit", "predict", "run", "calibrate_dir", "dataset", "stop_now", "METRICS_FILE"]
 
 log = logging.getLogger(__name__)
 
 SWEEP_CSV, SWEEP_PNG = "calibration.csv", "calibration.png"
 RELIABILITY_PNG = "reliability.png"   # confidence vs accuracy, before and after temperature
 EVAL_BATCH = 4096
+# Early stopping never gives up sooner than this fraction of the schedule after the best
+# epoch: the first epochs of a small set (15 steps each for 4 000 images) are too short and
+# noisy for "the last third brought nothing" to mean the training is over.
+MIN_PATIENCE = 0.05
 
 
 def _pixels(split: Split) -> torch.Tensor:
@@ -60,8 +64,10 @@ def fit(cfg: Config, data: Dataset,
         progress: bool | None = None) -> tuple[SplitModel, list[float]]:
     """Joint training: loss = exit_weight * CE(exit) + CE(final), for `train.steps` (or
     `train.epochs`); the weights returned are the moving average's (WeightAverage) at the
-    epoch with the lowest validation objective (_validation_loss). Returns model, s/epoch (its
-    `best_epoch` and `epochs_run` attributes say which epoch it kept, from 1, of how many)."""
+    epoch with the lowest validation objective (_validation_loss), stopping early where
+    `train.patience` says (stop_now). Returns model, s/epoch; its attribute `epochs` says
+    which epoch it kept (best, from 1), how many it ran of how many scheduled, whether and at
+    which step it stopped early, and the validation objective after each epoch."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = SplitModel(cfg.model)
@@ -85,7 +91,8 @@ def fit(cfg: Config, data: Dataset,
     augmenting = t.augment != "none"
     average = WeightAverage(model, t.ema_decay) if t.ema_decay else None
     epoch_seconds = []
-    best, best_loss, best_epoch = None, math.inf, 0
+    best, best_loss, best_epoch, best_step = None, math.inf, 0, 0
+    curve, stopped_at = [], None
     # progress None: a bar only on a terminal (tqdm's disable=None); a log file got 53
     # progress updates from a 6 s training
     bar = tqdm(total=total, disable=None if progress is None else not progress, unit="step",
@@ -114,17 +121,40 @@ def fit(cfg: Config, data: Dataset,
             running += loss.item()
             bar.update()
         epoch_seconds.append(time.perf_counter() - start)
+        done = epoch * steps_per_epoch + steps
         with average.swapped_in(model) if average else contextlib.nullcontext():
             val_loss = _validation_loss(model.eval(), data.val, t)
             if val_loss <= best_loss:   # ties: the later, more trained one
-                best_loss, best_epoch = val_loss, epoch + 1
+                best_loss, best_epoch, best_step = val_loss, epoch + 1, done
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        curve.append(val_loss)
         bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{running / steps:.3f}",
                         val_loss=f"{val_loss:.4f}")
+        if stop_now(t.patience, done, best_step, total):
+            stopped_at = done
+            log.info(f"{cfg.model.name}: stopped early at step {done} of {total} (epoch "
+                     f"{epoch + 1} of {epochs}): no better validation objective since epoch "
+                     f"{best_epoch}")
+            break
     bar.close()
     model.load_state_dict(best)
-    model.best_epoch, model.epochs_run = best_epoch, epochs
+    model.epochs = {"run": len(curve), "best": best_epoch, "scheduled": epochs,
+                    "stopped_early": stopped_at is not None, "stopped_at_step": stopped_at,
+                    "scheduled_steps": total, "val_objective": curve}
     return model.eval(), epoch_seconds
+
+
+def stop_now(patience: float, done: int, best_step: int, total: int) -> bool:
+    """Whether training stops after `done` of `total` steps, the best epoch having ended at
+    step `best_step`: once the last `patience` of the steps so far (and at least MIN_PATIENCE
+    of the schedule) found no better validation objective. Relative to the steps so far: a
+    plateau that is a third of all the training so far says the model has learned what it
+    will, a few epochs' one early on (high learning rate, a young average) is noise. The
+    weights kept are the best epoch's either way, so a stop changes
+    the model only where a later epoch would have beaten it."""
+    if not patience or done >= total:
+        return False
+    return done - best_step >= max(patience * done, MIN_PATIENCE * total)
 
 
 def augment(pixels: torch.Tensor, shape, t: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -295,6 +325,8 @@ def run(cfg: Config, out_dir: Path, progress: bool | None = None) -> dict:
              f"{len(data.test)} test frames from {cfg.data.dir}; sparse layers train with "
              f"{ell_native.status()}")
     model, epoch_seconds = fit(cfg, data, progress)
+    epochs = dict(model.epochs)
+    curve = epochs.pop("val_objective")   # its own key: train_epochs stays one short line
     out_dir.mkdir(parents=True, exist_ok=True)
     calibration = _calibrate(model, cfg, data, out_dir)
     code = uplink_code(model, data.train) if cfg.model.uplink_bits else None
@@ -305,7 +337,8 @@ def run(cfg: Config, out_dir: Path, progress: bool | None = None) -> dict:
                "config": cfg.to_dict(), "structure": _structure(model),
                "artifact_bytes": {"edge": sizes["edge_bytes"], "server": sizes["server_bytes"]},
                "train_seconds_per_epoch": float(np.mean(epoch_seconds)),
-               "train_epochs": {"run": model.epochs_run, "best": model.best_epoch},
+               "train_seconds": float(np.sum(epoch_seconds)),
+               "train_epochs": epochs, "train_val_objective": curve,
                "train_threads": torch.get_num_threads(),
                "train_kernels": ell_native.status(),
                "calibration": calibration}
