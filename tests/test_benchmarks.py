@@ -114,6 +114,7 @@ TINY = {
     "sparse_conv": (lambda f, tmp: [], "| shape | batch |", None),
     "sparse_layer": (lambda f, tmp: [], "| head | thr |", None),
     "train_epoch": (lambda f, tmp: ["--data", f("idx_dir")], "| model | sparse kernels", None),
+    "unfamiliar": (lambda f, tmp: ["--data", f("idx_dir")], "| score | AUROC held-out", None),
 }
 
 
