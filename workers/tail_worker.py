@@ -100,6 +100,8 @@ class TailWorker:
         self.ctx = ctx or zmq.Context.instance()
         self.links = [BrokerConnection(e, cfg.heartbeat_liveness)
                       for e in split_endpoints(cfg.broker)]
+        self.poller = zmq.Poller()   # the sockets of the links that have one
+        self._link_of: dict[zmq.Socket, BrokerConnection] = {}
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_ms / 1000)
         self.draining_since: float | None = None
         self.refused: dict[str, int] = {}
@@ -121,8 +123,7 @@ class TailWorker:
 
     def connect(self, link: BrokerConnection) -> None:
         """(Re)connect to one broker and announce; it confirms with its first message."""
-        if link.sock is not None:
-            link.sock.close()
+        self.close_link(link)
         link.sock = sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.identity = self.worker_id.encode()
@@ -133,9 +134,18 @@ class TailWorker:
             watch_handshake(sock, f"worker {self.worker_id}", self.m_handshake_failures.inc)
             link.watching = True
         sock.connect(link.endpoint)
+        self.poller.register(sock, zmq.POLLIN)
+        self._link_of[sock] = link
         link.liveness = self.cfg.heartbeat_liveness
         link.heartbeat_at = time.monotonic() + self.cfg.heartbeat_interval_s
         self._announce(link)
+
+    def close_link(self, link: BrokerConnection) -> None:
+        if link.sock is not None:
+            self.poller.unregister(link.sock)
+            del self._link_of[link.sock]
+            link.sock.close()
+            link.sock = None
 
     def _announce(self, link: BrokerConnection) -> None:
         self._confirm(link, False)
@@ -165,12 +175,8 @@ class TailWorker:
                        for link in self.links)
             if self.batcher:
                 wake = min(wake, self.batcher.next_due())
-            poller = zmq.Poller()
-            for link in self.links:
-                if link.sock is not None:
-                    poller.register(link.sock, zmq.POLLIN)
-            for sock, _ in poller.poll(max(0.0, wake - now) * 1000):
-                link = next(link for link in self.links if link.sock is sock)
+            for sock, _ in self.poller.poll(max(0.0, wake - now) * 1000):
+                link = self._link_of[sock]
                 link.liveness = self.cfg.heartbeat_liveness
                 link.backoff.reset()
                 self._receive(link)
@@ -199,8 +205,8 @@ class TailWorker:
             wait_s = link.backoff.next()
             log.warning(f"worker {self.worker_id}: broker {link.endpoint} silent, "
                         f"reconnecting in {wait_s:.2f} s")
-            link.sock.close()
-            link.sock, link.reconnect_at = None, now + wait_s
+            self.close_link(link)
+            link.reconnect_at = now + wait_s
             self._confirm(link, False)
 
     def _beat(self) -> None:
@@ -214,6 +220,9 @@ class TailWorker:
                 link.sock.send_multipart(wire.HEARTBEAT)
 
     def _confirm(self, link: BrokerConnection, confirmed: bool) -> None:
+        """Called per message: work only where a broker's confirmation changed."""
+        if link.confirmed == confirmed:
+            return
         link.confirmed = confirmed
         self._set_ready(self.draining_since is None and any(c.confirmed for c in self.links))
 
@@ -320,7 +329,6 @@ def run_worker(artifact_dir: str, cfg: WorkerConfig, worker_id: str | None = Non
         worker.run()
     finally:
         for link in worker.links:
-            if link.sock is not None:
-                link.sock.close()
+            worker.close_link(link)
         log.info(f"worker {worker.worker_id}: {worker.frames} frames in {worker.batches} "
                  f"batches, refused {worker.refused}")
