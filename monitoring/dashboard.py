@@ -40,6 +40,8 @@ PANELS = [
       ("exit accuracy, the tail judging (shadows)", PROMQL["shadow_exit_accuracy"]),
       ("exit accuracy it claims (mean calibrated confidence)",
        PROMQL["exit_claimed_accuracy"])]),
+    ("Unfamiliar frames: flagged by the edge, answered unknown by the tail", "percentunit",
+     [("{{where}}", PROMQL["unfamiliar_ratio"])]),
     ("Budget controller: threshold and offload ratio aimed at", "short",
      [("{{producer}} threshold", PROMQL["exit_threshold"]),
       ("{{producer}} aimed ratio", PROMQL["controller_ratio"]),

@@ -86,6 +86,10 @@ class EdgeMetrics:
         self.latency = Histogram("splitexit_edge_latency_seconds",
                                  "Capture to final answer, by path", ["producer", "path"],
                                  buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.unfamiliar = Counter("splitexit_edge_unfamiliar_frames", "Frames unlike the "
+                                  "training set, by whose score flagged them: edge (never the "
+                                  "exit's answer, offloaded) or tail (answered unknown)",
+                                  ["producer", "where"], registry=registry)
         self.head = Histogram("splitexit_edge_head_seconds", "Head + exit time per frame",
                               ["producer"], buckets=HEAD_BUCKETS_S, registry=registry)
         self.source_dropped = Counter("splitexit_edge_source_dropped_frames",
@@ -237,6 +241,11 @@ PROMQL = {
         '/ sum(rate(splitexit_edge_frames_total{path!="exit"}[1m]))',
     "frames_per_second": "sum(rate(splitexit_edge_frames_total[1m]))",
     "fallbacks_per_second": "sum by (reason) (rate(splitexit_edge_fallbacks_total[1m]))",
+    # Frames unlike the training set, as a share of all frames: flagged by the edge's score
+    # (offloaded), and answered `unknown` by the tail's
+    "unfamiliar_ratio": "sum by (where) (rate(splitexit_edge_unfamiliar_frames_total[1m])) "
+                        "/ ignoring(where) group_left "
+                        "sum(rate(splitexit_edge_frames_total[1m]))",
     "compression_ratio": "sum(rate(splitexit_edge_feature_bytes_total[1m])) "
                          "/ sum(rate(splitexit_edge_payload_bytes_total[1m]))",
     "latency_p99_seconds": "histogram_quantile(0.99, sum by (path, le) "

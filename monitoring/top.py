@@ -120,6 +120,9 @@ def summarize(a: Snapshot, b: Snapshot) -> dict:
         "offload_ratio": offloaded / frames if frames > 0 else None,
         "fallbacks_per_s": {r: v / dt for r, v in _group(
             increases(a, b, "splitexit_edge_fallbacks_total"), "reason").items()},
+        "unfamiliar_ratio": {w: v / dt / frames for w, v in _group(
+            increases(a, b, "splitexit_edge_unfamiliar_frames_total"), "where").items()}
+        if frames > 0 else {},
         "uplink_bytes_per_s": uplink,
         "uplink_bytes_per_offloaded_frame": uplink / offloaded if offloaded > 0 else None,
         "compression_ratio": rate("splitexit_edge_feature_bytes_total") / payload
@@ -144,7 +147,9 @@ def format_table(s: dict) -> str:
         "endpoints: " + ", ".join(f"{url} {'up' if ok else 'DOWN'}" for url, ok in
                                   s["up"].items()),
         f"frames/s {s['frames_per_s']:.1f}   offload ratio {_fmt(s['offload_ratio'], '.1%')}   "
-        f"fallbacks/s {({k: round(v, 1) for k, v in s['fallbacks_per_s'].items() if v}) or 0}",
+        f"fallbacks/s {({k: round(v, 1) for k, v in s['fallbacks_per_s'].items() if v}) or 0}   "
+        f"unfamiliar: edge {s['unfamiliar_ratio'].get('edge', 0):.1%}, unknown "
+        f"{s['unfamiliar_ratio'].get('tail', 0):.1%}",
         f"uplink {s['uplink_bytes_per_s']:.0f} B/s, "
         f"{_fmt(s['uplink_bytes_per_offloaded_frame'], '.1f', ' B')}/offloaded frame   "
         f"compression {_fmt(s['compression_ratio'], '.2f', 'x')}",

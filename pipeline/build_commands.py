@@ -54,7 +54,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     raw = load_edge(out).config.to_dict()
     overrides = list(args.set)
     for key, value in (("policy", args.policy), ("target_offload", args.target_offload),
-                       ("max_drop", args.max_drop), ("score", args.score)):
+                       ("max_drop", args.max_drop), ("score", args.score),
+                       ("unfamiliar_flag_rate", args.unfamiliar_flag_rate),
+                       ("tail_unfamiliar_flag_rate", args.tail_unfamiliar_flag_rate)):
         if value is not None:
             overrides.append(f"calibrate.{key}={value!r}" if isinstance(value, str)
                              else f"calibrate.{key}={value}")
@@ -62,7 +64,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     metrics = calibrate_dir(out, cfg, args.data)
     if "structure" in metrics:
         print(format_report(metrics))
-    log.info(f"new threshold {metrics['calibration']['threshold']:.4f} written to {out}/edge.pt")
+    log.info(f"new threshold {metrics['calibration']['threshold']:.4f} and unfamiliarity "
+             f"scores written to {out}/edge.pt, edge.npz and server.pt")
 
 
 def _calibration_frames(args: argparse.Namespace, head):
@@ -157,6 +160,13 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--score", choices=SCORES, help="the exit's confidence: the top "
                    "softmax probability, the top two's margin, or 1 - normalized entropy "
                    "(default: the training's)")
+    c.add_argument("--unfamiliar-flag-rate", type=float, metavar="FRACTION",
+                   help="share of familiar validation frames the edge's unfamiliarity score "
+                   "flags (never answered by the exit: offloaded); 0 turns it off (default: "
+                   "the training's, 0.05)")
+    c.add_argument("--tail-unfamiliar-flag-rate", type=float, metavar="FRACTION",
+                   help="the same for the tail's score (answered `unknown`); 0 turns it off "
+                   "(default: the training's, 0.002)")
     c.add_argument("--data", help="IDX or image folder (default: the training's)")
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set calibrate.max_drop=1.0")

@@ -244,7 +244,10 @@ def read_results(paths: list[Path], artifacts: Path, elapsed_s: float) -> dict:
     input_shape = DEFAULT_SHAPE
     if metrics_file.is_file():
         trained = json.loads(metrics_file.read_text())
-        training = trained["calibration"]["test"]
+        training = dict(trained["calibration"]["test"])
+        with_unfamiliar = trained["calibration"].get("unfamiliar", {}).get("test", {})
+        if "split_exit" in with_unfamiliar:   # as the runtime answers: flagged, unknown
+            training["split_exit"] = with_unfamiliar["split_exit"]
         input_shape = trained["config"]["model"].get("input_shape", DEFAULT_SHAPE)
     return {
         "frames": n,
@@ -252,6 +255,8 @@ def read_results(paths: list[Path], artifacts: Path, elapsed_s: float) -> dict:
         "frames_per_s": n / elapsed_s if elapsed_s > 0 else None,
         "paths": dict(paths_count),
         "fallback_reasons": dict(Counter(o["reason"] for o in outcomes if o["reason"])),
+        "unfamiliar": sum(bool(o.get("unfamiliar")) for o in outcomes),
+        "unknown": sum(o["cls"] == -1 for o in outcomes),
         "offload_ratio": (paths_count["offload"] + paths_count["fallback"]) / n if n else None,
         "accuracy": (sum(o["cls"] == o["label"] for o in labelled) / len(labelled)
                      if labelled else None),
@@ -277,6 +282,8 @@ def format_run_report(r: dict) -> str:
         f"paths {r['paths']}, fallbacks {r['fallback_reasons'] or 'none'}",
         f"offload ratio {pct(r['offload_ratio'])} (offloaded = sent to the server, answered "
         f"by it or by the fallback)",
+        f"unfamiliar frames: {r['unfamiliar']} flagged by the edge (offloaded, never the exit's "
+        f"answer), {r['unknown']} answered `unknown`",
         "",
         "| accuracy | end to end (this run) | exit only | full model | split+exit (offline) |",
         "|---|---|---|---|---|",

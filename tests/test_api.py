@@ -77,11 +77,13 @@ def test_the_readme_opencv_loop_answers_every_frame_of_a_video(served, artifacts
 
     answers = [line.split() for line in lines[:-1]]
     assert [int(a[0]) for a in answers] == list(range(FRAMES))   # one answer each, in order
-    # The exit answers exactly the frames it is sure of; the rest went to the server.
+    # The exit answers exactly the frames it is sure of and does not find unfamiliar; the
+    # rest went to the server.
     video, head = cv2.VideoCapture(str(cwd / "clip.avi")), load_numpy_head(artifacts)
     decoded = np.stack([to_pixels(video.read()[1]) for _ in range(FRAMES)])
-    logits, _ = head.run_exit(decoded)
-    sure = exit_scores(logits, head.score, head.temperature) >= head.threshold
+    logits, hidden = head.run_exit(decoded)
+    sure = (exit_scores(logits, head.score, head.temperature) >= head.threshold) & \
+        ~head.unfamiliar(hidden)[1]
     assert [a[1] == "exit" for a in answers] == sure.tolist()
     assert all(int(a[2]) == c for a, c, s in zip(answers, logits.argmax(1), sure) if s)
     paths = Counter(a[1] for a in answers)
@@ -120,10 +122,14 @@ def test_classify_is_the_exit_alone_and_submit_falls_back_without_a_server(artif
     assert all(isinstance(a, LocalAnswer) for a in local)
     assert 0 < sum(a.sure for a in local) < len(images)
     for a, answer in zip(local, answers):
-        assert (answer.cls, answer.confidence) == (a.cls, pytest.approx(a.confidence, 1e-6))
         assert (answer.path, answer.reason) == (("exit", None) if a.sure
                                                 else ("fallback", "deadline"))
         assert answer.source == "python" and answer.label == 7
+        assert answer.unfamiliar == a.unfamiliar
+        if a.unfamiliar:   # never the exit's answer, even as a fallback
+            assert (answer.cls, answer.class_name, answer.confidence) == (-1, "unknown", 0)
+            continue
+        assert (answer.cls, answer.confidence) == (a.cls, pytest.approx(a.confidence, 1e-6))
         assert answer.class_name == classes[answer.cls]   # the name, beside the index
     assert [a.frame for a in answers] == list(range(len(images)))
     unreachable = [r for r in caplog.records if "no broker has answered" in r.getMessage()]

@@ -20,6 +20,7 @@ from pipeline.floor.data import load_dataset
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
 from pipeline.model.train import run
+from pipeline.model.unfamiliar_fit import activations
 from tests.conftest import free_port
 from workers.pool import ProcessGroup
 from workers.config import WorkerConfig
@@ -75,14 +76,21 @@ def test_every_frame_gets_one_answer_and_two_workers_share_the_load(system, arti
     assert set(workers) == {"w0", "w1"} and min(workers.values()) > 10
 
     # Offloaded answers equal the in-process head + tail for the same frame.
-    model, edge, _ = load_model(artifacts)
     data = load_dataset(idx_dir)
-    with torch.inference_mode():
-        exit_logits, final_logits = model(torch.from_numpy(data.test.images).float() / 255)
+    exit_answers, tail_answers = in_process(artifacts, data.test.images)
     for o in outcomes:
-        expected = final_logits if o["path"] == "offload" else exit_logits
-        assert o["cls"] == int(expected[o["frame"]].argmax()), o
+        expected = tail_answers if o["path"] == "offload" else exit_answers
+        assert o["cls"] == expected[o["frame"]], o
         assert o["label"] == int(data.test.labels[o["frame"]])
+
+
+def in_process(artifacts: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the exit's classes, the tail's answers) of the in-process model for these frames: a
+    tail answer is its class, or unknown (-1) where its unfamiliarity score flags the frame."""
+    model, _, server = load_model(artifacts)
+    acts = activations(model, images.astype(np.float32) / 255)   # the tail as the wire feeds it
+    unknown = server.unfamiliarity.flags(server.unfamiliarity.score(acts.tail_features))
+    return acts.exit_logits.argmax(1), np.where(unknown, -1, acts.final_logits.argmax(1))
 
 
 def test_int8_features_on_the_wire_cost_little_accuracy(system, artifacts, idx_dir):
@@ -110,11 +118,8 @@ def test_a_bottleneck_trained_for_4_bits_is_answered_as_trained(system, bottlene
     outcomes = system.edge(bottleneck_artifacts, data_dir=str(idx_dir), deadline_ms=2000)
     offloaded = [o for o in outcomes if o["path"] == "offload"]
     assert len(outcomes) == FRAMES and len(offloaded) > 50
-    model, _, _ = load_model(bottleneck_artifacts)
-    data = load_dataset(idx_dir)
-    with torch.inference_mode():
-        _, final_logits = model(torch.from_numpy(data.test.images).float() / 255)
-    assert all(o["cls"] == int(final_logits[o["frame"]].argmax()) for o in offloaded)
+    _, tail_answers = in_process(bottleneck_artifacts, load_dataset(idx_dir).test.images)
+    assert all(o["cls"] == tail_answers[o["frame"]] for o in offloaded)
     single = [o["uplink_bytes"] for o in offloaded]
     assert min(single) < 40 + 60  # 4 payload bytes + a scale + the header, all frames
 

@@ -89,6 +89,7 @@ class TailWorker:
         server = load_server(artifact_dir)
         self.tail = server.tail.eval()
         self.temperature = server.temperature  # confidences as calibrated on validation
+        self.unfamiliarity = server.unfamiliarity   # frames it answers `unknown`, or None
         self.model_id = server.model_id
         self.model_tag = wire.model_tag(server.model_id)
         self.code = server.code  # the model's static uplink code, or None
@@ -107,6 +108,7 @@ class TailWorker:
         self.refused: dict[str, int] = {}
         self.batches = 0
         self.frames = 0
+        self.unknown = 0      # frames answered `unknown`
         w = self.worker_id  # metric children bound once
         self.m = for_registry(WorkerMetrics, registry)
         common = for_registry(ProcessMetrics, registry)
@@ -293,11 +295,15 @@ class TailWorker:
         x = torch.from_numpy(np.concatenate([r.features for (_, _, r), _ in taken]))
         frames = x.shape[0]
         with torch.inference_mode():
-            probs = torch.softmax(self.tail(x) / self.temperature, dim=1)
-            confidence, classes = probs.max(dim=1)
+            logits, seen = self.tail.run(x)
+            confidence, classes = torch.softmax(logits / self.temperature, dim=1).max(dim=1)
+        classes, confidence = classes.numpy().astype(np.uint8), confidence.numpy()
+        if self.unfamiliarity is not None:   # its own score: a class, or `unknown`
+            unknown = self.unfamiliarity.flags(self.unfamiliarity.score(seen.numpy()))
+            classes[unknown], confidence[unknown] = wire.UNKNOWN_CLASS, 0.0
+            self.unknown += int(unknown.sum())
         end = time.monotonic()
         tail_us = int((end - start) * 1e6)
-        classes, confidence = classes.numpy(), confidence.numpy()
         row = 0
         self.m_tail.observe(end - start)
         self.m_batch.observe(frames)
@@ -331,4 +337,4 @@ def run_worker(artifact_dir: str, cfg: WorkerConfig, worker_id: str | None = Non
         for link in worker.links:
             worker.close_link(link)
         log.info(f"worker {worker.worker_id}: {worker.frames} frames in {worker.batches} "
-                 f"batches, refused {worker.refused}")
+                 f"batches, {worker.unknown} answered unknown, refused {worker.refused}")

@@ -67,10 +67,14 @@ API_SOURCE = "python"           # the source name of frames submitted without on
 @dataclass(frozen=True)
 class LocalAnswer:
     """What the edge alone says about a frame: the exit's class and calibrated confidence,
-    and whether that is sure enough to be the final answer (else `submit` would offload it)."""
+    whether the frame is unlike the training set (its unfamiliarity score over the trained
+    threshold), and whether the exit's answer would be final (sure, and not unfamiliar;
+    else `submit` would offload it)."""
     cls: int
     confidence: float
     sure: bool
+    unfamiliar: bool = False
+    unfamiliarity: float = 0.0   # the score itself (pipeline.floor.unfamiliar)
 
 
 def edge_config(cfg: EdgeConfig | None, settings: dict) -> EdgeConfig:
@@ -135,9 +139,12 @@ class AsyncEdge:
 
     def classify(self, image: np.ndarray) -> LocalAnswer:
         """The exit's answer for one frame, here and now: no network, nothing recorded."""
-        logits, _ = self.head.run_exit(self._pixels(image)[None])
+        logits, hidden = self.head.run_exit(self._pixels(image)[None])
         score = float(exit_scores(logits, self.head.score, self.head.temperature)[0])
-        return LocalAnswer(int(logits[0].argmax()), score, score >= self.threshold_now)
+        distance, unfamiliar = self.head.unfamiliar(hidden)
+        return LocalAnswer(int(logits[0].argmax()), score,
+                           score >= self.threshold_now and not unfamiliar[0],
+                           bool(unfamiliar[0]), float(distance[0]))
 
     async def submit(self, image: np.ndarray, label: int | None = None,
                      source: str = API_SOURCE) -> Outcome:
@@ -281,10 +288,11 @@ class AsyncEdge:
         start = time.perf_counter()
         exit_logits, hidden = self.head.run_exit(np.stack([f.pixels for f in frames]))
         scores = exit_scores(exit_logits, self.head.score, self.head.temperature)
+        _, unfamiliar = self.head.unfamiliar(hidden)
         head_ms = (time.perf_counter() - start) * 1000 / len(frames)
         self.telemetry.ran_head(head_ms, len(frames))
         plan = self.core.decide(frames, exit_logits.argmax(1).tolist(), scores, head_ms,
-                                time.monotonic())
+                                time.monotonic(), unfamiliar)
         self._deliver(plan.local)
         if plan.shadow:
             msg_id = self.core.open_shadow(plan, time.monotonic())

@@ -8,7 +8,8 @@ hand out, and counts for one exporter to copy into metrics. So every rule that c
 in-flight table, the budget controller, the shadows and the choice of broker is testable
 in-process (tests/test_edge_core.py).
 
-    decide(frames, exit_cls, scores, head_ms, now) -> Plan   the batch: exit answers (final),
+    decide(frames, exit_cls, scores, head_ms, now, unfamiliar) -> Plan
+                                                             the batch: exit answers (final),
                                                              frames to offload, to shadow,
                                                              and the broker for both
     next_msg_id(); open_request(plan, wire_bytes, now)       the request is about to go
@@ -20,6 +21,11 @@ in-process (tests/test_edge_core.py).
     expire(now) -> [Outcome]; next_deadline()                deadlines that passed, the next
     close()                                                  the stream ended
     brokers.link_up(i, now) / link_down(i)                   what a broker's socket saw
+
+A frame the edge's unfamiliarity score flagged (pipeline.floor.unfamiliar) is never the
+exit's to answer: it is offloaded whatever its confidence, its fallback is `unknown`, and the
+budget controller counts it as an offload (it sees the frame at the lowest score). The tail
+answers it with a class, or `unknown` by its own score (wire.UNKNOWN_CLASS).
 
 How an ended request counts for its broker: answered or refused as busy / bad_request /
 wrong_model, it works; a deadline, a failed send or `no_worker` is a strike against it
@@ -40,22 +46,26 @@ import numpy as np
 from pipeline.edge.brokers import Brokers
 from pipeline.edge.controller import Controller, ControllerConfig, State
 from pipeline.edge.inflight import InFlight, Resolution, Status, reply_fault
-from pipeline.edge.results import Outcome
+from pipeline.edge.results import UNKNOWN, UNKNOWN_NAME, Outcome
 from pipeline.edge.shadows import Shadows
-from pipeline.protocol.wire import REFUSAL_NAMES, Error, Refusal, Reply
+from pipeline.protocol.wire import REFUSAL_NAMES, UNKNOWN_CLASS, Error, Refusal, Reply
 
 if TYPE_CHECKING:
     from pipeline.edge.source_base import Frame
 
-__all__ = ["EdgeCore", "Plan", "REQUEST_STATUSES", "COUNTS"]
+__all__ = ["EdgeCore", "Plan", "REQUEST_STATUSES", "COUNTS", "UNFAMILIAR_WHERE"]
 
 REQUEST_STATUSES = tuple(s.value for s in (Status.ANSWERED, Status.REFUSED, Status.DEADLINE,
                                            Status.UNREACHABLE))
 # The running counts in EdgeCore.counts (the exporter maps each to its counter)
 FAILED = (Status.DEADLINE, Status.UNREACHABLE)   # with a no_worker refusal: a broker's strike
 NO_WORKER = REFUSAL_NAMES[Refusal.NO_WORKER]
+UNFAMILIAR_WHERE = ("edge", "tail")   # whose score flagged a frame: the metric's label
 COUNTS = ("duplicates", "exit_confidence", "uplink_bytes", "feature_bytes", "payload_bytes",
-          "shadow_bytes", *(f"requests.{s}" for s in REQUEST_STATUSES))
+          "shadow_bytes", *(f"requests.{s}" for s in REQUEST_STATUSES),
+          *(f"unfamiliar.{w}" for w in UNFAMILIAR_WHERE))
+# What the controller sees of a flagged frame: no confidence, below every threshold it sets
+UNFAMILIAR_SCORE = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +109,19 @@ class EdgeCore:
     # -- a batch --------------------------------------------------------------------------
 
     def decide(self, frames: Sequence[Frame], exit_cls: list[int], scores: np.ndarray,
-               head_ms: float, now: float) -> Plan:
-        """The sure frames' final answers (the exit's), the unsure to offload, and of the
-        sure the few to shadow: none while the controller backs off or shadows wait."""
+               head_ms: float, now: float, unfamiliar: np.ndarray | None = None) -> Plan:
+        """The sure frames' final answers (the exit's), the unsure and the unfamiliar to
+        offload, and of the sure the few to shadow: none while the controller backs off or
+        shadows wait."""
+        if unfamiliar is not None and unfamiliar.any():
+            self.counts["unfamiliar.edge"] += int(unfamiliar.sum())
+            scores = np.where(unfamiliar, UNFAMILIAR_SCORE, scores)
+            exit_cls = [UNKNOWN if u else c for c, u in zip(exit_cls, unfamiliar.tolist())]
+        else:
+            unfamiliar = np.zeros(len(frames), bool)
         threshold = self.controller.observe(scores, now) if self.controller \
             else self.trained_threshold
-        sure = scores >= threshold
+        sure = (scores >= threshold) & ~unfamiliar
         exited = np.flatnonzero(sure).tolist()
         local = [self._outcome(frames[i], "exit", exit_cls[i], float(scores[i]), None,
                                head_ms) for i in exited]
@@ -219,8 +236,12 @@ class EdgeCore:
                 self.controller.refused(reason, now)
         reply = r.reply
         server = (reply.worker_id, reply.queue_us, reply.tail_us, reply.batch) if reply else ()
-        return [self._outcome(f.frame, f.path, f.cls, f.confidence, f.reason, head_ms,
-                              f.uplink_bytes, *server) for f in r.finals]
+        outcomes = [self._outcome(f.frame, f.path, f.cls, f.confidence, f.reason, head_ms,
+                                  f.uplink_bytes, *server, unfamiliar=f.exit_cls == UNKNOWN)
+                    for f in r.finals]
+        self.counts["unfamiliar.tail"] += sum(o.path == "offload" and o.unknown
+                                              for o in outcomes)
+        return outcomes
 
     def _answered(self, reply: Reply, now: float, late: bool = False) -> None:
         """Tell the controller the server answered, and the load the answer came with."""
@@ -229,7 +250,12 @@ class EdgeCore:
                                  len(reply.classes))
 
     def _outcome(self, frame: Frame, path: str, cls: int, confidence: float,
-                 reason: str | None, head_ms: float, *server) -> Outcome:
-        name = self.class_names[cls] if 0 <= cls < len(self.class_names) else None
+                 reason: str | None, head_ms: float, *server, unfamiliar: bool = False
+                 ) -> Outcome:
+        if cls in (UNKNOWN, UNKNOWN_CLASS):
+            cls, name = UNKNOWN, UNKNOWN_NAME
+        else:
+            name = self.class_names[cls] if 0 <= cls < len(self.class_names) else None
         return Outcome(frame.frame_id, frame.source, path, cls, confidence, frame.label, reason,
-                       frame.capture_ts, head_ms, 0.0, *server, class_name=name)
+                       frame.capture_ts, head_ms, 0.0, *server, class_name=name,
+                       unfamiliar=unfamiliar)

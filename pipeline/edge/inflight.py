@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
 
-from pipeline.protocol.wire import MAX_MSG_ID, REFUSAL_NAMES, Error, Reply
+from pipeline.protocol.wire import MAX_MSG_ID, REFUSAL_NAMES, UNKNOWN_CLASS, Error, Reply
 
 __all__ = ["InFlight", "Resolution", "Status", "Final", "DEADLINE", "UNREACHABLE",
            "FALLBACK_REASONS", "BAD_REPLY_REASONS", "reply_fault"]
@@ -64,6 +64,7 @@ class Final:
     confidence: float
     reason: str | None         # why a fallback happened
     uplink_bytes: int          # this frame's share of its request on the wire
+    exit_cls: int = 0          # the exit's answer as given at `open` (the fallback's class)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +89,9 @@ class _Request:
 
 def reply_fault(reply: Reply, classes: int) -> str | None:
     """Why the fields of `reply` cannot be a model's answer whatever it answers (a class
-    index of `classes` or more, a confidence outside [0, 1]), or None."""
-    if (reply.classes >= classes).any():
+    index of `classes` or more that is not UNKNOWN_CLASS, a confidence outside [0, 1]), or
+    None."""
+    if ((reply.classes >= classes) & (reply.classes != UNKNOWN_CLASS)).any():
         return CLASS_RANGE
     c = reply.confidences
     if not ((c >= 0) & (c <= 1)).all():
@@ -155,9 +157,11 @@ class InFlight:
         if len(reply.classes) != len(request.frames):
             return Resolution(reply.msg_id, Status.REJECTED, reason=ANSWER_COUNT)
         del self._requests[reply.msg_id]
-        finals = tuple(Final(f, "offload", int(c), float(p), None, b) for f, c, p, b in zip(
-            request.frames, reply.classes.tolist(), reply.confidences.tolist(),
-            shares(request.uplink_bytes, len(request.frames))))
+        finals = tuple(Final(f, "offload", int(c), float(p), None, b, int(e))
+                       for f, c, p, b, e in zip(request.frames, reply.classes.tolist(),
+                                                reply.confidences.tolist(),
+                                                shares(request.uplink_bytes, len(request.frames)),
+                                                request.exit_cls))
         return Resolution(reply.msg_id, Status.ANSWERED, finals, reply, request.note)
 
     def refuse(self, error: Error) -> Resolution:
@@ -184,7 +188,7 @@ class InFlight:
         request = self._requests.pop(msg_id, None)
         if request is None:
             return Resolution(msg_id, Status.DUPLICATE)
-        finals = tuple(Final(f, "fallback", int(c), float(p), reason, b) for f, c, p, b in zip(
-            request.frames, request.exit_cls, request.exit_conf,
-            shares(request.uplink_bytes, len(request.frames))))
+        finals = tuple(Final(f, "fallback", int(c), float(p), reason, b, int(c))
+                       for f, c, p, b in zip(request.frames, request.exit_cls, request.exit_conf,
+                                             shares(request.uplink_bytes, len(request.frames))))
         return Resolution(msg_id, status, finals, None, request.note)

@@ -18,9 +18,10 @@ import numpy as np
 from pipeline.edge.numpy_conv import (adaptive_avg_pool2d, input_major, max_pool2d,
                                       sparse_conv2d)
 from pipeline.errors import ArtifactError
-from pipeline.floor.edge_artifact import UPLINK_CODE, read_edge_npz
+from pipeline.floor.edge_artifact import UNFAMILIAR, UPLINK_CODE, read_edge_npz
 from pipeline.floor.scores import SCORES, exit_scores   # re-exported: the edge's API
 from pipeline.floor.static_code import StaticCode
+from pipeline.floor.unfamiliar import Unfamiliarity, exit_features
 
 __all__ = ["Junction", "ConvStage", "NumpyHead", "load_numpy_head", "exit_scores", "SCORES"]
 
@@ -101,6 +102,16 @@ class NumpyHead:
     resize: str = "stretch"     # how (pipeline.floor.frames)
     exit_pool: int = 0          # a conv exit averages its input to exit_pool^2 bins first
     width: int = 0              # features per frame at the split (what goes on the wire)
+    unfamiliarity: Unfamiliarity | None = None   # the score of frames unlike the training set
+
+    def unfamiliar(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (B,), flags (B,) bool) from run_exit's activations: a flagged frame is
+        never answered here (pipeline.floor.unfamiliar). Without a score in the artifact
+        (trained before it existed): zeros, nothing flagged."""
+        if self.unfamiliarity is None:
+            return np.zeros(len(hidden)), np.zeros(len(hidden), bool)
+        scores = self.unfamiliarity.score(exit_features(hidden))
+        return scores, self.unfamiliarity.flags(scores)
 
     @property
     def convolutional(self) -> bool:
@@ -178,6 +189,17 @@ def _conv(arrays, name: str, n_in: int, layout: dict) -> ConvStage:
                      input_major(weight, indices, n_in))
 
 
+def _unfamiliarity(meta: dict, arrays: dict) -> Unfamiliarity | None:
+    """Shapes are checked already (read_edge_npz)."""
+    if f"{UNFAMILIAR}.means" not in arrays:
+        return None
+    threshold = meta.get("unfamiliar_threshold")
+    return Unfamiliarity(arrays[f"{UNFAMILIAR}.whiten"].astype(np.float32),
+                         arrays[f"{UNFAMILIAR}.means"].astype(np.float32),
+                         None if threshold is None else float(threshold),
+                         float(meta.get("unfamiliar_flag_rate", 0.0)))
+
+
 def load_numpy_head(path: str | Path, dense_max_elements: int = DENSE_MAX_ELEMENTS) -> NumpyHead:
     """The edge artifact (DIR or DIR/edge.npz) as a NumPy head; one-line errors. ELL
     junctions of at most `dense_max_elements` weights run dense (0: every junction as
@@ -216,7 +238,7 @@ def load_numpy_head(path: str | Path, dense_max_elements: int = DENSE_MAX_ELEMEN
                          StaticCode(arrays[UPLINK_CODE]) if UPLINK_CODE in arrays else None,
                          float(meta.get("temperature", 1.0)),   # absent: before calibration
                          shape, str(meta.get("resize", "stretch")), exit_pool,
-                         outputs[-1].size)
+                         outputs[-1].size, _unfamiliarity(meta, arrays))
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ArtifactError(f"{path}: edge artifact is incomplete ({e}); re-create it with "
                             f"`splitexit train`") from None

@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 from pipeline.edge.shadows import ShadowCounts
 from pipeline.errors import ConfigError, UserError
 
-__all__ = ["Outcome", "Summary", "Results", "log_summary"]
+__all__ = ["Outcome", "Summary", "Results", "log_summary", "UNKNOWN", "UNKNOWN_NAME"]
 
 log = logging.getLogger(__name__)
+
+# The answer for a frame unlike anything the model was trained on (pipeline.floor.unfamiliar):
+# the edge's score flagged it and the server could not answer, or the tail's score flagged it
+UNKNOWN = -1
+UNKNOWN_NAME = "unknown"
 
 
 @dataclass
@@ -22,7 +27,7 @@ class Outcome:
     frame: int
     source: str
     path: str                    # exit | offload | fallback
-    cls: int
+    cls: int                     # a class index, or UNKNOWN (-1)
     confidence: float
     label: int | None
     reason: str | None           # why a fallback happened
@@ -34,7 +39,12 @@ class Outcome:
     queue_us: int | None = None
     tail_us: int | None = None
     batch: int | None = None
-    class_name: str | None = None  # cls's name in the model's classes
+    class_name: str | None = None  # cls's name in the model's classes, or "unknown"
+    unfamiliar: bool = False     # the edge's score flagged the frame: never the exit's answer
+
+    @property
+    def unknown(self) -> bool:
+        return self.cls == UNKNOWN
 
 
 @dataclass
@@ -43,6 +53,8 @@ class Summary:
     paths: Counter = field(default_factory=Counter)
     fallback_reasons: Counter = field(default_factory=Counter)
     duplicates: int = 0
+    unfamiliar: int = 0                     # frames the edge's score flagged
+    unknown: int = 0                        # answered `unknown` (wrong where labelled)
     correct: int = 0
     labelled: int = 0
     shadows: ShadowCounts | None = None     # with --shadow: how the exit measured up
@@ -76,6 +88,8 @@ class Results:
             s.paths[o.path] += 1
             if o.reason:
                 s.fallback_reasons[o.reason] += 1
+            s.unfamiliar += o.unfamiliar
+            s.unknown += o.cls == UNKNOWN
             if o.label is not None:
                 s.labelled += 1
                 s.correct += int(o.cls == o.label)
@@ -124,7 +138,8 @@ def _append(fd: int, data: bytes) -> tuple[int, OSError | None]:
 def log_summary(s: Summary) -> None:
     acc = f", accuracy {100 * s.correct / s.labelled:.2f}%" if s.labelled else ""
     log.info(f"edge: {s.frames} frames: {dict(s.paths)}, fallbacks {dict(s.fallback_reasons)}, "
-             f"duplicates {s.duplicates}{acc}"
+             f"duplicates {s.duplicates}, unfamiliar {s.unfamiliar} (answered unknown "
+             f"{s.unknown}){acc}"
              + (f"; {s.unwritten} not in the results file" if s.unwritten else ""))
     sh = s.shadows
     if sh is not None and sh.sent:

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.metrics import PATHS, CounterDeltas, EdgeMetrics, ProcessMetrics, for_registry
 from pipeline import __version__
-from pipeline.edge.core import COUNTS, EdgeCore
+from pipeline.edge.core import COUNTS, UNFAMILIAR_WHERE, EdgeCore
 from pipeline.edge.inflight import BAD_REPLY_REASONS, FALLBACK_REASONS
 from pipeline.edge.results import Outcome
 
@@ -38,7 +38,8 @@ class EdgeTelemetry:
             "uplink_bytes": m.uplink_bytes.labels(p), "feature_bytes": m.feature_bytes.labels(p),
             "payload_bytes": m.payload_bytes.labels(p), "shadow_bytes": m.shadow_bytes.labels(p),
             **{name: m.requests.labels(p, name.split(".", 1)[1]) for name in COUNTS
-               if name.startswith("requests.")}})
+               if name.startswith("requests.")},
+            **{f"unfamiliar.{w}": m.unfamiliar.labels(p, w) for w in UNFAMILIAR_WHERE}})
         self.bad_replies = CounterDeltas({r: m.bad_replies.labels(p, r)
                                           for r in BAD_REPLY_REASONS})
         self.shadows = CounterDeltas({

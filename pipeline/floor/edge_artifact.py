@@ -20,6 +20,10 @@ C/ONNX export). Plain arrays, read with allow_pickle=False: no code crosses to a
     exit.values / exit.indices / exit.bias
     uplink.code          (W_split, 2^uplink_bits) symbol frequencies of the static entropy
                          code (pipeline/floor/static_code.py); only when trained for one
+    unfamiliar.whiten    (d,) or (d, d) and unfamiliar.means (classes, d): the
+                         unfamiliarity score on the d features the exit reads
+                         (pipeline/floor/unfamiliar.py), with meta unfamiliar_threshold
+                         (null: never flag) and unfamiliar_flag_rate; absent: no score
 
 The file may come from anyone, and the NumPy edge, the C export and the ONNX export all read
 it here: only the members above are read, each one's npy header checked against a byte cap
@@ -42,11 +46,12 @@ import numpy as np
 from pipeline.errors import ArtifactError
 from pipeline.floor.frames import RESIZE_MODES
 
-__all__ = ["EDGE_NPZ", "FORMAT", "UPLINK_CODE", "write_edge_npz", "read_edge_npz",
-           "MAX_SIDE", "MAX_WIDTH", "MAX_ARRAY_BYTES", "MAX_LAYERS", "MAX_KERNEL"]
+__all__ = ["EDGE_NPZ", "FORMAT", "UPLINK_CODE", "UNFAMILIAR", "write_edge_npz",
+           "read_edge_npz", "MAX_SIDE", "MAX_WIDTH", "MAX_ARRAY_BYTES", "MAX_LAYERS", "MAX_KERNEL"]
 
 EDGE_NPZ = "edge.npz"
 UPLINK_CODE = "uplink.code"   # the key in edge.npz, edge.pt and server.pt alike
+UNFAMILIAR = "unfamiliar"     # the prefix of the unfamiliarity score's two members
 FORMAT = 1
 # Upper bounds on what an edge artifact (and a model config) may describe, so that a hostile
 # or mistyped file is refused before it allocates: generous for a camera head (Fashion-MNIST
@@ -187,8 +192,14 @@ def _meta(raw: np.ndarray) -> dict:
     if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_WIDTH or not all(
             isinstance(c, str) for c in classes):
         raise _Invalid("meta", "classes must be a list of class names")
-    for key in ("threshold", "temperature"):
+    flag_rate = meta.get("unfamiliar_flag_rate", 0.0)
+    if isinstance(flag_rate, bool) or not isinstance(flag_rate, (int, float)) or \
+            not 0 <= flag_rate < 1:
+        raise _Invalid("meta", f"unfamiliar_flag_rate = {flag_rate!r} must be in [0, 1)")
+    for key in ("threshold", "temperature", "unfamiliar_threshold"):
         value = meta.get(key, 1.0)
+        if key == "unfamiliar_threshold" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 not math.isfinite(value):
             raise _Invalid("meta", f"{key} = {value!r} must be a finite number")
@@ -210,6 +221,8 @@ def _members(meta: dict, zf: zipfile.ZipFile) -> list[str]:
             names.append(f"{layer}.indices")
     if f"{UPLINK_CODE}.npy" in present:
         names.append(UPLINK_CODE)
+    if f"{UNFAMILIAR}.means.npy" in present:
+        names += [f"{UNFAMILIAR}.whiten", f"{UNFAMILIAR}.means"]
     return names
 
 
@@ -273,6 +286,21 @@ def _conv(arrays: dict, name: str, shape: tuple[int, ...], layout: dict) -> tupl
     return out
 
 
+def _unfamiliar(arrays: dict, classes: int, d: int) -> None:
+    """The score's tables fit the d features the exit reads, for every class."""
+    if f"{UNFAMILIAR}.means" not in arrays:
+        return
+    means = _finite(arrays, f"{UNFAMILIAR}.means", 2)
+    whiten = arrays[f"{UNFAMILIAR}.whiten"]
+    if means.shape != (classes, d):
+        raise _Invalid(f"{UNFAMILIAR}.means", f"shape {means.shape}: expected ({classes} "
+                                              f"classes, {d} features the exit reads)")
+    if whiten.shape not in ((d,), (d, d)):
+        raise _Invalid(f"{UNFAMILIAR}.whiten", f"shape {whiten.shape}: expected ({d},) or "
+                                               f"({d}, {d})")
+    _finite(arrays, f"{UNFAMILIAR}.whiten", whiten.ndim)
+
+
 def _check_arrays(meta: dict, arrays: dict) -> None:
     """Each layer against the one before it, from the input shape to the exit and uplink."""
     convs = meta["convs"]
@@ -296,6 +324,9 @@ def _check_arrays(meta: dict, arrays: dict) -> None:
     if _junction(arrays, "exit", math.prod(seen)) != len(meta["classes"]):
         raise _Invalid("exit.values", f"{arrays['exit.bias'].shape[0]} outputs for "
                                       f"{len(meta['classes'])} classes")
+    read = outputs[meta["exit_layer"] - 1]   # a conv map's channel means, or all of it
+    _unfamiliar(arrays, len(meta["classes"]),
+                read[0] if meta["exit_layer"] <= len(convs) else math.prod(read))
     code = arrays.get(UPLINK_CODE)
     if code is not None and (code.dtype.kind not in "iu" or not meta["uplink_bits"] or
                              code.shape != (math.prod(outputs[-1]), 1 << meta["uplink_bits"])):

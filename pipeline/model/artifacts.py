@@ -11,6 +11,10 @@ fitted on validation; absent in older artifacts: 1), so a 0.9-confident answer i
 A model trained for its uplink also carries, in all three, the code lengths of its static
 entropy code (pipeline.floor.static_code), so the edge and the worker code alike.
 
+Each half carries its unfamiliarity score (pipeline.floor.unfamiliar; absent in older
+artifacts: none): the edge's on the features its exit reads, the tail's on its final
+classifier's input.
+
 Both are plain dicts of tensors, strings and numbers, so `torch.load(weights_only=True)` reads
 them (no pickled code crosses from the training box to a device). Sparse junctions are
 stored as ELL tables: |W| values plus |W| int16 indices, never a dense matrix. The model id
@@ -31,8 +35,9 @@ import torch
 
 from pipeline.model.config import Config, from_dict
 from pipeline.errors import ArtifactError, UserError
-from pipeline.floor.edge_artifact import EDGE_NPZ, UPLINK_CODE, write_edge_npz
+from pipeline.floor.edge_artifact import EDGE_NPZ, UNFAMILIAR, UPLINK_CODE, write_edge_npz
 from pipeline.floor.static_code import StaticCode
+from pipeline.floor.unfamiliar import Unfamiliarity
 from pipeline.model.split_model import ConvLayer, Head, SplitModel, Tail
 
 __all__ = ["EDGE_FILE", "SERVER_FILE", "compute_model_id", "save_artifacts", "save_edge_npz",
@@ -96,16 +101,54 @@ def save_edge_npz(head: Head, edge: dict, path: Path) -> int:
     arrays = {"pixel_mean": head.pixel_mean.numpy(), "pixel_std": head.pixel_std.numpy()}
     if edge.get(UPLINK_CODE) is not None:
         arrays[UPLINK_CODE] = edge[UPLINK_CODE].numpy().astype(np.uint16)
+    unfamiliar = unfamiliarity_of(edge)
+    if unfamiliar is not None:
+        arrays |= unfamiliar.arrays(UNFAMILIAR)
+        meta |= {"unfamiliar_threshold": unfamiliar.threshold,
+                 "unfamiliar_flag_rate": unfamiliar.flag_rate}
     for i, layer in enumerate(head.layers):
         arrays |= _junction_arrays(f"layer{i}", layer)
     return write_edge_npz(path, meta, arrays | _junction_arrays("exit", head.exit))
 
 
+def _unfamiliar_blob(u: Unfamiliarity | None) -> dict | None:
+    return None if u is None else {
+        "whiten": torch.from_numpy(u.whiten), "means": torch.from_numpy(u.means),
+        "threshold": u.threshold, "flag_rate": u.flag_rate}
+
+
+def unfamiliarity_of(blob: dict, shape: tuple[int, int] | None = None) -> Unfamiliarity | None:
+    """A half's unfamiliarity score as stored, or None (trained before it existed); with
+    `shape` (classes, features it reads), checked to fit it."""
+    u = blob.get(UNFAMILIAR)
+    if u is None:
+        return None
+    try:
+        threshold = None if u["threshold"] is None else float(u["threshold"])
+        score = Unfamiliarity(u["whiten"].numpy().astype(np.float32),
+                              u["means"].numpy().astype(np.float32), threshold,
+                              float(u["flag_rate"]))
+        d = score.means.shape[-1]
+        if shape is not None and (score.means.shape != shape or
+                                  score.whiten.shape not in ((d,), (d, d))):
+            raise ValueError(f"tables {score.means.shape} and {score.whiten.shape} do not fit "
+                             f"{shape[0]} classes of {shape[1]} features")
+        if not (np.isfinite(score.means).all() and np.isfinite(score.whiten).all()
+                and (threshold is None or np.isfinite(threshold))):
+            raise ValueError("not finite")
+        return score
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ArtifactError(f"{blob.get('path', 'artifact')}: its unfamiliarity score is "
+                            f"damaged ({e}); re-run `splitexit calibrate` on its folder") from None
+
+
 def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: float,
                    classes: list[str], code: StaticCode | None = None,
-                   temperatures: tuple[float, float] = (1.0, 1.0)) -> dict:
+                   temperatures: tuple[float, float] = (1.0, 1.0),
+                   unfamiliar: tuple[Unfamiliarity, Unfamiliarity] | None = None) -> dict:
     """Write edge.pt, edge.npz and server.pt; return their sizes in bytes and the model id.
-    `temperatures`: (exit, tail), what each side divides its logits by."""
+    `temperatures`: (exit, tail), what each side divides its logits by; `unfamiliar`:
+    (edge, tail) scores."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_id = compute_model_id(model, cfg.to_dict()["model"])
     common = {"format": FORMAT, "model_id": model_id, "config": cfg.to_dict()}
@@ -116,6 +159,8 @@ def save_artifacts(out_dir: Path, model: SplitModel, cfg: Config, threshold: flo
                 temperature=float(temperatures[0]))
     server = dict(common, kind="server", state_dict=model.tail.state_dict(),
                   temperature=float(temperatures[1]))
+    if unfamiliar is not None:
+        edge[UNFAMILIAR], server[UNFAMILIAR] = map(_unfamiliar_blob, unfamiliar)
     return {"model_id": model_id,
             "edge_bytes": _atomic_save(edge, out_dir / EDGE_FILE),
             "edge_npz_bytes": save_edge_npz(model.head, edge, out_dir / EDGE_NPZ),
@@ -176,6 +221,7 @@ class ServerArtifact:
     path: Path
     code: StaticCode | None = None  # the uplink's static entropy code, if trained for one
     temperature: float = 1.0        # the reply's confidence is softmax(logits / this)
+    unfamiliarity: Unfamiliarity | None = None   # flags a frame the tail answers `unknown`
 
 
 def load_edge(path: str | Path) -> EdgeArtifact:
@@ -196,7 +242,9 @@ def load_server(path: str | Path) -> ServerArtifact:
         except (ValueError, AttributeError) as e:
             raise ArtifactError(f"{blob['path']}: its uplink code is damaged ({e}); re-create "
                                 f"it with `splitexit train`") from None
-    return ServerArtifact(tail, cfg, blob["model_id"], blob["path"], code, _temperature(blob))
+    last = tail.layers[-1]   # the final classifier: the tail's score reads its input
+    return ServerArtifact(tail, cfg, blob["model_id"], blob["path"], code, _temperature(blob),
+                          unfamiliarity_of(blob, (last.out_features, last.in_features)))
 
 
 def _temperature(blob: dict) -> float:
@@ -227,19 +275,24 @@ def ensure_edge_npz(out_dir: str | Path) -> None:
 
 
 def set_threshold(out_dir: str | Path, threshold: float, score: str,
-                  temperatures: tuple[float, float] | None = None) -> None:
+                  temperatures: tuple[float, float] | None = None,
+                  unfamiliar: tuple[Unfamiliarity, Unfamiliarity] | None = None) -> None:
     """Rewrite the edge artifact's threshold, and with `temperatures` (exit, tail) both
-    halves' temperatures (the model id does not change: weights don't)."""
+    halves' temperatures, with `unfamiliar` both halves' scores (the model id does not
+    change: weights don't)."""
     blob = _read(Path(out_dir), "edge")
     _, head = _build(blob, Head)
     path = blob.pop("path")
     blob["threshold"], blob["score"] = float(threshold), score
     blob["config"]["calibrate"]["score"] = score
-    if temperatures is not None:
-        blob["temperature"] = float(temperatures[0])
+    if temperatures is not None or unfamiliar is not None:
         server = _read(Path(out_dir), "server")
         server_path = server.pop("path")
-        server["temperature"] = float(temperatures[1])
+        if temperatures is not None:
+            blob["temperature"] = float(temperatures[0])
+            server["temperature"] = float(temperatures[1])
+        if unfamiliar is not None:
+            blob[UNFAMILIAR], server[UNFAMILIAR] = map(_unfamiliar_blob, unfamiliar)
         _atomic_save(server, server_path)
     _atomic_save(blob, path)
     save_edge_npz(head, blob, path.with_name(EDGE_NPZ))

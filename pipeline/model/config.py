@@ -23,6 +23,8 @@ from pipeline.floor.edge_artifact import (MAX_ARRAY_BYTES, MAX_KERNEL, MAX_LAYER
 from pipeline.floor.frames import RESIZE_MODES
 from pipeline.floor.scores import SCORES
 from pipeline.floor.splits import VAL_FRACTION, VAL_MIN
+from pipeline.floor.unfamiliar import FORMS as UNFAMILIAR_FORMS
+from pipeline.protocol.wire import MAX_CLASSES
 
 __all__ = ["ModelConfig", "TrainConfig", "CalibrationConfig", "DataConfig", "Config",
            "load_config", "apply_overrides", "CONFIG_DIR", "resolve_config_path"]
@@ -149,6 +151,14 @@ class CalibrationConfig:
     policy: str = "offload"    # offload: hit target_offload; max_drop: lose <= max_drop points
     target_offload: float = 0.3  # fraction of frames sent to the server
     max_drop: float = 0.5      # accuracy points below the full model, on validation
+    # Frames unlike the training set (pipeline.floor.unfamiliar): the share of familiar
+    # validation frames the edge's score flags (never answered by the exit: offloaded), and
+    # the tail's (answered `unknown`); 0 turns either off. The tail sees the hard frames, so
+    # its rate is small: each flag it raises on a familiar frame is an answer lost (default
+    # MLP: 0.002 costs 0.12 points of split+exit on test, 0.005 costs 0.41).
+    unfamiliar_flag_rate: float = 0.05
+    tail_unfamiliar_flag_rate: float = 0.002
+    unfamiliar_form: str = "auto"   # auto | full | diagonal covariance
 
 
 # In a training folder: the config it was trained with (under "config") and its results.
@@ -173,6 +183,9 @@ class Config:
     def validate(self) -> "Config":
         m, t, c = self.model, self.train, self.calibrate
         _check_layout(m)
+        if m.widths[-1] > MAX_CLASSES:
+            raise ConfigError(f"model.widths[-1] = {m.widths[-1]} classes: the wire names a "
+                              f"class in one byte, at most {MAX_CLASSES} (255 is `unknown`)")
         if not 1 <= m.split <= m.layers - 1:
             raise ConfigError(f"model.split = {m.split} must leave at least one layer on each "
                               f"side: choose 1..{m.layers - 1}")
@@ -229,6 +242,13 @@ class Config:
             raise ConfigError(f"calibrate.target_offload = {c.target_offload} must be in [0, 1]")
         if not 0.0 <= c.max_drop <= 100.0:
             raise ConfigError(f"calibrate.max_drop = {c.max_drop} must be in [0, 100] points")
+        for key in ("unfamiliar_flag_rate", "tail_unfamiliar_flag_rate"):
+            if not 0.0 <= getattr(c, key) < 1.0:
+                raise ConfigError(f"calibrate.{key} = {getattr(c, key)} must be in [0, 1): the "
+                                  f"share of familiar validation frames flagged (0: off)")
+        if c.unfamiliar_form not in UNFAMILIAR_FORMS:
+            raise ConfigError(f"calibrate.unfamiliar_form = {c.unfamiliar_form!r}: choose one "
+                              f"of {', '.join(UNFAMILIAR_FORMS)}")
         return self
 
 

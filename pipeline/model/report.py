@@ -60,4 +60,23 @@ def format_report(m: dict) -> str:
         lines.append(f"{name} confidence: ECE {q['test_ece_before']:.4f} on test, "
                      f"{q['test_ece_after']:.4f} at temperature {q['temperature']:.3f} "
                      f"(fitted on validation){floor}")
+    if c.get("unfamiliar"):   # absent in metrics of older runs
+        lines += _unfamiliar(c["unfamiliar"])
     return "\n".join(lines)
+
+
+def _unfamiliar(u: dict) -> list[str]:
+    """The edge's and tail's unfamiliarity scores: what they flag of the test set, what
+    that costs, and how well the edge's separates shifted frames (AUROC, 1 = perfectly)."""
+    e, t, test = u["edge"], u["tail"], u["test"]
+    shifts = [k for k in ("noise", "inverted", "rot90") if k in u]
+    return ["", f"unfamiliar frames: the edge flags {_pct(test['edge_flagged'])} of test "
+                f"frames (Mahalanobis, {e['form']} covariance on {e['features']} features, "
+                f"{_pct(e['flag_rate'])} of validation), the tail answers "
+                f"{_pct(test['unknown'])} `unknown` ({_pct(t['flag_rate'])} of validation); "
+                f"split+exit {_pct(test['split_exit'])} with them, offload "
+                f"{_pct(test['offload_ratio'])}",
+            "| shifted test frames | AUROC of the edge's score | answered by the exit, "
+            "before -> now | answered `unknown` |", "|---|---|---|---|",
+            *(f"| {k} | {u[k]['auroc']:.3f} | {_pct(u[k]['exit_answered_before'])} -> "
+              f"{_pct(u[k]['exit_answered'])} | {_pct(u[k]['unknown'])} |" for k in shifts)]

@@ -158,10 +158,15 @@ class Head(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(exit logits (B, C), split features (B, W_split)). The exit reads layer
         `exit_layer`; the layers after it (a bottleneck) matter only to offloaded frames."""
+        exit_logits, x = self.run_exit(pixels)
+        return exit_logits, _relu_stack(self.layers[self.exit_layer:], x).flatten(1)
+
+    def run_exit(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exit logits, the activations of layer `exit_layer`): what the unfamiliarity
+        score reads (pipeline.floor.unfamiliar), as the NumPy head's run_exit returns it."""
         x = _relu_stack(self.layers[:self.exit_layer], self.preprocess(pixels))
         seen = F.adaptive_avg_pool2d(x, self.exit_pool) if self.exit_pool else x
-        exit_logits = self.exit(seen.flatten(1))
-        return exit_logits, _relu_stack(self.layers[self.exit_layer:], x).flatten(1)
+        return self.exit(seen.flatten(1)), x
 
 
 class Tail(nn.Module):
@@ -177,9 +182,14 @@ class Tail(nn.Module):
         self.feature_shape = conv_shapes(cfg)[cfg.split] if cfg.split < convs else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.run(features)[0]  # (B, C) logits
+
+    def run(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, the final classifier's input (B, d)): what the tail's unfamiliarity
+        score reads."""
         x = features.reshape(-1, *self.feature_shape) if self.feature_shape else features
-        x = _relu_stack(self.layers[:-1], x)
-        return self.layers[-1](x.flatten(1))  # (B, C) logits
+        x = _relu_stack(self.layers[:-1], x).flatten(1)
+        return self.layers[-1](x), x
 
 
 class SplitModel(nn.Module):

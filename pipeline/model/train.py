@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.model import calibrate as cal
 from pipeline.model import ell_native
+from pipeline.model import unfamiliar_fit as uf
 from pipeline.model.artifacts import compute_model_id, load_model, save_artifacts, set_threshold
 from pipeline.model.config import METRICS_FILE, Config, TrainConfig
 from pipeline.floor.data import Dataset, Split, load_dataset
@@ -29,6 +30,7 @@ from pipeline.errors import ArtifactError, DataError
 from pipeline.model.split_model import SplitModel, describe
 from pipeline.floor.quantization import quantize_unsigned
 from pipeline.floor.static_code import StaticCode
+from pipeline.floor.unfamiliar import Unfamiliarity
 
 __all__ = ["fit", "predict", "run", "calibrate_dir", "dataset", "stop_now", "METRICS_FILE"]
 
@@ -251,10 +253,11 @@ def _evaluate(logits: tuple[torch.Tensor, torch.Tensor], split: Split, score: st
             (final_logits.argmax(1) == labels).numpy())
 
 
-def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> dict:
+def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path
+               ) -> tuple[dict, tuple[Unfamiliarity, Unfamiliarity]]:
     """Fit the exit's and the tail's temperatures on validation, choose the threshold on the
     calibrated validation scores, write the sweep and the reliability diagram, measure the
-    choice on test."""
+    choice on test; fit both unfamiliarity scores (pipeline.model.unfamiliar_fit)."""
     c = cfg.calibrate
     val_logits, test_logits = predict(model, data.val), predict(model, data.test)
     quality = {name: cal.calibration_quality(val_logits[i].numpy(), data.val.labels,
@@ -277,6 +280,8 @@ def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> 
         data.test.labels, f"{cfg.model.name}: confidence vs accuracy (test)")
     policy = (f"offload {c.target_offload:.0%}" if c.policy == "offload"
               else f"max drop {c.max_drop} points")
+    unfamiliar = uf.fit_scores(model, data.train,
+                               uf.activations(model, uf.pixels_of(data.val)), c)
     return {
         "threshold": threshold, "score": c.score, "policy": policy,
         "sweep_csv": SWEEP_CSV, "sweep_png": SWEEP_PNG if plotted else None,
@@ -288,7 +293,11 @@ def _calibrate(model: SplitModel, cfg: Config, data: Dataset, out_dir: Path) -> 
         # how well confidence matches accuracy, before and after each temperature; the
         # threshold above is on the exit's calibrated score
         "confidence": quality,
-    }
+        # frames unlike the training set: what each score flags, on test and on shifts
+        "unfamiliar": uf.report(model, data.test, threshold,
+                                lambda z: cal.exit_scores(z, c.score, temperature),
+                                *unfamiliar),
+    }, unfamiliar
 
 
 def temperatures(calibration: dict) -> tuple[float, float]:
@@ -328,11 +337,11 @@ def run(cfg: Config, out_dir: Path, progress: bool | None = None) -> dict:
     epochs = dict(model.epochs)
     curve = epochs.pop("val_objective")   # its own key: train_epochs stays one short line
     out_dir.mkdir(parents=True, exist_ok=True)
-    calibration = _calibrate(model, cfg, data, out_dir)
+    calibration, unfamiliar = _calibrate(model, cfg, data, out_dir)
     code = uplink_code(model, data.train) if cfg.model.uplink_bits else None
     sizes = save_artifacts(out_dir, model, cfg, calibration["threshold"],
                            data.classes[:cfg.model.widths[-1]], code,
-                           temperatures(calibration))
+                           temperatures(calibration), unfamiliar)
     metrics = {"model": cfg.model.name, "model_id": sizes["model_id"],
                "config": cfg.to_dict(), "structure": _structure(model),
                "artifact_bytes": {"edge": sizes["edge_bytes"], "server": sizes["server_bytes"]},
@@ -355,9 +364,9 @@ def calibrate_dir(out_dir: Path, cfg: Config, data_dir: str | None = None) -> di
     if compute_model_id(model, edge.layout) != edge.model_id:
         raise ArtifactError(f"{edge.path}: stored model id {edge.model_id} does not match its "
                             f"weights; re-create the directory with `splitexit train`")
-    calibration = _calibrate(model, cfg, data, out_dir)
+    calibration, unfamiliar = _calibrate(model, cfg, data, out_dir)
     set_threshold(out_dir, calibration["threshold"], cfg.calibrate.score,
-                  temperatures(calibration))
+                  temperatures(calibration), unfamiliar)
     metrics_path = out_dir / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics["calibration"] = calibration

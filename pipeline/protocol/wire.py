@@ -9,7 +9,9 @@ costs its features plus 16 bytes (2 more of ZMTP framing), not a msgpack map of 
                + one float16 scale per frame (integer dtypes) + the payload
     REPLY      version u8, kind u8, msg_id u32, batch u16, queue_us u32, tail_us u32,
                queued u16, free_credit u16, len(worker_id) u8                  (21 B)
-               + worker_id (utf-8) + a class per frame (u8) + a confidence per frame (f16)
+               + worker_id (utf-8) + a class per frame (u8) + a confidence per frame (f16);
+               class UNKNOWN_CLASS (255): the tail found the frame unlike anything it was
+               trained on (pipeline/floor/unfamiliar.py), its confidence 0
     SHADOW     the REQUEST layout under its own kind (see Kind.SHADOW)
     ERROR      [version, kind] + msgpack [msg_id, reason, detail]   (a refusal of a request)
     READY      [version, kind] + msgpack [worker_id, model_tag, credit]   worker -> broker
@@ -57,6 +59,7 @@ __all__ = ["VERSION", "Kind", "DType", "Codec", "Refusal", "DTYPE_NAMES",
            "Error", "Ready", "encode_request", "decode_request", "encode_reply", "encode_error",
            "encode_ready", "HEARTBEAT", "DISCONNECT", "decode_control", "decode_answer",
            "peek", "stamp_load", "REQUEST_KINDS", "row_bytes", "wire_bytes",
+           "UNKNOWN_CLASS", "MAX_CLASSES",
            "model_tag", "MODEL_TAG_BYTES", "SCALE_BYTES", "UNSIGNED_BITS", "DTYPE_FOR_BITS",
            "MAX_FRAMES_PER_REQUEST", "MAX_MSG_ID", "REQUEST_HEADER_BYTES",
            "MAX_CODED_SYMBOLS", "MAX_REQUEST_BYTES", "MAX_REPLY_BYTES"]
@@ -143,6 +146,8 @@ _REPLY = struct.Struct("<BBIHIIHHB")   # + msg_id, batch, queue_us, tail_us, que
 _LOAD = struct.Struct("<HH")           # len(worker); the broker rewrites queued, free_credit
 _LOAD_OFFSET = struct.calcsize("<BBIHII")   # after version, kind, msg_id, batch, queue_us, tail_us
 REQUEST_HEADER_BYTES = _REQUEST.size           # 14
+UNKNOWN_CLASS = 255        # a REPLY's class byte for `unknown`: no class of the model
+MAX_CLASSES = UNKNOWN_CLASS   # classes a model may have: each one's index fits a u8 below it
 MAX_MSG_ID = (1 << 32) - 1                     # msg ids are u32; an edge wraps to 1 after this
 U32_MAX = (1 << 32) - 1
 _REPLY_MAX_WORKER_BYTES = 255
