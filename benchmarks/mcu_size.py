@@ -42,8 +42,11 @@ COMPILE = [*CPU, "-Os", "-std=c99", "-Wall", "-Werror", "-ffunction-sections",
 LINK = [*CPU, "--specs=nano.specs", "--specs=nosys.specs", "-Wl,--gc-sections"]
 FLASH_SECTIONS = (".text", ".rodata", ".data", ".ARM.exidx", ".ARM.extab")
 RAM_SECTIONS = (".data", ".bss")
-# The default's targets and every config's ceiling (issue #26).
+# The default's targets and every config's ceiling (issue #26). The default's unfamiliarity
+# score (#29) adds 17.6 KB of tables: with it, the default fits a 64 KB part, not a 48 KB
+# one; `splitexit export --no-unfamiliar` leaves it out.
 DEFAULT_FLASH, DEFAULT_RAM = 48 * 1024, 16 * 1024
+DEFAULT_SCORED_FLASH = 64 * 1024
 FLASH_LIMIT, RAM_LIMIT = 256 * 1024, 64 * 1024
 
 
@@ -190,10 +193,11 @@ def _artifact(name: str) -> Path:
     return shaped
 
 
-def _export(run: Path, variant: str, out: Path) -> str | None:
+def _export(run: Path, variant: str, out: Path, unfamiliar: bool = True) -> str | None:
     """Export into `out`; None, or the one line saying why this variant does not export."""
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(run), "--target",
-                           "c", "--variant", variant, "--out", str(out)],
+                           "c", "--variant", variant, "--out", str(out),
+                           *([] if unfamiliar else ["--no-unfamiliar"])],
                           capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         return (done.stderr.strip().splitlines() or ["export failed"])[-1]
@@ -220,24 +224,30 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs:
         run = args.artifacts or _artifact(name)
         for variant in args.variants:
-            with tempfile.TemporaryDirectory() as tmp:
-                why = _export(run, variant, Path(tmp))
-                if why:
-                    print(f"| {name} | {variant} | - | - | - | - | not exported: {why} |")
-                    continue
-                try:
-                    s = measure(Path(tmp))
-                except BuildError as e:
-                    print(f"| {name} | {variant} | - | - | - | - | does not build: {e} |")
-                    continue
-            flash_cap, ram_cap = ((DEFAULT_FLASH, DEFAULT_RAM) if name == "default"
-                                  else (FLASH_LIMIT, RAM_LIMIT))
-            fits = "yes" if s.flash <= flash_cap and s.ram <= ram_cap else "NO"
-            stack = f"{s.stack / 1024:.1f}" + ("" if s.stack_bounded else " (dynamic)")
-            print(f"| {name} | {variant} | {s.flash / 1024:.1f} | {s.static_ram / 1024:.1f} | "
-                  f"{stack} | {s.ram / 1024:.1f} | {fits} (<= {flash_cap // 1024} KB / "
-                  f"{ram_cap // 1024} KB) |", flush=True)
+            for unfamiliar in (True, False) if name == "default" else (True,):
+                label = variant if unfamiliar else f"{variant}, --no-unfamiliar"
+                _row(name, label, run, variant, unfamiliar)
     return 0
+
+
+def _row(name: str, label: str, run: Path, variant: str, unfamiliar: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        why = _export(run, variant, Path(tmp), unfamiliar)
+        if why:
+            print(f"| {name} | {label} | - | - | - | - | not exported: {why} |")
+            return
+        try:
+            s = measure(Path(tmp))
+        except BuildError as e:
+            print(f"| {name} | {label} | - | - | - | - | does not build: {e} |")
+            return
+    flash_cap, ram_cap = (FLASH_LIMIT, RAM_LIMIT) if name != "default" else (
+        (DEFAULT_SCORED_FLASH if unfamiliar else DEFAULT_FLASH), DEFAULT_RAM)
+    fits = "yes" if s.flash <= flash_cap and s.ram <= ram_cap else "NO"
+    stack = f"{s.stack / 1024:.1f}" + ("" if s.stack_bounded else " (dynamic)")
+    print(f"| {name} | {label} | {s.flash / 1024:.1f} | {s.static_ram / 1024:.1f} | "
+          f"{stack} | {s.ram / 1024:.1f} | {fits} (<= {flash_cap // 1024} KB / "
+          f"{ram_cap // 1024} KB) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
                  f"{head.input_size}), outputs features and exit_logits")
         return
     calibration = _calibration_frames(args, head) if args.variant == "int8" else None
-    paths = export_c(args.dir, out, args.variant, calibration)
+    if args.no_unfamiliar and args.target != "c":
+        raise UserError("--no-unfamiliar: the ONNX export has no unfamiliarity score to leave "
+                        "out; drop the flag")
+    paths = export_c(args.dir, out, args.variant, calibration, not args.no_unfamiliar)
     log.info(f"wrote {', '.join(str(p) for p in paths)} (model {head.model_id}); build with "
              f"`cc -std=c99 -O2 -c {paths[0]} {out / 'edge_step.c'}` (link -lm), call "
              f"splitexit_edge_step() as {out / 'splitexit_edge.h'} says (the head alone: "
@@ -188,6 +191,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    "splitexit_head.c + .h, const tables, one function, no allocation, nothing "
                    "beyond <stdint.h> | onnx: splitexit_head.onnx, a dynamic batch, ELL kept "
                    "as Gather/Mul/ReduceSum (needs the onnx extra)")
+    x.add_argument("--no-unfamiliar", action="store_true", help="C: leave the unfamiliarity "
+                   "score out (17.6 KB less flash for the default; the device then answers "
+                   "frames unlike the training set like any other)")
     x.add_argument("--variant", default="float32", choices=C_VARIANTS, help="float32 "
                    "(default; equals the trained head) | int8 (int8 tables with a float scale "
                    "per row, 4x smaller; rounded so errors cancel on training frames; C only)")

@@ -1,7 +1,9 @@
 """The C device edge (examples/c_edge/edge.c), built with the README's command against an
 exported edge and libzmq, run as a process against a real broker and worker: every frame one
-answer, the Python edge's answers on the same frames, and the deadline fallback when the
-worker stops mid-stream (late answers dropped, not a second answer)."""
+answer, the Python edge's answers on the same frames, the deadline fallback when the
+worker stops mid-stream (late answers dropped, not a second answer), and frames the head's
+unfamiliarity score flags: sent to the server, never answered locally, `unknown` when no
+answer comes."""
 
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from prometheus_client import CollectorRegistry
 from pipeline import Edge
 from pipeline.export.export_c import export_c
 from pipeline.edge.numpy_head import exit_scores, load_numpy_head
-from pipeline.floor.data import load_test_split
+from pipeline.floor.data import load_dataset, load_test_split
 from pipeline.protocol.security import Security
 from tests.conftest import ROOT, free_port
+from tests.unfamiliar_artifacts import scored_artifact
 from workers.broker import run_broker
 from workers.config import BrokerConfig, WorkerConfig
 from workers.pool import START_TIMEOUT_S, ProcessGroup, wait_until
@@ -35,7 +38,9 @@ EXAMPLE = ROOT / "examples" / "c_edge"
 GENEROUS_MS = 60_000      # no fallback on 2 busy cores: every answer is the server's or local
 WHERE = {"exit": "local", "offload": "server", "fallback": "fallback"}   # Python's path names
 SUMMARY = re.compile(r"I: (\d+) frames: (\d+) local, (\d+) server, (\d+) fallback; "
-                     r"(\d+) late answers dropped, (\d+) bad")
+                     r"(\d+) late answers dropped, (\d+) bad; (\d+) unfamiliar, "
+                     r"(\d+) answered unknown")
+UNKNOWN = -1              # SPLITEXIT_UNKNOWN: the class edge.c prints as `unknown`
 
 
 def readme_build_line() -> str:
@@ -63,11 +68,16 @@ def libzmq_missing(tmp: Path) -> str | None:
 def c_edge(bottleneck_artifacts, tmp_path_factory) -> Path:
     """The example built strictly against the export of a coded 4-bit uplink (the default's
     kind of edge: bottleneck, static code)."""
+    return built(bottleneck_artifacts, tmp_path_factory)
+
+
+def built(art: Path, tmp_path_factory) -> Path:
+    """The example built with the README's command, strictly, against art's export."""
     missing = libzmq_missing(tmp_path_factory.mktemp("probe"))
     out = tmp_path_factory.mktemp("c-edge")
     if missing:
         pytest.skip(missing)
-    export_c(bottleneck_artifacts, out)
+    export_c(art, out)
     command = CC + readme_build_line()[len("cc"):] + " -Wextra -pedantic -Werror"
     r = subprocess.run(["sh", "-c", command],
                        cwd=ROOT, env={**os.environ, "EDGE": str(out)}, capture_output=True,
@@ -83,21 +93,28 @@ def frames(idx_dir) -> np.ndarray:
 
 
 def parse(stdout: str) -> dict[int, tuple]:
-    """{frame: (where, class, confidence, reason)}; fails on a frame answered twice."""
+    """{frame: (where, class, confidence, reason)}, class `unknown` as UNKNOWN; fails on a
+    frame answered twice."""
     answers = {}
     for line in stdout.splitlines():
         frame, cls, where, confidence, *reason = line.split()
         assert int(frame) not in answers, f"frame {frame} answered twice"
-        answers[int(frame)] = (where, int(cls), float(confidence), reason[0] if reason else None)
+        answers[int(frame)] = (where, UNKNOWN if cls == "unknown" else int(cls),
+                               float(confidence), reason[0] if reason else None)
     return answers
 
 
-def exit_answers(art: Path, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sure, class, confidence) of the NumPy head's exit on each frame."""
+def exit_answers(art: Path, frames: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(local, class, confidence, unfamiliar) of the NumPy edge on each frame: local where
+    the exit is sure and the unfamiliarity score does not flag the frame; the class is the
+    exit's, or UNKNOWN for a flagged frame (its fallback)."""
     head = load_numpy_head(art)
-    logits, _ = head.run_exit(frames.astype(np.float32) / np.float32(255))
+    logits, hidden = head.run_exit(frames.astype(np.float32) / np.float32(255))
     scores = exit_scores(logits, head.score, head.temperature)
-    return scores >= head.threshold, logits.argmax(1), scores
+    flags = head.unfamiliar(hidden)[1]
+    return (scores >= head.threshold) & ~flags, np.where(flags, UNKNOWN, logits.argmax(1)), \
+        scores, flags
 
 
 def start_pool(group: ProcessGroup, art: Path, observed, broker=Security(insecure=True),
@@ -150,9 +167,11 @@ def test_the_c_edge_answers_as_the_python_edge_through_a_curve_broker(
     paths = Counter(where for where, *_ in c.values())
     assert paths["local"] > 0 and paths["server"] > 0 and set(paths) == {"local", "server"}
     summary = SUMMARY.search(r.stderr.decode())
+    flagged = int(exit_answers(bottleneck_artifacts, frames)[3].sum())
+    unknown = sum(cls == UNKNOWN for _, cls, *_ in c.values())
     assert summary and [int(n) for n in summary.groups()] == [
-        len(frames), paths["local"], paths["server"], 0, 0, 0]
-    sure, exit_cls, _ = exit_answers(bottleneck_artifacts, frames[:len(stranger)])
+        len(frames), paths["local"], paths["server"], 0, 0, 0, flagged, unknown]
+    sure, exit_cls, _, _ = exit_answers(bottleneck_artifacts, frames[:len(stranger)])
     assert sorted(stranger) == list(range(len(sure)))
     for i, (where, cls, _, reason) in stranger.items():   # the exit's answers, nothing more
         expected = ("local", None) if sure[i] else ("fallback", "deadline")
@@ -221,7 +240,7 @@ def test_a_paused_worker_gives_the_unsure_frames_their_fallback_once(
     The worker resumes, and the answers it (or the broker) then sends for those requests
     reach the edge late and are dropped, not printed as a second answer."""
     art = bottleneck_artifacts
-    sure, exit_cls, exit_conf = exit_answers(art, frames)
+    sure, exit_cls, exit_conf, _ = exit_answers(art, frames)
     half = len(frames) // 2
     group = ProcessGroup()
     edge = None
@@ -286,3 +305,56 @@ def test_bad_arguments_are_one_line(c_edge, args, message):
                        text=True, timeout=START_TIMEOUT_S)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith(f"E: {message}") and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.fixture(scope="module")
+def scored_edge(bottleneck_artifacts, idx_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(artifact, edge): the bottleneck with an unfamiliarity score (full form, flagging 5 %
+    of its validation frames), and the example built against its export."""
+    data = load_dataset(idx_dir, val_fraction=0.1)
+    art = scored_artifact(bottleneck_artifacts, tmp_path_factory.mktemp("scored"), data.train,
+                          data.val, "full")
+    return art, built(art, tmp_path_factory)
+
+
+def test_unfamiliar_frames_go_to_the_server_and_fall_back_unknown(scored_edge, frames,
+                                                                 observed):
+    """Familiar frames and frames of other kinds (inverted, noise), 200 in all. With a
+    worker: every frame the score flags is the server's to answer, never the device's (a
+    class, or `unknown` if the server's own score flags it). With no broker listening:
+    every request falls back, a flagged frame's answer `unknown`, the others the exit's."""
+    art, edge = scored_edge
+    noise = np.random.default_rng(0).integers(0, 256, (50, frames.shape[1]), dtype=np.uint8)
+    mixed = np.concatenate([frames[:100], 255 - frames[:50], noise])
+    local, cls, confidence, flags = exit_answers(art, mixed)
+    head = load_numpy_head(art)
+    sure = confidence >= head.threshold     # flagged frames the exit alone would answer
+    assert 0 < flags.sum() < len(mixed) and local.any() and (flags & sure).any()
+    group = ProcessGroup()
+    try:
+        front, _ = start_pool(group, art, observed, max_batch=1)
+        served = subprocess.run([str(edge), "--deadline-ms", str(GENEROUS_MS), front],
+                                input=mixed.tobytes(), capture_output=True,
+                                timeout=GENEROUS_MS / 1000 + START_TIMEOUT_S)
+    finally:
+        group.stop()
+    nobody = subprocess.run([str(edge), "--deadline-ms", "200",
+                             f"tcp://127.0.0.1:{free_port()}"], input=mixed.tobytes(),
+                            capture_output=True, timeout=START_TIMEOUT_S)
+    assert served.returncode == 0 and nobody.returncode == 0, (served.stderr, nobody.stderr)
+    for run, remote in ((served, "server"), (nobody, "fallback")):
+        answers = parse(run.stdout.decode())
+        assert sorted(answers) == list(range(len(mixed)))
+        for i, (where, c, _, reason) in answers.items():
+            if local[i]:
+                assert (where, c) == ("local", cls[i]), i
+            elif remote == "server":
+                assert where == "server" and (c == UNKNOWN or 0 <= c < len(head.classes)), i
+            else:
+                assert (where, c) == ("fallback", cls[i]) and reason in (
+                    "deadline", "unreachable"), i
+        summary = SUMMARY.search(run.stderr.decode())
+        unknown = sum(c == UNKNOWN for _, c, *_ in answers.values())
+        assert summary and int(summary.group(7)) == flags.sum(), run.stderr
+        assert int(summary.group(8)) == unknown
+    assert unknown == flags.sum()    # with nobody to ask, exactly the flagged frames

@@ -22,6 +22,7 @@ from pipeline.model.config import FASHION_MNIST_DIR
 from pipeline.floor.data import load_dataset, load_test_split
 from pipeline.protocol import wire
 from tests.test_cli import splitexit
+from tests.unfamiliar_artifacts import scored_artifact, unscored_artifact
 
 CC = shutil.which("cc") or shutil.which("gcc")
 CXX = shutil.which("c++") or shutil.which("g++")
@@ -29,11 +30,13 @@ pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc/gcc) on th
 STRICT = ["-std=c99", "-O2", "-Wall", "-Wextra", "-pedantic", "-Werror"]
 FLOATS = ctypes.POINTER(ctypes.c_float)
 BUFFER = 1 << 16
+UNKNOWN = -1                                  # SPLITEXIT_UNKNOWN
 
 
 class Decision(ctypes.Structure):
     _fields_ = [("offload", ctypes.c_int32), ("cls", ctypes.c_int32),
-                ("confidence", ctypes.c_double), ("bytes", ctypes.c_size_t)]
+                ("confidence", ctypes.c_double), ("bytes", ctypes.c_size_t),
+                ("unfamiliarity", ctypes.c_double), ("unfamiliar", ctypes.c_int32)]
 
 
 class Answer(ctypes.Structure):
@@ -115,8 +118,10 @@ def test_the_c_edge_answers_and_sends_what_the_python_edge_does_on_fashion_mnist
         logits, hidden = head.run_exit(frame[None])
         score = float(exit_scores(logits, head.score, head.temperature)[0])
         d, sent = edge.step(frame, msg_id)
-        assert bool(d.offload) == (score < head.threshold), i
-        assert d.cls == int(logits[0].argmax()) and d.confidence == pytest.approx(score, abs=1e-6)
+        [unfamiliar] = head.unfamiliar(hidden)[1]   # none where the artifact has no score
+        assert bool(d.offload) == (unfamiliar or score < head.threshold), i
+        assert d.cls == (UNKNOWN if unfamiliar else int(logits[0].argmax()))
+        assert d.confidence == pytest.approx(score, abs=1e-6)
         if not d.offload:
             assert sent == b""
             continue
@@ -190,10 +195,11 @@ def test_decisions_and_bytes_through_a_bottleneck(coded_edge, idx_dir):
     head = coded_edge.head
     sent = 0
     for i, frame in enumerate(pixels):
-        logits, _ = head.run_exit(frame[None])
+        logits, hidden = head.run_exit(frame[None])
         score = float(exit_scores(logits, head.score, head.temperature)[0])
         d, request = coded_edge.step(frame, i)
-        assert bool(d.offload) == (score < head.threshold)
+        [unfamiliar] = head.unfamiliar(hidden)[1]
+        assert bool(d.offload) == (unfamiliar or score < head.threshold)
         if d.offload:
             sent += 1
             assert request == coded_edge.python_request(coded_edge.features(frame), i)
@@ -203,7 +209,8 @@ def test_decisions_and_bytes_through_a_bottleneck(coded_edge, idx_dir):
 # -- answers ----------------------------------------------------------------------------
 
 def python_outcome(message: bytes, classes: int) -> str | tuple:
-    """What the Python edge makes of an answer to a one-frame request."""
+    """What the Python edge makes of an answer to a one-frame request; the wire's unknown
+    class byte is the class `unknown` (the server's score flagged the frame)."""
     try:
         answer = wire.decode_answer([message])
     except wire.WireError:
@@ -212,8 +219,9 @@ def python_outcome(message: bytes, classes: int) -> str | tuple:
         return ("refused", answer.msg_id, int(answer.reason))
     if len(answer.classes) != 1 or reply_fault(answer, classes):
         return "bad"
-    return ("reply", answer.msg_id, int(answer.classes[0]), float(answer.confidences[0]),
-            answer.queued, answer.free_credit)
+    cls = int(answer.classes[0])
+    return ("reply", answer.msg_id, UNKNOWN if cls == wire.UNKNOWN_CLASS else cls,
+            float(answer.confidences[0]), answer.queued, answer.free_credit)
 
 
 def c_outcome(edge: CEdge, message: bytes) -> str | tuple:
@@ -233,6 +241,8 @@ def answers() -> list[bytes]:
             wire.encode_reply(5, "", np.array([9]), np.array([1.0]), 0, 0, 1)[0],
             wire.encode_reply(5, "w", np.array([1, 2]), np.array([0.5, 0.5]), 0, 0, 1)[0],
             wire.encode_reply(6, "w", np.array([10]), np.array([0.5]), 0, 0, 1)[0],
+            *(wire.encode_reply(8, "w", np.array([c]), np.array([0.25]), 0, 0, 1)[0]
+              for c in (wire.UNKNOWN_CLASS, wire.UNKNOWN_CLASS - 1)),   # unknown; out of range
             wire.encode_reply(6, "w", np.array([1]), np.array([1.5]), 0, 0, 1)[0],
             wire.encode_reply(6, "w", np.array([1]), np.array([np.nan]), 0, 0, 1)[0],
             wire.encode_error(77, wire.Refusal.BUSY, "queue full")[0],
@@ -246,7 +256,11 @@ def test_answers_decode_as_the_python_edge_takes_them(coded_edge):
     valid = answers()
     outcomes = [c_outcome(coded_edge, m) for m in valid]
     assert outcomes[0] == ("reply", 0xDEADBEEF, 3, 0.75, 12, 3)
-    assert outcomes[7] == ("refused", 77, int(wire.Refusal.BUSY))
+    assert outcomes[4] == "bad"                                 # class 10 of 10 classes
+    assert outcomes[5] == ("reply", 8, UNKNOWN, 0.25, 0, 0)     # 255: unknown
+    assert outcomes[6] == "bad"                                 # 254: out of range
+    assert coded_edge.decode(valid[6])[0] == -9                 # SPLITEXIT_E_ANSWER
+    assert outcomes[9] == ("refused", 77, int(wire.Refusal.BUSY))
     for message, outcome in zip(valid, outcomes):
         assert outcome == python_outcome(message, classes), message
     rng = np.random.default_rng(0)
@@ -266,12 +280,18 @@ def defined(header: str, name: str) -> int:
     return int(re.search(rf"#define {name} (\d+)", header).group(1))
 
 
+@pytest.mark.parametrize("score", [None, "full"])
 def test_the_edge_builds_strictly_allocates_nothing_and_states_its_memory(
-        bottleneck_artifacts, tmp_path):
+        score, bottleneck_artifacts, idx_dir, tmp_path):
     """C99 with every warning an error (the library above), no malloc, no static RAM for an
-    MLP head, and the stack gcc measures within what the header states; C++ callers link."""
-    out = tmp_path / "edge"
-    export_c(bottleneck_artifacts, out)
+    MLP head, and the stack gcc measures within what the header states, with and without
+    an unfamiliarity score (its full form keeps its whitened features on the stack); C++
+    callers link."""
+    out, art = tmp_path / "edge", unscored_artifact(bottleneck_artifacts, tmp_path / "art")
+    if score:
+        data = load_dataset(idx_dir, val_fraction=0.1)
+        art = scored_artifact(art, art, data.train, data.val, score)
+    export_c(art, out)
     source = (out / STEP_C).read_text()
     assert not re.search(r"\b(malloc|calloc|realloc|free)\s*\(", source)
     header = (out / EDGE_H).read_text()
@@ -291,7 +311,8 @@ def test_the_edge_builds_strictly_allocates_nothing_and_states_its_memory(
         for line in su.read_text().splitlines():
             where, n, _ = line.split("\t")
             usage[where.rsplit(":", 1)[-1]] = int(n)
-    chain = (usage["splitexit_edge_step"] + usage["splitexit_head"]
+    head = usage["splitexit_head_scored"] + usage.get("unfamiliar_score", 0)   # if not inlined
+    chain = (usage["splitexit_edge_step"] + head
              + max(usage["splitexit_encode_request"] + usage.get("static_encode_compact", 0)
                    + usage.get("encode_picked", 0)
                    + max(usage.get(f, 0) for f in ("huffman_encode_compact",

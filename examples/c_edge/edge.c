@@ -8,13 +8,17 @@
  *         camera is a pipe away: ffmpeg -i /dev/video0 -vf scale=28:28 -pix_fmt gray -f rawvideo -
  * stdout: one line per frame, in the order answers become final:
  *         FRAME CLASS WHERE CONFIDENCE [REASON]
+ *         CLASS: the class index, or `unknown` (the frame is unlike anything the model was
+ *         trained on: the server's score said so, or the edge's and no answer came)
  *         WHERE: local (the exit was sure), server (a worker answered in time) or fallback
  *         (the exit's answer: REASON deadline, busy, no_worker, wrong_model, bad_request or
  *         unreachable)
  *
  * The rules are the Python edge's (pipeline/edge/producer.py, inflight.py): one request per
- * unsure frame, one frame per request; each has a deadline, and the frame gets the server's
- * answer if it comes first, else the exit's answer; an answer after that is dropped (stale).
+ * unsure or unfamiliar frame (the head's unfamiliarity score above its threshold: never
+ * answered here, its fallback `unknown`), one frame per request; each has a deadline, and
+ * the frame gets the server's answer if it comes first, else the exit's answer; an answer
+ * after that is dropped (stale).
  * Every frame gets exactly one answer. Wire messages are one ZeroMQ frame each, so the
  * DEALER sends the REQUEST bytes as they are and reads REPLY / ERROR bytes as they come.
  * Backpressure: while IN_FLIGHT requests wait, stdin is not read.
@@ -46,13 +50,13 @@ typedef struct {                   /* an unsure frame whose request is out */
     int open;
     uint32_t msg_id;
     unsigned long frame;
-    int32_t cls;                   /* the exit's answer: the fallback */
+    int32_t cls;                   /* the exit's answer: the fallback (or unknown) */
     double confidence;
     double deadline;               /* monotonic seconds */
 } request;
 
 static struct {
-    unsigned long frames, local, server, fallback, stale, bad;
+    unsigned long frames, local, server, fallback, stale, bad, unfamiliar, unknown;
 } counts;
 static request table[IN_FLIGHT];
 static int waiting;                /* open entries in table */
@@ -81,15 +85,20 @@ static double now_s(void)
 static void answer(unsigned long frame, int32_t cls, const char *where, double confidence,
                    const char *reason)
 {
-    printf("%lu %d %s %.6f%s%s\n", frame, (int)cls, where, confidence, reason ? " " : "",
-           reason ? reason : "");
+    if (cls == SPLITEXIT_UNKNOWN) {
+        printf("%lu unknown", frame);
+        counts.unknown++;
+    } else {
+        printf("%lu %d", frame, (int)cls);
+    }
+    printf(" %s %.6f%s%s\n", where, confidence, reason ? " " : "", reason ? reason : "");
 }
 
-/* The request leaves the table: with the server's answer, or (cls < 0) the exit's. */
-static void finish(request *r, int32_t cls, double confidence, const char *reason)
+/* The request leaves the table: with the server's answer `a`, or (NULL) the exit's. */
+static void finish(request *r, const splitexit_answer *a, const char *reason)
 {
-    if (cls >= 0) {
-        answer(r->frame, cls, "server", confidence, NULL);
+    if (a) {
+        answer(r->frame, a->cls, "server", a->confidence, NULL);
         counts.server++;
     } else {
         answer(r->frame, r->cls, "fallback", r->confidence, reason);
@@ -111,7 +120,7 @@ static void expire(double now)
 {
     for (int i = 0; i < IN_FLIGHT; ++i)
         if (table[i].open && table[i].deadline <= now)
-            finish(&table[i], -1, 0.0, "deadline");
+            finish(&table[i], NULL, "deadline");
 }
 
 static int next_timeout_ms(double now)
@@ -142,6 +151,7 @@ static void step(void *sock, const uint8_t *bytes, uint32_t *msg_id, double dead
         counts.local++;
         return;
     }
+    counts.unfamiliar += (unsigned long)d.unfamiliar;   /* offloaded, d.cls unknown */
     request *r = NULL;             /* a free entry: stdin is read only while there is one */
     for (int i = 0; i < IN_FLIGHT && !r; ++i)
         if (!table[i].open)
@@ -151,7 +161,7 @@ static void step(void *sock, const uint8_t *bytes, uint32_t *msg_id, double dead
     if (++*msg_id == 0)            /* u32 ids wrap to 1, as the Python edge's */
         *msg_id = 1;
     if (zmq_send(sock, out, d.bytes, ZMQ_DONTWAIT) < 0)
-        finish(r, -1, 0.0, "unreachable");         /* the send queue is full */
+        finish(r, NULL, "unreachable");            /* the send queue is full */
 }
 
 /* Every answer waiting on the socket. */
@@ -188,9 +198,9 @@ static void receive(void *sock)
             continue;
         }
         if (kind == SPLITEXIT_REPLY)
-            finish(r, a.cls, a.confidence, NULL);
+            finish(r, &a, NULL);
         else
-            finish(r, -1, 0.0, REFUSALS[a.refusal]);
+            finish(r, NULL, REFUSALS[a.refusal]);
     }
 }
 
@@ -366,8 +376,9 @@ int main(int argc, char **argv)
         }
     }
     fprintf(stderr, "I: %lu frames: %lu local, %lu server, %lu fallback; %lu late answers "
-            "dropped, %lu bad\n", counts.frames, counts.local, counts.server, counts.fallback,
-            counts.stale, counts.bad);
+            "dropped, %lu bad; %lu unfamiliar, %lu answered unknown\n", counts.frames,
+            counts.local, counts.server, counts.fallback, counts.stale, counts.bad,
+            counts.unfamiliar, counts.unknown);
     zmq_socket_monitor(sock, NULL, 0);             /* the monitor goes first */
     zmq_setsockopt(monitor, ZMQ_LINGER, &linger, sizeof linger);
     zmq_close(monitor);

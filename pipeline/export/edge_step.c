@@ -4,12 +4,14 @@
  *
  * Each step is the Python edge's, to the byte (pipeline/edge/producer.py, numpy_head.py,
  * pipeline/floor/quantization.py, pipeline/protocol/wire.py and payload.py): the exit's
- * score in float64 on softmax(logits / temperature), the uplink quantizer (a float16 scale
- * per frame, float32 division, round half to even, clip), the static code's choice and
- * bits (coder.c, the one source the worker and the NumPy edge run), the wire-v4 REQUEST
- * header; and the checks wire.decode_answer makes on a REPLY or ERROR. Rounding is done
- * with integer and comparison steps only, so -ffast-math or a missing rintf cannot change
- * a byte. */
+ * score in float64 on softmax(logits / temperature), the unfamiliarity flag (the head's
+ * score above its threshold: offloaded, `unknown` if no answer comes), the uplink
+ * quantizer (a float16 scale per frame, float32 division, round half to even, clip), the
+ * static code's choice and bits (coder.c, the one source the worker and the NumPy edge
+ * run), the wire-v4 REQUEST header; and the checks wire.decode_answer makes on a REPLY or
+ * ERROR (a class byte of 255 is `unknown`: the server's own score flagged the frame).
+ * Rounding is done with integer and comparison steps only, so -ffast-math or a missing
+ * rintf cannot change a byte. */
 
 #include <math.h>
 #include <stddef.h>
@@ -234,9 +236,18 @@ int splitexit_edge_step(const float pixels[SPLITEXIT_INPUT], uint32_t msg_id,
     float features[SPLITEXIT_FEATURES], logits[SPLITEXIT_CLASSES];
     if (cap < SPLITEXIT_EDGE_BUFFER_BYTES)
         return SPLITEXIT_E_CAP;
-    splitexit_head(pixels, features, logits);
+    splitexit_head_scored(pixels, features, logits, &decision->unfamiliarity);
     decision->confidence = splitexit_exit_score(logits, &decision->cls);
-    decision->offload = !(decision->confidence >= SPLITEXIT_EDGE_THRESHOLD);
+#if SPLITEXIT_UNFAMILIAR_FLAGS   /* as the NumPy edge: a score above the threshold */
+    decision->unfamiliar = decision->unfamiliarity > SPLITEXIT_UNFAMILIAR_THRESHOLD;
+#else
+    decision->unfamiliar = 0;
+#endif
+    /* an unfamiliar frame is never answered here, and falls back to `unknown` */
+    if (decision->unfamiliar)
+        decision->cls = SPLITEXIT_UNKNOWN;
+    decision->offload = decision->unfamiliar ||
+                        !(decision->confidence >= SPLITEXIT_EDGE_THRESHOLD);
     decision->bytes = 0;
     if (!decision->offload)
         return 0;
@@ -407,10 +418,12 @@ int splitexit_decode_answer(const uint8_t *msg, size_t len, splitexit_answer *an
     if (((h >> 10) & 0x1F) == 0x1F)
         return SPLITEXIT_E_NONFINITE;
     float confidence = float_of_half(h);
-    if (answers[0] >= SPLITEXIT_CLASSES || !(confidence >= 0.0f && confidence <= 1.0f))
+    int unknown = answers[0] == SPLITEXIT_UNKNOWN_BYTE;   /* the server's score flagged it */
+    if ((answers[0] >= SPLITEXIT_CLASSES && !unknown) ||
+            !(confidence >= 0.0f && confidence <= 1.0f))
         return SPLITEXIT_E_ANSWER;
     answer->msg_id = le(msg + 2, 4);
-    answer->cls = answers[0];
+    answer->cls = unknown ? SPLITEXIT_UNKNOWN : answers[0];
     answer->confidence = confidence;
     answer->refusal = 0;
     answer->queued = (uint16_t)le(msg + 16, 2);

@@ -6,7 +6,8 @@ So the export ships all of it, and a test compares the bytes with the Python edg
 
     splitexit_head.c/.h       the head and exit (export_c.py)
     edge_step.c               hand-written, the same for every model (pipeline/export/edge_step.c):
-                              score, decision, uplink quantizer, wire-v4 REQUEST, REPLY/ERROR;
+                              score, unfamiliarity flag, decision, uplink quantizer,
+                              wire-v4 REQUEST, REPLY/ERROR;
                               with the static code's coders pasted in verbatim where the
                               template #includes them (pipeline/floor/coder.c, the one source
                               the worker and the NumPy edge run), so every shipped .c file is
@@ -128,17 +129,25 @@ extern "C" {{
 #define SPLITEXIT_E_CAP (-1)       /* cap < SPLITEXIT_EDGE_BUFFER_BYTES */
 #define SPLITEXIT_E_CODER (-2)     /* a code table the export did not write (edited?) */
 
+/* A class that is none of the model's: the frame is unlike anything it was trained on */
+#define SPLITEXIT_UNKNOWN (-1)
+
 typedef struct {{
     int32_t offload;    /* 1: send out[0 .. bytes) to the broker; 0: answered here */
-    int32_t cls;        /* the exit's class: the answer, or the fallback for an offload */
+    int32_t cls;        /* the exit's class: the answer, or the fallback for an offload;
+                           SPLITEXIT_UNKNOWN for an unfamiliar frame */
     double confidence;  /* the exit's score ({head.score} of softmax(logits / temperature)) */
     size_t bytes;       /* the REQUEST's length; 0 when answered here */
+    double unfamiliarity;  /* the frame's unfamiliarity score (0 without SPLITEXIT_UNFAMILIAR) */
+    int32_t unfamiliar; /* 1: the score is above SPLITEXIT_UNFAMILIAR_THRESHOLD: offloaded,
+                           never answered here */
 }} splitexit_decision;
 
-/* One frame: head and exit; answered here if the score reaches the trained threshold, else
- * the frame's REQUEST, one frame, message id `msg_id`, into out (bytes equal the Python
- * edge's for the same frame and msg_id). Returns 0 or SPLITEXIT_E_*. Reentrant for an MLP
- * head (a conv head's scratch is static). */
+/* One frame: head, exit and unfamiliarity score; answered here if the exit's score reaches
+ * the trained threshold and the frame is not unfamiliar, else the frame's REQUEST, one
+ * frame, message id `msg_id`, into out (bytes equal the Python edge's for the same frame
+ * and msg_id). Returns 0 or SPLITEXIT_E_*. Reentrant for an MLP head (a conv head's
+ * scratch is static). */
 int splitexit_edge_step(const float pixels[SPLITEXIT_INPUT], uint32_t msg_id,
                         uint8_t *out, size_t cap, splitexit_decision *decision);
 
@@ -161,8 +170,8 @@ double splitexit_exit_score(const float logits[SPLITEXIT_CLASSES], int32_t *cls)
 #define SPLITEXIT_E_SHAPE (-6)     /* not one frame's answer, or bytes missing or left over */
 #define SPLITEXIT_E_FIELD (-7)     /* a value out of range; bad utf-8 in the worker id */
 #define SPLITEXIT_E_NONFINITE (-8)
-#define SPLITEXIT_E_ANSWER (-9)    /* a class >= SPLITEXIT_CLASSES or a confidence outside
-                                      [0, 1]: no model's answer */
+#define SPLITEXIT_E_ANSWER (-9)    /* a class >= SPLITEXIT_CLASSES (but the wire's unknown)
+                                      or a confidence outside [0, 1]: no model's answer */
 #define SPLITEXIT_E_SIZE (-10)     /* an ERROR longer than the wire allows */
 
 /* The largest message the broker sends (an ERROR): a receive buffer of this many bytes
@@ -172,7 +181,8 @@ double splitexit_exit_score(const float logits[SPLITEXIT_CLASSES], int32_t *cls)
 {refusals}
 typedef struct {{
     uint32_t msg_id;        /* match it to the request in flight; another one is stale */
-    int32_t cls;            /* REPLY: the class */
+    int32_t cls;            /* REPLY: the class, or SPLITEXIT_UNKNOWN (the server found the
+                               frame unfamiliar) */
     float confidence;       /* REPLY: the server's confidence */
     int32_t refusal;        /* ERROR: SPLITEXIT_REFUSAL_* */
     uint16_t queued;        /* REPLY: requests waiting in the broker (its load hint) */
@@ -205,7 +215,9 @@ int splitexit_decode_answer(const uint8_t *msg, size_t len, splitexit_answer *an
              f"#define SPLITEXIT_TEMPERATURE {float(head.temperature).hex()}  /* "
              f"{head.temperature!r} */\n"
              f"#define SPLITEXIT_EDGE_THRESHOLD {float(head.threshold).hex()}  /* "
-             f"{head.threshold!r} */\n\n"
+             f"{head.threshold!r} */\n"
+             f"#define SPLITEXIT_UNKNOWN_BYTE {wire.UNKNOWN_CLASS}  /* a REPLY's class byte for "
+             f"`unknown` (wire.UNKNOWN_CLASS) */\n\n"
              f"static const uint8_t model_tag[4] = {{{', '.join(str(b) for b in tag)}}};\n\n"
              f"{_tables(head, coded)}")
     out_dir.mkdir(parents=True, exist_ok=True)
