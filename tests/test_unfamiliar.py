@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.edge.core import EdgeCore
-from pipeline.edge.controller import ControllerConfig
+from pipeline.edge.controller import ControllerConfig, State
 from pipeline.edge.numpy_head import load_numpy_head
 from pipeline.edge.results import UNKNOWN, Results
 from pipeline.edge.source_base import Frame
@@ -205,6 +205,24 @@ def test_the_controller_counts_flagged_frames_as_offloads():
             core.request_sent(plan, core.open_request(plan, 10, step * 0.1), True, 10, 5, 5,
                               step * 0.1)
     assert offloaded / total == pytest.approx(0.3, abs=0.03)
+
+
+def test_while_the_server_is_cut_flagged_frames_are_shed_as_unknown_at_once():
+    """An outage: the controller cuts the server's share to a probe trickle; flagged frames
+    are answered unknown locally (no deadline, no bytes), and the probes stay its own."""
+    core = EdgeCore(0.5, 1.0, CLASSES, controller=ControllerConfig(target_offload=0.3,
+                                                                   window=200))
+    rng = np.random.default_rng(1)
+    core.decide(frames(100), [0] * 100, rng.random(100), 0.1, 0.0, rng.random(100) < 0.1)
+    core.controller.refused("no_worker", 0.1)          # nobody serves
+    assert core.controller.state is not State.TRACKING
+    flagged = rng.random(100) < 0.1
+    plan = core.decide(frames(100), [0] * 100, rng.random(100), 0.1, 0.2, flagged)
+    shed = [o for o in plan.local if o.path == "fallback"]
+    assert sorted(o.frame for o in shed) == np.flatnonzero(flagged).tolist()
+    assert all(o.cls == UNKNOWN and o.reason == "shed" and o.unfamiliar for o in shed)
+    assert not set(plan.offload) & set(np.flatnonzero(flagged).tolist())
+    assert len(plan.offload) <= 0.3 * 100     # what goes is the controller's share
 
 
 # -- real processes ----------------------------------------------------------------------

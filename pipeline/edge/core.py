@@ -25,7 +25,11 @@ in-process (tests/test_edge_core.py).
 A frame the edge's unfamiliarity score flagged (pipeline.floor.unfamiliar) is never the
 exit's to answer: it is offloaded whatever its confidence, its fallback is `unknown`, and the
 budget controller counts it as an offload (it sees the frame at the lowest score). The tail
-answers it with a class, or `unknown` by its own score (wire.UNKNOWN_CLASS).
+answers it with a class, or `unknown` by its own score (wire.UNKNOWN_CLASS). While the
+controller has cut the server's share (backing off, recovering), flagged frames are shed
+first: answered `unknown` at once (a fallback, reason `shed`), so an outage costs no
+deadline and no bytes for them, and the probes that find the server again stay the
+controller's own.
 
 How an ended request counts for its broker: answered or refused as busy / bad_request /
 wrong_model, it works; a deadline, a failed send or `no_worker` is a strike against it
@@ -45,7 +49,7 @@ import numpy as np
 
 from pipeline.edge.brokers import Brokers
 from pipeline.edge.controller import Controller, ControllerConfig, State
-from pipeline.edge.inflight import InFlight, Resolution, Status, reply_fault
+from pipeline.edge.inflight import SHED, InFlight, Resolution, Status, reply_fault
 from pipeline.edge.results import UNKNOWN, UNKNOWN_NAME, Outcome
 from pipeline.edge.shadows import Shadows
 from pipeline.protocol.wire import REFUSAL_NAMES, UNKNOWN_CLASS, Error, Refusal, Reply
@@ -76,7 +80,7 @@ class Plan:
     scores: np.ndarray
     head_ms: float
     threshold: float
-    local: list[Outcome]                             # the exit's answers: final
+    local: list[Outcome]                             # final now: the exit's, and shed frames'
     offload: list[int] = field(default_factory=list)   # indices to send in one request
     shadow: list[int] = field(default_factory=list)    # indices of exited frames to shadow
     broker: int = 0                                  # where both go (Brokers' index)
@@ -113,20 +117,29 @@ class EdgeCore:
         """The sure frames' final answers (the exit's), the unsure and the unfamiliar to
         offload, and of the sure the few to shadow: none while the controller backs off or
         shadows wait."""
+        shed: list[int] = []
         if unfamiliar is not None and unfamiliar.any():
             self.counts["unfamiliar.edge"] += int(unfamiliar.sum())
             scores = np.where(unfamiliar, UNFAMILIAR_SCORE, scores)
             exit_cls = [UNKNOWN if u else c for c, u in zip(exit_cls, unfamiliar.tolist())]
+            if self.controller and self.controller.state is not State.TRACKING:
+                shed = np.flatnonzero(unfamiliar).tolist()
         else:
             unfamiliar = np.zeros(len(frames), bool)
-        threshold = self.controller.observe(scores, now) if self.controller \
-            else self.trained_threshold
+        if self.controller:   # shed frames are not the controller's to offload
+            threshold = self.controller.observe(scores[~unfamiliar] if shed else scores, now)
+        else:
+            threshold = self.trained_threshold
         sure = (scores >= threshold) & ~unfamiliar
         exited = np.flatnonzero(sure).tolist()
         local = [self._outcome(frames[i], "exit", exit_cls[i], float(scores[i]), None,
                                head_ms) for i in exited]
+        local += [self._outcome(frames[i], "fallback", UNKNOWN, UNFAMILIAR_SCORE, SHED, head_ms,
+                                unfamiliar=True) for i in shed]
         self.counts["exit_confidence"] += float(scores[exited].sum()) if exited else 0.0
-        offload, shadow = np.flatnonzero(~sure).tolist(), self._pick_shadows(exited, now)
+        sent = ~sure
+        sent[shed] = False
+        offload, shadow = np.flatnonzero(sent).tolist(), self._pick_shadows(exited, now)
         plan = Plan(frames, exit_cls, scores, head_ms, threshold, local, offload, shadow,
                     self.brokers.pick(now) if offload or shadow else 0)
         if not plan.offload and self.controller:

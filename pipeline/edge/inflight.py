@@ -33,11 +33,12 @@ from typing import Any, Sequence
 from pipeline.protocol.wire import MAX_MSG_ID, REFUSAL_NAMES, UNKNOWN_CLASS, Error, Reply
 
 __all__ = ["InFlight", "Resolution", "Status", "Final", "DEADLINE", "UNREACHABLE",
-           "FALLBACK_REASONS", "BAD_REPLY_REASONS", "reply_fault"]
+           "SHED", "FALLBACK_REASONS", "BAD_REPLY_REASONS", "reply_fault"]
 
 DEADLINE = "deadline"          # no answer in time: the exit's answer stands
 UNREACHABLE = "unreachable"    # the request could not even be queued for sending
-FALLBACK_REASONS = (*REFUSAL_NAMES.values(), DEADLINE, UNREACHABLE)
+SHED = "shed"                  # an unfamiliar frame while the server's share is cut: unknown
+FALLBACK_REASONS = (*REFUSAL_NAMES.values(), DEADLINE, UNREACHABLE, SHED)
 # Why a reply was not believed (the metric's reason label)
 CLASS_RANGE = "class_range"            # a class index the model does not have
 CONFIDENCE_RANGE = "confidence_range"  # not in [0, 1] (the decoder already refuses NaN, Inf)
