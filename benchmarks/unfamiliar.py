@@ -1,36 +1,43 @@
-"""Which unfamiliarity score should the edge compute (#29, item 1)? An open-set protocol on
-Fashion-MNIST: 2 of the 10 classes, drawn by a seed, are held out of training; a model of 8
-outputs trains on the other 8; on the test set the torch-free edge head (edge.npz) scores
-every frame, and each candidate score is judged on how well it separates the held-out
-classes' frames (and synthetically shifted known frames) from the known classes'.
+"""Does the edge keep frames unlike anything it was trained on from the exit (#29)? An
+open-set protocol on Fashion-MNIST: 2 of the 10 classes, drawn by a seed, are held out of
+training; a model of 8 outputs trains on the other 8 (`splitexit train`, which fits both
+unfamiliarity scores into the artifacts); then the test set runs through the SHIPPED
+mechanism, as the runtime runs it:
+
+  edge   the NumPy head of edge.npz: the exit's calibrated confidence against the artifact's
+         threshold, and the artifact's unfamiliarity score (NumpyHead.unfamiliar: Mahalanobis
+         to the nearest class mean of the features the exit reads, pipeline.floor.unfamiliar)
+         against its threshold. The exit answers a frame only when it is confident AND not
+         flagged; every other frame is offloaded.
+  tail   server.pt's tail (Tail.run) on the split features as the wire delivers them (the
+         4-bit uplink quantized), its own score (load_server(...).unfamiliarity, on the final
+         classifier's input): a flagged offloaded frame is answered `unknown`, else a class.
+
+Unfamiliar frames: the held-out classes' test frames, and the known classes' test frames
+moved off the training distribution (Gaussian noise, inverted, rotated 90 degrees:
+pipeline.model.unfamiliar_fit.shifted). For each: the AUROC of the edge's score (and of the
+tail's) against the known test frames, the share the exit still answers (before: confidence
+alone; shipped: confidence and the score), the share the tail answers `unknown`. On the known
+test frames: split+exit accuracy without the mechanism and with it (`unknown` counts as
+wrong): the accuracy cost.
 
     python -m benchmarks.unfamiliar                       # default, full schedule, seed 0
     python -m benchmarks.unfamiliar --seed 1              # held out: another pair of classes
-    python -m benchmarks.unfamiliar --config conv-sparse --set train.epochs=10   # of 80
+    python -m benchmarks.unfamiliar --config conv-sparse  # or paper-sparse
     python -m benchmarks.unfamiliar --out runs/unfamiliar-default   # keep/reuse the training
+    python -m benchmarks.unfamiliar --compare --depth ... # + the method study, + the layers
     python -m benchmarks.unfamiliar --tiny --data IDX_DIR           # one epoch, seconds
+
+--compare: the candidate scores the method was chosen from (benchmarks/unfamiliar_compare.py);
+--depth: the same score on every layer of the model (benchmarks/unfamiliar_depth.py).
 
 Why 8 outputs, not 10 with two never trained: a model with outputs for the held-out classes
 would be told, on every training frame, that those two classes exist and are never right
 (their logits only ever get pushed down) -- knowledge of the unknowns that a deployed model
 never has. An 8-class model is what a user who trains on 8 classes gets.
 
-The candidates (higher = more unfamiliar):
-  msp      -max softmax probability of the calibrated exit: today's confidence
-           (Hendrycks & Gimpel, ICLR 2017, the baseline)
-  energy   -T logsumexp(logits / T), T = 1 (Liu et al., NeurIPS 2020)
-  maha     min over classes of the Mahalanobis distance, class means and one shared
-           covariance of the exit's input fitted on the known training frames (Lee et al.,
-           NeurIPS 2018); a conv exit's map is averaged per channel first, as Lee et al. do
-  maha-diag  the same with the shared covariance's diagonal only (d x C MACs, no d x d matrix)
-  vim      alpha * |features outside their principal subspace| + energy (Wang et al., CVPR
-           2022): a virtual logit for "none of these"
-  knn      -(cosine similarity to the k-th nearest of a fixed sample of normalized training
-           features) (Sun et al., ICML 2022)
-
-The threshold of each score flags FLAG_RATE of the known classes' validation frames; a frame
-is answered by the exit when it is confident by today's threshold and not flagged; a flagged
-frame goes to the tail (torch, the server artifact), which answers it with a class.
+A training folder made before the scores existed is calibrated once more
+(pipeline.model.train.calibrate_dir), which fits and writes them.
 """
 
 from __future__ import annotations
@@ -40,28 +47,30 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")       # timed as an edge runs it: one core, and
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # a busy machine stalls a second BLAS thread
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from benchmarks import add_tiny, apply_tiny  # noqa: E402
 from pipeline.edge.numpy_head import NumpyHead, exit_scores, load_numpy_head  # noqa: E402
 from pipeline.floor.data import load_test_split, write_idx  # noqa: E402
 from pipeline.floor.splits import Split  # noqa: E402
-from pipeline.model.artifacts import load_model  # noqa: E402
+from pipeline.floor.unfamiliar import Unfamiliarity  # noqa: E402
+from pipeline.model.artifacts import ServerArtifact, load_server  # noqa: E402
 from pipeline.model.config import FASHION_MNIST_DIR, Config, load_config  # noqa: E402
+from pipeline.model.unfamiliar_fit import auroc, shifted  # noqa: E402
+from pipeline.model.uplink import fake_quantize  # noqa: E402
 
-FLAG_RATE = 0.05        # familiar validation frames each score's threshold flags
 HELD_OUT = 2            # classes of the 10 never trained
-VIM_SHARE = 4           # ViM's principal subspace: a quarter of the features (512 of 2048)
-KNN_SAMPLE, KNN_K = 5000, 10   # Sun et al.: k scales with the sample (k=1 at 1 % of CIFAR)
-NOISE_SIGMA = 0.25      # Gaussian pixel noise, pixels in [0, 1]
-TIMING_BATCH = 64
 ANSWERED_GOAL = 0.10    # of held-out frames the exit may still answer (#29)
+EDGE_RATES = (0.10, 0.20, 0.30, 0.50)   # the edge's flag rate, beside the shipped one
+TAIL_RATES = (0.01, 0.05, 0.10)         # the tail's, beside the shipped one
+BATCH = 4096
 MARKER = "unfamiliar.json"
 
 
@@ -103,11 +112,17 @@ def eight_class_config(name: str, overrides: list[str], data_dir: Path) -> Confi
 
 
 def train_once(cfg: Config, out: Path, key: dict) -> None:
-    """Train into `out` unless a training of the same config and held-out classes is there."""
-    from pipeline.model.train import run
+    """Train into `out` unless a training of the same config and held-out classes is there;
+    give a training older than the unfamiliarity scores its scores."""
+    from pipeline.model.train import calibrate_dir, run
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == key:
         print(f"reusing the training in {out}", flush=True)
+        if load_numpy_head(out).unfamiliarity is None or load_server(out).unfamiliarity is None:
+            start = time.perf_counter()
+            calibrate_dir(out, cfg)
+            print(f"  trained before the unfamiliarity scores: calibrated again, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
         return
     start = time.perf_counter()
     metrics = run(cfg, out, progress=False)
@@ -117,224 +132,210 @@ def train_once(cfg: Config, out: Path, key: dict) -> None:
           f"{metrics['calibration']['test']['split_exit']:.2%}", flush=True)
 
 
-def exit_view(head: NumpyHead, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(exit logits, the features the distance scores read): the exit's input, a conv map
-    averaged per channel (Lee et al. 2018 pool each map so)."""
-    logits, hidden = head.run_exit(pixels)
-    if hidden.ndim == 4:
-        hidden = hidden.mean(axis=(2, 3))
-    return logits, hidden.reshape(len(hidden), -1)
+@dataclass
+class Seen:
+    """What the runtime computes on each frame."""
+    exit_logits: np.ndarray     # (N, C), the NumPy head's
+    confidence: np.ndarray      # (N,) the exit's calibrated score (the artifact's kind)
+    confident: np.ndarray       # (N,) confidence >= the artifact's threshold
+    edge_score: np.ndarray      # (N,) NumpyHead.unfamiliar
+    final_logits: np.ndarray    # (N, C), the tail on the features as the wire delivers them
+    tail_score: np.ndarray      # (N,) the server artifact's score on the tail's features
 
 
-def in_batches(head: NumpyHead, pixels: np.ndarray, batch: int = 4096):
-    parts = [exit_view(head, pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+def runtime_view(head: NumpyHead, server: ServerArtifact, pixels: np.ndarray) -> Seen:
+    """Edge (edge.npz) then tail (server.pt) on pixels in [0, 1], every frame through both:
+    which frames each side sees is decided afterwards (`decide`), so one pass serves every
+    threshold."""
+    bits = server.config.model.uplink_bits
+    parts = []
+    for i in range(0, len(pixels), BATCH):
+        logits, hidden = head.run_exit(pixels[i:i + BATCH])
+        edge_score, _ = head.unfamiliar(hidden)
+        features = torch.from_numpy(np.ascontiguousarray(head.run_uplink(hidden)))
+        if bits:
+            features = fake_quantize(features, bits)   # the wire's rounding, bit for bit
+        with torch.inference_mode():
+            final, penultimate = server.tail.run(features)
+        confidence = exit_scores(logits, head.score, head.temperature)
+        parts.append((logits, confidence, confidence >= head.threshold, edge_score, final.numpy(),
+                      server.unfamiliarity.score(penultimate.numpy())))
+    return Seen(*(np.concatenate(p) for p in zip(*parts)))
 
 
-Score = Callable[[np.ndarray, np.ndarray], np.ndarray]
+@dataclass
+class Decided:
+    local: np.ndarray       # answered by the exit
+    unknown: np.ndarray     # offloaded and answered `unknown` by the tail
+    answer: np.ndarray      # the class answered (meaningless where unknown)
 
 
-def gaussians(x: np.ndarray, labels: np.ndarray, diagonal: bool = False) -> Score:
-    """Class means and one shared covariance of `x` (Lee et al. 2018) -> a function giving
-    each frame's squared Mahalanobis distance to its nearest class mean. Dead features
-    (ReLU, the rate penalty) make the covariance singular: a ridge of 1e-3 of the mean
-    variance. Whitened means: |z|^2 - 2 z.m + |m|^2 with z = x R (P = R R^T), d^2 + C d MACs;
-    diagonal: C d."""
-    d = x.shape[1]
-    means = np.stack([x[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
-    centred = x - means[labels]
-    cov = centred.T @ centred / len(x)
-    cov += 1e-3 * np.trace(cov) / d * np.eye(d)
-    if diagonal:
-        inv_var, means32 = (1 / np.diag(cov)).astype(np.float32), means.astype(np.float32)
-        return lambda v: (((v[:, None, :] - means32) ** 2) * inv_var).sum(2).min(1)
-    root = np.linalg.cholesky(np.linalg.inv(cov)).astype(np.float32)
-    white = means.astype(np.float32) @ root
-    norms = (white ** 2).sum(1)
-
-    def distance(v):
-        z = v @ root
-        return ((z ** 2).sum(1)[:, None] - 2 * z @ white.T + norms).min(1)
-    return distance
+def decide(s: Seen, edge: float | None, tail: float | None,
+           confidence: float | None = None) -> Decided:
+    """The runtime's rule with these thresholds (None: that score never flags): the exit
+    answers confident frames its score does not flag; the tail answers the rest, `unknown`
+    where its own score flags them. `confidence`: another threshold than the artifact's."""
+    flagged = s.edge_score > edge if edge is not None else np.zeros(len(s.confident), bool)
+    confident = s.confident if confidence is None else s.confidence >= confidence
+    local = confident & ~flagged
+    unknown = ~local & (s.tail_score > tail if tail is not None else False)
+    return Decided(local, unknown, np.where(local, s.exit_logits.argmax(1),
+                                            s.final_logits.argmax(1)))
 
 
-def fit_scores(head: NumpyHead, train: tuple[np.ndarray, np.ndarray], labels: np.ndarray,
-               val: tuple[np.ndarray, np.ndarray]) -> dict[str, Score]:
-    """Each candidate as f(exit logits, features) -> unfamiliarity, fitted on the known
-    classes' training frames where it needs statistics (the union on validation)."""
-    train_logits, features = train
-    maha_features = gaussians(features, labels)
-    maha_diag = gaussians(features, labels, diagonal=True)
-    background = gaussians(features, np.zeros_like(labels))
-    maha_logits = gaussians(train_logits, labels)
-    sample = np.random.default_rng(0).permutation(len(features))[:KNN_SAMPLE]
-    bank = features[sample] / np.maximum(np.linalg.norm(features[sample], axis=1,
-                                                         keepdims=True), 1e-12)
-    bank = np.ascontiguousarray(bank.T.astype(np.float32))
-    k = min(KNN_K, bank.shape[1])
-
-    def msp(logits, _):
-        return -exit_scores(logits, "max_softmax", head.temperature)
-
-    def energy(logits, _):
-        z = logits.astype(np.float64)
-        top = z.max(1)
-        return -(top + np.log(np.exp(z - top[:, None]).sum(1)))
-
-    # ViM (Wang et al., CVPR 2022): the features' norm outside their principal subspace,
-    # scaled to the logits' size, as a virtual logit against the energy
-    mean = features.mean(0)
-    _, vectors = np.linalg.eigh(np.cov(features - mean, rowvar=False))
-    keep = vectors[:, -max(1, features.shape[1] // VIM_SHARE):].astype(np.float32)
-    mean32 = mean.astype(np.float32)
-
-    def residual(x):
-        c = x - mean32
-        return np.sqrt(np.maximum((c ** 2).sum(1) - ((c @ keep) ** 2).sum(1), 0))
-    alpha = float(train_logits.max(1).mean() / residual(features).mean())
-
-    def vim(logits, x):
-        return alpha * residual(x) + energy(logits, x)
-
-    def knn(_, x):
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return -np.partition(x @ bank, -k, axis=1)[:, -k]
-
-    scores = {"msp": msp, "energy": energy,
-              "maha": lambda _, x: maha_features(x),
-              "maha-diag": lambda _, x: maha_diag(x),
-              # Ren et al. 2021 (arXiv:2106.09022): minus the distance to one Gaussian of
-              # all classes, which near-OOD frames share with the known ones
-              "rel-maha": lambda _, x: maha_features(x) - background(x),
-              "maha-logits": lambda logits, _: maha_logits(logits),
-              "vim": vim, "knn": knn}
-    for a, b in (("energy", "maha"), ("maha-logits", "maha")):
-        scores[f"{a} or {b}"] = union(scores[a], scores[b], val)
-    return scores
+def accuracy(d: Decided, labels: np.ndarray) -> float:
+    """Split+exit accuracy, `unknown` counted as wrong."""
+    return float(((d.answer == labels) & ~d.unknown).mean())
 
 
-def union(a: Score, b: Score, val: tuple[np.ndarray, np.ndarray]) -> Score:
-    """Flag a frame when either score is in its own top tail on familiar validation frames:
-    each score becomes the fraction of validation frames below it, and the union the larger
-    of the two (on the edge: two thresholds at one validation quantile)."""
-    tables = [np.sort(score(*val)) for score in (a, b)]
-    return lambda logits, x: np.maximum(
-        *(np.searchsorted(t, s(logits, x)) / len(t) for t, s in zip(tables, (a, b))))
+@dataclass
+class Problem:
+    """The frames one run judges, each set through the runtime once."""
+    known: Seen
+    labels: np.ndarray          # the known frames' labels, 0..7
+    val: Seen                   # familiar validation frames: where thresholds are chosen
+    unfamiliar: dict[str, Seen]  # held-out classes, then each shift of the known frames
+    edge: Unfamiliarity         # as shipped in edge.npz
+    tail: Unfamiliarity         # as shipped in server.pt
+    exit_threshold: float       # the exit's confidence threshold, as shipped
 
 
-def auroc(unfamiliar: np.ndarray, familiar: np.ndarray) -> float:
-    """P(score of an unfamiliar frame > a familiar one's), ties half (Mann-Whitney U)."""
-    both = np.concatenate([unfamiliar, familiar])
-    order = both.argsort(kind="mergesort")
-    ranks = np.empty(len(both))
-    ranks[order] = np.arange(1, len(both) + 1)
-    _, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = (sums / counts)[inverse]     # ties: their mean rank
-    n1, n0 = len(unfamiliar), len(familiar)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def us_per_frame(score: Score, logits: np.ndarray, features: np.ndarray,
-                 repeats: int = 30) -> float:
-    """Median of `repeats` calls at batch TIMING_BATCH, in µs per frame."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        score(logits, features)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) / len(logits) * 1e6
-
-
-def price(s: np.ndarray, confident: np.ndarray, unknown: np.ndarray) -> float:
-    """The known test frames offloaded when the threshold is put (on the test set itself,
-    so an oracle's price, not a deployable threshold) where the exit answers at most
-    ANSWERED_GOAL of the held-out frames."""
-    allowed = int(ANSWERED_GOAL * unknown.sum())
-    answered = np.sort(s[confident & unknown])
-    if len(answered) <= allowed:
-        return float(1 - confident[~unknown].mean())
-    threshold = answered[allowed] if allowed else -np.inf   # flag s >= threshold
-    return float(1 - (confident & (s < threshold))[~unknown].mean())
-
-
-def shifted(pixels: np.ndarray, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Known-class test frames (floats in [0, 1]) moved off the training distribution."""
-    rng = np.random.default_rng(0)
-    images = pixels.reshape(-1, *shape)
-    return {"noise": np.clip(pixels + rng.normal(0, NOISE_SIGMA, pixels.shape), 0, 1)
-            .astype(np.float32),
-            "inverted": 1 - pixels,
-            "rot90": np.ascontiguousarray(np.rot90(images, 1, axes=(-2, -1)))
-            .reshape(len(pixels), -1)}
-
-
-def measure(out: Path, cfg: Config, data_dir: str, held_out: list[int],
-            frames: int | None) -> None:
-    from pipeline.model.train import dataset, predict
-    head = load_numpy_head(out)
-    data = dataset(cfg)     # the 8-class folder, split as training split it
+def load_problem(out: Path, cfg: Config, data_dir: str, held_out: list[int],
+                 frames: int | None) -> Problem:
+    from pipeline.model.train import dataset
+    head, server = load_numpy_head(out), load_server(out)
     test = load_test_split(data_dir, cfg.model.input_shape, cfg.model.resize)
     if frames:
         test = Split(test.images[:frames], test.labels[:frames])
     unknown = np.isin(test.labels, held_out)
     renumber = np.cumsum(~np.isin(np.arange(10), held_out)) - 1
-    known = Split(test.images[~unknown], renumber[test.labels[~unknown]])
     pixels = test.images.astype(np.float32) / 255
+    val = dataset(cfg).val    # the 8-class folder, split as training split it
+    sets = {"held-out classes": pixels[unknown],
+            **shifted(pixels[~unknown], tuple(cfg.model.input_shape))}
+    return Problem(runtime_view(head, server, pixels[~unknown]),
+                   renumber[test.labels[~unknown]],
+                   runtime_view(head, server, val.images.astype(np.float32) / 255),
+                   {name: runtime_view(head, server, p) for name, p in sets.items()},
+                   head.unfamiliarity, server.unfamiliarity, head.threshold)
 
-    val = in_batches(head, data.val.images.astype(np.float32) / 255)
-    scores = fit_scores(head, in_batches(head, data.train.images.astype(np.float32) / 255),
-                        data.train.labels, val)
-    logits, features = in_batches(head, pixels)
-    confident = exit_scores(logits, head.score, head.temperature) >= head.threshold
-    model, _, _ = load_model(out)
-    _, final_logits = predict(model, known)
-    exit_right = logits[~unknown].argmax(1) == known.labels
-    tail_right = final_logits.argmax(1).numpy() == known.labels
-    today = np.where(confident[~unknown], exit_right, tail_right).mean()
-    print(f"\nheld out: classes {held_out}; test frames {int((~unknown).sum())} known, "
-          f"{int(unknown.sum())} held out; today's exit ({head.score} >= "
-          f"{head.threshold:.3f}) answers {confident[~unknown].mean():.1%} of known and "
-          f"{confident[unknown].mean():.1%} of held-out frames; split+exit on known "
-          f"{today:.2%}\n")
 
-    rows = {}
-    timing = slice(0, TIMING_BATCH)
-    head_us = us_per_frame(lambda p, _: exit_view(head, p), pixels[timing], None)
-    print(f"| score | AUROC held-out | threshold (flags {FLAG_RATE:.0%} known val) | "
-          f"per class | held-out answered by exit | known offloaded | split+exit known | "
-          f"cost (points) | µs/frame (batch {TIMING_BATCH}) | known offloaded for held-out "
-          f"answered <= {ANSWERED_GOAL:.0%} |\n|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| none (today) | | | | {confident[unknown].mean():.1%} | "
-          f"{1 - confident[~unknown].mean():.1%} | {today:.2%} | 0 | "
-          f"{head_us:.1f} (the head's exit) | |")
-    for name, score in scores.items():
-        s = score(logits, features)
-        threshold = float(np.quantile(score(*val), 1 - FLAG_RATE))
-        local = confident & (s <= threshold)
-        accuracy = np.where(local[~unknown], exit_right, tail_right).mean()
-        us = us_per_frame(score, logits[timing], features[timing])
-        rows[name] = (score, threshold)
-        each = ", ".join(f"{c}: {auroc(s[test.labels == c], s[~unknown]):.2f}"
-                         for c in held_out)
-        print(f"| {name} | {auroc(s[unknown], s[~unknown]):.3f} | {threshold:.4g} | {each} | "
-              f"{local[unknown].mean():.1%} | {1 - local[~unknown].mean():.1%} | "
-              f"{accuracy:.2%} | {(today - accuracy) * 100:+.2f} | {us:.2f} | "
-              f"{price(s, confident, unknown):.1%} |", flush=True)
+def described(u: Unfamiliarity) -> str:
+    if u.threshold is None:
+        return f"off ({'diagonal' if u.diagonal else 'full'}, {u.features} features)"
+    return (f"{u.threshold:.4g} ({'diagonal' if u.diagonal else 'full'}, {u.features} "
+            f"features, flags {u.flag_rate:.1%} of familiar val)")
 
-    known_pixels = pixels[~unknown]
-    clean = {name: score(logits[~unknown], features[~unknown])
-             for name, (score, _) in rows.items()}
-    print("\n| score | shift | AUROC vs clean known | shifted answered by exit |"
-          "\n|---|---|---|---|")
-    for shift, frames_ in shifted(known_pixels, cfg.model.input_shape).items():
-        s_logits, s_features = in_batches(head, frames_)
-        s_confident = exit_scores(s_logits, head.score, head.temperature) >= head.threshold
-        print(f"| none (today) | {shift} | | {s_confident.mean():.1%} |")
-        for name, (score, threshold) in rows.items():
-            s = score(s_logits, s_features)
-            print(f"| {name} | {shift} | {auroc(s, clean[name]):.3f} | "
-                  f"{(s_confident & (s <= threshold)).mean():.1%} |", flush=True)
+
+def shipped_table(p: Problem) -> None:
+    """The acceptance table: each set of unfamiliar frames under the artifact's thresholds."""
+    before = decide(p.known, None, None)
+    edge_only = decide(p.known, p.edge.threshold, None)
+    shipped = decide(p.known, p.edge.threshold, p.tail.threshold)
+    cost = (accuracy(before, p.labels) - accuracy(shipped, p.labels)) * 100
+    print(f"\nshipped thresholds: edge {described(p.edge)}, tail {described(p.tail)}")
+    print(f"known test frames: split+exit {accuracy(before, p.labels):.2%} without, "
+          f"{accuracy(edge_only, p.labels):.2%} with the edge's score, "
+          f"{accuracy(shipped, p.labels):.2%} with both (unknown = wrong): cost {cost:+.2f} "
+          f"points; offloaded {1 - before.local.mean():.1%} -> {1 - shipped.local.mean():.1%}; "
+          f"answered unknown {shipped.unknown.mean():.2%}\n")
+    print("| frames | n | AUROC edge | AUROC tail | edge flags | exit answers: confidence only "
+          "| exit answers: shipped | tail answers unknown | accuracy cost on known (points) |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    flagged = flag_share(p.known.edge_score, p.edge.threshold)
+    print(f"| known (familiar) | {len(p.labels)} | | | {flagged:.1%} | "
+          f"{before.local.mean():.1%} | {shipped.local.mean():.1%} | "
+          f"{shipped.unknown.mean():.2%} | {cost:+.2f} |")
+    for name, s in p.unfamiliar.items():
+        d = decide(s, p.edge.threshold, p.tail.threshold)
+        print(f"| {name} | {len(s.confident)} | {auroc(s.edge_score, p.known.edge_score):.3f} | "
+              f"{auroc(s.tail_score, p.known.tail_score):.3f} | "
+              f"{flag_share(s.edge_score, p.edge.threshold):.1%} | {s.confident.mean():.1%} | "
+              f"{d.local.mean():.1%} | {d.unknown.mean():.1%} | {cost:+.2f} |", flush=True)
+
+
+def flag_share(scores: np.ndarray, threshold: float | None) -> float:
+    """The share of these frames a threshold flags (None: the score is off)."""
+    return 0.0 if threshold is None else float((scores > threshold).mean())
+
+
+def oracle_edge_threshold(s: Seen) -> float:
+    """The edge threshold, chosen on these (test) frames, at which the exit answers at most
+    ANSWERED_GOAL of them: a price to read, not a deployable setting."""
+    answered = np.sort(s.edge_score[s.confident])
+    allowed = int(ANSWERED_GOAL * len(s.confident))
+    return float(np.nextafter(answered[allowed], -np.inf)) if len(answered) > allowed \
+        else float("inf")
+
+
+def unflagged(s: Seen, edge: float | None) -> np.ndarray:
+    return s.edge_score <= (np.inf if edge is None else edge)
+
+
+def oracle_confidence(s: Seen, edge: float | None, shipped: float) -> float:
+    """The confidence threshold, chosen on these (test) frames, at which the exit answers
+    at most ANSWERED_GOAL of them, the edge's score as shipped: the other lever's price."""
+    kept = np.sort(s.confidence[unflagged(s, edge)])[::-1]
+    allowed = int(ANSWERED_GOAL * len(s.confident))
+    return max(float(np.nextafter(kept[allowed], np.inf)) if len(kept) > allowed else 0.0,
+               shipped)
+
+
+def budget_confidence(p: Problem) -> float:
+    """The confidence threshold at which the exit answers as many familiar validation frames
+    with the edge's score as it did without it: where a budget controller holding the offload
+    target settles (flagged frames count as offloads), in the static view."""
+    v = p.val
+    kept = np.sort(v.confidence[unflagged(v, p.edge.threshold)])[::-1]
+    answered = int(v.confident.sum())
+    if not 0 < answered <= len(kept):
+        return p.exit_threshold
+    return min(float(kept[answered - 1]), p.exit_threshold)   # nothing flagged: as shipped
+
+
+def sweep_tables(p: Problem) -> None:
+    """What other thresholds would buy: the edge's rate (how many held-out frames still get
+    the exit's answer, and what it costs), or a stricter confidence instead; then the
+    tail's rate (how many get `unknown`)."""
+    base = accuracy(decide(p.known, None, None), p.labels)
+    held = p.unfamiliar["held-out classes"]
+    shifts = [name for name in p.unfamiliar if name != "held-out classes"]
+
+    def row(name: str, edge: float | None, tail: float | None,
+            confidence: float | None = None) -> None:
+        d = decide(p.known, edge, tail, confidence)
+        each = {n: decide(s, edge, tail, confidence) for n, s in p.unfamiliar.items()}
+        print(f"| {name} | {flag_share(p.val.edge_score, edge):.1%} | "
+              f"{flag_share(p.val.tail_score, tail):.2%} | "
+              f"{each['held-out classes'].local.mean():.1%} | "
+              f"{' / '.join(f'{each[n].local.mean():.1%}' for n in shifts)} | "
+              f"{each['held-out classes'].unknown.mean():.1%} | "
+              f"{' / '.join(f'{each[n].unknown.mean():.1%}' for n in shifts)} | "
+              f"{1 - d.local.mean():.1%} | {d.unknown.mean():.2%} | "
+              f"{accuracy(d, p.labels):.2%} | {(base - accuracy(d, p.labels)) * 100:+.2f} |",
+              flush=True)
+
+    print(f"\nother thresholds (rule: the exit answers when confident AND not flagged)\n\n"
+          f"| thresholds | edge flags familiar val | tail flags familiar val | held-out answered "
+          f"by exit | {' / '.join(shifts)} answered | held-out unknown | {' / '.join(shifts)} "
+          f"unknown | known offloaded | known unknown | split+exit known | cost (points) |"
+          f"\n|---|---|---|---|---|---|---|---|---|---|---|")
+    row("shipped", p.edge.threshold, p.tail.threshold)
+    for r in EDGE_RATES:
+        row(f"edge flags {r:.0%}", p.edge.with_threshold(p.val.edge_score, r).threshold,
+            p.tail.threshold)
+    t = oracle_edge_threshold(held)
+    row(f"oracle: edge threshold {t:.4g}, held-out answered <= {ANSWERED_GOAL:.0%}", t,
+        p.tail.threshold)
+    c = oracle_confidence(held, p.edge.threshold, p.exit_threshold)
+    row(f"oracle: confidence >= {c:.4f} (shipped {p.exit_threshold:.4f}), held-out answered "
+        f"<= {ANSWERED_GOAL:.0%}", p.edge.threshold, p.tail.threshold, c)
+    c = budget_confidence(p)
+    row(f"budget held: confidence >= {c:.4f}, known offload as without the score",
+        p.edge.threshold, p.tail.threshold, c)
+    for r in TAIL_RATES:
+        row(f"tail flags {r:.0%}", p.edge.threshold,
+            p.tail.with_threshold(p.val.tail_score, r).threshold)
 
 
 def main() -> None:
@@ -347,6 +348,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="training folder to keep and reuse "
                     "(default: a temporary one)")
     ap.add_argument("--frames", type=int, help="test frames (default: all)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also the candidate scores the shipped one was chosen from")
+    ap.add_argument("--depth", action="store_true",
+                    help="also the shipped score fitted on every layer of the model")
     add_tiny(ap)
     args = ap.parse_args()
     apply_tiny(ap, args, frames=300)
@@ -360,7 +365,16 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         train_once(cfg, out, {"config": args.config, "set": args.set, "held_out": held_out,
                               "data": str(args.data)})
-        measure(out, cfg, args.data, held_out, args.frames)
+        problem = load_problem(out, cfg, args.data, held_out, args.frames)
+        print(f"\n{args.config}, held out: classes {held_out} (seed {args.seed})")
+        shipped_table(problem)
+        sweep_tables(problem)
+        if args.depth:
+            from benchmarks.unfamiliar_depth import measure as depth
+            depth(out, cfg, args.data, held_out, args.frames)
+        if args.compare:
+            from benchmarks.unfamiliar_compare import measure as compare
+            compare(out, cfg, args.data, held_out, args.frames)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ import pytest
 from benchmarks import mcu_size
 from tests.conftest import ROOT
 
-# modules of benchmarks/ that are not benchmarks: the shared helpers, and parts of capacity
-# and edge_head
-HELPERS = {"__init__", "common", "echo_servers", "hop_clients", "camera_search", "c_timing"}
+# modules of benchmarks/ that are not benchmarks: the shared helpers, and parts of capacity,
+# edge_head and unfamiliar
+HELPERS = {"__init__", "common", "echo_servers", "hop_clients", "camera_search", "c_timing",
+           "unfamiliar_compare", "unfamiliar_depth"}
 BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in HELPERS)
 # A tiny run that starts a broker and two workers for each of its ten edges (about 50 s on 2
 # busy cores): `-m slow` runs it; the default suite still imports it.
@@ -75,6 +76,21 @@ def check_adaptive(stdout: str) -> None:
         assert table(stdout, header), header
 
 
+def check_unfamiliar(stdout: str) -> None:
+    """Every set of unfamiliar frames measured through the shipped rule: the exit answers no
+    frame it would not answer on confidence alone, and at most what it is not flagged on; the
+    method study and the layer table ran too."""
+    rows = {row[0]: row for row in table(stdout, "| frames | n | AUROC edge")}
+    assert list(rows) == ["known (familiar)", "held-out classes", "noise", "inverted", "rot90"]
+    for name, row in rows.items():
+        flagged, confident, answered = (float(cell.rstrip("%")) for cell in row[4:7])
+        assert answered <= confident and answered <= 100 - flagged + 1e-9, row
+        if name != "known (familiar)":
+            assert 0 <= float(row[2]) <= 1 and 0 <= float(row[3]) <= 1, row
+    for header in ("| thresholds | edge flags", "| score | AUROC held-out", "| layer | features"):
+        assert table(stdout, header), header
+
+
 def subsets(tmp_path: Path, idx_dir: Path) -> Path:
     """small_data's folder of subsets: the generated data as its first one."""
     (tmp_path / "subsets").mkdir()
@@ -114,7 +130,8 @@ TINY = {
     "sparse_conv": (lambda f, tmp: [], "| shape | batch |", None),
     "sparse_layer": (lambda f, tmp: [], "| head | thr |", None),
     "train_epoch": (lambda f, tmp: ["--data", f("idx_dir")], "| model | sparse kernels", None),
-    "unfamiliar": (lambda f, tmp: ["--data", f("idx_dir")], "| score | AUROC held-out", None),
+    "unfamiliar": (lambda f, tmp: ["--data", f("idx_dir"), "--compare", "--depth"],
+                   "| frames | n | AUROC edge", check_unfamiliar),
 }
 
 
