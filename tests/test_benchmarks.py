@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import mcu_size
@@ -76,6 +77,30 @@ def check_adaptive(stdout: str) -> None:
         assert table(stdout, header), header
 
 
+def pictures(folder: Path) -> Path:
+    """Pictures of nothing like the classes: a checkerboard, noise, a colour gradient."""
+    import cv2
+    folder = folder / "pictures"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    board = (np.indices((96, 128)).sum(0) // 16 % 2 * 255).astype(np.uint8)
+    gradient = np.dstack([*np.meshgrid(np.arange(128), np.arange(96)), np.full((96, 128), 64)])
+    for name, image in (("board", board), ("noise", rng.integers(0, 256, (96, 128, 3))),
+                        ("gradient", gradient * 2)):
+        cv2.imwrite(str(folder / f"{name}.png"), image.astype(np.uint8))
+    return folder
+
+
+def check_unfamiliar_photos(stdout: str) -> None:
+    """Each picture once; the exit answers none it is flagged on, nor any it was not sure of."""
+    rows = table(stdout, "| picture |")
+    assert sorted(row[0] for row in rows) == ["board", "gradient", "noise"]
+    for picture, _, _, before, _, flagged, now, tail in rows:
+        assert now == ("yes" if before == "yes" and flagged == "no" else "no"), picture
+        assert tail, picture
+    assert "3 pictures: the exit answered" in stdout
+
+
 def check_unfamiliar(stdout: str) -> None:
     """Every set of unfamiliar frames measured through the shipped rule: the exit answers no
     frame it would not answer on confidence alone, and at most what it is not flagged on; the
@@ -132,6 +157,8 @@ TINY = {
     "train_epoch": (lambda f, tmp: ["--data", f("idx_dir")], "| model | sparse kernels", None),
     "unfamiliar": (lambda f, tmp: ["--data", f("idx_dir"), "--compare", "--depth"],
                    "| frames | n | AUROC edge", check_unfamiliar),
+    "unfamiliar_photos": (lambda f, tmp: [str(pictures(tmp)), "--artifacts", f("artifacts")],
+                          "| picture |", check_unfamiliar_photos),
 }
 
 
