@@ -62,7 +62,7 @@ def main() -> None:
     confidence = exit_scores(logits, head.score, head.temperature)
     sure = confidence >= head.threshold
     distance, flagged = head.unfamiliar(hidden)
-    tail = tail_answers(args.artifacts, pixels)
+    tail = served(args.artifacts, pixels)
     threshold = head.unfamiliarity.threshold if head.unfamiliarity else None
     print(f"model {head.model_id}: exit threshold {head.threshold:.3f}, unfamiliarity "
           f"threshold {threshold}\n\n| picture | exit's class | confidence | answered by the "
@@ -80,16 +80,13 @@ def main() -> None:
           f"{int((~(sure & ~flagged)).sum())} offloaded `unknown`")
 
 
-def tail_answers(artifacts: str, pixels: np.ndarray) -> np.ndarray:
+def served(artifacts: str, pixels: np.ndarray) -> np.ndarray:
     """What the tail (server.pt) answers for each picture were it offloaded: a class, or -1
     (unknown) where its own score flags it; the features cross as the wire sends them."""
     from pipeline.model.artifacts import load_model
-    from pipeline.model.unfamiliar_fit import activations
+    from pipeline.model.unfamiliar_fit import activations, tail_answers
     model, _, server = load_model(artifacts)
-    acts = activations(model, pixels)
-    score = server.unfamiliarity
-    unknown = score.flags(score.score(acts.tail_features)) if score else False
-    return np.where(unknown, -1, acts.final_logits.argmax(1))
+    return tail_answers(activations(model, pixels), server.unfamiliarity)
 
 
 if __name__ == "__main__":

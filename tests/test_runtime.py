@@ -20,7 +20,7 @@ from pipeline.floor.data import load_dataset
 from pipeline.edge.config import EdgeConfig
 from pipeline.edge.producer import run_producer
 from pipeline.model.train import run
-from pipeline.model.unfamiliar_fit import activations
+from pipeline.model.unfamiliar_fit import activations, tail_answers
 from tests.conftest import free_port
 from workers.pool import ProcessGroup
 from workers.config import WorkerConfig
@@ -89,8 +89,7 @@ def in_process(artifacts: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndar
     tail answer is its class, or unknown (-1) where its unfamiliarity score flags the frame."""
     model, _, server = load_model(artifacts)
     acts = activations(model, images.astype(np.float32) / 255)   # the tail as the wire feeds it
-    unknown = server.unfamiliarity.flags(server.unfamiliarity.score(acts.tail_features))
-    return acts.exit_logits.argmax(1), np.where(unknown, -1, acts.final_logits.argmax(1))
+    return acts.exit_logits.argmax(1), tail_answers(acts, server.unfamiliarity)
 
 
 def test_int8_features_on_the_wire_cost_little_accuracy(system, artifacts, idx_dir):

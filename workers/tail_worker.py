@@ -299,7 +299,7 @@ class TailWorker:
             confidence, classes = torch.softmax(logits / self.temperature, dim=1).max(dim=1)
         classes, confidence = classes.numpy().astype(np.uint8), confidence.numpy()
         if self.unfamiliarity is not None:   # its own score: a class, or `unknown`
-            unknown = self.unfamiliarity.flags(self.unfamiliarity.score(seen.numpy()))
+            unknown = self.unfamiliarity.flagged(seen.numpy())
             classes[unknown], confidence[unknown] = wire.UNKNOWN_CLASS, 0.0
             self.unknown += int(unknown.sum())
         end = time.monotonic()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from pipeline.edge.shadows import ShadowCounts
 from pipeline.errors import ConfigError, UserError
+from pipeline.floor.unfamiliar import UNKNOWN
 
 __all__ = ["Outcome", "Summary", "Results", "log_summary", "UNKNOWN", "UNKNOWN_NAME"]
 
@@ -17,7 +18,6 @@ log = logging.getLogger(__name__)
 
 # The answer for a frame unlike anything the model was trained on (pipeline.floor.unfamiliar):
 # the edge's score flagged it and the server could not answer, or the tail's score flagged it
-UNKNOWN = -1
 UNKNOWN_NAME = "unknown"
 
 

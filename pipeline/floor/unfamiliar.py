@@ -35,8 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FORMS", "FULL_MAX_FEATURES", "Unfamiliarity", "exit_features", "fit",
+__all__ = ["FORMS", "FULL_MAX_FEATURES", "UNKNOWN", "Unfamiliarity", "exit_features", "fit",
            "flag_threshold"]
+
+# The answer for a frame unlike anything the model was trained on, where a class index would
+# be (an Outcome's cls; on the wire it is wire.UNKNOWN_CLASS, a byte)
+UNKNOWN = -1
 
 FORMS = ("auto", "full", "diagonal")
 FULL_MAX_FEATURES = 256
@@ -88,6 +92,10 @@ class Unfamiliarity:
         if self.threshold is None:
             return np.zeros(len(scores), bool)
         return np.asarray(scores) > self.threshold
+
+    def flagged(self, features: np.ndarray) -> np.ndarray:
+        """(B,) bool: unfamiliar, from features (B, d)."""
+        return self.flags(self.score(features))
 
     def with_threshold(self, val_scores: np.ndarray, flag_rate: float) -> Unfamiliarity:
         return Unfamiliarity(self.whiten, self.means, flag_threshold(val_scores, flag_rate),

@@ -159,7 +159,7 @@ class Head(nn.Module):
         """(exit logits (B, C), split features (B, W_split)). The exit reads layer
         `exit_layer`; the layers after it (a bottleneck) matter only to offloaded frames."""
         exit_logits, x = self.run_exit(pixels)
-        return exit_logits, _relu_stack(self.layers[self.exit_layer:], x).flatten(1)
+        return exit_logits, self.run_uplink(x)
 
     def run_exit(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(exit logits, the activations of layer `exit_layer`): what the unfamiliarity
@@ -167,6 +167,10 @@ class Head(nn.Module):
         x = _relu_stack(self.layers[:self.exit_layer], self.preprocess(pixels))
         seen = F.adaptive_avg_pool2d(x, self.exit_pool) if self.exit_pool else x
         return self.exit(seen.flatten(1)), x
+
+    def run_uplink(self, x: torch.Tensor) -> torch.Tensor:
+        """The split features (B, W_split) from run_exit's activations."""
+        return _relu_stack(self.layers[self.exit_layer:], x).flatten(1)
 
 
 class Tail(nn.Module):

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from pipeline.floor.splits import Split
-from pipeline.floor.unfamiliar import Unfamiliarity, exit_features, fit
+from pipeline.floor.unfamiliar import UNKNOWN, Unfamiliarity, exit_features, fit
 from pipeline.model.config import CalibrationConfig
 from pipeline.model.split_model import SplitModel
 from pipeline.model.uplink import fake_quantize
 
-__all__ = ["Activations", "activations", "fit_scores", "auroc", "shifted", "report",
-           "NOISE_SIGMA"]
+__all__ = ["Activations", "activations", "tail_answers", "fit_scores", "auroc", "shifted",
+           "report", "NOISE_SIGMA"]
 
 EVAL_BATCH = 4096
 NOISE_SIGMA = 0.25      # Gaussian pixel noise, pixels in [0, 1]
@@ -48,13 +48,21 @@ def activations(model: SplitModel, pixels: np.ndarray) -> Activations:
     for i in range(0, len(pixels), EVAL_BATCH):
         x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + EVAL_BATCH], np.float32))
         exit_logits, hidden = model.head.run_exit(x)
-        features = model.head(x)[1]
+        features = model.head.run_uplink(hidden)
         if model.cfg.uplink_bits:
             features = fake_quantize(features, model.cfg.uplink_bits)
         final_logits, penultimate = model.tail.run(features)
         parts.append((exit_logits.numpy(), exit_features(hidden.numpy()),
                       final_logits.numpy(), penultimate.numpy().astype(np.float64)))
     return Activations(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def tail_answers(acts: Activations, tail: Unfamiliarity | None) -> np.ndarray:
+    """What the tail answers each frame were it offloaded, as a worker does: its class, or
+    UNKNOWN where its own score flags the frame."""
+    classes = acts.final_logits.argmax(1)
+    return classes if tail is None else np.where(tail.flagged(acts.tail_features), UNKNOWN,
+                                                 classes)
 
 
 def pixels_of(split: Split) -> np.ndarray:
@@ -99,15 +107,14 @@ def outcome(acts: Activations, labels: np.ndarray | None, confident: np.ndarray,
             edge: Unfamiliarity, tail: Unfamiliarity) -> dict:
     """What the runtime does with these frames: the exit answers the confident frames its
     score does not flag, the tail the rest, `unknown` where the tail's score flags them."""
-    flagged = edge.flags(edge.score(acts.exit_features))
+    flagged = edge.flagged(acts.exit_features)
     local = confident & ~flagged
-    unknown = ~local & tail.flags(tail.score(acts.tail_features))
+    answer = np.where(local, acts.exit_logits.argmax(1), tail_answers(acts, tail))
     out = {"frames": len(local), "edge_flagged": float(flagged.mean()),
            "offload_ratio": float((~local).mean()), "exit_answered": float(local.mean()),
-           "unknown": float(unknown.mean())}
+           "unknown": float((answer == UNKNOWN).mean())}
     if labels is not None:
-        answer = np.where(local, acts.exit_logits.argmax(1), acts.final_logits.argmax(1))
-        out["split_exit"] = float(((answer == labels) & ~unknown).mean())
+        out["split_exit"] = float((answer == labels).mean())
     return out
 
 
@@ -128,9 +135,8 @@ def report(model: SplitModel, test: Split, threshold: float, exit_scores,
                            edge, tail)}
     for name, frames in shifted(pixels, tuple(model.cfg.input_shape)).items():
         moved = activations(model, frames)
-        out[name] = outcome(moved, None, exit_scores(moved.exit_logits) >= threshold, edge,
-                            tail)
+        confident = exit_scores(moved.exit_logits) >= threshold
+        out[name] = outcome(moved, None, confident, edge, tail)
         out[name]["auroc"] = auroc(edge.score(moved.exit_features), clean)
-        out[name]["exit_answered_before"] = float(
-            (exit_scores(moved.exit_logits) >= threshold).mean())
+        out[name]["exit_answered_before"] = float(confident.mean())
     return out
